@@ -1,0 +1,116 @@
+/* Configuration: one JSON file parsed with jansson into one immutable,
+ * validated snapshot. Workers share a snapshot read-only; a reload builds a
+ * new one and swaps it in whole, so a stream always sees one consistent
+ * config from start to end (it holds a reference). */
+#ifndef SPARKGATE_CONFIG_H
+#define SPARKGATE_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "sparkgate/log.h"
+
+typedef enum sg_client_cert_mode {
+  SG_CLIENT_CERT_NONE = 0,
+  SG_CLIENT_CERT_OPTIONAL,
+  SG_CLIENT_CERT_REQUIRED,
+} sg_client_cert_mode;
+
+typedef struct sg_listener_config {
+  char *name;
+  char *address; /* numeric IPv4 or IPv6 */
+  uint16_t port; /* 0: the kernel picks one; the log says which */
+  /* Cleartext h2c. Only when the operator wrote "insecure": true and gave
+   * no "tls" object: there is no way to get it by omission. */
+  bool insecure;
+  char *tls_cert_file;
+  char *tls_key_file;
+  sg_client_cert_mode client_cert_mode;
+  char *client_ca_file; /* required unless client_cert_mode is none */
+  char **crl_files;
+  size_t n_crl_files;
+} sg_listener_config;
+
+typedef struct sg_backend_config {
+  char *name;    /* defaults to "address:port"; used in logs and metrics */
+  char *address; /* numeric IP or host name */
+  uint16_t port;
+  uint32_t weight; /* 0: takes no new sessions (drain) */
+  bool tls;        /* false: h2c */
+  bool tls_verify; /* CA verification and host name check; default true */
+  char *tls_ca_file;   /* NULL: the system trust store */
+  char *tls_sni;       /* NULL: address when it is a host name */
+  char *tls_cert_file; /* optional client certificate to the backend */
+  char *tls_key_file;
+} sg_backend_config;
+
+typedef struct sg_tenant_config {
+  char *name;
+  sg_backend_config *backends;
+  size_t n_backends;
+} sg_tenant_config;
+
+typedef struct sg_config {
+  int refcount_; /* atomic; use sg_config_ref/unref */
+  char *path;    /* the file it was loaded from */
+  char *base_dir; /* relative file names in the config resolve here */
+
+  unsigned workers; /* resolved: never 0 after load */
+  sg_log_level log_level;
+
+  /* HTTP/2 front end */
+  uint32_t max_concurrent_streams;   /* per client connection */
+  uint32_t stream_window_bytes;      /* per-stream flow-control budget */
+  uint32_t connection_window_bytes;  /* per-connection budget */
+  uint32_t max_header_list_bytes;
+  uint32_t drain_timeout_ms;         /* SIGTERM: in-flight streams get this long */
+  uint32_t tls_handshake_timeout_ms;
+  uint32_t idle_timeout_ms;          /* client connection with no streams */
+
+  /* upstream */
+  uint32_t upstream_connect_timeout_ms;
+  uint32_t upstream_idle_timeout_ms; /* pooled connection with no streams */
+
+  /* Requests whose :path starts with none of these get grpc-status 12. */
+  char **allowed_path_prefixes;
+  size_t n_allowed_path_prefixes;
+
+  sg_listener_config *listeners;
+  size_t n_listeners;
+
+  sg_tenant_config *tenants;
+  size_t n_tenants;
+} sg_config;
+
+/* Collected load errors: each one names the file, the JSON path of the key
+ * and what to fix, ready to print one per line. */
+typedef struct sg_config_errors {
+  char **messages;
+  size_t count;
+} sg_config_errors;
+
+void sg_config_errors_add(sg_config_errors *errs, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+void sg_config_errors_clear(sg_config_errors *errs);
+
+/* Loads and validates |path|. Returns 0 and a new snapshot in |*out|, or -1
+ * with every problem found in |errs| (it keeps going after the first). Files
+ * the config names (certificates, keys) are checked for readability here, so
+ * a bad path fails at start and at reload, never on first use. */
+int sg_config_load(const char *path, sg_config **out, sg_config_errors *errs);
+
+/* Same, from a JSON text; |path| is only used in messages and to resolve
+ * relative file names. */
+int sg_config_load_string(const char *path, const char *json, sg_config **out,
+                          sg_config_errors *errs);
+
+/* Snapshots are shared between threads and outlive a reload while streams
+ * still use them. */
+sg_config *sg_config_ref(sg_config *cfg);
+void sg_config_unref(sg_config *cfg);
+
+/* Writes the one-screen summary that --check-config prints. */
+void sg_config_print_summary(const sg_config *cfg, void *stdio_file);
+
+#endif

@@ -1,0 +1,60 @@
+/* A client connection: a bufferevent (TLS or cleartext h2c) and one
+ * nghttp2 server session. Created on accept, after the TLS handshake has
+ * chosen ALPN h2; no HTTP/2 state exists before that. */
+#ifndef SPARKGATE_CONN_H
+#define SPARKGATE_CONN_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <nghttp2/nghttp2.h>
+#include <openssl/ssl.h>
+
+#include "sparkgate/config.h"
+#include "sparkgate/list.h"
+#include "sparkgate/types.h"
+
+struct sg_conn {
+  sg_list worker_link; /* in worker->conns */
+  sg_worker *worker;
+  sg_runtime *rt; /* ref: the config generation the connection started on */
+  const sg_listener_config *listener;
+  size_t listener_index;
+  uint64_t id;
+  char peer[64]; /* "addr:port", for logs */
+
+  struct bufferevent *bev;
+  SSL *ssl; /* owned by bev; NULL for h2c */
+  nghttp2_session *session;
+  struct event *send_ev; /* deferred flush, so sessions never re-enter */
+  struct event *timer;   /* handshake, idle and drain deadlines */
+
+  sg_list streams; /* sg_stream.conn_link */
+  unsigned n_streams;
+
+  bool established; /* handshake done, session created */
+  bool draining;    /* shutdown notice sent, final GOAWAY pending or sent */
+  bool goaway_sent;
+  bool closing;     /* flush what is queued, then free */
+  bool freeing;     /* inside sg_conn_free: ignore library callbacks */
+};
+
+/* Takes ownership of |fd|. */
+void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
+                    const struct sockaddr *addr, int addrlen);
+
+/* Queues a flush of the session at the end of this loop iteration. Other
+ * connections' callbacks use it: calling nghttp2_session_send of a session
+ * from inside its own callbacks is not allowed. */
+void sg_conn_schedule_send(sg_conn *c);
+
+/* SIGTERM: shutdown notice now, final GOAWAY shortly after, close when the
+ * last stream ends. */
+void sg_conn_start_drain(sg_conn *c);
+
+/* Drops the connection now (drain deadline, fatal error). */
+void sg_conn_close_now(sg_conn *c, const char *reason);
+
+#endif

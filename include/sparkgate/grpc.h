@@ -1,0 +1,56 @@
+/* gRPC on the wire: the replies the proxy makes itself, and which header
+ * fields may cross the proxy. */
+#ifndef SPARKGATE_GRPC_H
+#define SPARKGATE_GRPC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <nghttp2/nghttp2.h>
+
+typedef enum sg_grpc_status {
+  SG_GRPC_OK = 0,
+  SG_GRPC_CANCELLED = 1,
+  SG_GRPC_UNKNOWN = 2,
+  SG_GRPC_INVALID_ARGUMENT = 3,
+  SG_GRPC_DEADLINE_EXCEEDED = 4,
+  SG_GRPC_PERMISSION_DENIED = 7,
+  SG_GRPC_RESOURCE_EXHAUSTED = 8,
+  SG_GRPC_UNIMPLEMENTED = 12,
+  SG_GRPC_INTERNAL = 13,
+  SG_GRPC_UNAVAILABLE = 14,
+  SG_GRPC_UNAUTHENTICATED = 16,
+} sg_grpc_status;
+
+/* Percent-encodes |msg| as grpc-message requires (bytes outside 0x20-0x7e
+ * and '%'). Always NUL-terminates; truncates to |outlen|. */
+void sg_grpc_message_encode(const char *msg, char *out, size_t outlen);
+
+/* Submits a trailers-only gRPC response (one HEADERS frame with
+ * END_STREAM): :status 200, content-type, grpc-status, grpc-message. */
+int sg_grpc_submit_error(nghttp2_session *session, int32_t stream_id,
+                         sg_grpc_status code, const char *message);
+
+/* Submits a plain HTTP response with no body, for requests that are not
+ * gRPC at all (405, 415). */
+int sg_http_submit_status(nghttp2_session *session, int32_t stream_id,
+                          int http_status);
+
+/* application/grpc, optionally followed by "+codec" or ";params". */
+bool sg_grpc_content_type_ok(const uint8_t *value, size_t len);
+
+/* Fields that describe one hop and must never be forwarded (RFC 9113
+ * 8.2.2), plus "host", which the proxy folds into :authority. */
+bool sg_header_is_hop_by_hop(const uint8_t *name, size_t len);
+
+/* Header names as nghttp2 hands them over are lowercase; compares |name|
+ * with a lowercase literal. */
+static inline bool sg_header_name_is(const uint8_t *name, size_t len,
+                                     const char *lit, size_t litlen) {
+  return len == litlen && __builtin_memcmp(name, lit, len) == 0;
+}
+#define SG_HEADER_IS(name, len, lit) \
+  sg_header_name_is((name), (len), (lit), sizeof(lit) - 1)
+
+#endif

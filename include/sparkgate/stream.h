@@ -1,0 +1,122 @@
+/* One proxied gRPC call: the client leg (a stream of a client connection)
+ * and the upstream leg (a stream of a pooled backend connection), with the
+ * bytes in flight between them.
+ *
+ * Flow control is end to end: bytes received on one leg are acknowledged
+ * to their sender (nghttp2_session_consume) only when the other leg has
+ * taken them into a frame, so each direction buffers at most one stream
+ * window, whatever the size of the call.
+ *
+ * Lifetime: the stream is freed when both legs are done. A leg is done when
+ * its nghttp2 stream closed or its connection went away; whichever side
+ * finishes second frees it. */
+#ifndef SPARKGATE_STREAM_H
+#define SPARKGATE_STREAM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <event2/buffer.h>
+#include <nghttp2/nghttp2.h>
+
+#include "sparkgate/grpc.h"
+#include "sparkgate/list.h"
+#include "sparkgate/types.h"
+
+/* Header fields as nghttp2 decoded them, kept by reference (no copy). */
+typedef struct sg_header {
+  nghttp2_rcbuf *name;
+  nghttp2_rcbuf *value;
+} sg_header;
+
+typedef struct sg_header_list {
+  sg_header *items;
+  size_t count;
+  size_t capacity;
+  size_t bytes; /* RFC 9113 accounting: name + value + 32 per field */
+} sg_header_list;
+
+typedef enum sg_upstream_leg_state {
+  SG_UPSTREAM_LEG_NONE = 0, /* never attached: nothing to cancel */
+  SG_UPSTREAM_LEG_PENDING,  /* waiting for its connection to be ready */
+  SG_UPSTREAM_LEG_OPEN,     /* submitted; up_id is valid */
+  SG_UPSTREAM_LEG_DONE,     /* closed, reset or its connection is gone */
+} sg_upstream_leg_state;
+
+struct sg_stream {
+  sg_list conn_link; /* in conn->streams while the client leg is open */
+  sg_list up_link;   /* in upstream->streams or ->pending */
+
+  sg_conn *conn; /* NULL once the client leg is done */
+  int32_t id;    /* client-side stream id */
+  uint64_t conn_id;
+
+  sg_upstream *up; /* set while the upstream leg is PENDING or OPEN */
+  int32_t up_id;
+  sg_upstream_leg_state up_state;
+  const char *backend_name; /* for logs; owned by the runtime's config */
+
+  sg_runtime *rt; /* the config generation the call started on (ref) */
+
+  sg_header_list req_headers;
+  sg_header_list req_trailers;
+  sg_header_list resp_headers;
+  sg_header_list resp_trailers;
+
+  /* Bytes received on one leg and not yet taken by the other. */
+  struct evbuffer *req_body;
+  struct evbuffer *resp_body;
+
+  bool client_done;
+  bool req_headers_done;
+  bool req_eof;         /* client sent END_STREAM */
+  bool resp_started;    /* response HEADERS submitted to the client */
+  bool resp_eof;        /* upstream sent END_STREAM */
+  bool rejected;        /* the proxy answered itself; drop what arrives */
+  bool header_overflow; /* request headers exceeded the configured cap */
+};
+
+sg_stream *sg_stream_new(sg_conn *conn, int32_t id);
+
+/* Header collection; |trailer| selects trailers over headers. Returns -1
+ * when the list grew past |max_bytes| (the caller resets the stream). */
+int sg_header_list_add(sg_header_list *list, nghttp2_rcbuf *name,
+                       nghttp2_rcbuf *value, size_t max_bytes);
+void sg_header_list_clear(sg_header_list *list);
+
+/* ---- client leg events (conn.c) ---------------------------------------- */
+void sg_stream_on_request_headers(sg_stream *s);
+void sg_stream_on_request_data(sg_stream *s, const uint8_t *data, size_t len);
+void sg_stream_on_request_end(sg_stream *s);
+void sg_stream_on_client_close(sg_stream *s, uint32_t error_code);
+
+/* ---- upstream leg events (upstream.c) ---------------------------------- */
+void sg_stream_on_response_headers(sg_stream *s, bool end_stream);
+void sg_stream_on_response_data(sg_stream *s, const uint8_t *data, size_t len);
+void sg_stream_on_response_end(sg_stream *s);
+/* |reason| says why for the log and the client ("connection refused"). */
+void sg_stream_on_upstream_close(sg_stream *s, uint32_t error_code,
+                                 const char *reason);
+
+/* Builds the request header block for the upstream into |nva| (room for
+ * req_headers.count + 4 entries); the strings point into |s|. Returns the
+ * number of entries. */
+size_t sg_stream_request_nv(const sg_stream *s, bool upstream_tls,
+                            nghttp2_nv *nva);
+
+/* Data providers: each leg reads what the other leg received. */
+ssize_t sg_stream_read_request_body(nghttp2_session *session, int32_t id,
+                                    uint8_t *buf, size_t length,
+                                    uint32_t *data_flags,
+                                    nghttp2_data_source *source, void *user);
+ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
+                                     uint8_t *buf, size_t length,
+                                     uint32_t *data_flags,
+                                     nghttp2_data_source *source, void *user);
+
+/* Answers the call with a trailers-only gRPC error, if the response has not
+ * started yet; otherwise resets the client stream. Cancels the upstream. */
+void sg_stream_fail(sg_stream *s, sg_grpc_status code, const char *message);
+
+#endif

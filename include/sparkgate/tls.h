@@ -1,0 +1,28 @@
+/* TLS contexts for both legs. The client-facing context speaks TLS 1.2+
+ * with ALPN "h2" only; the upstream context verifies the backend's
+ * certificate and host name unless the operator turned that off by name. */
+#ifndef SPARKGATE_TLS_H
+#define SPARKGATE_TLS_H
+
+#include <stddef.h>
+
+#include <openssl/ssl.h>
+
+#include "sparkgate/config.h"
+
+/* Builds the server context of a TLS listener. Returns NULL with a message
+ * in |err| that names the file at fault. */
+SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
+                               size_t errlen);
+
+/* Builds the context used to connect to a TLS backend. */
+SSL_CTX *sg_tls_client_ctx_new(const sg_backend_config *b, char *err,
+                               size_t errlen);
+
+/* Whether |ssl| negotiated "h2" through ALPN. */
+int sg_tls_alpn_is_h2(const SSL *ssl);
+
+/* The first queued OpenSSL error as text (and clears the queue), for logs. */
+const char *sg_tls_last_error(char *buf, size_t buflen);
+
+#endif

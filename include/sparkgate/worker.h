@@ -1,0 +1,78 @@
+/* Workers: one thread, one event_base, one SO_REUSEPORT socket per
+ * listener. Nothing on the data path is shared between workers but the
+ * read-only runtime (config and TLS contexts), so the data path takes no
+ * lock. */
+#ifndef SPARKGATE_WORKER_H
+#define SPARKGATE_WORKER_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <event2/dns.h>
+#include <event2/event.h>
+#include <event2/listener.h>
+#include <openssl/ssl.h>
+
+#include "sparkgate/config.h"
+#include "sparkgate/list.h"
+#include "sparkgate/types.h"
+
+/* One config generation and what serving it needs: TLS contexts are built
+ * once and shared by every worker (SSL_CTX is safe to share for SSL_new). */
+struct sg_runtime {
+  int refcount_;
+  sg_config *config;
+  SSL_CTX **listener_tls;   /* [listener]; NULL for h2c listeners */
+  SSL_CTX ***backend_tls;   /* [tenant][backend]; NULL for h2c backends */
+};
+
+sg_runtime *sg_runtime_new(sg_config *cfg, char *err, size_t errlen);
+sg_runtime *sg_runtime_ref(sg_runtime *rt);
+void sg_runtime_unref(sg_runtime *rt);
+
+struct sg_worker {
+  unsigned index;
+  pthread_t thread;
+  bool thread_started;
+  struct event_base *base;
+  struct evdns_base *dns;
+  sg_runtime *rt; /* ref */
+
+  struct evconnlistener **listeners; /* [listener] */
+  struct sg_listener_ctx *listener_ctxs; /* [listener]: callback arguments */
+  size_t n_listeners;
+
+  /* Upstream pools, one per backend of the runtime, flattened
+   * [tenant][backend] in config order. */
+  sg_upstream_pool **pools;
+  size_t n_pools;
+
+  sg_list conns; /* sg_conn.worker_link */
+  size_t n_conns;
+  uint64_t next_conn_id;
+
+  struct event *drain_ev;    /* activated from the main thread */
+  struct event *drain_timer; /* drain deadline */
+  bool draining;
+};
+
+/* Binds the listeners of |rt| for worker |index|. |ports| holds the port of
+ * each listener: 0 the first time (the kernel picks, and the chosen port is
+ * written back), so that every worker binds the same port. */
+sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
+                         char *err, size_t errlen);
+int sg_worker_start(sg_worker *w);
+/* Thread-safe: asks the worker to stop accepting and drain. */
+void sg_worker_request_drain(sg_worker *w);
+void sg_worker_join(sg_worker *w);
+void sg_worker_free(sg_worker *w);
+
+/* The pool of backend |backend| of tenant |tenant| in this worker. */
+sg_upstream_pool *sg_worker_pool(sg_worker *w, size_t tenant, size_t backend);
+
+/* Called when a client connection goes away, so a draining worker can
+ * finish. */
+void sg_worker_conn_closed(sg_worker *w);
+
+#endif

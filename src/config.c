@@ -1,0 +1,742 @@
+#include "sparkgate/config.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <arpa/inet.h>
+
+#include "sparkgate/tls.h"
+
+/* Defaults carry their unit in the name, as the keys do. */
+#define SG_DEFAULT_MAX_CONCURRENT_STREAMS 100
+#define SG_DEFAULT_STREAM_WINDOW_BYTES (1u << 20)
+#define SG_DEFAULT_CONNECTION_WINDOW_BYTES (16u << 20)
+#define SG_DEFAULT_MAX_HEADER_LIST_BYTES 16384
+#define SG_DEFAULT_DRAIN_TIMEOUT_MS 30000
+#define SG_DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS 10000
+#define SG_DEFAULT_IDLE_TIMEOUT_MS 300000
+#define SG_DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS 5000
+#define SG_DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS 60000
+#define SG_DEFAULT_PATH_PREFIX "/spark.connect.SparkConnectService/"
+
+/* HTTP/2 caps the flow-control window at 2^31-1 (RFC 9113 6.9.1). */
+#define SG_MAX_WINDOW_BYTES 0x7fffffffu
+
+void sg_config_errors_add(sg_config_errors *errs, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  char *msg = NULL;
+  if (vasprintf(&msg, fmt, ap) < 0)
+    msg = NULL;
+  va_end(ap);
+  if (msg == NULL)
+    return;
+  char **grown = realloc(errs->messages, (errs->count + 1) * sizeof *grown);
+  if (grown == NULL) {
+    free(msg);
+    return;
+  }
+  errs->messages = grown;
+  errs->messages[errs->count++] = msg;
+}
+
+void sg_config_errors_clear(sg_config_errors *errs) {
+  for (size_t i = 0; i < errs->count; i++)
+    free(errs->messages[i]);
+  free(errs->messages);
+  errs->messages = NULL;
+  errs->count = 0;
+}
+
+/* ---- loading context ---------------------------------------------------- */
+
+typedef struct loader {
+  const char *file;
+  sg_config *cfg;
+  sg_config_errors *errs;
+  size_t errors_at_start;
+} loader;
+
+#define LOAD_ERR(ld, path, ...) load_error((ld), (path), __VA_ARGS__)
+
+__attribute__((format(printf, 3, 4))) static void
+load_error(loader *ld, const char *path, const char *fmt, ...) {
+  char what[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(what, sizeof what, fmt, ap);
+  va_end(ap);
+  sg_config_errors_add(ld->errs, "%s: %s: %s", ld->file, path, what);
+}
+
+static char *xstrdup(const char *s) {
+  char *d = strdup(s);
+  if (d == NULL)
+    abort(); /* a config that cannot be copied cannot be served either */
+  return d;
+}
+
+static const char *json_type_name(const json_t *v) {
+  switch (json_typeof(v)) {
+  case JSON_OBJECT: return "an object";
+  case JSON_ARRAY: return "an array";
+  case JSON_STRING: return "a string";
+  case JSON_INTEGER: return "an integer";
+  case JSON_REAL: return "a number with a fraction";
+  case JSON_TRUE:
+  case JSON_FALSE: return "a boolean";
+  case JSON_NULL: return "null";
+  }
+  return "?";
+}
+
+/* Every key the loader does not know is an error: a typo such as
+ * "client_certificate" for "client_certificates" must not silently turn a
+ * security feature off. */
+static void check_keys(loader *ld, json_t *obj, const char *path,
+                       const char *const *known) {
+  const char *key;
+  json_t *value;
+  json_object_foreach(obj, key, value) {
+    bool found = false;
+    for (size_t i = 0; known[i] != NULL; i++) {
+      if (strcmp(known[i], key) == 0) {
+        found = true;
+        break;
+      }
+    }
+    if (!found) {
+      if (path[0] == '\0')
+        LOAD_ERR(ld, key, "unknown key (check the spelling against docs/configuration.md)");
+      else {
+        char full[256];
+        snprintf(full, sizeof full, "%s.%s", path, key);
+        LOAD_ERR(ld, full, "unknown key (check the spelling against docs/configuration.md)");
+      }
+    }
+  }
+}
+
+static void key_path(char *out, size_t outlen, const char *path,
+                     const char *key) {
+  if (path[0] == '\0')
+    snprintf(out, outlen, "%s", key);
+  else
+    snprintf(out, outlen, "%s.%s", path, key);
+}
+
+/* Returns the string or NULL (absent, or wrong type: then an error is added
+ * when |required| or when present with a wrong type). */
+static const char *get_string(loader *ld, json_t *obj, const char *path,
+                              const char *key, bool required) {
+  char kp[256];
+  key_path(kp, sizeof kp, path, key);
+  json_t *v = json_object_get(obj, key);
+  if (v == NULL) {
+    if (required)
+      LOAD_ERR(ld, kp, "missing (a string is required)");
+    return NULL;
+  }
+  if (!json_is_string(v)) {
+    LOAD_ERR(ld, kp, "must be a string, not %s", json_type_name(v));
+    return NULL;
+  }
+  if (json_string_length(v) == 0 || strlen(json_string_value(v)) != json_string_length(v)) {
+    LOAD_ERR(ld, kp, "must be a non-empty string without NUL bytes");
+    return NULL;
+  }
+  return json_string_value(v);
+}
+
+static uint32_t get_uint(loader *ld, json_t *obj, const char *path,
+                         const char *key, uint32_t min, uint32_t max,
+                         uint32_t dflt) {
+  char kp[256];
+  key_path(kp, sizeof kp, path, key);
+  json_t *v = json_object_get(obj, key);
+  if (v == NULL)
+    return dflt;
+  if (!json_is_integer(v)) {
+    LOAD_ERR(ld, kp, "must be an integer, not %s", json_type_name(v));
+    return dflt;
+  }
+  json_int_t n = json_integer_value(v);
+  if (n < (json_int_t)min || n > (json_int_t)max) {
+    LOAD_ERR(ld, kp, "%lld is out of range (%u to %u)", (long long)n, min, max);
+    return dflt;
+  }
+  return (uint32_t)n;
+}
+
+static bool get_bool(loader *ld, json_t *obj, const char *path,
+                     const char *key, bool dflt) {
+  char kp[256];
+  key_path(kp, sizeof kp, path, key);
+  json_t *v = json_object_get(obj, key);
+  if (v == NULL)
+    return dflt;
+  if (!json_is_boolean(v)) {
+    LOAD_ERR(ld, kp, "must be true or false, not %s", json_type_name(v));
+    return dflt;
+  }
+  return json_is_true(v);
+}
+
+static json_t *get_object(loader *ld, json_t *obj, const char *path,
+                          const char *key) {
+  char kp[256];
+  key_path(kp, sizeof kp, path, key);
+  json_t *v = json_object_get(obj, key);
+  if (v == NULL)
+    return NULL;
+  if (!json_is_object(v)) {
+    LOAD_ERR(ld, kp, "must be an object, not %s", json_type_name(v));
+    return NULL;
+  }
+  return v;
+}
+
+static json_t *get_array(loader *ld, json_t *obj, const char *path,
+                         const char *key, bool required) {
+  char kp[256];
+  key_path(kp, sizeof kp, path, key);
+  json_t *v = json_object_get(obj, key);
+  if (v == NULL) {
+    if (required)
+      LOAD_ERR(ld, kp, "missing (an array is required)");
+    return NULL;
+  }
+  if (!json_is_array(v)) {
+    LOAD_ERR(ld, kp, "must be an array, not %s", json_type_name(v));
+    return NULL;
+  }
+  return v;
+}
+
+/* Resolves |name| against the config file's directory. */
+static char *resolve_path(const sg_config *cfg, const char *name) {
+  if (name[0] == '/' || cfg->base_dir == NULL)
+    return xstrdup(name);
+  char *out = NULL;
+  if (asprintf(&out, "%s/%s", cfg->base_dir, name) < 0)
+    abort();
+  return out;
+}
+
+/* A file named in the config must be readable now: finding out on the first
+ * connection is too late. Returns the resolved name either way. */
+static char *readable_file(loader *ld, const char *kp, const char *name) {
+  char *resolved = resolve_path(ld->cfg, name);
+  FILE *f = fopen(resolved, "rb");
+  if (f == NULL)
+    LOAD_ERR(ld, kp, "cannot read '%s': %s", resolved, strerror(errno));
+  else
+    fclose(f);
+  return resolved;
+}
+
+static char *get_file(loader *ld, json_t *obj, const char *path,
+                      const char *key, bool required) {
+  const char *name = get_string(ld, obj, path, key, required);
+  if (name == NULL)
+    return NULL;
+  char kp[256];
+  key_path(kp, sizeof kp, path, key);
+  return readable_file(ld, kp, name);
+}
+
+static bool is_numeric_address(const char *addr) {
+  unsigned char buf[sizeof(struct in6_addr)];
+  return inet_pton(AF_INET, addr, buf) == 1 || inet_pton(AF_INET6, addr, buf) == 1;
+}
+
+/* ---- sections ----------------------------------------------------------- */
+
+static void load_listener(loader *ld, json_t *obj, const char *path,
+                          sg_listener_config *l, size_t index) {
+  static const char *const keys[] = {"name", "address", "port", "tls",
+                                     "insecure", NULL};
+  static const char *const tls_keys[] = {"cert", "key", "client_certificates",
+                                         "client_ca", "crl", NULL};
+  check_keys(ld, obj, path, keys);
+
+  const char *name = get_string(ld, obj, path, "name", false);
+  if (name != NULL) {
+    l->name = xstrdup(name);
+  } else if (asprintf(&l->name, "listener-%zu", index) < 0) {
+    abort();
+  }
+
+  const char *addr = get_string(ld, obj, path, "address", false);
+  l->address = xstrdup(addr != NULL ? addr : "127.0.0.1");
+  if (!is_numeric_address(l->address)) {
+    char kp[256];
+    key_path(kp, sizeof kp, path, "address");
+    LOAD_ERR(ld, kp, "'%s' is not a numeric IPv4 or IPv6 address", l->address);
+  }
+  char kp[256];
+  key_path(kp, sizeof kp, path, "port");
+  if (json_object_get(obj, "port") == NULL)
+    LOAD_ERR(ld, kp, "missing (an integer from 0 to 65535 is required)");
+  l->port = (uint16_t)get_uint(ld, obj, path, "port", 0, 65535, 0);
+
+  l->insecure = get_bool(ld, obj, path, "insecure", false);
+  json_t *tls = get_object(ld, obj, path, "tls");
+  if (tls == NULL) {
+    if (!l->insecure && json_object_get(obj, "tls") == NULL) {
+      key_path(kp, sizeof kp, path, "tls");
+      LOAD_ERR(ld, kp,
+               "missing: a listener needs TLS (cert and key), or \"insecure\": "
+               "true for a cleartext h2c listener (local development only)");
+    }
+    return;
+  }
+  if (l->insecure) {
+    key_path(kp, sizeof kp, path, "insecure");
+    LOAD_ERR(ld, kp, "cannot be true together with \"tls\": choose one");
+  }
+  char tpath[256];
+  key_path(tpath, sizeof tpath, path, "tls");
+  check_keys(ld, tls, tpath, tls_keys);
+  l->tls_cert_file = get_file(ld, tls, tpath, "cert", true);
+  l->tls_key_file = get_file(ld, tls, tpath, "key", true);
+
+  const char *mode = get_string(ld, tls, tpath, "client_certificates", false);
+  l->client_cert_mode = SG_CLIENT_CERT_NONE;
+  if (mode != NULL) {
+    if (strcmp(mode, "none") == 0)
+      l->client_cert_mode = SG_CLIENT_CERT_NONE;
+    else if (strcmp(mode, "optional") == 0)
+      l->client_cert_mode = SG_CLIENT_CERT_OPTIONAL;
+    else if (strcmp(mode, "required") == 0)
+      l->client_cert_mode = SG_CLIENT_CERT_REQUIRED;
+    else {
+      key_path(kp, sizeof kp, tpath, "client_certificates");
+      LOAD_ERR(ld, kp, "'%s' is not one of none, optional, required", mode);
+    }
+  }
+  l->client_ca_file = get_file(ld, tls, tpath, "client_ca",
+                               l->client_cert_mode != SG_CLIENT_CERT_NONE);
+  json_t *crls = get_array(ld, tls, tpath, "crl", false);
+  if (crls != NULL) {
+    l->n_crl_files = json_array_size(crls);
+    l->crl_files = calloc(l->n_crl_files ? l->n_crl_files : 1, sizeof(char *));
+    if (l->crl_files == NULL)
+      abort();
+    for (size_t i = 0; i < l->n_crl_files; i++) {
+      char cpath[256];
+      snprintf(cpath, sizeof cpath, "%s.crl[%zu]", tpath, i);
+      json_t *item = json_array_get(crls, i);
+      if (!json_is_string(item)) {
+        LOAD_ERR(ld, cpath, "must be a file name string");
+        continue;
+      }
+      l->crl_files[i] = readable_file(ld, cpath, json_string_value(item));
+    }
+  }
+
+  /* Build the TLS context once now so that a key that does not match its
+   * certificate, or an unparsable CA, fails at load and not at accept. */
+  if (l->tls_cert_file != NULL && l->tls_key_file != NULL &&
+      ld->errs->count == ld->errors_at_start) {
+    char err[512];
+    SSL_CTX *ctx = sg_tls_server_ctx_new(l, err, sizeof err);
+    if (ctx == NULL)
+      LOAD_ERR(ld, tpath, "%s", err);
+    else
+      SSL_CTX_free(ctx);
+  }
+}
+
+static void load_backend(loader *ld, json_t *obj, const char *path,
+                         sg_backend_config *b) {
+  static const char *const keys[] = {"name", "address", "port", "weight",
+                                     "tls", NULL};
+  static const char *const tls_keys[] = {"ca", "sni", "cert", "key", "verify",
+                                         NULL};
+  check_keys(ld, obj, path, keys);
+  const char *addr = get_string(ld, obj, path, "address", true);
+  b->address = xstrdup(addr != NULL ? addr : "");
+  char kp[256];
+  key_path(kp, sizeof kp, path, "port");
+  if (json_object_get(obj, "port") == NULL)
+    LOAD_ERR(ld, kp, "missing (an integer from 1 to 65535 is required)");
+  b->port = (uint16_t)get_uint(ld, obj, path, "port", 1, 65535, 15002);
+  b->weight = get_uint(ld, obj, path, "weight", 0, 1000000, 1);
+  const char *name = get_string(ld, obj, path, "name", false);
+  if (name != NULL) {
+    b->name = xstrdup(name);
+  } else if (asprintf(&b->name, "%s:%u", b->address, b->port) < 0) {
+    abort();
+  }
+
+  json_t *tls = get_object(ld, obj, path, "tls");
+  b->tls_verify = true;
+  if (tls == NULL)
+    return;
+  b->tls = true;
+  char tpath[256];
+  key_path(tpath, sizeof tpath, path, "tls");
+  check_keys(ld, tls, tpath, tls_keys);
+  b->tls_ca_file = get_file(ld, tls, tpath, "ca", false);
+  const char *sni = get_string(ld, tls, tpath, "sni", false);
+  if (sni != NULL)
+    b->tls_sni = xstrdup(sni);
+  b->tls_cert_file = get_file(ld, tls, tpath, "cert", false);
+  b->tls_key_file = get_file(ld, tls, tpath, "key", false);
+  if ((b->tls_cert_file == NULL) != (b->tls_key_file == NULL)) {
+    LOAD_ERR(ld, tpath, "\"cert\" and \"key\" go together: give both or neither");
+  }
+  b->tls_verify = get_bool(ld, tls, tpath, "verify", true);
+  if (ld->errs->count == ld->errors_at_start) {
+    char err[512];
+    SSL_CTX *ctx = sg_tls_client_ctx_new(b, err, sizeof err);
+    if (ctx == NULL)
+      LOAD_ERR(ld, tpath, "%s", err);
+    else
+      SSL_CTX_free(ctx);
+  }
+}
+
+static void load_tenant(loader *ld, json_t *obj, const char *path,
+                        sg_tenant_config *t) {
+  static const char *const keys[] = {"name", "backends", NULL};
+  check_keys(ld, obj, path, keys);
+  const char *name = get_string(ld, obj, path, "name", true);
+  t->name = xstrdup(name != NULL ? name : "");
+  json_t *backends = get_array(ld, obj, path, "backends", true);
+  if (backends == NULL)
+    return;
+  t->n_backends = json_array_size(backends);
+  if (t->n_backends == 0) {
+    char kp[256];
+    key_path(kp, sizeof kp, path, "backends");
+    LOAD_ERR(ld, kp, "needs at least one backend");
+    return;
+  }
+  t->backends = calloc(t->n_backends, sizeof *t->backends);
+  if (t->backends == NULL)
+    abort();
+  for (size_t i = 0; i < t->n_backends; i++) {
+    char bpath[256];
+    snprintf(bpath, sizeof bpath, "%s.backends[%zu]", path, i);
+    json_t *b = json_array_get(backends, i);
+    if (!json_is_object(b)) {
+      LOAD_ERR(ld, bpath, "must be an object, not %s", json_type_name(b));
+      continue;
+    }
+    load_backend(ld, b, bpath, &t->backends[i]);
+  }
+}
+
+static void load_root(loader *ld, json_t *root) {
+  static const char *const keys[] = {
+      "workers", "log_level", "drain_timeout_ms", "idle_timeout_ms",
+      "tls_handshake_timeout_ms", "http2", "upstream", "allowed_path_prefixes",
+      "listeners", "tenants", NULL};
+  static const char *const http2_keys[] = {
+      "max_concurrent_streams", "stream_window_bytes",
+      "connection_window_bytes", "max_header_list_bytes", NULL};
+  static const char *const upstream_keys[] = {"connect_timeout_ms",
+                                               "idle_timeout_ms", NULL};
+  sg_config *cfg = ld->cfg;
+  check_keys(ld, root, "", keys);
+
+  cfg->workers = get_uint(ld, root, "", "workers", 0, 256, 0);
+  if (cfg->workers == 0) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    cfg->workers = n > 0 ? (unsigned)n : 1;
+  }
+  cfg->log_level = SG_LOG_INFO;
+  const char *level = get_string(ld, root, "", "log_level", false);
+  if (level != NULL && sg_log_level_parse(level, &cfg->log_level) != 0)
+    LOAD_ERR(ld, "log_level", "'%s' is not one of debug, info, warn, error", level);
+
+  cfg->drain_timeout_ms = get_uint(ld, root, "", "drain_timeout_ms", 0,
+                                   3600000, SG_DEFAULT_DRAIN_TIMEOUT_MS);
+  cfg->idle_timeout_ms = get_uint(ld, root, "", "idle_timeout_ms", 1000,
+                                  86400000, SG_DEFAULT_IDLE_TIMEOUT_MS);
+  cfg->tls_handshake_timeout_ms =
+      get_uint(ld, root, "", "tls_handshake_timeout_ms", 100, 600000,
+               SG_DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS);
+
+  json_t *http2 = get_object(ld, root, "", "http2");
+  json_t *empty = json_object();
+  if (http2 == NULL)
+    http2 = empty;
+  check_keys(ld, http2, "http2", http2_keys);
+  cfg->max_concurrent_streams =
+      get_uint(ld, http2, "http2", "max_concurrent_streams", 1, 10000,
+               SG_DEFAULT_MAX_CONCURRENT_STREAMS);
+  cfg->stream_window_bytes =
+      get_uint(ld, http2, "http2", "stream_window_bytes", 65535,
+               SG_MAX_WINDOW_BYTES, SG_DEFAULT_STREAM_WINDOW_BYTES);
+  cfg->connection_window_bytes =
+      get_uint(ld, http2, "http2", "connection_window_bytes", 65535,
+               SG_MAX_WINDOW_BYTES, SG_DEFAULT_CONNECTION_WINDOW_BYTES);
+  cfg->max_header_list_bytes =
+      get_uint(ld, http2, "http2", "max_header_list_bytes", 1024, 1u << 20,
+               SG_DEFAULT_MAX_HEADER_LIST_BYTES);
+
+  json_t *upstream = get_object(ld, root, "", "upstream");
+  if (upstream == NULL)
+    upstream = empty;
+  check_keys(ld, upstream, "upstream", upstream_keys);
+  cfg->upstream_connect_timeout_ms =
+      get_uint(ld, upstream, "upstream", "connect_timeout_ms", 10, 600000,
+               SG_DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS);
+  cfg->upstream_idle_timeout_ms =
+      get_uint(ld, upstream, "upstream", "idle_timeout_ms", 100, 86400000,
+               SG_DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS);
+  json_decref(empty);
+
+  json_t *prefixes = get_array(ld, root, "", "allowed_path_prefixes", false);
+  if (prefixes != NULL) {
+    cfg->n_allowed_path_prefixes = json_array_size(prefixes);
+    cfg->allowed_path_prefixes =
+        calloc(cfg->n_allowed_path_prefixes + 1, sizeof(char *));
+    if (cfg->allowed_path_prefixes == NULL)
+      abort();
+    for (size_t i = 0; i < cfg->n_allowed_path_prefixes; i++) {
+      json_t *p = json_array_get(prefixes, i);
+      char ppath[64];
+      snprintf(ppath, sizeof ppath, "allowed_path_prefixes[%zu]", i);
+      if (!json_is_string(p) || json_string_value(p)[0] != '/') {
+        LOAD_ERR(ld, ppath, "must be a string starting with '/'");
+        cfg->allowed_path_prefixes[i] = xstrdup("/");
+        continue;
+      }
+      cfg->allowed_path_prefixes[i] = xstrdup(json_string_value(p));
+    }
+  } else {
+    cfg->n_allowed_path_prefixes = 1;
+    cfg->allowed_path_prefixes = calloc(2, sizeof(char *));
+    if (cfg->allowed_path_prefixes == NULL)
+      abort();
+    cfg->allowed_path_prefixes[0] = xstrdup(SG_DEFAULT_PATH_PREFIX);
+  }
+
+  json_t *listeners = get_array(ld, root, "", "listeners", true);
+  if (listeners != NULL) {
+    cfg->n_listeners = json_array_size(listeners);
+    if (cfg->n_listeners == 0)
+      LOAD_ERR(ld, "listeners", "needs at least one listener");
+    cfg->listeners = calloc(cfg->n_listeners + 1, sizeof *cfg->listeners);
+    if (cfg->listeners == NULL)
+      abort();
+    for (size_t i = 0; i < cfg->n_listeners; i++) {
+      char lpath[64];
+      snprintf(lpath, sizeof lpath, "listeners[%zu]", i);
+      json_t *l = json_array_get(listeners, i);
+      if (!json_is_object(l)) {
+        LOAD_ERR(ld, lpath, "must be an object, not %s", json_type_name(l));
+        continue;
+      }
+      load_listener(ld, l, lpath, &cfg->listeners[i], i);
+      for (size_t j = 0; j < i; j++) {
+        if (cfg->listeners[j].name != NULL &&
+            strcmp(cfg->listeners[j].name, cfg->listeners[i].name) == 0)
+          LOAD_ERR(ld, lpath, "duplicate listener name '%s' (also listeners[%zu])",
+                   cfg->listeners[i].name, j);
+        else if (cfg->listeners[i].port != 0 &&
+                 cfg->listeners[j].port == cfg->listeners[i].port &&
+                 cfg->listeners[j].address != NULL &&
+                 strcmp(cfg->listeners[j].address, cfg->listeners[i].address) == 0)
+          LOAD_ERR(ld, lpath, "%s:%u is already used by listeners[%zu]",
+                   cfg->listeners[i].address, cfg->listeners[i].port, j);
+      }
+    }
+  }
+
+  json_t *tenants = get_array(ld, root, "", "tenants", true);
+  if (tenants != NULL) {
+    cfg->n_tenants = json_array_size(tenants);
+    if (cfg->n_tenants == 0)
+      LOAD_ERR(ld, "tenants", "needs at least one tenant with a backend");
+    cfg->tenants = calloc(cfg->n_tenants + 1, sizeof *cfg->tenants);
+    if (cfg->tenants == NULL)
+      abort();
+    for (size_t i = 0; i < cfg->n_tenants; i++) {
+      char tpath[64];
+      snprintf(tpath, sizeof tpath, "tenants[%zu]", i);
+      json_t *t = json_array_get(tenants, i);
+      if (!json_is_object(t)) {
+        LOAD_ERR(ld, tpath, "must be an object, not %s", json_type_name(t));
+        continue;
+      }
+      load_tenant(ld, t, tpath, &cfg->tenants[i]);
+      for (size_t j = 0; j < i; j++) {
+        if (cfg->tenants[j].name != NULL &&
+            strcmp(cfg->tenants[j].name, cfg->tenants[i].name) == 0)
+          LOAD_ERR(ld, tpath, "duplicate tenant name '%s' (also tenants[%zu])",
+                   cfg->tenants[i].name, j);
+      }
+    }
+  }
+}
+
+static void config_free(sg_config *cfg) {
+  if (cfg == NULL)
+    return;
+  for (size_t i = 0; i < cfg->n_listeners; i++) {
+    sg_listener_config *l = &cfg->listeners[i];
+    free(l->name);
+    free(l->address);
+    free(l->tls_cert_file);
+    free(l->tls_key_file);
+    free(l->client_ca_file);
+    for (size_t j = 0; j < l->n_crl_files; j++)
+      free(l->crl_files[j]);
+    free(l->crl_files);
+  }
+  free(cfg->listeners);
+  for (size_t i = 0; i < cfg->n_tenants; i++) {
+    sg_tenant_config *t = &cfg->tenants[i];
+    for (size_t j = 0; j < t->n_backends; j++) {
+      sg_backend_config *b = &t->backends[j];
+      free(b->name);
+      free(b->address);
+      free(b->tls_ca_file);
+      free(b->tls_sni);
+      free(b->tls_cert_file);
+      free(b->tls_key_file);
+    }
+    free(t->backends);
+    free(t->name);
+  }
+  free(cfg->tenants);
+  for (size_t i = 0; i < cfg->n_allowed_path_prefixes; i++)
+    free(cfg->allowed_path_prefixes[i]);
+  free(cfg->allowed_path_prefixes);
+  free(cfg->path);
+  free(cfg->base_dir);
+  free(cfg);
+}
+
+static int load_json(const char *path, json_t *root, sg_config **out,
+                     sg_config_errors *errs) {
+  sg_config *cfg = calloc(1, sizeof *cfg);
+  if (cfg == NULL)
+    abort();
+  cfg->refcount_ = 1;
+  cfg->path = xstrdup(path);
+  const char *slash = strrchr(path, '/');
+  cfg->base_dir = slash != NULL ? strndup(path, (size_t)(slash - path))
+                                : xstrdup(".");
+  if (slash == path) {
+    free(cfg->base_dir);
+    cfg->base_dir = xstrdup("/");
+  }
+
+  loader ld = {.file = path, .cfg = cfg, .errs = errs,
+               .errors_at_start = errs->count};
+  if (!json_is_object(root)) {
+    sg_config_errors_add(errs, "%s: the top level must be a JSON object", path);
+  } else {
+    load_root(&ld, root);
+  }
+  if (errs->count > ld.errors_at_start) {
+    config_free(cfg);
+    return -1;
+  }
+  *out = cfg;
+  return 0;
+}
+
+int sg_config_load_string(const char *path, const char *json, sg_config **out,
+                          sg_config_errors *errs) {
+  json_error_t jerr;
+  /* Duplicate keys are rejected: with "last one wins" a reviewer can read a
+   * setting that is not the one in force. */
+  json_t *root = json_loads(json, JSON_REJECT_DUPLICATES, &jerr);
+  if (root == NULL) {
+    sg_config_errors_add(errs, "%s:%d:%d: invalid JSON: %s", path, jerr.line,
+                         jerr.column, jerr.text);
+    return -1;
+  }
+  int rv = load_json(path, root, out, errs);
+  json_decref(root);
+  return rv;
+}
+
+int sg_config_load(const char *path, sg_config **out, sg_config_errors *errs) {
+  json_error_t jerr;
+  FILE *f = fopen(path, "rb");
+  if (f == NULL) {
+    sg_config_errors_add(errs, "%s: cannot open: %s", path, strerror(errno));
+    return -1;
+  }
+  json_t *root = json_loadf(f, JSON_REJECT_DUPLICATES, &jerr);
+  fclose(f);
+  if (root == NULL) {
+    sg_config_errors_add(errs, "%s:%d:%d: invalid JSON: %s", path, jerr.line,
+                         jerr.column, jerr.text);
+    return -1;
+  }
+  int rv = load_json(path, root, out, errs);
+  json_decref(root);
+  return rv;
+}
+
+sg_config *sg_config_ref(sg_config *cfg) {
+  __atomic_add_fetch(&cfg->refcount_, 1, __ATOMIC_RELAXED);
+  return cfg;
+}
+
+void sg_config_unref(sg_config *cfg) {
+  if (cfg == NULL)
+    return;
+  if (__atomic_sub_fetch(&cfg->refcount_, 1, __ATOMIC_ACQ_REL) == 0)
+    config_free(cfg);
+}
+
+static const char *client_cert_mode_name(sg_client_cert_mode m) {
+  switch (m) {
+  case SG_CLIENT_CERT_NONE: return "none";
+  case SG_CLIENT_CERT_OPTIONAL: return "optional";
+  case SG_CLIENT_CERT_REQUIRED: return "required";
+  }
+  return "?";
+}
+
+void sg_config_print_summary(const sg_config *cfg, void *stdio_file) {
+  FILE *f = stdio_file;
+  fprintf(f, "config %s: OK\n", cfg->path);
+  fprintf(f, "workers: %u, log level: %s, drain timeout: %u ms\n",
+          cfg->workers, sg_log_level_name(cfg->log_level),
+          cfg->drain_timeout_ms);
+  fprintf(f, "listeners:\n");
+  for (size_t i = 0; i < cfg->n_listeners; i++) {
+    const sg_listener_config *l = &cfg->listeners[i];
+    bool v6 = strchr(l->address, ':') != NULL;
+    if (l->insecure)
+      fprintf(f, "  %s  %s%s%s:%u  h2c (INSECURE: cleartext, no TLS)\n",
+              l->name, v6 ? "[" : "", l->address, v6 ? "]" : "", l->port);
+    else
+      fprintf(f, "  %s  %s%s%s:%u  tls cert=%s client-certificates=%s\n",
+              l->name, v6 ? "[" : "", l->address, v6 ? "]" : "", l->port,
+              l->tls_cert_file, client_cert_mode_name(l->client_cert_mode));
+  }
+  fprintf(f, "tenants:\n");
+  for (size_t i = 0; i < cfg->n_tenants; i++) {
+    const sg_tenant_config *t = &cfg->tenants[i];
+    fprintf(f, "  %s\n", t->name);
+    for (size_t j = 0; j < t->n_backends; j++) {
+      const sg_backend_config *b = &t->backends[j];
+      fprintf(f, "    upstream %s  %s:%u  %s weight=%u\n", b->name, b->address,
+              b->port,
+              b->tls ? (b->tls_verify ? "tls (verified)" : "tls (NOT VERIFIED)")
+                     : "h2c",
+              b->weight);
+    }
+  }
+  fprintf(f, "allowed path prefixes:");
+  for (size_t i = 0; i < cfg->n_allowed_path_prefixes; i++)
+    fprintf(f, " %s", cfg->allowed_path_prefixes[i]);
+  fprintf(f, "\n");
+}

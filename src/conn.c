@@ -1,0 +1,518 @@
+#include "sparkgate/conn.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent_ssl.h>
+#include <openssl/err.h>
+
+#include "sparkgate/log.h"
+#include "sparkgate/stream.h"
+#include "sparkgate/tls.h"
+#include "sparkgate/worker.h"
+
+/* Stop asking nghttp2 for frames once this much waits in the socket's
+ * output buffer; resume when it drains to the low mark. This is what keeps
+ * a client that does not read from costing more than a bounded amount. */
+#define SG_CONN_OUTPUT_HIGH_WATER (64 * 1024)
+#define SG_CONN_OUTPUT_LOW_WATER (16 * 1024)
+
+/* Between the shutdown notice and the final GOAWAY: long enough for
+ * requests already in flight from the client to arrive. */
+#define SG_CONN_GOAWAY_GRACE_MS 500
+
+static void conn_free(sg_conn *c);
+static void conn_flush(sg_conn *c);
+
+static void set_timer_ms(sg_conn *c, uint32_t ms) {
+  struct timeval tv = {ms / 1000, (suseconds_t)(ms % 1000) * 1000};
+  evtimer_add(c->timer, &tv);
+}
+
+static void log_peer_closed(sg_conn *c, const char *why) {
+  sg_debug("conn=%llu peer=%s: closed: %s", (unsigned long long)c->id, c->peer,
+           why);
+}
+
+/* ---- nghttp2 server callbacks ------------------------------------------- */
+
+static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame,
+                            void *user) {
+  sg_conn *c = user;
+  if (frame->hd.type != NGHTTP2_HEADERS ||
+      frame->headers.cat != NGHTTP2_HCAT_REQUEST)
+    return 0;
+  sg_stream *s = sg_stream_new(c, frame->hd.stream_id);
+  if (s == NULL)
+    return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+  nghttp2_session_set_stream_user_data(session, frame->hd.stream_id, s);
+  return 0;
+}
+
+static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
+                     nghttp2_rcbuf *name, nghttp2_rcbuf *value, uint8_t flags,
+                     void *user) {
+  (void)flags;
+  sg_conn *c = user;
+  sg_stream *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+  if (s == NULL || frame->hd.type != NGHTTP2_HEADERS)
+    return 0;
+  sg_header_list *list = frame->headers.cat == NGHTTP2_HCAT_REQUEST
+                             ? &s->req_headers
+                             : &s->req_trailers;
+  if (sg_header_list_add(list, name, value,
+                         c->rt->config->max_header_list_bytes) != 0) {
+    /* Past the cap the block is not worth decoding further: the library
+     * resets the stream and we answer nothing (RFC 9113 10.5.1). */
+    if (!s->header_overflow) {
+      s->header_overflow = true;
+      sg_info("conn=%llu stream=%d peer=%s: rejected: request header list "
+              "exceeds %u bytes",
+              (unsigned long long)c->id, s->id, c->peer,
+              c->rt->config->max_header_list_bytes);
+    }
+    return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+  }
+  return 0;
+}
+
+static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
+                         void *user) {
+  (void)user;
+  sg_stream *s;
+  switch (frame->hd.type) {
+  case NGHTTP2_HEADERS:
+    s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+    if (s == NULL)
+      return 0;
+    if (frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
+      s->req_headers_done = true;
+      if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)
+        s->req_eof = true;
+      sg_stream_on_request_headers(s);
+    } else if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) {
+      sg_stream_on_request_end(s);
+    }
+    break;
+  case NGHTTP2_DATA:
+    if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) {
+      s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+      if (s != NULL)
+        sg_stream_on_request_end(s);
+    }
+    break;
+  default:
+    break;
+  }
+  return 0;
+}
+
+static int on_data_chunk_recv(nghttp2_session *session, uint8_t flags,
+                              int32_t stream_id, const uint8_t *data,
+                              size_t len, void *user) {
+  (void)flags;
+  (void)user;
+  sg_stream *s = nghttp2_session_get_stream_user_data(session, stream_id);
+  if (s == NULL) {
+    /* Nobody will forward these bytes: give the window back now. */
+    nghttp2_session_consume(session, stream_id, len);
+    return 0;
+  }
+  sg_stream_on_request_data(s, data, len);
+  return 0;
+}
+
+static int on_stream_close(nghttp2_session *session, int32_t stream_id,
+                           uint32_t error_code, void *user) {
+  sg_conn *c = user;
+  sg_stream *s = nghttp2_session_get_stream_user_data(session, stream_id);
+  if (s == NULL || c->freeing)
+    return 0;
+  nghttp2_session_set_stream_user_data(session, stream_id, NULL);
+  sg_stream_on_client_close(s, error_code);
+  if (c->n_streams == 0 && !c->draining && !c->closing)
+    set_timer_ms(c, c->rt->config->idle_timeout_ms);
+  return 0;
+}
+
+static int on_invalid_frame_recv(nghttp2_session *session,
+                                 const nghttp2_frame *frame, int lib_error,
+                                 void *user) {
+  (void)session;
+  sg_conn *c = user;
+  sg_info("conn=%llu peer=%s: invalid frame (type %u, stream %d): %s",
+          (unsigned long long)c->id, c->peer, frame->hd.type,
+          frame->hd.stream_id, nghttp2_strerror(lib_error));
+  return 0;
+}
+
+static int on_error(nghttp2_session *session, int lib_error_code,
+                    const char *msg, size_t len, void *user) {
+  (void)session;
+  (void)lib_error_code;
+  sg_conn *c = user;
+  sg_info("conn=%llu peer=%s: protocol error: %.*s", (unsigned long long)c->id,
+          c->peer, (int)len, msg);
+  return 0;
+}
+
+/* Built once and shared: nghttp2 copies the struct into every session. */
+static nghttp2_session_callbacks *server_cbs;
+static pthread_once_t server_cbs_once = PTHREAD_ONCE_INIT;
+
+static void server_callbacks_init(void) {
+  nghttp2_session_callbacks *cbs;
+  if (nghttp2_session_callbacks_new(&cbs) != 0)
+    return;
+  nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, on_begin_headers);
+  nghttp2_session_callbacks_set_on_header_callback2(cbs, on_header);
+  nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
+  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk_recv);
+  nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+  nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(cbs, on_invalid_frame_recv);
+  nghttp2_session_callbacks_set_error_callback2(cbs, on_error);
+  server_cbs = cbs;
+}
+
+static nghttp2_session_callbacks *server_callbacks(void) {
+  pthread_once(&server_cbs_once, server_callbacks_init);
+  return server_cbs;
+}
+
+/* ---- I/O ---------------------------------------------------------------- */
+
+/* Moves frames from nghttp2 to the socket until the output buffer holds
+ * the high-water mark; the write callback resumes below the low mark. */
+static void conn_flush(sg_conn *c) {
+  if (c->session == NULL || c->freeing)
+    return;
+  struct evbuffer *out = bufferevent_get_output(c->bev);
+  while (evbuffer_get_length(out) < SG_CONN_OUTPUT_HIGH_WATER) {
+    const uint8_t *data;
+    ssize_t n = nghttp2_session_mem_send(c->session, &data);
+    if (n < 0) {
+      sg_conn_close_now(c, nghttp2_strerror((int)n));
+      return;
+    }
+    if (n == 0)
+      break;
+    if (evbuffer_add(out, data, (size_t)n) != 0) {
+      sg_conn_close_now(c, "out of memory");
+      return;
+    }
+  }
+  if (!nghttp2_session_want_read(c->session) &&
+      !nghttp2_session_want_write(c->session)) {
+    c->closing = true;
+    if (evbuffer_get_length(out) == 0)
+      conn_free(c);
+  }
+}
+
+static void on_send_ev(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  conn_flush(arg);
+}
+
+void sg_conn_schedule_send(sg_conn *c) {
+  if (c != NULL && !c->freeing)
+    event_active(c->send_ev, EV_WRITE, 0);
+}
+
+static void on_read(struct bufferevent *bev, void *arg) {
+  sg_conn *c = arg;
+  struct evbuffer *in = bufferevent_get_input(bev);
+  /* Feed nghttp2 straight from libevent's chain segments: no pullup copy. */
+  for (;;) {
+    struct evbuffer_iovec vec[8];
+    int nvec = evbuffer_peek(in, -1, NULL, vec, 8);
+    if (nvec <= 0)
+      break;
+    size_t total = 0;
+    for (int i = 0; i < nvec && i < 8; i++) {
+      ssize_t rv = nghttp2_session_mem_recv(c->session, vec[i].iov_base,
+                                            vec[i].iov_len);
+      if (rv < 0) {
+        sg_info("conn=%llu peer=%s: closing: %s", (unsigned long long)c->id,
+                c->peer, nghttp2_strerror((int)rv));
+        evbuffer_drain(in, total);
+        /* Let nghttp2 queue its GOAWAY for the protocol error, then go. */
+        conn_flush(c);
+        if (!c->freeing) {
+          c->closing = true;
+          if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
+            conn_free(c);
+        }
+        return;
+      }
+      total += (size_t)rv;
+    }
+    evbuffer_drain(in, total);
+  }
+  conn_flush(c);
+}
+
+static void on_write(struct bufferevent *bev, void *arg) {
+  sg_conn *c = arg;
+  if (c->closing) {
+    if (evbuffer_get_length(bufferevent_get_output(bev)) == 0)
+      conn_free(c);
+    return;
+  }
+  conn_flush(c);
+}
+
+static int start_session(sg_conn *c) {
+  const sg_config *cfg = c->rt->config;
+  nghttp2_option *opt;
+  if (nghttp2_option_new(&opt) != 0)
+    return -1;
+  /* Window credit goes back to the client only when the upstream has taken
+   * the bytes: that is the whole of our memory bound. */
+  nghttp2_option_set_no_auto_window_update(opt, 1);
+  nghttp2_option_set_max_send_header_block_length(opt, 64 * 1024);
+  /* Debian's 1.52.0-1+deb12u3 carries the rapid-reset and CONTINUATION
+   * limits; make them explicit. */
+  nghttp2_option_set_stream_reset_rate_limit(opt, 1000, 33);
+  nghttp2_option_set_max_continuations(opt, 8);
+  int rv = nghttp2_session_server_new2(&c->session, server_callbacks(), c, opt);
+  nghttp2_option_del(opt);
+  if (rv != 0)
+    return -1;
+  nghttp2_settings_entry iv[] = {
+      {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, cfg->max_concurrent_streams},
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, cfg->stream_window_bytes},
+      {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, cfg->max_header_list_bytes},
+      {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+  };
+  if (nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, iv,
+                              sizeof iv / sizeof iv[0]) != 0)
+    return -1;
+  if (nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0,
+                                            (int32_t)cfg->connection_window_bytes) != 0)
+    return -1;
+  return 0;
+}
+
+static void on_established(sg_conn *c) {
+  if (c->ssl != NULL && !sg_tls_alpn_is_h2(c->ssl)) {
+    sg_info("conn=%llu peer=%s: rejected: client did not negotiate ALPN h2",
+            (unsigned long long)c->id, c->peer);
+    conn_free(c);
+    return;
+  }
+  if (start_session(c) != 0) {
+    sg_error("conn=%llu peer=%s: cannot create HTTP/2 session (out of memory)",
+             (unsigned long long)c->id, c->peer);
+    conn_free(c);
+    return;
+  }
+  c->established = true;
+  evtimer_del(c->timer);
+  set_timer_ms(c, c->rt->config->idle_timeout_ms);
+  sg_debug("conn=%llu peer=%s: established (%s)", (unsigned long long)c->id,
+           c->peer, c->ssl != NULL ? SSL_get_version(c->ssl) : "h2c");
+  if (c->worker->draining)
+    sg_conn_start_drain(c);
+  conn_flush(c);
+}
+
+static void on_event(struct bufferevent *bev, short events, void *arg) {
+  (void)bev;
+  sg_conn *c = arg;
+  if (events & BEV_EVENT_CONNECTED) {
+    on_established(c);
+    return;
+  }
+  if (events & BEV_EVENT_EOF) {
+    log_peer_closed(c, "end of stream");
+  } else if (events & BEV_EVENT_ERROR) {
+    char err[256] = "";
+    unsigned long e = c->ssl != NULL ? bufferevent_get_openssl_error(c->bev) : 0;
+    if (e != 0) {
+      ERR_error_string_n(e, err, sizeof err);
+      if (!c->established)
+        sg_info("conn=%llu peer=%s: TLS handshake failed: %s",
+                (unsigned long long)c->id, c->peer, err);
+      else
+        sg_info("conn=%llu peer=%s: TLS error: %s", (unsigned long long)c->id,
+                c->peer, err);
+    } else if (!c->established) {
+      sg_info("conn=%llu peer=%s: TLS handshake failed: %s",
+              (unsigned long long)c->id, c->peer,
+              errno != 0 ? strerror(errno) : "connection closed");
+    } else {
+      log_peer_closed(c, errno != 0 ? strerror(errno) : "socket error");
+    }
+  } else if (events & BEV_EVENT_TIMEOUT) {
+    log_peer_closed(c, "timeout");
+  }
+  conn_free(c);
+}
+
+static void on_timer(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  sg_conn *c = arg;
+  if (!c->established) {
+    sg_info("conn=%llu peer=%s: closed: TLS handshake not finished in %u ms",
+            (unsigned long long)c->id, c->peer,
+            c->rt->config->tls_handshake_timeout_ms);
+    conn_free(c);
+    return;
+  }
+  if (c->draining && !c->goaway_sent) {
+    c->goaway_sent = true;
+    nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
+                          nghttp2_session_get_last_proc_stream_id(c->session),
+                          NGHTTP2_NO_ERROR, NULL, 0);
+    conn_flush(c);
+    return;
+  }
+  if (c->n_streams == 0 && !c->draining) {
+    sg_debug("conn=%llu peer=%s: idle for %u ms, closing",
+             (unsigned long long)c->id, c->peer, c->rt->config->idle_timeout_ms);
+    c->draining = true;
+    c->goaway_sent = true;
+    nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
+                          nghttp2_session_get_last_proc_stream_id(c->session),
+                          NGHTTP2_NO_ERROR, NULL, 0);
+    conn_flush(c);
+  }
+}
+
+/* ---- lifecycle ---------------------------------------------------------- */
+
+static void format_peer(const struct sockaddr *addr, char *out, size_t outlen) {
+  char host[INET6_ADDRSTRLEN] = "?";
+  unsigned port = 0;
+  if (addr->sa_family == AF_INET) {
+    const struct sockaddr_in *in = (const struct sockaddr_in *)(const void *)addr;
+    inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+    port = ntohs(in->sin_port);
+    snprintf(out, outlen, "%s:%u", host, port);
+  } else if (addr->sa_family == AF_INET6) {
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)(const void *)addr;
+    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+    port = ntohs(in6->sin6_port);
+    snprintf(out, outlen, "[%s]:%u", host, port);
+  } else {
+    snprintf(out, outlen, "unknown");
+  }
+}
+
+void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
+                    const struct sockaddr *addr, int addrlen) {
+  (void)addrlen;
+  sg_runtime *rt = w->rt;
+  const sg_listener_config *l = &rt->config->listeners[listener_index];
+  sg_conn *c = calloc(1, sizeof *c);
+  if (c == NULL) {
+    evutil_closesocket(fd);
+    return;
+  }
+  c->worker = w;
+  c->rt = sg_runtime_ref(rt);
+  c->listener = l;
+  c->listener_index = listener_index;
+  c->id = ++w->next_conn_id * 256 + w->index;
+  format_peer(addr, c->peer, sizeof c->peer);
+  sg_list_init(&c->streams);
+
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+
+  const int bev_opts = BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS;
+  if (l->insecure) {
+    c->bev = bufferevent_socket_new(w->base, fd, bev_opts);
+  } else {
+    c->ssl = SSL_new(rt->listener_tls[listener_index]);
+    if (c->ssl != NULL)
+      c->bev = bufferevent_openssl_socket_new(w->base, fd, c->ssl,
+                                              BUFFEREVENT_SSL_ACCEPTING, bev_opts);
+    if (c->bev == NULL && c->ssl != NULL)
+      SSL_free(c->ssl);
+  }
+  c->send_ev = event_new(w->base, -1, 0, on_send_ev, c);
+  c->timer = evtimer_new(w->base, on_timer, c);
+  if (c->bev == NULL || c->send_ev == NULL || c->timer == NULL) {
+    sg_error("conn peer=%s: cannot set up connection (out of memory)", c->peer);
+    if (c->bev == NULL)
+      evutil_closesocket(fd);
+    else
+      bufferevent_free(c->bev);
+    if (c->send_ev != NULL)
+      event_free(c->send_ev);
+    if (c->timer != NULL)
+      event_free(c->timer);
+    sg_runtime_unref(c->rt);
+    free(c);
+    return;
+  }
+  sg_list_push_back(&w->conns, &c->worker_link);
+  w->n_conns++;
+
+  bufferevent_setcb(c->bev, on_read, on_write, on_event, c);
+  bufferevent_setwatermark(c->bev, EV_WRITE, SG_CONN_OUTPUT_LOW_WATER, 0);
+  bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+  if (l->insecure) {
+    on_established(c);
+  } else {
+    set_timer_ms(c, rt->config->tls_handshake_timeout_ms);
+  }
+}
+
+void sg_conn_start_drain(sg_conn *c) {
+  if (!c->established) {
+    conn_free(c);
+    return;
+  }
+  if (c->draining)
+    return;
+  c->draining = true;
+  nghttp2_submit_shutdown_notice(c->session);
+  evtimer_del(c->timer);
+  set_timer_ms(c, SG_CONN_GOAWAY_GRACE_MS);
+  conn_flush(c);
+}
+
+void sg_conn_close_now(sg_conn *c, const char *reason) {
+  if (c->freeing)
+    return;
+  sg_info("conn=%llu peer=%s: closed: %s", (unsigned long long)c->id, c->peer,
+          reason);
+  conn_free(c);
+}
+
+static void conn_free(sg_conn *c) {
+  if (c->freeing)
+    return;
+  c->freeing = true;
+  /* Every stream still here loses its client leg: the upstream side is
+   * cancelled so the backend stops working for nobody. */
+  while (!sg_list_empty(&c->streams)) {
+    sg_stream *s = SG_CONTAINER_OF(c->streams.next, sg_stream, conn_link);
+    sg_stream_on_client_close(s, NGHTTP2_CANCEL);
+  }
+  sg_list_unlink(&c->worker_link);
+  if (c->session != NULL)
+    nghttp2_session_del(c->session);
+  bufferevent_free(c->bev); /* frees c->ssl too */
+  event_free(c->send_ev);
+  event_free(c->timer);
+  sg_worker *w = c->worker;
+  sg_runtime_unref(c->rt);
+  free(c);
+  w->n_conns--;
+  sg_worker_conn_closed(w);
+}

@@ -1,0 +1,76 @@
+#include "sparkgate/grpc.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#define MAKE_NV(n, v, vlen)                                                    \
+  {(uint8_t *)(n), (uint8_t *)(v), sizeof(n) - 1, (vlen),                      \
+   NGHTTP2_NV_FLAG_NO_COPY_NAME}
+
+void sg_grpc_message_encode(const char *msg, char *out, size_t outlen) {
+  static const char hex[] = "0123456789ABCDEF";
+  size_t o = 0;
+  if (outlen == 0)
+    return;
+  for (const unsigned char *p = (const unsigned char *)msg; *p != '\0'; p++) {
+    if (*p >= 0x20 && *p <= 0x7e && *p != '%') {
+      if (o + 1 >= outlen)
+        break;
+      out[o++] = (char)*p;
+    } else {
+      if (o + 3 >= outlen)
+        break;
+      out[o++] = '%';
+      out[o++] = hex[*p >> 4];
+      out[o++] = hex[*p & 0xf];
+    }
+  }
+  out[o] = '\0';
+}
+
+int sg_grpc_submit_error(nghttp2_session *session, int32_t stream_id,
+                         sg_grpc_status code, const char *message) {
+  char status[8];
+  char encoded[512];
+  snprintf(status, sizeof status, "%d", (int)code);
+  sg_grpc_message_encode(message, encoded, sizeof encoded);
+  nghttp2_nv nva[] = {
+      MAKE_NV(":status", "200", 3),
+      MAKE_NV("content-type", "application/grpc", 16),
+      MAKE_NV("grpc-status", status, strlen(status)),
+      MAKE_NV("grpc-message", encoded, strlen(encoded)),
+  };
+  return nghttp2_submit_response(session, stream_id, nva,
+                                 sizeof nva / sizeof nva[0], NULL);
+}
+
+int sg_http_submit_status(nghttp2_session *session, int32_t stream_id,
+                          int http_status) {
+  char status[8];
+  snprintf(status, sizeof status, "%d", http_status);
+  nghttp2_nv nva[] = {
+      MAKE_NV(":status", status, strlen(status)),
+      MAKE_NV("allow", "POST", 4),
+  };
+  /* "allow" belongs to 405 only. */
+  size_t n = http_status == 405 ? 2 : 1;
+  return nghttp2_submit_response(session, stream_id, nva, n, NULL);
+}
+
+bool sg_grpc_content_type_ok(const uint8_t *value, size_t len) {
+  static const char base[] = "application/grpc";
+  const size_t blen = sizeof base - 1;
+  if (len < blen || strncasecmp((const char *)value, base, blen) != 0)
+    return false;
+  return len == blen || value[blen] == '+' || value[blen] == ';';
+}
+
+bool sg_header_is_hop_by_hop(const uint8_t *name, size_t len) {
+  return SG_HEADER_IS(name, len, "connection") ||
+         SG_HEADER_IS(name, len, "keep-alive") ||
+         SG_HEADER_IS(name, len, "proxy-connection") ||
+         SG_HEADER_IS(name, len, "transfer-encoding") ||
+         SG_HEADER_IS(name, len, "upgrade") ||
+         SG_HEADER_IS(name, len, "host") ||
+         SG_HEADER_IS(name, len, "http2-settings");
+}

@@ -1,0 +1,252 @@
+/* sparkgate: command line, signals, and the start and stop of workers. */
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+#include <event2/thread.h>
+#include <nghttp2/nghttp2.h>
+#include <openssl/ssl.h>
+
+#include "sg_build_config.h"
+#include "sparkgate/config.h"
+#include "sparkgate/log.h"
+#include "sparkgate/worker.h"
+
+typedef struct sg_main {
+  struct event_base *base;
+  sg_runtime *rt;
+  sg_worker **workers;
+  unsigned n_workers;
+  bool draining;
+} sg_main;
+
+static void usage(FILE *f) {
+  fprintf(f,
+          "Usage: sparkgate -c FILE [--check-config]\n"
+          "\n"
+          "An authenticating HTTP/2 reverse proxy for Apache Spark Connect.\n"
+          "\n"
+          "  -c, --config FILE   configuration file (JSON); see docs/configuration.md\n"
+          "  -t, --check-config  validate FILE, print a summary and exit: 0 when\n"
+          "                      valid, 1 with every error otherwise\n"
+          "  -v, --version       print the version and exit\n"
+          "  -h, --help          print this help and exit\n"
+          "\n"
+          "Signals: SIGTERM/SIGINT drain and exit 0 (a second one exits at once),\n"
+          "SIGHUP reloads the configuration.\n");
+}
+
+static void print_errors(const sg_config_errors *errs) {
+  for (size_t i = 0; i < errs->count; i++)
+    fprintf(stderr, "sparkgate: config error: %s\n", errs->messages[i]);
+}
+
+static void start_drain(sg_main *m) {
+  m->draining = true;
+  sg_info("draining: no new connections; in-flight streams have %u ms",
+          m->rt->config->drain_timeout_ms);
+  for (unsigned i = 0; i < m->n_workers; i++)
+    sg_worker_request_drain(m->workers[i]);
+  /* The workers exit their loops when drained; this loop only has to stop
+   * waiting for signals. */
+  event_base_loopexit(m->base, NULL);
+}
+
+static void on_signal(evutil_socket_t sig, short what, void *arg) {
+  (void)what;
+  sg_main *m = arg;
+  switch (sig) {
+  case SIGTERM:
+  case SIGINT:
+    sg_info("received %s", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    start_drain(m);
+    break;
+  case SIGHUP:
+    sg_warn("received SIGHUP: configuration reload is not supported yet; "
+            "keeping the configuration in force (%s)",
+            m->rt->config->path);
+    break;
+  default:
+    break;
+  }
+}
+
+/* A second SIGTERM/SIGINT while draining ends the process at once: an
+ * operator who asks twice does not want to wait for the drain timeout. */
+static void on_second_signal(int sig) {
+  (void)sig;
+  static const char msg[] = "sparkgate: second signal while draining: exiting now\n";
+  ssize_t rv = write(STDERR_FILENO, msg, sizeof msg - 1);
+  (void)rv;
+  _exit(1);
+}
+
+static int run(sg_config *cfg) {
+  sg_main m = {0};
+  char err[512];
+  int status = 1;
+
+  sg_log_set_level(cfg->log_level);
+  m.rt = sg_runtime_new(cfg, err, sizeof err);
+  if (m.rt == NULL) {
+    fprintf(stderr, "sparkgate: %s: %s\n", cfg->path, err);
+    return 1;
+  }
+  m.n_workers = cfg->workers;
+  m.workers = calloc(m.n_workers, sizeof *m.workers);
+  uint16_t *ports = calloc(cfg->n_listeners + 1, sizeof *ports);
+  if (m.workers == NULL || ports == NULL) {
+    fprintf(stderr, "sparkgate: out of memory\n");
+    goto out;
+  }
+  for (size_t i = 0; i < cfg->n_listeners; i++)
+    ports[i] = cfg->listeners[i].port;
+  for (unsigned i = 0; i < m.n_workers; i++) {
+    m.workers[i] = sg_worker_new(i, m.rt, ports, err, sizeof err);
+    if (m.workers[i] == NULL) {
+      sg_error("%s", err);
+      goto out;
+    }
+  }
+  for (size_t i = 0; i < cfg->n_listeners; i++) {
+    const sg_listener_config *l = &cfg->listeners[i];
+    bool v6 = strchr(l->address, ':') != NULL;
+    sg_info("listener %s listening on %s%s%s:%u (%s)", l->name, v6 ? "[" : "",
+            l->address, v6 ? "]" : "", ports[i], l->insecure ? "h2c" : "tls");
+    if (l->insecure)
+      sg_warn("listener %s is INSECURE: cleartext h2c, no TLS, credentials "
+              "travel in clear; use it for local development only",
+              l->name);
+  }
+
+  m.base = event_base_new();
+  if (m.base == NULL) {
+    sg_error("cannot create the main event loop");
+    goto out;
+  }
+  struct event *sigs[3];
+  const int signos[3] = {SIGTERM, SIGINT, SIGHUP};
+  for (int i = 0; i < 3; i++) {
+    sigs[i] = evsignal_new(m.base, signos[i], on_signal, &m);
+    evsignal_add(sigs[i], NULL);
+  }
+
+  /* Workers must not take process signals: the main loop handles them. */
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, &old);
+  for (unsigned i = 0; i < m.n_workers; i++) {
+    if (sg_worker_start(m.workers[i]) != 0) {
+      pthread_sigmask(SIG_SETMASK, &old, NULL);
+      sg_error("cannot start worker thread %u", i);
+      goto out_signals;
+    }
+  }
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  sg_info("sparkgate %s ready: %u workers, config %s", SG_VERSION, m.n_workers,
+          cfg->path);
+
+  event_base_dispatch(m.base);
+
+  if (m.draining) {
+    signal(SIGTERM, on_second_signal);
+    signal(SIGINT, on_second_signal);
+  }
+  for (unsigned i = 0; i < m.n_workers; i++)
+    sg_worker_join(m.workers[i]);
+  sg_info("stopped");
+  status = 0;
+
+out_signals:
+  for (int i = 0; i < 3; i++)
+    event_free(sigs[i]);
+out:
+  if (m.workers != NULL) {
+    for (unsigned i = 0; i < m.n_workers; i++) {
+      if (m.workers[i] != NULL && m.workers[i]->thread_started) {
+        sg_worker_request_drain(m.workers[i]);
+        sg_worker_join(m.workers[i]);
+      }
+      sg_worker_free(m.workers[i]);
+    }
+  }
+  free(m.workers);
+  free(ports);
+  if (m.base != NULL)
+    event_base_free(m.base);
+  sg_runtime_unref(m.rt);
+  return status;
+}
+
+int main(int argc, char **argv) {
+  static const struct option options[] = {
+      {"config", required_argument, NULL, 'c'},
+      {"check-config", no_argument, NULL, 't'},
+      {"version", no_argument, NULL, 'v'},
+      {"help", no_argument, NULL, 'h'},
+      {NULL, 0, NULL, 0},
+  };
+  const char *config_path = NULL;
+  bool check_only = false;
+  int opt;
+  while ((opt = getopt_long(argc, argv, "c:tvh", options, NULL)) != -1) {
+    switch (opt) {
+    case 'c':
+      config_path = optarg;
+      break;
+    case 't':
+      check_only = true;
+      break;
+    case 'v':
+      printf("sparkgate %s (nghttp2 %s, %s, libevent %s)\n", SG_VERSION,
+             NGHTTP2_VERSION, OpenSSL_version(OPENSSL_VERSION),
+             event_get_version());
+      return 0;
+    case 'h':
+      usage(stdout);
+      return 0;
+    default:
+      usage(stderr);
+      return 2;
+    }
+  }
+  if (optind < argc) {
+    fprintf(stderr, "sparkgate: unexpected argument '%s'\n", argv[optind]);
+    usage(stderr);
+    return 2;
+  }
+  if (config_path == NULL) {
+    fprintf(stderr, "sparkgate: no configuration file: use -c FILE\n");
+    usage(stderr);
+    return 2;
+  }
+
+  signal(SIGPIPE, SIG_IGN);
+  /* Cross-thread event_active (drain requests) needs libevent's locks. */
+  if (evthread_use_pthreads() != 0) {
+    fprintf(stderr, "sparkgate: libevent has no pthreads support\n");
+    return 1;
+  }
+
+  sg_config *cfg = NULL;
+  sg_config_errors errs = {0};
+  if (sg_config_load(config_path, &cfg, &errs) != 0) {
+    print_errors(&errs);
+    fprintf(stderr, "sparkgate: %zu error%s in %s; not starting\n", errs.count,
+            errs.count == 1 ? "" : "s", config_path);
+    sg_config_errors_clear(&errs);
+    return 1;
+  }
+  if (check_only) {
+    sg_config_print_summary(cfg, stdout);
+    sg_config_unref(cfg);
+    return 0;
+  }
+  int status = run(cfg);
+  sg_config_unref(cfg);
+  return status;
+}

@@ -1,0 +1,180 @@
+#include "sparkgate/tls.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include <nghttp2/nghttp2.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+
+/* TLS 1.2 suites: forward secrecy and AEAD only, which is also what RFC 9113
+ * 9.2.2 asks of HTTP/2. TLS 1.3 suites are OpenSSL's defaults. */
+static const char sg_tls12_ciphers[] =
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
+
+static const unsigned char sg_alpn_h2[] = {2, 'h', '2'};
+
+const char *sg_tls_last_error(char *buf, size_t buflen) {
+  unsigned long e = ERR_get_error();
+  if (e == 0) {
+    snprintf(buf, buflen, "unknown TLS error");
+  } else {
+    ERR_error_string_n(e, buf, buflen);
+  }
+  ERR_clear_error();
+  return buf;
+}
+
+static void set_error(char *err, size_t errlen, const char *what,
+                      const char *file) {
+  char ossl[256];
+  sg_tls_last_error(ossl, sizeof ossl);
+  snprintf(err, errlen, "%s '%s': %s", what, file, ossl);
+}
+
+/* Only h2: a client that cannot speak HTTP/2 cannot speak gRPC, and
+ * answering it over HTTP/1.1 would only widen the attack surface. */
+static int alpn_select_cb(SSL *ssl, const unsigned char **out,
+                          unsigned char *outlen, const unsigned char *in,
+                          unsigned int inlen, void *arg) {
+  (void)ssl;
+  (void)arg;
+  for (unsigned int i = 0; i < inlen;) {
+    unsigned int len = in[i];
+    if (i + 1 + len > inlen)
+      break;
+    if (len == 2 && memcmp(in + i + 1, "h2", 2) == 0) {
+      *out = in + i + 1;
+      *outlen = 2;
+      return SSL_TLSEXT_ERR_OK;
+    }
+    i += 1 + len;
+  }
+  return SSL_TLSEXT_ERR_ALERT_FATAL;
+}
+
+static void set_common_options(SSL_CTX *ctx) {
+  SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+  /* No renegotiation (a DoS and a confusion vector), no compression
+   * (CRIME), a fresh ECDHE key per handshake. */
+  SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION |
+                               SSL_OP_CIPHER_SERVER_PREFERENCE |
+                               SSL_OP_SINGLE_ECDH_USE);
+  SSL_CTX_set_cipher_list(ctx, sg_tls12_ciphers);
+  SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+}
+
+SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
+                               size_t errlen) {
+  SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+  if (ctx == NULL) {
+    snprintf(err, errlen, "cannot create a TLS context");
+    return NULL;
+  }
+  set_common_options(ctx);
+  if (SSL_CTX_use_certificate_chain_file(ctx, l->tls_cert_file) != 1) {
+    set_error(err, errlen, "cannot load certificate chain", l->tls_cert_file);
+    goto fail;
+  }
+  if (SSL_CTX_use_PrivateKey_file(ctx, l->tls_key_file, SSL_FILETYPE_PEM) != 1) {
+    if (ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH) {
+      snprintf(err, errlen, "private key '%s' does not match certificate '%s'",
+               l->tls_key_file, l->tls_cert_file);
+      ERR_clear_error();
+    } else {
+      set_error(err, errlen, "cannot load private key", l->tls_key_file);
+    }
+    goto fail;
+  }
+  if (SSL_CTX_check_private_key(ctx) != 1) {
+    snprintf(err, errlen, "private key '%s' does not match certificate '%s'",
+             l->tls_key_file, l->tls_cert_file);
+    ERR_clear_error();
+    goto fail;
+  }
+  SSL_CTX_set_alpn_select_cb(ctx, alpn_select_cb, NULL);
+
+  /* Sessions resume only on the listener that made them: the id context is
+   * the listener's name, so a session from a listener with other client
+   * certificate rules is never accepted here. */
+  SSL_CTX_set_session_id_context(ctx, (const unsigned char *)l->name,
+                                 (unsigned)strnlen(l->name, SSL_MAX_SID_CTX_LENGTH));
+  SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER);
+
+  if (l->client_cert_mode != SG_CLIENT_CERT_NONE) {
+    if (SSL_CTX_load_verify_locations(ctx, l->client_ca_file, NULL) != 1) {
+      set_error(err, errlen, "cannot load client CA bundle", l->client_ca_file);
+      goto fail;
+    }
+    STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(l->client_ca_file);
+    if (names != NULL)
+      SSL_CTX_set_client_CA_list(ctx, names);
+    X509_STORE *store = SSL_CTX_get_cert_store(ctx);
+    for (size_t i = 0; i < l->n_crl_files; i++) {
+      if (X509_STORE_load_file(store, l->crl_files[i]) != 1) {
+        set_error(err, errlen, "cannot load CRL file", l->crl_files[i]);
+        goto fail;
+      }
+    }
+    if (l->n_crl_files > 0)
+      X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL);
+    /* A presented certificate that fails verification fails the
+     * handshake in both modes; "optional" only allows presenting none. */
+    int mode = SSL_VERIFY_PEER;
+    if (l->client_cert_mode == SG_CLIENT_CERT_REQUIRED)
+      mode |= SSL_VERIFY_FAIL_IF_NO_PEER_CERT;
+    SSL_CTX_set_verify(ctx, mode, NULL);
+  }
+  return ctx;
+fail:
+  SSL_CTX_free(ctx);
+  return NULL;
+}
+
+SSL_CTX *sg_tls_client_ctx_new(const sg_backend_config *b, char *err,
+                               size_t errlen) {
+  SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+  if (ctx == NULL) {
+    snprintf(err, errlen, "cannot create a TLS context");
+    return NULL;
+  }
+  set_common_options(ctx);
+  SSL_CTX_set_alpn_protos(ctx, sg_alpn_h2, sizeof sg_alpn_h2);
+  if (b->tls_verify) {
+    if (b->tls_ca_file != NULL) {
+      if (SSL_CTX_load_verify_locations(ctx, b->tls_ca_file, NULL) != 1) {
+        set_error(err, errlen, "cannot load CA bundle", b->tls_ca_file);
+        goto fail;
+      }
+    } else if (SSL_CTX_set_default_verify_paths(ctx) != 1) {
+      set_error(err, errlen, "cannot load the system trust store", "default");
+      goto fail;
+    }
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+  }
+  if (b->tls_cert_file != NULL) {
+    if (SSL_CTX_use_certificate_chain_file(ctx, b->tls_cert_file) != 1) {
+      set_error(err, errlen, "cannot load client certificate", b->tls_cert_file);
+      goto fail;
+    }
+    if (SSL_CTX_use_PrivateKey_file(ctx, b->tls_key_file, SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_check_private_key(ctx) != 1) {
+      set_error(err, errlen, "cannot load client key (or it does not match)",
+                b->tls_key_file);
+      goto fail;
+    }
+  }
+  return ctx;
+fail:
+  SSL_CTX_free(ctx);
+  return NULL;
+}
+
+int sg_tls_alpn_is_h2(const SSL *ssl) {
+  const unsigned char *proto = NULL;
+  unsigned int len = 0;
+  SSL_get0_alpn_selected(ssl, &proto, &len);
+  return proto != NULL && len == 2 && memcmp(proto, "h2", 2) == 0;
+}

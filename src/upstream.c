@@ -1,0 +1,626 @@
+#include "sparkgate/upstream.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/dns.h>
+#include <nghttp2/nghttp2.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+
+#include "sparkgate/list.h"
+#include "sparkgate/log.h"
+#include "sparkgate/stream.h"
+#include "sparkgate/tls.h"
+#include "sparkgate/worker.h"
+
+#define SG_UPSTREAM_OUTPUT_HIGH_WATER (64 * 1024)
+#define SG_UPSTREAM_OUTPUT_LOW_WATER (16 * 1024)
+/* Streams we put on one backend connection before opening another, even
+ * when the backend would take more: spreads load over a few TCP
+ * connections without opening one per call. */
+#define SG_UPSTREAM_STREAMS_PER_CONN 100
+/* Response headers from a backend may be larger than what we accept from
+ * clients (error details ride in trailers), but not unbounded. */
+#define SG_UPSTREAM_MAX_HEADER_LIST_BYTES (256 * 1024)
+
+typedef enum sg_upstream_state {
+  SG_UPSTREAM_CONNECTING,
+  SG_UPSTREAM_READY,
+  SG_UPSTREAM_GOAWAY, /* takes no new streams; closes when the last ends */
+} sg_upstream_state;
+
+struct sg_upstream_pool {
+  sg_worker *worker;
+  const sg_tenant_config *tenant;
+  const sg_backend_config *backend;
+  SSL_CTX *tls_ctx; /* NULL: h2c */
+  sg_list conns;    /* sg_upstream.pool_link */
+  size_t n_conns;
+  uint64_t next_id;
+};
+
+struct sg_upstream {
+  sg_list pool_link;
+  sg_upstream_pool *pool;
+  uint64_t id;
+  sg_upstream_state state;
+  struct bufferevent *bev;
+  SSL *ssl; /* owned by bev */
+  nghttp2_session *session;
+  struct event *send_ev;
+  struct event *timer; /* connect deadline, then idle deadline */
+  sg_list streams;     /* OPEN legs */
+  sg_list pending;     /* PENDING legs, submitted once connected */
+  unsigned n_streams;  /* both lists */
+  bool freeing;
+};
+
+static void upstream_free(sg_upstream *up, const char *reason);
+static void upstream_flush(sg_upstream *up);
+
+static void set_timer_ms(sg_upstream *up, uint32_t ms) {
+  struct timeval tv = {ms / 1000, (suseconds_t)(ms % 1000) * 1000};
+  evtimer_add(up->timer, &tv);
+}
+
+static const sg_config *pool_config(const sg_upstream_pool *pool) {
+  return pool->worker->rt->config;
+}
+
+/* ---- nghttp2 client callbacks ------------------------------------------- */
+
+static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
+                     nghttp2_rcbuf *name, nghttp2_rcbuf *value, uint8_t flags,
+                     void *user) {
+  (void)flags;
+  (void)user;
+  if (frame->hd.type != NGHTTP2_HEADERS)
+    return 0;
+  sg_stream *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+  if (s == NULL)
+    return 0;
+  sg_header_list *list = frame->headers.cat == NGHTTP2_HCAT_HEADERS
+                             ? &s->resp_trailers
+                             : &s->resp_headers;
+  if (sg_header_list_add(list, name, value, SG_UPSTREAM_MAX_HEADER_LIST_BYTES) != 0)
+    return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+  return 0;
+}
+
+static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
+                         void *user) {
+  sg_upstream *up = user;
+  sg_stream *s;
+  switch (frame->hd.type) {
+  case NGHTTP2_HEADERS:
+    s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+    if (s == NULL)
+      return 0;
+    if (frame->headers.cat == NGHTTP2_HCAT_RESPONSE)
+      sg_stream_on_response_headers(s, frame->hd.flags & NGHTTP2_FLAG_END_STREAM);
+    else if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)
+      sg_stream_on_response_end(s);
+    break;
+  case NGHTTP2_DATA:
+    if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) {
+      s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+      if (s != NULL)
+        sg_stream_on_response_end(s);
+    }
+    break;
+  case NGHTTP2_GOAWAY:
+    if (up->state != SG_UPSTREAM_GOAWAY) {
+      sg_info("upstream %s conn=%llu: GOAWAY (%s, last stream %d): no new "
+              "streams on this connection",
+              up->pool->backend->name, (unsigned long long)up->id,
+              nghttp2_http2_strerror(frame->goaway.error_code),
+              frame->goaway.last_stream_id);
+      up->state = SG_UPSTREAM_GOAWAY;
+    }
+    break;
+  default:
+    break;
+  }
+  return 0;
+}
+
+static int on_data_chunk_recv(nghttp2_session *session, uint8_t flags,
+                              int32_t stream_id, const uint8_t *data,
+                              size_t len, void *user) {
+  (void)flags;
+  (void)user;
+  sg_stream *s = nghttp2_session_get_stream_user_data(session, stream_id);
+  if (s == NULL) {
+    nghttp2_session_consume(session, stream_id, len);
+    return 0;
+  }
+  sg_stream_on_response_data(s, data, len);
+  return 0;
+}
+
+static void leg_closed(sg_upstream *up, sg_stream *s, uint32_t error_code,
+                       const char *reason) {
+  /* Bytes of this stream still waiting for the client were counted against
+   * the backend connection's window: credit them now, or a few slow
+   * clients would starve every other stream on this connection. */
+  size_t held = evbuffer_get_length(s->resp_body);
+  if (held > 0 && up->session != NULL && !up->freeing)
+    nghttp2_session_consume_connection(up->session, held);
+  sg_list_unlink(&s->up_link);
+  up->n_streams--;
+  sg_stream_on_upstream_close(s, error_code, reason);
+}
+
+static int on_stream_close(nghttp2_session *session, int32_t stream_id,
+                           uint32_t error_code, void *user) {
+  sg_upstream *up = user;
+  sg_stream *s = nghttp2_session_get_stream_user_data(session, stream_id);
+  if (s == NULL || up->freeing)
+    return 0;
+  nghttp2_session_set_stream_user_data(session, stream_id, NULL);
+  const char *reason = NULL;
+  if (error_code == NGHTTP2_REFUSED_STREAM)
+    reason = "the backend refused the stream";
+  else if (error_code != NGHTTP2_NO_ERROR)
+    reason = nghttp2_http2_strerror(error_code);
+  leg_closed(up, s, error_code, reason);
+  if (up->n_streams == 0) {
+    if (up->state == SG_UPSTREAM_GOAWAY)
+      event_active(up->send_ev, EV_WRITE, 0); /* flush, then close */
+    else
+      set_timer_ms(up, pool_config(up->pool)->upstream_idle_timeout_ms);
+  }
+  return 0;
+}
+
+static nghttp2_session_callbacks *client_cbs;
+static pthread_once_t client_cbs_once = PTHREAD_ONCE_INIT;
+
+static void client_callbacks_init(void) {
+  nghttp2_session_callbacks *cbs;
+  if (nghttp2_session_callbacks_new(&cbs) != 0)
+    return;
+  nghttp2_session_callbacks_set_on_header_callback2(cbs, on_header);
+  nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
+  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk_recv);
+  nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+  client_cbs = cbs;
+}
+
+/* ---- I/O ---------------------------------------------------------------- */
+
+static void upstream_flush(sg_upstream *up) {
+  if (up->session == NULL || up->freeing)
+    return;
+  struct evbuffer *out = bufferevent_get_output(up->bev);
+  while (evbuffer_get_length(out) < SG_UPSTREAM_OUTPUT_HIGH_WATER) {
+    const uint8_t *data;
+    ssize_t n = nghttp2_session_mem_send(up->session, &data);
+    if (n < 0) {
+      upstream_free(up, nghttp2_strerror((int)n));
+      return;
+    }
+    if (n == 0)
+      break;
+    if (evbuffer_add(out, data, (size_t)n) != 0) {
+      upstream_free(up, "out of memory");
+      return;
+    }
+  }
+  bool done = !nghttp2_session_want_read(up->session) &&
+              !nghttp2_session_want_write(up->session);
+  if ((done || (up->state == SG_UPSTREAM_GOAWAY && up->n_streams == 0)) &&
+      evbuffer_get_length(out) == 0)
+    upstream_free(up, "connection finished");
+}
+
+static void on_send_ev(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  upstream_flush(arg);
+}
+
+static void schedule_send(sg_upstream *up) {
+  if (up != NULL && !up->freeing)
+    event_active(up->send_ev, EV_WRITE, 0);
+}
+
+static void on_read(struct bufferevent *bev, void *arg) {
+  sg_upstream *up = arg;
+  struct evbuffer *in = bufferevent_get_input(bev);
+  for (;;) {
+    struct evbuffer_iovec vec[8];
+    int nvec = evbuffer_peek(in, -1, NULL, vec, 8);
+    if (nvec <= 0)
+      break;
+    size_t total = 0;
+    for (int i = 0; i < nvec && i < 8; i++) {
+      ssize_t rv = nghttp2_session_mem_recv(up->session, vec[i].iov_base,
+                                            vec[i].iov_len);
+      if (rv < 0) {
+        char reason[128];
+        snprintf(reason, sizeof reason, "HTTP/2 protocol error from the backend: %s",
+                 nghttp2_strerror((int)rv));
+        upstream_free(up, reason);
+        return;
+      }
+      total += (size_t)rv;
+    }
+    evbuffer_drain(in, total);
+  }
+  upstream_flush(up);
+}
+
+static void on_write(struct bufferevent *bev, void *arg) {
+  (void)bev;
+  upstream_flush(arg);
+}
+
+static void submit_stream(sg_upstream *up, sg_stream *s) {
+  nghttp2_nv *nva = malloc((s->req_headers.count + 4) * sizeof *nva);
+  int32_t id = NGHTTP2_ERR_NOMEM;
+  if (nva != NULL) {
+    size_t n = sg_stream_request_nv(s, up->pool->tls_ctx != NULL, nva);
+    nghttp2_data_provider prd = {.source = {.ptr = s},
+                                 .read_callback = sg_stream_read_request_body};
+    id = nghttp2_submit_request(up->session, NULL, nva, n, &prd, s);
+    free(nva);
+  }
+  sg_list_unlink(&s->up_link);
+  if (id < 0) {
+    up->n_streams--;
+    sg_stream_on_upstream_close(s, NGHTTP2_INTERNAL_ERROR,
+                                nghttp2_strerror(id));
+    return;
+  }
+  s->up_id = id;
+  s->up_state = SG_UPSTREAM_LEG_OPEN;
+  sg_list_push_back(&up->streams, &s->up_link);
+}
+
+static int start_session(sg_upstream *up) {
+  const sg_config *cfg = pool_config(up->pool);
+  pthread_once(&client_cbs_once, client_callbacks_init);
+  if (client_cbs == NULL)
+    return -1;
+  nghttp2_option *opt;
+  if (nghttp2_option_new(&opt) != 0)
+    return -1;
+  nghttp2_option_set_no_auto_window_update(opt, 1);
+  nghttp2_option_set_max_continuations(opt, 8);
+  int rv = nghttp2_session_client_new2(&up->session, client_cbs, up, opt);
+  nghttp2_option_del(opt);
+  if (rv != 0)
+    return -1;
+  nghttp2_settings_entry iv[] = {
+      {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, cfg->stream_window_bytes},
+      {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, SG_UPSTREAM_MAX_HEADER_LIST_BYTES},
+  };
+  if (nghttp2_submit_settings(up->session, NGHTTP2_FLAG_NONE, iv,
+                              sizeof iv / sizeof iv[0]) != 0)
+    return -1;
+  /* Each stream is bounded by its own window; the connection window only
+   * needs to be large enough that streams sharing this connection cannot
+   * block each other. */
+  uint64_t conn_window = (uint64_t)cfg->stream_window_bytes * SG_UPSTREAM_STREAMS_PER_CONN;
+  if (conn_window > 0x7fffffff)
+    conn_window = 0x7fffffff;
+  if (conn_window < cfg->connection_window_bytes)
+    conn_window = cfg->connection_window_bytes;
+  if (nghttp2_session_set_local_window_size(up->session, NGHTTP2_FLAG_NONE, 0,
+                                            (int32_t)conn_window) != 0)
+    return -1;
+  return 0;
+}
+
+static void on_connected(sg_upstream *up) {
+  if (up->ssl != NULL && !sg_tls_alpn_is_h2(up->ssl)) {
+    upstream_free(up, "the backend did not negotiate ALPN h2 over TLS");
+    return;
+  }
+  if (start_session(up) != 0) {
+    upstream_free(up, "cannot create HTTP/2 session (out of memory)");
+    return;
+  }
+  evtimer_del(up->timer);
+  up->state = SG_UPSTREAM_READY;
+  sg_debug("upstream %s conn=%llu: connected%s", up->pool->backend->name,
+           (unsigned long long)up->id, up->ssl != NULL ? " (TLS)" : " (h2c)");
+  while (!sg_list_empty(&up->pending)) {
+    sg_stream *s = SG_CONTAINER_OF(up->pending.next, sg_stream, up_link);
+    submit_stream(up, s);
+  }
+  if (up->n_streams == 0)
+    set_timer_ms(up, pool_config(up->pool)->upstream_idle_timeout_ms);
+  upstream_flush(up);
+}
+
+static void on_event(struct bufferevent *bev, short events, void *arg) {
+  sg_upstream *up = arg;
+  if (events & BEV_EVENT_CONNECTED) {
+    on_connected(up);
+    return;
+  }
+  char reason[300];
+  if (events & BEV_EVENT_EOF) {
+    snprintf(reason, sizeof reason, "the backend closed the connection");
+  } else {
+    int dns_err = bufferevent_socket_get_dns_error(bev);
+    unsigned long tls_err = up->ssl != NULL ? bufferevent_get_openssl_error(bev) : 0;
+    if (dns_err != 0) {
+      snprintf(reason, sizeof reason, "cannot resolve %s: %s",
+               up->pool->backend->address, evutil_gai_strerror(dns_err));
+    } else if (tls_err != 0) {
+      char buf[256];
+      ERR_error_string_n(tls_err, buf, sizeof buf);
+      long vr = SSL_get_verify_result(up->ssl);
+      if (vr != X509_V_OK)
+        snprintf(reason, sizeof reason, "TLS handshake failed: %s",
+                 X509_verify_cert_error_string(vr));
+      else
+        snprintf(reason, sizeof reason, "TLS handshake failed: %s", buf);
+    } else {
+      int err = EVUTIL_SOCKET_ERROR();
+      snprintf(reason, sizeof reason, "%s",
+               err != 0 ? evutil_socket_error_to_string(err) : "connection failed");
+    }
+  }
+  upstream_free(up, reason);
+}
+
+static void on_timer(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  sg_upstream *up = arg;
+  if (up->state == SG_UPSTREAM_CONNECTING) {
+    char reason[96];
+    snprintf(reason, sizeof reason, "connect timed out after %u ms",
+             pool_config(up->pool)->upstream_connect_timeout_ms);
+    upstream_free(up, reason);
+    return;
+  }
+  if (up->n_streams == 0)
+    upstream_free(up, "idle");
+}
+
+/* ---- pool --------------------------------------------------------------- */
+
+static bool is_ip_literal(const char *s) {
+  unsigned char buf[sizeof(struct in6_addr)];
+  return inet_pton(AF_INET, s, buf) == 1 || inet_pton(AF_INET6, s, buf) == 1;
+}
+
+static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err,
+                                 size_t errlen) {
+  sg_worker *w = pool->worker;
+  const sg_backend_config *b = pool->backend;
+  sg_upstream *up = calloc(1, sizeof *up);
+  if (up == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return NULL;
+  }
+  up->pool = pool;
+  up->id = ++pool->next_id;
+  up->state = SG_UPSTREAM_CONNECTING;
+  sg_list_init(&up->streams);
+  sg_list_init(&up->pending);
+  const int opts = BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS;
+  if (pool->tls_ctx != NULL) {
+    up->ssl = SSL_new(pool->tls_ctx);
+    if (up->ssl == NULL)
+      goto fail;
+    const char *name = b->tls_sni != NULL ? b->tls_sni : b->address;
+    if (!is_ip_literal(name))
+      SSL_set_tlsext_host_name(up->ssl, name);
+    if (b->tls_verify) {
+      /* The certificate must name the backend: a CA-signed certificate for
+       * some other host is not good enough. */
+      if (is_ip_literal(name))
+        X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(up->ssl), name);
+      else
+        SSL_set1_host(up->ssl, name);
+    }
+    up->bev = bufferevent_openssl_socket_new(w->base, -1, up->ssl,
+                                             BUFFEREVENT_SSL_CONNECTING, opts);
+    if (up->bev == NULL) {
+      SSL_free(up->ssl);
+      up->ssl = NULL;
+      goto fail;
+    }
+  } else {
+    up->bev = bufferevent_socket_new(w->base, -1, opts);
+    if (up->bev == NULL)
+      goto fail;
+  }
+  up->send_ev = event_new(w->base, -1, 0, on_send_ev, up);
+  up->timer = evtimer_new(w->base, on_timer, up);
+  if (up->send_ev == NULL || up->timer == NULL)
+    goto fail;
+  bufferevent_setcb(up->bev, on_read, on_write, on_event, up);
+  bufferevent_setwatermark(up->bev, EV_WRITE, SG_UPSTREAM_OUTPUT_LOW_WATER, 0);
+  bufferevent_enable(up->bev, EV_READ | EV_WRITE);
+  sg_list_push_back(&pool->conns, &up->pool_link);
+  pool->n_conns++;
+  set_timer_ms(up, pool_config(pool)->upstream_connect_timeout_ms);
+  /* Resolution (for host names) and connect are asynchronous; a numeric
+   * address never touches DNS. */
+  if (bufferevent_socket_connect_hostname(up->bev, w->dns, AF_UNSPEC,
+                                          b->address, b->port) != 0) {
+    /* The error event has not been delivered: report it here. */
+    sg_list_unlink(&up->pool_link);
+    pool->n_conns--;
+    snprintf(err, errlen, "cannot start connecting: %s",
+             evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+    event_free(up->send_ev);
+    event_free(up->timer);
+    bufferevent_free(up->bev);
+    free(up);
+    return NULL;
+  }
+  {
+    evutil_socket_t fd = bufferevent_getfd(up->bev);
+    int one = 1;
+    if (fd >= 0)
+      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  }
+  return up;
+fail:
+  snprintf(err, errlen, "out of memory");
+  if (up->send_ev != NULL)
+    event_free(up->send_ev);
+  if (up->timer != NULL)
+    event_free(up->timer);
+  if (up->bev != NULL)
+    bufferevent_free(up->bev);
+  free(up);
+  return NULL;
+}
+
+static void upstream_free(sg_upstream *up, const char *reason) {
+  if (up->freeing)
+    return;
+  up->freeing = true;
+  sg_upstream_pool *pool = up->pool;
+  bool quiet = up->n_streams == 0;
+  if (quiet)
+    sg_debug("upstream %s conn=%llu: closed: %s", pool->backend->name,
+             (unsigned long long)up->id, reason);
+  else
+    sg_warn("upstream %s (%s:%u) conn=%llu: closed with %u streams: %s",
+            pool->backend->name, pool->backend->address, pool->backend->port,
+            (unsigned long long)up->id, up->n_streams, reason);
+  while (!sg_list_empty(&up->pending)) {
+    sg_stream *s = SG_CONTAINER_OF(up->pending.next, sg_stream, up_link);
+    leg_closed(up, s, NGHTTP2_INTERNAL_ERROR, reason);
+  }
+  while (!sg_list_empty(&up->streams)) {
+    sg_stream *s = SG_CONTAINER_OF(up->streams.next, sg_stream, up_link);
+    leg_closed(up, s, NGHTTP2_INTERNAL_ERROR, reason);
+  }
+  sg_list_unlink(&up->pool_link);
+  pool->n_conns--;
+  if (up->session != NULL)
+    nghttp2_session_del(up->session);
+  bufferevent_free(up->bev);
+  event_free(up->send_ev);
+  event_free(up->timer);
+  free(up);
+}
+
+sg_upstream_pool *sg_upstream_pool_new(sg_worker *w,
+                                       const sg_tenant_config *tenant,
+                                       const sg_backend_config *backend,
+                                       SSL_CTX *tls_ctx) {
+  sg_upstream_pool *pool = calloc(1, sizeof *pool);
+  if (pool == NULL)
+    return NULL;
+  pool->worker = w;
+  pool->tenant = tenant;
+  pool->backend = backend;
+  pool->tls_ctx = tls_ctx;
+  sg_list_init(&pool->conns);
+  return pool;
+}
+
+void sg_upstream_pool_free(sg_upstream_pool *pool) {
+  if (pool == NULL)
+    return;
+  while (!sg_list_empty(&pool->conns)) {
+    sg_upstream *up = SG_CONTAINER_OF(pool->conns.next, sg_upstream, pool_link);
+    upstream_free(up, "shutting down");
+  }
+  free(pool);
+}
+
+size_t sg_upstream_pool_size(const sg_upstream_pool *pool) {
+  return pool->n_conns;
+}
+
+static unsigned capacity(const sg_upstream *up) {
+  if (up->state == SG_UPSTREAM_GOAWAY)
+    return 0;
+  if (up->state == SG_UPSTREAM_CONNECTING || up->session == NULL)
+    return SG_UPSTREAM_STREAMS_PER_CONN;
+  uint32_t remote = nghttp2_session_get_remote_settings(
+      up->session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
+  return remote < SG_UPSTREAM_STREAMS_PER_CONN ? remote : SG_UPSTREAM_STREAMS_PER_CONN;
+}
+
+void sg_upstream_attach(sg_upstream_pool *pool, sg_stream *s) {
+  sg_upstream *chosen = NULL;
+  for (sg_list *n = pool->conns.next; n != &pool->conns; n = n->next) {
+    sg_upstream *up = SG_CONTAINER_OF(n, sg_upstream, pool_link);
+    if (!up->freeing && up->n_streams < capacity(up)) {
+      chosen = up;
+      break;
+    }
+  }
+  if (chosen == NULL) {
+    char err[128];
+    chosen = upstream_new(pool, err, sizeof err);
+    if (chosen == NULL) {
+      s->up_state = SG_UPSTREAM_LEG_OPEN; /* so the close below reports */
+      sg_stream_on_upstream_close(s, NGHTTP2_INTERNAL_ERROR, err);
+      return;
+    }
+  }
+  evtimer_del(chosen->timer);
+  if (chosen->state == SG_UPSTREAM_CONNECTING)
+    set_timer_ms(chosen, pool_config(pool)->upstream_connect_timeout_ms);
+  s->up = chosen;
+  s->up_state = SG_UPSTREAM_LEG_PENDING;
+  chosen->n_streams++;
+  sg_list_push_back(&chosen->pending, &s->up_link);
+  if (chosen->state != SG_UPSTREAM_CONNECTING) {
+    submit_stream(chosen, s);
+    schedule_send(chosen);
+  }
+}
+
+void sg_upstream_cancel(sg_stream *s) {
+  sg_upstream *up = s->up;
+  if (up == NULL)
+    return;
+  if (s->up_state == SG_UPSTREAM_LEG_PENDING) {
+    sg_list_unlink(&s->up_link);
+    up->n_streams--;
+    s->up_state = SG_UPSTREAM_LEG_DONE;
+    s->up = NULL;
+    if (up->n_streams == 0 && up->state != SG_UPSTREAM_CONNECTING)
+      set_timer_ms(up, pool_config(up->pool)->upstream_idle_timeout_ms);
+    return;
+  }
+  if (s->up_state == SG_UPSTREAM_LEG_OPEN && up->session != NULL) {
+    /* The leg stays OPEN until the library reports the close: only then
+     * may the stream object go. */
+    nghttp2_submit_rst_stream(up->session, NGHTTP2_FLAG_NONE, s->up_id,
+                              NGHTTP2_CANCEL);
+    schedule_send(up);
+  }
+}
+
+void sg_upstream_resume_request(sg_stream *s) {
+  if (s->up_state != SG_UPSTREAM_LEG_OPEN || s->up == NULL)
+    return;
+  nghttp2_session_resume_data(s->up->session, s->up_id);
+  schedule_send(s->up);
+}
+
+void sg_upstream_consumed(sg_stream *s, size_t n) {
+  if (s->up_state != SG_UPSTREAM_LEG_OPEN || s->up == NULL || n == 0)
+    return;
+  nghttp2_session_consume(s->up->session, s->up_id, n);
+  schedule_send(s->up);
+}

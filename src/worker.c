@@ -1,0 +1,385 @@
+#include "sparkgate/worker.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <event2/thread.h>
+
+#include "sparkgate/conn.h"
+#include "sparkgate/log.h"
+#include "sparkgate/tls.h"
+#include "sparkgate/upstream.h"
+
+#define SG_LISTEN_BACKLOG 1024
+
+/* ---- runtime ------------------------------------------------------------ */
+
+static void runtime_free(sg_runtime *rt) {
+  const sg_config *cfg = rt->config;
+  if (rt->listener_tls != NULL) {
+    for (size_t i = 0; i < cfg->n_listeners; i++)
+      SSL_CTX_free(rt->listener_tls[i]);
+    free(rt->listener_tls);
+  }
+  if (rt->backend_tls != NULL) {
+    for (size_t t = 0; t < cfg->n_tenants; t++) {
+      if (rt->backend_tls[t] == NULL)
+        continue;
+      for (size_t b = 0; b < cfg->tenants[t].n_backends; b++)
+        SSL_CTX_free(rt->backend_tls[t][b]);
+      free(rt->backend_tls[t]);
+    }
+    free(rt->backend_tls);
+  }
+  sg_config_unref(rt->config);
+  free(rt);
+}
+
+sg_runtime *sg_runtime_new(sg_config *cfg, char *err, size_t errlen) {
+  sg_runtime *rt = calloc(1, sizeof *rt);
+  if (rt == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return NULL;
+  }
+  rt->refcount_ = 1;
+  rt->config = sg_config_ref(cfg);
+  rt->listener_tls = calloc(cfg->n_listeners + 1, sizeof(SSL_CTX *));
+  rt->backend_tls = calloc(cfg->n_tenants + 1, sizeof(SSL_CTX **));
+  if (rt->listener_tls == NULL || rt->backend_tls == NULL) {
+    snprintf(err, errlen, "out of memory");
+    goto fail;
+  }
+  for (size_t i = 0; i < cfg->n_listeners; i++) {
+    const sg_listener_config *l = &cfg->listeners[i];
+    if (l->insecure)
+      continue;
+    char terr[512];
+    rt->listener_tls[i] = sg_tls_server_ctx_new(l, terr, sizeof terr);
+    if (rt->listener_tls[i] == NULL) {
+      snprintf(err, errlen, "listeners[%zu].tls: %s", i, terr);
+      goto fail;
+    }
+  }
+  for (size_t t = 0; t < cfg->n_tenants; t++) {
+    const sg_tenant_config *tc = &cfg->tenants[t];
+    rt->backend_tls[t] = calloc(tc->n_backends + 1, sizeof(SSL_CTX *));
+    if (rt->backend_tls[t] == NULL) {
+      snprintf(err, errlen, "out of memory");
+      goto fail;
+    }
+    for (size_t b = 0; b < tc->n_backends; b++) {
+      if (!tc->backends[b].tls)
+        continue;
+      char terr[512];
+      rt->backend_tls[t][b] = sg_tls_client_ctx_new(&tc->backends[b], terr, sizeof terr);
+      if (rt->backend_tls[t][b] == NULL) {
+        snprintf(err, errlen, "tenants[%zu].backends[%zu].tls: %s", t, b, terr);
+        goto fail;
+      }
+    }
+  }
+  return rt;
+fail:
+  runtime_free(rt);
+  return NULL;
+}
+
+sg_runtime *sg_runtime_ref(sg_runtime *rt) {
+  __atomic_add_fetch(&rt->refcount_, 1, __ATOMIC_RELAXED);
+  return rt;
+}
+
+void sg_runtime_unref(sg_runtime *rt) {
+  if (rt != NULL && __atomic_sub_fetch(&rt->refcount_, 1, __ATOMIC_ACQ_REL) == 0)
+    runtime_free(rt);
+}
+
+/* ---- listeners ---------------------------------------------------------- */
+
+static int bind_listener(const sg_listener_config *l, uint16_t *port, char *err,
+                         size_t errlen) {
+  struct sockaddr_storage ss;
+  socklen_t sslen;
+  memset(&ss, 0, sizeof ss);
+  if (strchr(l->address, ':') != NULL) {
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+    in6->sin6_family = AF_INET6;
+    in6->sin6_port = htons(*port);
+    inet_pton(AF_INET6, l->address, &in6->sin6_addr);
+    sslen = sizeof *in6;
+  } else {
+    struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+    in->sin_family = AF_INET;
+    in->sin_port = htons(*port);
+    inet_pton(AF_INET, l->address, &in->sin_addr);
+    sslen = sizeof *in;
+  }
+  int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    snprintf(err, errlen, "socket: %s", strerror(errno));
+    return -1;
+  }
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  /* One socket per worker on the same port: the kernel spreads new
+   * connections over the workers without a shared accept lock. */
+  setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+  if (ss.ss_family == AF_INET6)
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+  if (bind(fd, (struct sockaddr *)&ss, sslen) != 0 ||
+      listen(fd, SG_LISTEN_BACKLOG) != 0) {
+    snprintf(err, errlen, "cannot listen on %s%s%s:%u: %s",
+             ss.ss_family == AF_INET6 ? "[" : "", l->address,
+             ss.ss_family == AF_INET6 ? "]" : "", *port, strerror(errno));
+    close(fd);
+    return -1;
+  }
+  if (*port == 0) {
+    struct sockaddr_storage bound;
+    socklen_t blen = sizeof bound;
+    getsockname(fd, (struct sockaddr *)&bound, &blen);
+    *port = ntohs(bound.ss_family == AF_INET6
+                      ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                      : ((struct sockaddr_in *)&bound)->sin_port);
+  }
+  return fd;
+}
+
+struct sg_listener_ctx {
+  sg_worker *worker;
+  size_t index;
+};
+typedef struct sg_listener_ctx listener_ctx;
+
+static void on_accept(struct evconnlistener *listener, evutil_socket_t fd,
+                      struct sockaddr *addr, int addrlen, void *arg) {
+  (void)listener;
+  listener_ctx *lc = arg;
+  sg_conn_accept(lc->worker, lc->index, fd, addr, addrlen);
+}
+
+static void on_accept_error(struct evconnlistener *listener, void *arg) {
+  (void)listener;
+  listener_ctx *lc = arg;
+  int err = EVUTIL_SOCKET_ERROR();
+  /* EMFILE and friends: log and keep the listener; libevent retries on the
+   * next readiness. */
+  sg_warn("listener %s: accept failed: %s",
+          lc->worker->rt->config->listeners[lc->index].name,
+          evutil_socket_error_to_string(err));
+}
+
+/* ---- drain -------------------------------------------------------------- */
+
+static void finish_if_drained(sg_worker *w) {
+  if (!w->draining || w->n_conns > 0)
+    return;
+  for (size_t i = 0; i < w->n_pools; i++) {
+    sg_upstream_pool_free(w->pools[i]);
+    w->pools[i] = NULL;
+  }
+  event_base_loopexit(w->base, NULL);
+}
+
+void sg_worker_conn_closed(sg_worker *w) { finish_if_drained(w); }
+
+static void on_drain_timeout(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  sg_worker *w = arg;
+  if (w->n_conns > 0)
+    sg_warn("worker %u: drain timeout: closing %zu connections with streams "
+            "still in flight",
+            w->index, w->n_conns);
+  while (!sg_list_empty(&w->conns)) {
+    sg_conn *c = SG_CONTAINER_OF(w->conns.next, sg_conn, worker_link);
+    sg_conn_close_now(c, "drain timeout");
+  }
+  finish_if_drained(w);
+}
+
+static void on_drain(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  sg_worker *w = arg;
+  if (w->draining)
+    return;
+  w->draining = true;
+  for (size_t i = 0; i < w->n_listeners; i++) {
+    if (w->listeners[i] != NULL) {
+      evconnlistener_free(w->listeners[i]);
+      w->listeners[i] = NULL;
+    }
+  }
+  uint32_t ms = w->rt->config->drain_timeout_ms;
+  struct timeval tv = {ms / 1000, (suseconds_t)(ms % 1000) * 1000};
+  evtimer_add(w->drain_timer, &tv);
+  /* sg_conn_start_drain may free a connection that had no session yet. */
+  sg_list *n = w->conns.next;
+  while (n != &w->conns) {
+    sg_list *next = n->next;
+    sg_conn_start_drain(SG_CONTAINER_OF(n, sg_conn, worker_link));
+    n = next;
+  }
+  finish_if_drained(w);
+}
+
+/* ---- worker ------------------------------------------------------------- */
+
+sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
+                         char *err, size_t errlen) {
+  const sg_config *cfg = rt->config;
+  sg_worker *w = calloc(1, sizeof *w);
+  if (w == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return NULL;
+  }
+  w->index = index;
+  w->rt = sg_runtime_ref(rt);
+  sg_list_init(&w->conns);
+  struct event_config *ecfg = event_config_new();
+  if (ecfg != NULL) {
+    /* Only this thread touches the base, except event_active from the main
+     * thread, which the pthreads lock makes safe. */
+    w->base = event_base_new_with_config(ecfg);
+    event_config_free(ecfg);
+  }
+  if (w->base == NULL) {
+    snprintf(err, errlen, "cannot create an event loop");
+    goto fail;
+  }
+  w->dns = evdns_base_new(w->base, EVDNS_BASE_INITIALIZE_NAMESERVERS |
+                                       EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+  if (w->dns == NULL) {
+    /* No resolv.conf (a minimal container): numeric backends still work. */
+    w->dns = evdns_base_new(w->base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+  }
+  w->drain_ev = event_new(w->base, -1, 0, on_drain, w);
+  w->drain_timer = evtimer_new(w->base, on_drain_timeout, w);
+  if (w->drain_ev == NULL || w->drain_timer == NULL) {
+    snprintf(err, errlen, "out of memory");
+    goto fail;
+  }
+
+  w->n_listeners = cfg->n_listeners;
+  w->listeners = calloc(cfg->n_listeners + 1, sizeof *w->listeners);
+  w->listener_ctxs = calloc(cfg->n_listeners + 1, sizeof *w->listener_ctxs);
+  if (w->listeners == NULL || w->listener_ctxs == NULL) {
+    snprintf(err, errlen, "out of memory");
+    goto fail;
+  }
+  for (size_t i = 0; i < cfg->n_listeners; i++) {
+    char berr[256];
+    int fd = bind_listener(&cfg->listeners[i], &ports[i], berr, sizeof berr);
+    if (fd < 0) {
+      snprintf(err, errlen, "listener %s: %s", cfg->listeners[i].name, berr);
+      goto fail;
+    }
+    listener_ctx *lc = &w->listener_ctxs[i];
+    lc->worker = w;
+    lc->index = i;
+    w->listeners[i] = evconnlistener_new(w->base, on_accept, lc,
+                                         LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC,
+                                         -1, fd);
+    if (w->listeners[i] == NULL) {
+      close(fd);
+      snprintf(err, errlen, "listener %s: cannot create listener",
+               cfg->listeners[i].name);
+      goto fail;
+    }
+    evconnlistener_set_error_cb(w->listeners[i], on_accept_error);
+  }
+
+  size_t n_pools = 0;
+  for (size_t t = 0; t < cfg->n_tenants; t++)
+    n_pools += cfg->tenants[t].n_backends;
+  w->pools = calloc(n_pools + 1, sizeof *w->pools);
+  if (w->pools == NULL) {
+    snprintf(err, errlen, "out of memory");
+    goto fail;
+  }
+  w->n_pools = n_pools;
+  size_t p = 0;
+  for (size_t t = 0; t < cfg->n_tenants; t++) {
+    for (size_t b = 0; b < cfg->tenants[t].n_backends; b++) {
+      w->pools[p] = sg_upstream_pool_new(w, &cfg->tenants[t],
+                                         &cfg->tenants[t].backends[b],
+                                         rt->backend_tls[t][b]);
+      if (w->pools[p] == NULL) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+      }
+      p++;
+    }
+  }
+  return w;
+fail:
+  sg_worker_free(w);
+  return NULL;
+}
+
+sg_upstream_pool *sg_worker_pool(sg_worker *w, size_t tenant, size_t backend) {
+  const sg_config *cfg = w->rt->config;
+  size_t p = 0;
+  for (size_t t = 0; t < tenant; t++)
+    p += cfg->tenants[t].n_backends;
+  return w->pools[p + backend];
+}
+
+static void *worker_main(void *arg) {
+  sg_worker *w = arg;
+  event_base_dispatch(w->base);
+  return NULL;
+}
+
+int sg_worker_start(sg_worker *w) {
+  if (pthread_create(&w->thread, NULL, worker_main, w) != 0)
+    return -1;
+  w->thread_started = true;
+  return 0;
+}
+
+void sg_worker_request_drain(sg_worker *w) { event_active(w->drain_ev, 0, 0); }
+
+void sg_worker_join(sg_worker *w) {
+  if (w->thread_started) {
+    pthread_join(w->thread, NULL);
+    w->thread_started = false;
+  }
+}
+
+void sg_worker_free(sg_worker *w) {
+  if (w == NULL)
+    return;
+  while (!sg_list_empty(&w->conns)) {
+    sg_conn *c = SG_CONTAINER_OF(w->conns.next, sg_conn, worker_link);
+    sg_conn_close_now(c, "shutting down");
+  }
+  for (size_t i = 0; i < w->n_pools; i++)
+    sg_upstream_pool_free(w->pools[i]);
+  free(w->pools);
+  for (size_t i = 0; i < w->n_listeners; i++) {
+    if (w->listeners[i] != NULL)
+      evconnlistener_free(w->listeners[i]);
+  }
+  free(w->listeners);
+  free(w->listener_ctxs);
+  if (w->drain_ev != NULL)
+    event_free(w->drain_ev);
+  if (w->drain_timer != NULL)
+    event_free(w->drain_timer);
+  if (w->dns != NULL)
+    evdns_base_free(w->dns, 1);
+  if (w->base != NULL)
+    event_base_free(w->base);
+  sg_runtime_unref(w->rt);
+  free(w);
+}

@@ -1,0 +1,46 @@
+/* gRPC helpers: message encoding, content types, hop-by-hop headers. */
+#include "check.h"
+#include "sparkgate/grpc.h"
+
+static void test_message_encode(void) {
+  char out[64];
+  sg_grpc_message_encode("plain text", out, sizeof out);
+  CHECK(strcmp(out, "plain text") == 0);
+  sg_grpc_message_encode("100% \xc3\xa9\n", out, sizeof out);
+  CHECK(strcmp(out, "100%25 %C3%A9%0A") == 0);
+  /* Truncation never splits an escape and always terminates. */
+  sg_grpc_message_encode("\xff\xff\xff", out, 5);
+  CHECK(strcmp(out, "%FF") == 0);
+}
+
+static void test_content_type(void) {
+#define CT(s) sg_grpc_content_type_ok((const uint8_t *)(s), sizeof(s) - 1)
+  CHECK(CT("application/grpc"));
+  CHECK(CT("application/grpc+proto"));
+  CHECK(CT("application/grpc;charset=utf-8"));
+  CHECK(!CT("application/grpcx"));
+  CHECK(!CT("application/json"));
+  CHECK(!CT("text/plain"));
+  CHECK(!CT(""));
+#undef CT
+}
+
+static void test_hop_by_hop(void) {
+#define H(s) sg_header_is_hop_by_hop((const uint8_t *)(s), sizeof(s) - 1)
+  CHECK(H("connection"));
+  CHECK(H("keep-alive"));
+  CHECK(H("transfer-encoding"));
+  CHECK(H("upgrade"));
+  CHECK(H("host"));
+  CHECK(!H("te"));
+  CHECK(!H("grpc-timeout"));
+  CHECK(!H("content-type"));
+#undef H
+}
+
+int main(void) {
+  test_message_encode();
+  test_content_type();
+  test_hop_by_hop();
+  return check_report("grpc");
+}
