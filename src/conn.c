@@ -344,9 +344,9 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
       if (!c->established)
         sg_info("conn=%llu peer=%s: TLS handshake failed: %s",
                 (unsigned long long)c->id, c->peer, err);
-      else
-        sg_info("conn=%llu peer=%s: TLS error: %s", (unsigned long long)c->id,
-                c->peer, err);
+      else /* most clients just close the socket without close_notify */
+        sg_debug("conn=%llu peer=%s: TLS error: %s", (unsigned long long)c->id,
+                 c->peer, err);
     } else if (!c->established) {
       sg_info("conn=%llu peer=%s: TLS handshake failed: %s",
               (unsigned long long)c->id, c->peer,
