@@ -414,7 +414,8 @@ static void format_peer(const struct sockaddr *addr, char *out, size_t outlen) {
 void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
                     const struct sockaddr *addr, int addrlen) {
   (void)addrlen;
-  sg_runtime *rt = w->rt;
+  sg_generation *gen = w->current;
+  sg_runtime *rt = gen->rt;
   const sg_listener_config *l = &rt->config->listeners[listener_index];
   sg_conn *c = calloc(1, sizeof *c);
   if (c == NULL) {
@@ -422,7 +423,8 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
     return;
   }
   c->worker = w;
-  c->rt = sg_runtime_ref(rt);
+  c->gen = gen;
+  c->rt = rt;
   c->listener = l;
   c->listener_index = listener_index;
   c->id = ++w->next_conn_id * 256 + w->index;
@@ -455,12 +457,12 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
       event_free(c->send_ev);
     if (c->timer != NULL)
       event_free(c->timer);
-    sg_runtime_unref(c->rt);
     free(c);
     return;
   }
   sg_list_push_back(&w->conns, &c->worker_link);
   w->n_conns++;
+  sg_generation_conn_opened(gen);
 
   bufferevent_setcb(c->bev, on_read, on_write, on_event, c);
   bufferevent_setwatermark(c->bev, EV_WRITE, SG_CONN_OUTPUT_LOW_WATER, 0);
@@ -511,8 +513,8 @@ static void conn_free(sg_conn *c) {
   event_free(c->send_ev);
   event_free(c->timer);
   sg_worker *w = c->worker;
-  sg_runtime_unref(c->rt);
+  sg_generation *gen = c->gen;
   free(c);
   w->n_conns--;
-  sg_worker_conn_closed(w);
+  sg_generation_conn_closed(gen);
 }

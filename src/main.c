@@ -56,6 +56,66 @@ static void start_drain(sg_main *m) {
   event_base_loopexit(m->base, NULL);
 }
 
+/* Listeners are bound once at start: a reload may change everything about
+ * them but where they listen. */
+static bool listeners_compatible(const sg_config *old, const sg_config *cfg,
+                                 char *err, size_t errlen) {
+  if (old->n_listeners != cfg->n_listeners) {
+    snprintf(err, errlen, "the number of listeners changed (%zu -> %zu): "
+             "restart to change listeners", old->n_listeners, cfg->n_listeners);
+    return false;
+  }
+  for (size_t i = 0; i < cfg->n_listeners; i++) {
+    const sg_listener_config *a = &old->listeners[i], *b = &cfg->listeners[i];
+    if (strcmp(a->name, b->name) != 0 || strcmp(a->address, b->address) != 0 ||
+        a->port != b->port || a->insecure != b->insecure) {
+      snprintf(err, errlen, "listeners[%zu] changed its name, address, port or "
+               "insecure flag: restart to change those", i);
+      return false;
+    }
+  }
+  if (old->workers != cfg->workers) {
+    snprintf(err, errlen, "workers changed (%u -> %u): restart to change it",
+             old->workers, cfg->workers);
+    return false;
+  }
+  return true;
+}
+
+static void reload(sg_main *m) {
+  const char *path = m->rt->config->path;
+  sg_info("reloading configuration from %s", path);
+  sg_config *cfg = NULL;
+  sg_config_errors errs = {0};
+  if (sg_config_load(path, &cfg, &errs) != 0) {
+    for (size_t i = 0; i < errs.count; i++)
+      sg_error("reload: config error: %s", errs.messages[i]);
+    sg_error("reload failed (%zu error%s): keeping the configuration in force",
+             errs.count, errs.count == 1 ? "" : "s");
+    sg_config_errors_clear(&errs);
+    return;
+  }
+  char err[512];
+  if (!listeners_compatible(m->rt->config, cfg, err, sizeof err)) {
+    sg_error("reload failed: %s: keeping the configuration in force", err);
+    sg_config_unref(cfg);
+    return;
+  }
+  sg_runtime *rt = sg_runtime_new(cfg, err, sizeof err);
+  sg_config_unref(cfg);
+  if (rt == NULL) {
+    sg_error("reload failed: %s: keeping the configuration in force", err);
+    return;
+  }
+  sg_log_set_level(rt->config->log_level);
+  for (unsigned i = 0; i < m->n_workers; i++)
+    sg_worker_post_runtime(m->workers[i], rt);
+  sg_runtime_unref(m->rt);
+  m->rt = rt;
+  sg_info("reload done: new connections use the new configuration; "
+          "existing ones finish on the old one");
+}
+
 static void on_signal(evutil_socket_t sig, short what, void *arg) {
   (void)what;
   sg_main *m = arg;
@@ -66,9 +126,8 @@ static void on_signal(evutil_socket_t sig, short what, void *arg) {
     start_drain(m);
     break;
   case SIGHUP:
-    sg_warn("received SIGHUP: configuration reload is not supported yet; "
-            "keeping the configuration in force (%s)",
-            m->rt->config->path);
+    if (!m->draining)
+      reload(m);
     break;
   default:
     break;

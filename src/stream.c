@@ -224,7 +224,7 @@ void sg_stream_on_request_headers(sg_stream *s) {
     return;
   }
   s->backend_name = cfg->tenants[tenant].backends[backend].name;
-  sg_upstream_attach(sg_worker_pool(s->conn->worker, tenant, backend), s);
+  sg_upstream_attach(sg_generation_pool(s->conn->gen, tenant, backend), s);
 }
 
 void sg_stream_on_request_data(sg_stream *s, const uint8_t *data, size_t len) {

@@ -42,6 +42,7 @@ typedef enum sg_upstream_state {
 
 struct sg_upstream_pool {
   sg_worker *worker;
+  const sg_config *cfg;
   const sg_tenant_config *tenant;
   const sg_backend_config *backend;
   SSL_CTX *tls_ctx; /* NULL: h2c */
@@ -75,7 +76,7 @@ static void set_timer_ms(sg_upstream *up, uint32_t ms) {
 }
 
 static const sg_config *pool_config(const sg_upstream_pool *pool) {
-  return pool->worker->rt->config;
+  return pool->cfg;
 }
 
 /* ---- nghttp2 client callbacks ------------------------------------------- */
@@ -519,7 +520,7 @@ static void upstream_free(sg_upstream *up, const char *reason) {
   free(up);
 }
 
-sg_upstream_pool *sg_upstream_pool_new(sg_worker *w,
+sg_upstream_pool *sg_upstream_pool_new(sg_worker *w, const sg_config *cfg,
                                        const sg_tenant_config *tenant,
                                        const sg_backend_config *backend,
                                        SSL_CTX *tls_ctx) {
@@ -527,6 +528,7 @@ sg_upstream_pool *sg_upstream_pool_new(sg_worker *w,
   if (pool == NULL)
     return NULL;
   pool->worker = w;
+  pool->cfg = cfg;
   pool->tenant = tenant;
   pool->backend = backend;
   pool->tls_ctx = tls_ctx;

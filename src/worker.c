@@ -173,8 +173,107 @@ static void on_accept_error(struct evconnlistener *listener, void *arg) {
   /* EMFILE and friends: log and keep the listener; libevent retries on the
    * next readiness. */
   sg_warn("listener %s: accept failed: %s",
-          lc->worker->rt->config->listeners[lc->index].name,
+          lc->worker->current->rt->config->listeners[lc->index].name,
           evutil_socket_error_to_string(err));
+}
+
+/* ---- generations ------------------------------------------------------ */
+
+static void generation_free(sg_generation *g) {
+  if (g == NULL)
+    return;
+  sg_list_unlink(&g->link);
+  for (size_t i = 0; i < g->n_pools; i++)
+    sg_upstream_pool_free(g->pools[i]);
+  free(g->pools);
+  sg_runtime_unref(g->rt);
+  free(g);
+}
+
+static sg_generation *generation_new(sg_worker *w, sg_runtime *rt) {
+  const sg_config *cfg = rt->config;
+  sg_generation *g = calloc(1, sizeof *g);
+  if (g == NULL)
+    return NULL;
+  sg_list_init(&g->link);
+  g->worker = w;
+  g->rt = sg_runtime_ref(rt);
+  size_t n_pools = 0;
+  for (size_t t = 0; t < cfg->n_tenants; t++)
+    n_pools += cfg->tenants[t].n_backends;
+  g->pools = calloc(n_pools + 1, sizeof *g->pools);
+  if (g->pools == NULL) {
+    generation_free(g);
+    return NULL;
+  }
+  for (size_t t = 0; t < cfg->n_tenants; t++) {
+    for (size_t b = 0; b < cfg->tenants[t].n_backends; b++) {
+      g->pools[g->n_pools] =
+          sg_upstream_pool_new(w, cfg, &cfg->tenants[t],
+                               &cfg->tenants[t].backends[b], rt->backend_tls[t][b]);
+      if (g->pools[g->n_pools] == NULL) {
+        generation_free(g);
+        return NULL;
+      }
+      g->n_pools++;
+    }
+  }
+  return g;
+}
+
+sg_upstream_pool *sg_generation_pool(sg_generation *g, size_t tenant,
+                                     size_t backend) {
+  const sg_config *cfg = g->rt->config;
+  size_t p = 0;
+  for (size_t t = 0; t < tenant; t++)
+    p += cfg->tenants[t].n_backends;
+  return g->pools[p + backend];
+}
+
+void sg_generation_conn_opened(sg_generation *g) { g->n_conns++; }
+
+static void finish_if_drained(sg_worker *w);
+
+void sg_generation_conn_closed(sg_generation *g) {
+  sg_worker *w = g->worker;
+  g->n_conns--;
+  if (g != w->current && g->n_conns == 0)
+    generation_free(g);
+  finish_if_drained(w);
+}
+
+static void on_reload(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  sg_worker *w = arg;
+  pthread_mutex_lock(&w->reload_lock);
+  sg_runtime *rt = w->reload_rt;
+  w->reload_rt = NULL;
+  pthread_mutex_unlock(&w->reload_lock);
+  if (rt == NULL)
+    return;
+  sg_generation *g = generation_new(w, rt);
+  sg_runtime_unref(rt);
+  if (g == NULL) {
+    sg_error("worker %u: reload: out of memory; keeping the previous configuration",
+             w->index);
+    return;
+  }
+  sg_generation *old = w->current;
+  w->current = g;
+  if (old->n_conns == 0)
+    generation_free(old);
+  else
+    sg_list_push_back(&w->retired, &old->link);
+}
+
+void sg_worker_post_runtime(sg_worker *w, sg_runtime *rt) {
+  pthread_mutex_lock(&w->reload_lock);
+  if (w->reload_rt != NULL)
+    sg_runtime_unref(w->reload_rt);
+  w->reload_rt = sg_runtime_ref(rt);
+  pthread_mutex_unlock(&w->reload_lock);
+  event_active(w->reload_ev, 0, 0);
 }
 
 /* ---- drain -------------------------------------------------------------- */
@@ -182,14 +281,15 @@ static void on_accept_error(struct evconnlistener *listener, void *arg) {
 static void finish_if_drained(sg_worker *w) {
   if (!w->draining || w->n_conns > 0)
     return;
-  for (size_t i = 0; i < w->n_pools; i++) {
-    sg_upstream_pool_free(w->pools[i]);
-    w->pools[i] = NULL;
-  }
+  /* Backend connections only serve client connections: with none left,
+   * close them so the loop runs out of events. */
+  while (!sg_list_empty(&w->retired))
+    generation_free(SG_CONTAINER_OF(w->retired.next, sg_generation, link));
+  for (size_t i = 0; i < w->current->n_pools; i++)
+    sg_upstream_pool_free(w->current->pools[i]);
+  w->current->n_pools = 0;
   event_base_loopexit(w->base, NULL);
 }
-
-void sg_worker_conn_closed(sg_worker *w) { finish_if_drained(w); }
 
 static void on_drain_timeout(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
@@ -219,7 +319,7 @@ static void on_drain(evutil_socket_t fd, short what, void *arg) {
       w->listeners[i] = NULL;
     }
   }
-  uint32_t ms = w->rt->config->drain_timeout_ms;
+  uint32_t ms = w->current->rt->config->drain_timeout_ms;
   struct timeval tv = {ms / 1000, (suseconds_t)(ms % 1000) * 1000};
   evtimer_add(w->drain_timer, &tv);
   /* sg_conn_start_drain may free a connection that had no session yet. */
@@ -243,8 +343,9 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
     return NULL;
   }
   w->index = index;
-  w->rt = sg_runtime_ref(rt);
   sg_list_init(&w->conns);
+  sg_list_init(&w->retired);
+  pthread_mutex_init(&w->reload_lock, NULL);
   struct event_config *ecfg = event_config_new();
   if (ecfg != NULL) {
     /* Only this thread touches the base, except event_active from the main
@@ -264,7 +365,8 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
   }
   w->drain_ev = event_new(w->base, -1, 0, on_drain, w);
   w->drain_timer = evtimer_new(w->base, on_drain_timeout, w);
-  if (w->drain_ev == NULL || w->drain_timer == NULL) {
+  w->reload_ev = event_new(w->base, -1, 0, on_reload, w);
+  if (w->drain_ev == NULL || w->drain_timer == NULL || w->reload_ev == NULL) {
     snprintf(err, errlen, "out of memory");
     goto fail;
   }
@@ -298,40 +400,15 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
     evconnlistener_set_error_cb(w->listeners[i], on_accept_error);
   }
 
-  size_t n_pools = 0;
-  for (size_t t = 0; t < cfg->n_tenants; t++)
-    n_pools += cfg->tenants[t].n_backends;
-  w->pools = calloc(n_pools + 1, sizeof *w->pools);
-  if (w->pools == NULL) {
+  w->current = generation_new(w, rt);
+  if (w->current == NULL) {
     snprintf(err, errlen, "out of memory");
     goto fail;
-  }
-  w->n_pools = n_pools;
-  size_t p = 0;
-  for (size_t t = 0; t < cfg->n_tenants; t++) {
-    for (size_t b = 0; b < cfg->tenants[t].n_backends; b++) {
-      w->pools[p] = sg_upstream_pool_new(w, &cfg->tenants[t],
-                                         &cfg->tenants[t].backends[b],
-                                         rt->backend_tls[t][b]);
-      if (w->pools[p] == NULL) {
-        snprintf(err, errlen, "out of memory");
-        goto fail;
-      }
-      p++;
-    }
   }
   return w;
 fail:
   sg_worker_free(w);
   return NULL;
-}
-
-sg_upstream_pool *sg_worker_pool(sg_worker *w, size_t tenant, size_t backend) {
-  const sg_config *cfg = w->rt->config;
-  size_t p = 0;
-  for (size_t t = 0; t < tenant; t++)
-    p += cfg->tenants[t].n_backends;
-  return w->pools[p + backend];
 }
 
 static void *worker_main(void *arg) {
@@ -363,9 +440,9 @@ void sg_worker_free(sg_worker *w) {
     sg_conn *c = SG_CONTAINER_OF(w->conns.next, sg_conn, worker_link);
     sg_conn_close_now(c, "shutting down");
   }
-  for (size_t i = 0; i < w->n_pools; i++)
-    sg_upstream_pool_free(w->pools[i]);
-  free(w->pools);
+  while (!sg_list_empty(&w->retired))
+    generation_free(SG_CONTAINER_OF(w->retired.next, sg_generation, link));
+  generation_free(w->current);
   for (size_t i = 0; i < w->n_listeners; i++) {
     if (w->listeners[i] != NULL)
       evconnlistener_free(w->listeners[i]);
@@ -376,10 +453,14 @@ void sg_worker_free(sg_worker *w) {
     event_free(w->drain_ev);
   if (w->drain_timer != NULL)
     event_free(w->drain_timer);
+  if (w->reload_ev != NULL)
+    event_free(w->reload_ev);
+  if (w->reload_rt != NULL)
+    sg_runtime_unref(w->reload_rt);
+  pthread_mutex_destroy(&w->reload_lock);
   if (w->dns != NULL)
     evdns_base_free(w->dns, 1);
   if (w->base != NULL)
     event_base_free(w->base);
-  sg_runtime_unref(w->rt);
   free(w);
 }

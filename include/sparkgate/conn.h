@@ -19,7 +19,8 @@
 struct sg_conn {
   sg_list worker_link; /* in worker->conns */
   sg_worker *worker;
-  sg_runtime *rt; /* ref: the config generation the connection started on */
+  struct sg_generation *gen; /* the generation it was accepted under */
+  sg_runtime *rt;            /* gen->rt, for short */
   const sg_listener_config *listener;
   size_t listener_index;
   uint64_t id;

@@ -13,7 +13,8 @@
 #include "sparkgate/config.h"
 #include "sparkgate/types.h"
 
-sg_upstream_pool *sg_upstream_pool_new(sg_worker *w,
+/* |cfg| must outlive the pool (the generation holds it). */
+sg_upstream_pool *sg_upstream_pool_new(sg_worker *w, const sg_config *cfg,
                                        const sg_tenant_config *tenant,
                                        const sg_backend_config *backend,
                                        SSL_CTX *tls_ctx);

@@ -31,28 +31,41 @@ sg_runtime *sg_runtime_new(sg_config *cfg, char *err, size_t errlen);
 sg_runtime *sg_runtime_ref(sg_runtime *rt);
 void sg_runtime_unref(sg_runtime *rt);
 
+/* A worker's view of one runtime: the upstream pools built for it and the
+ * client connections accepted under it. A reload makes a new generation
+ * current; the old one serves its connections to the end and is freed
+ * with the last of them. */
+typedef struct sg_generation {
+  sg_list link; /* in worker->retired */
+  sg_worker *worker;
+  sg_runtime *rt; /* ref */
+  /* One pool per backend, flattened [tenant][backend] in config order. */
+  sg_upstream_pool **pools;
+  size_t n_pools;
+  size_t n_conns;
+} sg_generation;
+
 struct sg_worker {
   unsigned index;
   pthread_t thread;
   bool thread_started;
   struct event_base *base;
   struct evdns_base *dns;
-  sg_runtime *rt; /* ref */
+  sg_generation *current; /* new connections start here */
+  sg_list retired;        /* older generations with connections left */
 
   struct evconnlistener **listeners; /* [listener] */
   struct sg_listener_ctx *listener_ctxs; /* [listener]: callback arguments */
   size_t n_listeners;
-
-  /* Upstream pools, one per backend of the runtime, flattened
-   * [tenant][backend] in config order. */
-  sg_upstream_pool **pools;
-  size_t n_pools;
 
   sg_list conns; /* sg_conn.worker_link */
   size_t n_conns;
   uint64_t next_conn_id;
 
   struct event *drain_ev;    /* activated from the main thread */
+  struct event *reload_ev;   /* activated from the main thread */
+  pthread_mutex_t reload_lock;
+  sg_runtime *reload_rt;     /* handed over under reload_lock */
   struct event *drain_timer; /* drain deadline */
   bool draining;
 };
@@ -68,11 +81,16 @@ void sg_worker_request_drain(sg_worker *w);
 void sg_worker_join(sg_worker *w);
 void sg_worker_free(sg_worker *w);
 
-/* The pool of backend |backend| of tenant |tenant| in this worker. */
-sg_upstream_pool *sg_worker_pool(sg_worker *w, size_t tenant, size_t backend);
+/* Thread-safe: new connections of |w| will use |rt| (takes a reference). */
+void sg_worker_post_runtime(sg_worker *w, sg_runtime *rt);
 
-/* Called when a client connection goes away, so a draining worker can
- * finish. */
-void sg_worker_conn_closed(sg_worker *w);
+/* The pool of backend |backend| of tenant |tenant| in generation |g|. */
+sg_upstream_pool *sg_generation_pool(sg_generation *g, size_t tenant,
+                                     size_t backend);
+
+/* Connection accounting, so that retired generations and a draining
+ * worker know when they are done. */
+void sg_generation_conn_opened(sg_generation *g);
+void sg_generation_conn_closed(sg_generation *g);
 
 #endif
