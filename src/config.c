@@ -20,6 +20,7 @@
 #define SG_DEFAULT_DRAIN_TIMEOUT_MS 30000
 #define SG_DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS 10000
 #define SG_DEFAULT_IDLE_TIMEOUT_MS 300000
+#define SG_DEFAULT_MAX_GRPC_TIMEOUT_MS (24u * 3600u * 1000u)
 #define SG_DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS 5000
 #define SG_DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS 60000
 #define SG_DEFAULT_PATH_PREFIX "/spark.connect.SparkConnectService/"
@@ -437,7 +438,7 @@ static void load_tenant(loader *ld, json_t *obj, const char *path,
 static void load_root(loader *ld, json_t *root) {
   static const char *const keys[] = {
       "workers", "log_level", "drain_timeout_ms", "idle_timeout_ms",
-      "tls_handshake_timeout_ms", "http2", "upstream", "allowed_path_prefixes",
+      "tls_handshake_timeout_ms", "max_grpc_timeout_ms", "http2", "upstream", "allowed_path_prefixes",
       "listeners", "tenants", NULL};
   static const char *const http2_keys[] = {
       "max_concurrent_streams", "stream_window_bytes",
@@ -461,6 +462,8 @@ static void load_root(loader *ld, json_t *root) {
                                    3600000, SG_DEFAULT_DRAIN_TIMEOUT_MS);
   cfg->idle_timeout_ms = get_uint(ld, root, "", "idle_timeout_ms", 1000,
                                   86400000, SG_DEFAULT_IDLE_TIMEOUT_MS);
+  cfg->max_grpc_timeout_ms = get_uint(ld, root, "", "max_grpc_timeout_ms", 1,
+                                      0xffffffffu, SG_DEFAULT_MAX_GRPC_TIMEOUT_MS);
   cfg->tls_handshake_timeout_ms =
       get_uint(ld, root, "", "tls_handshake_timeout_ms", 100, 600000,
                SG_DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS);

@@ -74,3 +74,35 @@ bool sg_header_is_hop_by_hop(const uint8_t *name, size_t len) {
          SG_HEADER_IS(name, len, "host") ||
          SG_HEADER_IS(name, len, "http2-settings");
 }
+
+int sg_grpc_timeout_parse(const uint8_t *value, size_t len, uint64_t *out_ms) {
+  if (len < 2 || len > 9)
+    return -1;
+  uint64_t n = 0;
+  for (size_t i = 0; i + 1 < len; i++) {
+    if (value[i] < '0' || value[i] > '9')
+      return -1;
+    n = n * 10 + (uint64_t)(value[i] - '0');
+  }
+  switch (value[len - 1]) {
+  case 'H': *out_ms = n * 3600000u; break;
+  case 'M': *out_ms = n * 60000u; break;
+  case 'S': *out_ms = n * 1000u; break;
+  case 'm': *out_ms = n; break;
+  case 'u': *out_ms = (n + 999u) / 1000u; break;
+  case 'n': *out_ms = (n + 999999u) / 1000000u; break;
+  default: return -1;
+  }
+  return 0;
+}
+
+void sg_grpc_timeout_format(uint64_t ms, char *out, size_t outlen) {
+  if (ms <= 99999999u)
+    snprintf(out, outlen, "%llum", (unsigned long long)ms);
+  else if (ms / 1000u <= 99999999u)
+    snprintf(out, outlen, "%lluS", (unsigned long long)(ms / 1000u));
+  else if (ms / 60000u <= 99999999u)
+    snprintf(out, outlen, "%lluM", (unsigned long long)(ms / 60000u));
+  else
+    snprintf(out, outlen, "99999999H");
+}

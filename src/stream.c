@@ -3,6 +3,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <time.h>
 
 #include "sparkgate/conn.h"
 #include "sparkgate/log.h"
@@ -86,7 +88,15 @@ sg_stream *sg_stream_new(sg_conn *conn, int32_t id) {
   return s;
 }
 
+static uint64_t monotonic_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
 static void stream_free(sg_stream *s) {
+  if (s->deadline != NULL)
+    event_free(s->deadline);
   sg_header_list_clear(&s->req_headers);
   sg_header_list_clear(&s->req_trailers);
   sg_header_list_clear(&s->resp_headers);
@@ -189,6 +199,60 @@ static bool choose_backend(const sg_config *cfg, size_t *tenant,
   return false;
 }
 
+/* A request a proxy must not pass on: the stream is reset, as nghttp2 does
+ * for the malformed requests it catches itself (RFC 9113 8.1.1). */
+static void reject_malformed(sg_stream *s, const char *why) {
+  char pathbuf[256];
+  s->rejected = true;
+  s->resp_started = true;
+  s->resp_eof = true;
+  sg_info("conn=%llu stream=%d peer=%s path=%s: rejected (stream reset): %s",
+          (unsigned long long)s->conn_id, s->id, s->conn->peer,
+          stream_path(s, pathbuf, sizeof pathbuf), why);
+  nghttp2_submit_rst_stream(s->conn->session, NGHTTP2_FLAG_NONE, s->id,
+                            NGHTTP2_PROTOCOL_ERROR);
+  sg_conn_schedule_send(s->conn);
+}
+
+static void on_deadline(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  sg_stream *s = arg;
+  if (s->resp_eof)
+    return; /* the backend answered in time; the client is still reading */
+  sg_stream_fail(s, SG_GRPC_DEADLINE_EXCEEDED,
+                 "sparkgate: deadline exceeded (grpc-timeout)");
+}
+
+/* The request-line checks that would let two parties read one request two
+ * ways: where it goes (authority, host) and how it came (scheme). */
+static const char *request_target_problem(const sg_stream *s) {
+  const sg_header *scheme = HEADER_FIND(&s->req_headers, ":scheme");
+  const sg_header *authority = HEADER_FIND(&s->req_headers, ":authority");
+  const sg_header *host = HEADER_FIND(&s->req_headers, "host");
+  const char *want = s->conn->listener->insecure ? "http" : "https";
+  if (scheme != NULL) {
+    nghttp2_vec v = header_value(scheme);
+    if (v.len != strlen(want) || memcmp(v.base, want, v.len) != 0)
+      return s->conn->listener->insecure
+                 ? ":scheme is not http on a cleartext listener"
+                 : ":scheme is not https on a TLS listener";
+  }
+  if (authority != NULL && memchr(header_value(authority).base, '@',
+                                  header_value(authority).len) != NULL)
+    return ":authority carries userinfo";
+  if (host != NULL && memchr(header_value(host).base, '@', header_value(host).len) != NULL)
+    return "host carries userinfo";
+  if (authority != NULL && host != NULL) {
+    nghttp2_vec a = header_value(authority), h = header_value(host);
+    if (a.len != h.len || strncasecmp((const char *)a.base, (const char *)h.base, a.len) != 0)
+      return "host differs from :authority";
+  }
+  if (authority == NULL && host == NULL)
+    return "no :authority and no host";
+  return NULL;
+}
+
 void sg_stream_on_request_headers(sg_stream *s) {
   const sg_config *cfg = s->rt->config;
   const sg_header *method = HEADER_FIND(&s->req_headers, ":method");
@@ -210,11 +274,36 @@ void sg_stream_on_request_headers(sg_stream *s) {
     reject_http(s, 415, "content-type is not application/grpc");
     return;
   }
+  const char *problem = request_target_problem(s);
+  if (problem != NULL) {
+    reject_malformed(s, problem);
+    return;
+  }
   nghttp2_vec p = path != NULL ? header_value(path) : (nghttp2_vec){NULL, 0};
   if (p.len == 0 || !path_allowed(cfg, p.base, p.len)) {
     sg_stream_fail(s, SG_GRPC_UNIMPLEMENTED,
                    "sparkgate: method not served here (path outside the allowed prefixes)");
     return;
+  }
+
+  const sg_header *timeout = HEADER_FIND(&s->req_headers, "grpc-timeout");
+  if (timeout != NULL) {
+    nghttp2_vec tv = header_value(timeout);
+    uint64_t ms;
+    if (sg_grpc_timeout_parse(tv.base, tv.len, &ms) != 0) {
+      sg_stream_fail(s, SG_GRPC_INTERNAL, "sparkgate: malformed grpc-timeout");
+      return;
+    }
+    if (ms > cfg->max_grpc_timeout_ms)
+      ms = cfg->max_grpc_timeout_ms;
+    s->deadline = evtimer_new(s->conn->worker->base, on_deadline, s);
+    if (s->deadline == NULL) {
+      sg_stream_fail(s, SG_GRPC_RESOURCE_EXHAUSTED, "sparkgate: out of memory");
+      return;
+    }
+    s->deadline_at_ms = monotonic_ms() + ms;
+    struct timeval when = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
+    evtimer_add(s->deadline, &when);
   }
 
   size_t tenant, backend;
@@ -262,6 +351,8 @@ void sg_stream_on_client_close(sg_stream *s, uint32_t error_code) {
   }
   s->conn = NULL;
   s->client_done = true;
+  if (s->deadline != NULL)
+    evtimer_del(s->deadline);
   if (s->up_state == SG_UPSTREAM_LEG_PENDING ||
       s->up_state == SG_UPSTREAM_LEG_OPEN) {
     if (error_code != NGHTTP2_NO_ERROR || !s->resp_eof)
@@ -395,8 +486,7 @@ void sg_stream_on_upstream_close(sg_stream *s, uint32_t error_code,
 
 /* ---- data providers ----------------------------------------------------- */
 
-size_t sg_stream_request_nv(const sg_stream *s, bool upstream_tls,
-                            nghttp2_nv *nva) {
+size_t sg_stream_request_nv(sg_stream *s, bool upstream_tls, nghttp2_nv *nva) {
   size_t n = 0;
   const sg_header *authority = HEADER_FIND(&s->req_headers, ":authority");
   const sg_header *host = HEADER_FIND(&s->req_headers, "host");
@@ -429,11 +519,19 @@ size_t sg_stream_request_nv(const sg_stream *s, bool upstream_tls,
       continue;
     if (sg_header_is_hop_by_hop(name.base, name.len))
       continue;
+    if (SG_HEADER_IS(name.base, name.len, "grpc-timeout"))
+      continue; /* replaced by what is left of the budget, below */
     /* te is only legal as "trailers", which gRPC requires. */
     if (SG_HEADER_IS(name.base, name.len, "te") &&
         !(value.len == 8 && memcmp(value.base, "trailers", 8) == 0))
       continue;
     ADD_NV(name.base, name.len, value.base, value.len);
+  }
+  if (s->deadline_at_ms != 0) {
+    uint64_t now = monotonic_ms();
+    uint64_t left = s->deadline_at_ms > now ? s->deadline_at_ms - now : 1;
+    sg_grpc_timeout_format(left, s->grpc_timeout_out, sizeof s->grpc_timeout_out);
+    ADD_NV("grpc-timeout", 12, s->grpc_timeout_out, strlen(s->grpc_timeout_out));
   }
 #undef ADD_NV
   return n;

@@ -67,6 +67,7 @@ typedef struct sg_config {
   uint32_t drain_timeout_ms;         /* SIGTERM: in-flight streams get this long */
   uint32_t tls_handshake_timeout_ms;
   uint32_t idle_timeout_ms;          /* client connection with no streams */
+  uint32_t max_grpc_timeout_ms;      /* longer grpc-timeout values are clamped */
 
   /* upstream */
   uint32_t upstream_connect_timeout_ms;

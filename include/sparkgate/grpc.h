@@ -44,6 +44,15 @@ bool sg_grpc_content_type_ok(const uint8_t *value, size_t len);
  * 8.2.2), plus "host", which the proxy folds into :authority. */
 bool sg_header_is_hop_by_hop(const uint8_t *name, size_t len);
 
+/* Parses a grpc-timeout value ("1-8 digits" then one of H M S m u n) into
+ * milliseconds, rounding up so a tiny budget never becomes "no budget".
+ * Returns -1 when malformed. */
+int sg_grpc_timeout_parse(const uint8_t *value, size_t len, uint64_t *out_ms);
+
+/* Formats |ms| as a grpc-timeout value (at most 8 digits, so large values
+ * move to a coarser unit). |out| needs 10 bytes. */
+void sg_grpc_timeout_format(uint64_t ms, char *out, size_t outlen);
+
 /* Header names as nghttp2 hands them over are lowercase; compares |name|
  * with a lowercase literal. */
 static inline bool sg_header_name_is(const uint8_t *name, size_t len,

@@ -64,6 +64,12 @@ struct sg_stream {
   sg_header_list resp_headers;
   sg_header_list resp_trailers;
 
+  /* grpc-timeout: enforced here (DEADLINE_EXCEEDED) and forwarded as what
+   * is left of it when the upstream leg starts. */
+  struct event *deadline;
+  uint64_t deadline_at_ms; /* CLOCK_MONOTONIC; 0 when the call has none */
+  char grpc_timeout_out[16];
+
   /* Bytes received on one leg and not yet taken by the other. */
   struct evbuffer *req_body;
   struct evbuffer *resp_body;
@@ -100,10 +106,9 @@ void sg_stream_on_upstream_close(sg_stream *s, uint32_t error_code,
                                  const char *reason);
 
 /* Builds the request header block for the upstream into |nva| (room for
- * req_headers.count + 4 entries); the strings point into |s|. Returns the
+ * req_headers.count + 5 entries); the strings point into |s|. Returns the
  * number of entries. */
-size_t sg_stream_request_nv(const sg_stream *s, bool upstream_tls,
-                            nghttp2_nv *nva);
+size_t sg_stream_request_nv(sg_stream *s, bool upstream_tls, nghttp2_nv *nva);
 
 /* Data providers: each leg reads what the other leg received. */
 ssize_t sg_stream_read_request_body(nghttp2_session *session, int32_t id,

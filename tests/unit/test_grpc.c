@@ -38,7 +38,32 @@ static void test_hop_by_hop(void) {
 #undef H
 }
 
+static void test_timeout(void) {
+  uint64_t ms = 0;
+#define TP(s) sg_grpc_timeout_parse((const uint8_t *)(s), sizeof(s) - 1, &ms)
+  CHECK(TP("100m") == 0 && ms == 100);
+  CHECK(TP("2S") == 0 && ms == 2000);
+  CHECK(TP("1M") == 0 && ms == 60000);
+  CHECK(TP("1H") == 0 && ms == 3600000);
+  CHECK(TP("1500u") == 0 && ms == 2);
+  CHECK(TP("1n") == 0 && ms == 1);
+  CHECK(TP("99999999S") == 0 && ms == 99999999000ull);
+  CHECK(TP("123456789S") == -1); /* nine digits */
+  CHECK(TP("m") == -1);
+  CHECK(TP("10") == -1);
+  CHECK(TP("10x") == -1);
+  CHECK(TP("-1S") == -1);
+  CHECK(TP("1 S") == -1);
+#undef TP
+  char buf[16];
+  sg_grpc_timeout_format(250, buf, sizeof buf);
+  CHECK(strcmp(buf, "250m") == 0);
+  sg_grpc_timeout_format(100000000ull, buf, sizeof buf);
+  CHECK(strcmp(buf, "100000S") == 0);
+}
+
 int main(void) {
+  test_timeout();
   test_message_encode();
   test_content_type();
   test_hop_by_hop();
