@@ -1,0 +1,81 @@
+/* Key material for JWT verification: PEM public keys, HMAC secret files and
+ * JWKS files, each turned into the exact bytes libjwt 1.10 wants (a
+ * "PUBLIC KEY" PEM for RSA/EC, the raw secret for HMAC) and pinned to one
+ * algorithm. Also the strict base64url decoder the verifier uses, because
+ * libjwt's own decoder accepts padding, garbage and non-canonical input.
+ *
+ * Everything here runs at load time except sg_b64url_decode. Nothing here
+ * logs key bytes. */
+#ifndef SPARKGATE_JWKS_H
+#define SPARKGATE_JWKS_H
+
+#include <jansson.h>
+#include <stddef.h>
+
+/* Largest file we read as a PEM key or HMAC secret, and as a JWKS. */
+#define SG_JWK_MAX_KEY_FILE_BYTES (64u * 1024u)
+#define SG_JWKS_MAX_FILE_BYTES (1024u * 1024u)
+/* RSA moduli below this are refused: 1024-bit RSA is breakable. */
+#define SG_JWK_MIN_RSA_BITS 2048
+
+/* One verification key, pinned to exactly one algorithm. */
+typedef struct sg_jwk {
+  char *kid;               /* owned; NULL when the key has none */
+  char alg[8];             /* exact JOSE name: "RS256", "ES384", "HS512", ... */
+  int jwt_alg;             /* the same as libjwt's jwt_alg_t */
+  int is_hmac;             /* material is a secret, not a PEM */
+  unsigned char *material; /* owned; PEM text (NUL-terminated) or secret */
+  size_t material_len;     /* bytes handed to jwt_decode (PEM without NUL) */
+  size_t sig_len;          /* exact raw signature length for this key */
+} sg_jwk;
+
+/* Same shape as sg_jwt_report_fn: receives one complete error message. */
+typedef void (*sg_jwks_report_fn)(void *ctx, const char *msg);
+
+/* Frees what *k owns and zeroes it (HMAC secrets are wiped first). */
+void sg_jwk_clear(sg_jwk *k);
+
+/* Maps an exact, case-sensitive JOSE name among the supported ones
+ * (RS256/384/512, ES256/384, HS256/384/512) to libjwt's jwt_alg_t; -1 for
+ * anything else, including "none" and "rs256". */
+int sg_jwk_alg_parse(const char *name);
+
+/* Reads a PEM "PUBLIC KEY" (or a "CERTIFICATE", whose key is taken) and
+ * checks it fits `alg`: RSA of at least SG_JWK_MIN_RSA_BITS for RS*, EC
+ * P-256 for ES256, P-384 for ES384. On error fills err with what is wrong
+ * and how to fix it, and returns -1. */
+int sg_jwk_from_pem_file(const char *path, const char *alg, sg_jwk *out,
+                         char *err, size_t errlen);
+
+/* Reads an HMAC secret: the file's bytes, minus one trailing "\n" or
+ * "\r\n" (so `openssl rand -hex 32 > file` works). Refused when shorter
+ * than the hash output of `alg` (32/48/64 bytes for HS256/384/512). */
+int sg_jwk_from_secret_file(const char *path, const char *alg, sg_jwk *out,
+                            char *err, size_t errlen);
+
+/* Converts one JWK object (kty RSA with n/e, or EC P-256/P-384 with
+ * crv/x/y) to a pinned key. Returns 0 on success, 1 when the key is to be
+ * ignored (use other than "sig", unsupported kty/crv/alg) with the reason
+ * in err, -1 on an error in err. The alg is the JWK's "alg" when present
+ * (it must agree with the key); without one, EC keys take their curve's
+ * algorithm and RSA keys RS256. */
+int sg_jwk_from_json(const json_t *jwk, sg_jwk *out, char *err, size_t errlen);
+
+/* Loads every usable key of a JWKS file ({"keys":[...]}) into a new array
+ * (*keys, *n_keys; free each with sg_jwk_clear, then the array). Each
+ * problem is reported as "<path_for_errors>: <file>: keys[i]: ...".
+ * Duplicate kids among the usable keys are errors. Returns 0, or -1 when
+ * anything was reported (then nothing is returned). */
+int sg_jwks_load_file(const char *file, const char *path_for_errors,
+                      sg_jwk **keys, size_t *n_keys, sg_jwks_report_fn report,
+                      void *report_ctx);
+
+/* Strict base64url (RFC 7515 §2): alphabet A-Z a-z 0-9 - _, no padding,
+ * no whitespace, length % 4 != 1, and the unused low bits of the last
+ * character must be zero, so every byte string has exactly one accepted
+ * encoding. Writes at most sg_b64url_decoded_max(len) bytes to out.
+ * Returns the decoded length, or -1 when the input is not canonical. */
+long sg_b64url_decode(const char *in, size_t len, unsigned char *out);
+size_t sg_b64url_decoded_max(size_t len);
+
+#endif

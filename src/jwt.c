@@ -1,0 +1,948 @@
+/* JWT verification around libjwt 1.10's signature check. See jwt.h for
+ * why each step exists; the short version is that libjwt trusts the token
+ * for everything but the signature bytes, so we decide everything else. */
+#include "sparkgate/jwt.h"
+
+#include "sparkgate/jwks.h"
+
+#include <jwt.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+/* 9999-12-31T23:59:59Z. Larger "times" are nonsense and would make the
+ * leeway arithmetic overflow-prone. */
+#define SG_JWT_MAX_TIME INT64_C(253402300799)
+#define SG_JWT_MAX_LIFETIME_LIMIT_S INT64_C(315360000) /* ten years */
+
+struct claim_rule {
+  char *name;
+  json_t **values; /* owned references to scalars, compared with json_equal */
+  size_t n_values;
+};
+
+struct provider {
+  char *name;
+  char *issuer;
+  char **audiences;
+  size_t n_audiences;
+  sg_jwk *keys;
+  size_t n_keys;
+  int64_t leeway_s;
+  int64_t max_lifetime_s; /* 0 = unbounded */
+  char *identity_claim;
+  struct claim_rule *rules;
+  size_t n_rules;
+};
+
+struct sg_jwt_verifier {
+  atomic_long refs;
+  uint64_t generation;
+  size_t max_token_bytes;
+  struct provider *providers;
+  size_t n_providers;
+};
+
+static atomic_uint_fast64_t next_generation = 1;
+
+static const char *const reason_names[SG_JWT_REASON_COUNT] = {
+    [SG_JWT_OK] = "ok",
+    [SG_JWT_MALFORMED] = "malformed",
+    [SG_JWT_TOO_LONG] = "too_long",
+    [SG_JWT_UNKNOWN_ISSUER] = "unknown_issuer",
+    [SG_JWT_BAD_ALG] = "bad_alg",
+    [SG_JWT_UNKNOWN_KID] = "unknown_kid",
+    [SG_JWT_BAD_SIGNATURE] = "bad_signature",
+    [SG_JWT_EXPIRED] = "expired",
+    [SG_JWT_NOT_YET_VALID] = "not_yet_valid",
+    [SG_JWT_ISSUED_IN_FUTURE] = "issued_in_future",
+    [SG_JWT_LIFETIME_TOO_LONG] = "lifetime_too_long",
+    [SG_JWT_WRONG_AUDIENCE] = "wrong_audience",
+    [SG_JWT_MISSING_CLAIM] = "missing_claim",
+    [SG_JWT_CLAIM_MISMATCH] = "claim_mismatch",
+    [SG_JWT_CRIT_UNSUPPORTED] = "crit_unsupported",
+    [SG_JWT_BAD_TYP] = "bad_typ",
+    [SG_JWT_BAD_IDENTITY] = "bad_identity",
+    [SG_JWT_INTERNAL] = "internal",
+};
+
+const char *sg_jwt_reason_name(int reason) {
+  if (reason < 0 || reason >= SG_JWT_REASON_COUNT)
+    return "unknown";
+  return reason_names[reason];
+}
+
+/* ---- lifetime ------------------------------------------------------------ */
+
+static void provider_free(struct provider *p) {
+  free(p->name);
+  free(p->issuer);
+  for (size_t i = 0; i < p->n_audiences; i++)
+    free(p->audiences[i]);
+  free(p->audiences);
+  for (size_t i = 0; i < p->n_keys; i++)
+    sg_jwk_clear(&p->keys[i]);
+  free(p->keys);
+  free(p->identity_claim);
+  for (size_t i = 0; i < p->n_rules; i++) {
+    free(p->rules[i].name);
+    for (size_t j = 0; j < p->rules[i].n_values; j++)
+      json_decref(p->rules[i].values[j]);
+    free(p->rules[i].values);
+  }
+  free(p->rules);
+  memset(p, 0, sizeof *p);
+}
+
+static void verifier_free(sg_jwt_verifier *v) {
+  for (size_t i = 0; i < v->n_providers; i++)
+    provider_free(&v->providers[i]);
+  free(v->providers);
+  free(v);
+}
+
+sg_jwt_verifier *sg_jwt_verifier_ref(sg_jwt_verifier *v) {
+  if (v != NULL)
+    atomic_fetch_add_explicit(&v->refs, 1, memory_order_relaxed);
+  return v;
+}
+
+void sg_jwt_verifier_unref(sg_jwt_verifier *v) {
+  if (v == NULL)
+    return;
+  /* acq_rel: the last owner must see every other owner's reads done
+   * before it frees. */
+  if (atomic_fetch_sub_explicit(&v->refs, 1, memory_order_acq_rel) == 1)
+    verifier_free(v);
+}
+
+uint64_t sg_jwt_verifier_generation(const sg_jwt_verifier *v) {
+  return v ? v->generation : 0;
+}
+
+size_t sg_jwt_verifier_max_token_bytes(const sg_jwt_verifier *v) {
+  return v ? v->max_token_bytes : 0;
+}
+
+size_t sg_jwt_verifier_provider_count(const sg_jwt_verifier *v) {
+  return v ? v->n_providers : 0;
+}
+
+void sg_jwt_result_clear(sg_jwt_result *r) {
+  if (r == NULL)
+    return;
+  free(r->identity);
+  free(r->provider);
+  free(r->cnf_x5t_s256);
+  json_decref(r->claims);
+  memset(r, 0, sizeof *r);
+}
+
+static char *dup_or_null(const char *s, int *oom) {
+  if (s == NULL)
+    return NULL;
+  char *d = strdup(s);
+  if (d == NULL)
+    *oom = 1;
+  return d;
+}
+
+int sg_jwt_result_copy(sg_jwt_result *dst, const sg_jwt_result *src) {
+  int oom = 0;
+  memset(dst, 0, sizeof *dst);
+  dst->identity = dup_or_null(src->identity, &oom);
+  dst->provider = dup_or_null(src->provider, &oom);
+  dst->cnf_x5t_s256 = dup_or_null(src->cnf_x5t_s256, &oom);
+  dst->exp = src->exp;
+  dst->iat = src->iat;
+  dst->detail = src->detail;
+  dst->claims = json_incref(src->claims);
+  if (oom) {
+    sg_jwt_result_clear(dst);
+    return -1;
+  }
+  return 0;
+}
+
+/* ---- loading ------------------------------------------------------------- */
+
+struct loader {
+  sg_jwt_report_fn report;
+  void *ctx;
+  const char *base_dir;
+  int errors;
+};
+
+static void lerr(struct loader *L, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static void lerr(struct loader *L, const char *fmt, ...) {
+  char msg[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  L->errors++;
+  if (L->report != NULL)
+    L->report(L->ctx, msg);
+}
+
+static void jwks_report(void *ctx, const char *msg) {
+  struct loader *L = ctx;
+  L->errors++;
+  if (L->report != NULL)
+    L->report(L->ctx, msg);
+}
+
+static char *resolve_path(const struct loader *L, const char *name) {
+  if (name[0] == '/' || L->base_dir == NULL || L->base_dir[0] == '\0')
+    return strdup(name);
+  size_t bl = strlen(L->base_dir), nl = strlen(name);
+  char *p = malloc(bl + 1 + nl + 1);
+  if (p == NULL)
+    return NULL;
+  memcpy(p, L->base_dir, bl);
+  size_t o = bl;
+  if (L->base_dir[bl - 1] != '/')
+    p[o++] = '/';
+  memcpy(p + o, name, nl + 1);
+  return p;
+}
+
+/* Reports keys of `obj` not in `known` (NULL-terminated). */
+static void check_keys(struct loader *L, const char *path, json_t *obj,
+                       const char *const *known, const char *known_list) {
+  const char *k;
+  json_t *val;
+  json_object_foreach(obj, k, val) {
+    bool ok = false;
+    for (size_t i = 0; known[i] != NULL && !ok; i++)
+      ok = strcmp(k, known[i]) == 0;
+    if (!ok)
+      lerr(L, "%s: unknown key \"%s\"; known keys are %s", path, k, known_list);
+  }
+}
+
+static const char *get_string(struct loader *L, const char *path, json_t *obj,
+                              const char *key, bool required) {
+  json_t *v = json_object_get(obj, key);
+  if (v == NULL) {
+    if (required)
+      lerr(L, "%s.%s: missing; it is required", path, key);
+    return NULL;
+  }
+  if (!json_is_string(v) || json_string_length(v) == 0 ||
+      strlen(json_string_value(v)) != json_string_length(v)) {
+    lerr(L, "%s.%s: must be a non-empty string", path, key);
+    return NULL;
+  }
+  return json_string_value(v);
+}
+
+/* Returns 1 when present and valid, 0 when absent, -1 on error. */
+static int get_int(struct loader *L, const char *path, json_t *obj,
+                   const char *key, int64_t min, int64_t max, int64_t *out) {
+  json_t *v = json_object_get(obj, key);
+  if (v == NULL)
+    return 0;
+  if (!json_is_integer(v) || json_integer_value(v) < min ||
+      json_integer_value(v) > max) {
+    lerr(L, "%s.%s: must be an integer from %lld to %lld", path, key,
+         (long long)min, (long long)max);
+    return -1;
+  }
+  *out = json_integer_value(v);
+  return 1;
+}
+
+static const char alg_list[] =
+    "RS256, RS384, RS512, ES256, ES384, HS256, HS384, HS512";
+
+static bool alg_allowed(const json_t *algorithms, const char *alg) {
+  if (algorithms == NULL)
+    return true;
+  size_t i;
+  json_t *a;
+  json_array_foreach(algorithms, i, a) {
+    if (json_is_string(a) && strcmp(json_string_value(a), alg) == 0)
+      return true;
+  }
+  return false;
+}
+
+static int push_key(struct provider *p, size_t *cap, sg_jwk *k) {
+  if (p->n_keys == *cap) {
+    size_t ncap = *cap ? *cap * 2 : 4;
+    sg_jwk *nk = realloc(p->keys, ncap * sizeof *nk);
+    if (nk == NULL)
+      return -1;
+    p->keys = nk;
+    *cap = ncap;
+  }
+  p->keys[p->n_keys++] = *k;
+  return 0;
+}
+
+static void load_static_key(struct loader *L, struct provider *p, size_t *cap,
+                            const char *kpath, json_t *kj,
+                            const json_t *algorithms) {
+  static const char *const known[] = {"kid", "alg", "pem_file", "secret_file",
+                                      NULL};
+  if (!json_is_object(kj)) {
+    lerr(L,
+         "%s: must be an object {\"kid\", \"alg\", \"pem_file\" or "
+         "\"secret_file\"}",
+         kpath);
+    return;
+  }
+  int before = L->errors;
+  check_keys(L, kpath, kj, known, "kid, alg, pem_file, secret_file");
+  const char *kid = NULL;
+  if (json_object_get(kj, "kid") != NULL)
+    kid = get_string(L, kpath, kj, "kid", false);
+  const char *alg = get_string(L, kpath, kj, "alg", true);
+  if (alg != NULL && sg_jwk_alg_parse(alg) < 0) {
+    lerr(L, "%s.alg: \"%s\" is not supported; use one of %s (exact case)",
+         kpath, alg, alg_list);
+    alg = NULL;
+  } else if (alg != NULL && !alg_allowed(algorithms, alg)) {
+    lerr(L,
+         "%s.alg: \"%s\" is not in this provider's \"algorithms\"; add it "
+         "there or change the key",
+         kpath, alg);
+    alg = NULL;
+  }
+  json_t *pem = json_object_get(kj, "pem_file");
+  json_t *sec = json_object_get(kj, "secret_file");
+  if ((pem == NULL) == (sec == NULL)) {
+    lerr(L,
+         "%s: needs exactly one of \"pem_file\" (RS*/ES*) or "
+         "\"secret_file\" (HS*)",
+         kpath);
+    return;
+  }
+  const char *fkey = pem ? "pem_file" : "secret_file";
+  const char *fname = get_string(L, kpath, kj, fkey, true);
+  if (fname == NULL || alg == NULL || L->errors != before)
+    return;
+  char *file = resolve_path(L, fname);
+  if (file == NULL) {
+    lerr(L, "%s.%s: out of memory", kpath, fkey);
+    return;
+  }
+  char err[512];
+  sg_jwk k;
+  int rc = pem ? sg_jwk_from_pem_file(file, alg, &k, err, sizeof err)
+               : sg_jwk_from_secret_file(file, alg, &k, err, sizeof err);
+  free(file);
+  if (rc != 0) {
+    lerr(L, "%s.%s: %s", kpath, fkey, err);
+    return;
+  }
+  if (kid != NULL && (k.kid = strdup(kid)) == NULL) {
+    sg_jwk_clear(&k);
+    lerr(L, "%s: out of memory", kpath);
+    return;
+  }
+  if (push_key(p, cap, &k) != 0) {
+    sg_jwk_clear(&k);
+    lerr(L, "%s: out of memory", kpath);
+  }
+}
+
+static void load_rules(struct loader *L, struct provider *p, const char *path,
+                       json_t *rc) {
+  if (!json_is_object(rc)) {
+    lerr(L,
+         "%s.required_claims: must be an object {\"claim\": value or "
+         "[values]}",
+         path);
+    return;
+  }
+  size_t n = json_object_size(rc);
+  p->rules = calloc(n ? n : 1, sizeof *p->rules);
+  if (p->rules == NULL) {
+    lerr(L, "%s.required_claims: out of memory", path);
+    return;
+  }
+  const char *name;
+  json_t *val;
+  json_object_foreach(rc, name, val) {
+    bool is_arr = json_is_array(val);
+    size_t nv = is_arr ? json_array_size(val) : 1;
+    if (is_arr && nv == 0) {
+      lerr(L,
+           "%s.required_claims.%s: an empty list matches nothing; give at "
+           "least one value",
+           path, name);
+      continue;
+    }
+    struct claim_rule *r = &p->rules[p->n_rules];
+    r->values = calloc(nv, sizeof *r->values);
+    r->name = strdup(name);
+    if (r->values == NULL || r->name == NULL) {
+      free(r->values);
+      free(r->name);
+      memset(r, 0, sizeof *r);
+      lerr(L, "%s.required_claims: out of memory", path);
+      continue;
+    }
+    p->n_rules++;
+    for (size_t i = 0; i < nv; i++) {
+      json_t *e = is_arr ? json_array_get(val, i) : val;
+      if (!json_is_string(e) && !json_is_integer(e) && !json_is_boolean(e)) {
+        lerr(L,
+             "%s.required_claims.%s%s: must be a string, integer or "
+             "boolean%s",
+             path, name, is_arr ? "[...]" : "",
+             is_arr ? "" : ", or a list of them");
+        continue;
+      }
+      /* A private copy: the caller's JSON tree may be freed or changed
+       * after loading, and the verifier must not share it. */
+      json_t *c = json_deep_copy(e);
+      if (c == NULL) {
+        lerr(L, "%s.required_claims: out of memory", path);
+        continue;
+      }
+      r->values[r->n_values++] = c;
+    }
+  }
+}
+
+static void load_provider(struct loader *L, struct provider *p,
+                          const char *path, json_t *pj) {
+  static const char *const known[] = {
+      "name",           "issuer",          "audiences", "keys",
+      "jwks_file",      "algorithms",      "leeway_s",  "max_lifetime_s",
+      "identity_claim", "required_claims", NULL};
+  if (!json_is_object(pj)) {
+    lerr(L, "%s: must be an object describing one token issuer", path);
+    return;
+  }
+  int errors_before = L->errors;
+  check_keys(L, path, pj, known,
+             "name, issuer, audiences, keys, jwks_file, algorithms, "
+             "leeway_s, max_lifetime_s, identity_claim, required_claims");
+  int oom = 0;
+  p->name = dup_or_null(get_string(L, path, pj, "name", true), &oom);
+  p->issuer = dup_or_null(get_string(L, path, pj, "issuer", true), &oom);
+
+  json_t *aud = json_object_get(pj, "audiences");
+  if (!json_is_array(aud) || json_array_size(aud) == 0) {
+    lerr(L,
+         "%s.audiences: must be a non-empty list of strings (the \"aud\" "
+         "values this proxy accepts)",
+         path);
+  } else {
+    p->audiences = calloc(json_array_size(aud), sizeof *p->audiences);
+    if (p->audiences == NULL)
+      oom = 1;
+    size_t i;
+    json_t *a;
+    json_array_foreach(aud, i, a) {
+      if (p->audiences == NULL)
+        break;
+      if (!json_is_string(a) || json_string_length(a) == 0) {
+        lerr(L, "%s.audiences[%zu]: must be a non-empty string", path, i);
+        continue;
+      }
+      p->audiences[p->n_audiences] = strdup(json_string_value(a));
+      if (p->audiences[p->n_audiences] == NULL)
+        oom = 1;
+      else
+        p->n_audiences++;
+    }
+  }
+
+  json_t *algorithms = json_object_get(pj, "algorithms");
+  if (algorithms != NULL) {
+    bool ok = json_is_array(algorithms) && json_array_size(algorithms) > 0;
+    size_t i;
+    json_t *a;
+    json_array_foreach(algorithms, i, a) {
+      if (!json_is_string(a) || sg_jwk_alg_parse(json_string_value(a)) < 0) {
+        lerr(L, "%s.algorithms[%zu]: must be one of %s (exact case)", path, i,
+             alg_list);
+        ok = true; /* reported per element */
+      }
+    }
+    if (!ok)
+      lerr(L, "%s.algorithms: must be a non-empty list of algorithm names",
+           path);
+  }
+
+  p->leeway_s = SG_JWT_DEFAULT_LEEWAY_S;
+  get_int(L, path, pj, "leeway_s", 0, SG_JWT_MAX_LEEWAY_S, &p->leeway_s);
+  p->max_lifetime_s = 0;
+  get_int(L, path, pj, "max_lifetime_s", 1, SG_JWT_MAX_LIFETIME_LIMIT_S,
+          &p->max_lifetime_s);
+  if (json_object_get(pj, "identity_claim") != NULL)
+    p->identity_claim =
+        dup_or_null(get_string(L, path, pj, "identity_claim", false), &oom);
+  else
+    p->identity_claim = dup_or_null("sub", &oom);
+
+  json_t *rc = json_object_get(pj, "required_claims");
+  if (rc != NULL)
+    load_rules(L, p, path, rc);
+
+  size_t cap = 0;
+  char kpath[640];
+  json_t *keys = json_object_get(pj, "keys");
+  size_t n_static = 0;
+  if (keys != NULL && !json_is_array(keys)) {
+    lerr(L, "%s.keys: must be a list of key objects", path);
+  } else if (keys != NULL) {
+    size_t i;
+    json_t *kj;
+    json_array_foreach(keys, i, kj) {
+      snprintf(kpath, sizeof kpath, "%s.keys[%zu]", path, i);
+      load_static_key(L, p, &cap, kpath, kj, algorithms);
+    }
+    n_static = p->n_keys;
+  }
+
+  json_t *jwks = json_object_get(pj, "jwks_file");
+  if (jwks != NULL) {
+    const char *fname = get_string(L, path, pj, "jwks_file", false);
+    char *file = fname ? resolve_path(L, fname) : NULL;
+    if (fname != NULL && file == NULL)
+      oom = 1;
+    snprintf(kpath, sizeof kpath, "%s.jwks_file", path);
+    sg_jwk *jk = NULL;
+    size_t njk = 0;
+    if (file != NULL &&
+        sg_jwks_load_file(file, kpath, &jk, &njk, jwks_report, L) == 0) {
+      for (size_t i = 0; i < njk; i++) {
+        if (!alg_allowed(algorithms, jk[i].alg)) {
+          sg_jwk_clear(&jk[i]);
+          continue;
+        }
+        if (push_key(p, &cap, &jk[i]) != 0) {
+          sg_jwk_clear(&jk[i]);
+          oom = 1;
+        }
+      }
+      free(jk);
+    }
+    free(file);
+  }
+
+  /* Kid rules over the provider's whole key set. */
+  for (size_t i = 0; i < p->n_keys; i++) {
+    for (size_t j = 0; j < i; j++) {
+      if (p->keys[i].kid && p->keys[j].kid &&
+          strcmp(p->keys[i].kid, p->keys[j].kid) == 0)
+        lerr(L,
+             "%s.%s: kid \"%s\" is used by more than one key; kids must "
+             "be unique within a provider",
+             path, i < n_static ? "keys" : "jwks_file", p->keys[i].kid);
+    }
+    if (p->n_keys > 1 && p->keys[i].kid == NULL) {
+      if (i < n_static)
+        lerr(L,
+             "%s.keys: a key without \"kid\" in a provider with %zu keys "
+             "can never be chosen; give every key a kid",
+             path, p->n_keys);
+      else
+        lerr(L,
+             "%s.jwks_file: a JWKS key without \"kid\" in a provider "
+             "with %zu keys can never be chosen; give every key a kid",
+             path, p->n_keys);
+    }
+  }
+  if (p->n_keys == 0 && L->errors == errors_before)
+    lerr(L,
+         "%s: no usable key; add \"keys\" or a \"jwks_file\" with a "
+         "signing key (JWKS keys with \"use\" other than \"sig\" or of "
+         "unsupported types are ignored)",
+         path);
+  if (oom)
+    lerr(L, "%s: out of memory", path);
+}
+
+int sg_jwt_providers_load(json_t *providers, const char *base_dir,
+                          const char *json_path_prefix,
+                          const sg_jwt_options *opts, sg_jwt_verifier **out,
+                          sg_jwt_report_fn report, void *report_ctx) {
+  struct loader L = {report, report_ctx, base_dir, 0};
+  const char *prefix = json_path_prefix ? json_path_prefix : "jwt_providers";
+  *out = NULL;
+  if (!json_is_array(providers) || json_array_size(providers) == 0) {
+    lerr(&L, "%s: must be a non-empty list of providers", prefix);
+    return -1;
+  }
+  sg_jwt_verifier *v = calloc(1, sizeof *v);
+  size_t n = json_array_size(providers);
+  if (v == NULL || (v->providers = calloc(n, sizeof *v->providers)) == NULL) {
+    free(v);
+    lerr(&L, "%s: out of memory", prefix);
+    return -1;
+  }
+  atomic_init(&v->refs, 1);
+  v->max_token_bytes = opts && opts->max_token_bytes
+                           ? opts->max_token_bytes
+                           : SG_JWT_DEFAULT_MAX_TOKEN_BYTES;
+  char path[512];
+  for (size_t i = 0; i < n; i++) {
+    snprintf(path, sizeof path, "%s[%zu]", prefix, i);
+    struct provider *p = &v->providers[i];
+    v->n_providers++;
+    load_provider(&L, p, path, json_array_get(providers, i));
+    for (size_t j = 0; j < i; j++) {
+      const struct provider *q = &v->providers[j];
+      if (p->name && q->name && strcmp(p->name, q->name) == 0)
+        lerr(&L,
+             "%s.name: \"%s\" is also the name of %s[%zu]; names must be "
+             "unique",
+             path, p->name, prefix, j);
+      /* The token's iss picks the provider, so two providers for one
+       * issuer would make the choice arbitrary. */
+      if (p->issuer && q->issuer && strcmp(p->issuer, q->issuer) == 0)
+        lerr(&L,
+             "%s.issuer: \"%s\" is also the issuer of %s[%zu]; merge "
+             "their keys into one provider",
+             path, p->issuer, prefix, j);
+    }
+  }
+  if (L.errors != 0) {
+    verifier_free(v);
+    return -1;
+  }
+  v->generation = atomic_fetch_add(&next_generation, 1);
+  *out = v;
+  return 0;
+}
+
+/* ---- verification -------------------------------------------------------- */
+
+static int fail(sg_jwt_result *out, int reason, const char *detail) {
+  out->detail = detail;
+  return reason;
+}
+
+/* 1: present and sane, 0: absent, -1: not an integer or out of range. */
+static int time_claim(const json_t *payload, const char *name, int64_t *out) {
+  const json_t *v = json_object_get(payload, name);
+  if (v == NULL)
+    return 0;
+  if (!json_is_integer(v))
+    return -1;
+  json_int_t t = json_integer_value(v);
+  if (t < 0 || t > SG_JWT_MAX_TIME)
+    return -1;
+  *out = (int64_t)t;
+  return 1;
+}
+
+static bool rule_matches(const struct claim_rule *r, const json_t *v) {
+  for (size_t i = 0; i < r->n_values; i++)
+    if (json_equal(r->values[i], (json_t *)v))
+      return true;
+  return false;
+}
+
+static int check_claims(const struct provider *p, const json_t *payload,
+                        int64_t now, sg_jwt_result *out) {
+  int64_t exp = 0, nbf = 0, iat = 0;
+  int rc = time_claim(payload, "exp", &exp);
+  if (rc == 0)
+    return fail(out, SG_JWT_MISSING_CLAIM, "exp claim is missing");
+  if (rc < 0)
+    return fail(out, SG_JWT_MALFORMED, "exp is not an integer time");
+  if (now >= exp + p->leeway_s)
+    return fail(out, SG_JWT_EXPIRED, "exp has passed");
+  rc = time_claim(payload, "nbf", &nbf);
+  if (rc < 0)
+    return fail(out, SG_JWT_MALFORMED, "nbf is not an integer time");
+  if (rc > 0 && nbf - p->leeway_s > now)
+    return fail(out, SG_JWT_NOT_YET_VALID, "nbf is in the future");
+  int has_iat = time_claim(payload, "iat", &iat);
+  if (has_iat < 0)
+    return fail(out, SG_JWT_MALFORMED, "iat is not an integer time");
+  if (has_iat > 0 && iat - p->leeway_s > now)
+    return fail(out, SG_JWT_ISSUED_IN_FUTURE, "iat is in the future");
+  if (p->max_lifetime_s > 0) {
+    if (has_iat == 0)
+      return fail(out, SG_JWT_MISSING_CLAIM,
+                  "iat claim is missing (max_lifetime_s needs it)");
+    if (exp - iat > p->max_lifetime_s)
+      return fail(out, SG_JWT_LIFETIME_TOO_LONG,
+                  "exp - iat exceeds max_lifetime_s");
+  }
+
+  const json_t *aud = json_object_get(payload, "aud");
+  if (aud == NULL)
+    return fail(out, SG_JWT_MISSING_CLAIM, "aud claim is missing");
+  if (!json_is_string(aud) && !json_is_array(aud))
+    return fail(out, SG_JWT_MALFORMED, "aud is neither a string nor a list");
+  bool aud_ok = false;
+  for (size_t i = 0; i < (json_is_array(aud) ? json_array_size(aud) : 1); i++) {
+    const json_t *a = json_is_array(aud) ? json_array_get(aud, i) : aud;
+    if (!json_is_string(a))
+      return fail(out, SG_JWT_MALFORMED, "aud list holds a non-string");
+    for (size_t j = 0; j < p->n_audiences && !aud_ok; j++)
+      aud_ok = strcmp(json_string_value(a), p->audiences[j]) == 0 &&
+               strlen(p->audiences[j]) == json_string_length(a);
+  }
+  if (!aud_ok)
+    return fail(out, SG_JWT_WRONG_AUDIENCE, "aud names none of the audiences");
+
+  for (size_t i = 0; i < p->n_rules; i++) {
+    const struct claim_rule *r = &p->rules[i];
+    const json_t *v = json_object_get(payload, r->name);
+    if (v == NULL)
+      return fail(out, SG_JWT_MISSING_CLAIM, "a required claim is missing");
+    bool ok = false;
+    if (json_is_array(v)) {
+      for (size_t j = 0; j < json_array_size(v) && !ok; j++)
+        ok = rule_matches(r, json_array_get(v, j));
+    } else {
+      ok = rule_matches(r, v);
+    }
+    if (!ok)
+      return fail(out, SG_JWT_CLAIM_MISMATCH,
+                  "a required claim has none of the required values");
+  }
+
+  const json_t *id = json_object_get(payload, p->identity_claim);
+  if (id == NULL)
+    return fail(out, SG_JWT_MISSING_CLAIM, "the identity claim is missing");
+  if (!json_is_string(id) || json_string_length(id) == 0 ||
+      json_string_length(id) > SG_JWT_MAX_IDENTITY_BYTES)
+    return fail(out, SG_JWT_BAD_IDENTITY,
+                "the identity claim is not a non-empty string of at most "
+                "512 bytes");
+  const unsigned char *s = (const unsigned char *)json_string_value(id);
+  for (size_t i = 0; i < json_string_length(id); i++)
+    if (s[i] < 0x20 || s[i] == 0x7f)
+      return fail(out, SG_JWT_BAD_IDENTITY,
+                  "the identity claim holds control characters");
+
+  const json_t *cnf = json_object_get(payload, "cnf");
+  const char *x5t = NULL;
+  if (cnf != NULL) {
+    if (!json_is_object(cnf))
+      return fail(out, SG_JWT_MALFORMED, "cnf is not an object");
+    const json_t *t = json_object_get(cnf, "x5t#S256");
+    if (t != NULL) {
+      unsigned char digest[34];
+      /* A SHA-256 thumbprint: exactly 43 canonical base64url characters. */
+      if (!json_is_string(t) || json_string_length(t) != 43 ||
+          sg_b64url_decode(json_string_value(t), 43, digest) != 32)
+        return fail(out, SG_JWT_MALFORMED,
+                    "cnf.x5t#S256 is not a base64url SHA-256 thumbprint");
+      x5t = json_string_value(t);
+    }
+  }
+
+  int oom = 0;
+  out->identity = dup_or_null(json_string_value(id), &oom);
+  out->provider = dup_or_null(p->name, &oom);
+  out->cnf_x5t_s256 = dup_or_null(x5t, &oom);
+  out->exp = exp;
+  out->iat = has_iat > 0 ? iat : -1;
+  if (oom) {
+    sg_jwt_result_clear(out);
+    return fail(out, SG_JWT_INTERNAL, "out of memory");
+  }
+  return SG_JWT_OK;
+}
+
+static json_t *decode_json_part(const char *b64, size_t len,
+                                unsigned char *buf) {
+  long n = sg_b64url_decode(b64, len, buf);
+  if (n <= 0)
+    return NULL;
+  /* JSON_REJECT_DUPLICATES: with {"sub":"a","sub":"b"} two parsers may
+   * disagree on the value; refusing the token settles it. */
+  json_t *j =
+      json_loadb((const char *)buf, (size_t)n, JSON_REJECT_DUPLICATES, NULL);
+  if (j != NULL && !json_is_object(j)) {
+    json_decref(j);
+    return NULL;
+  }
+  return j;
+}
+
+static const sg_jwk *select_key(const struct provider *p, const char *kid) {
+  /* A provider's only key, configured without kid, serves any token of
+   * that issuer: IdPs put a kid in every token, and demanding that the
+   * operator copies it into the config would buy no safety (the key is
+   * still the only one and still pinned to its alg). */
+  if (p->n_keys == 1 && (kid == NULL || p->keys[0].kid == NULL))
+    return &p->keys[0];
+  if (kid == NULL)
+    return NULL;
+  for (size_t i = 0; i < p->n_keys; i++)
+    if (p->keys[i].kid != NULL && strcmp(p->keys[i].kid, kid) == 0)
+      return &p->keys[i];
+  return NULL;
+}
+
+/* Runs libjwt on exactly the bytes we checked, with the key we chose. */
+static bool libjwt_signature_ok(const sg_jwk *k, const char *token,
+                                size_t len) {
+  char *copy = malloc(len + 1);
+  if (copy == NULL)
+    return false;
+  memcpy(copy, token, len);
+  copy[len] = '\0';
+  jwt_t *jwt = NULL;
+  int rc = jwt_decode(&jwt, copy, k->material, (int)k->material_len);
+  bool ok = rc == 0 && jwt != NULL && (int)jwt_get_alg(jwt) == k->jwt_alg;
+  jwt_free(jwt);
+  free(copy);
+  return ok;
+}
+
+int sg_jwt_verify(const sg_jwt_verifier *v, const char *token, size_t len,
+                  int64_t now, sg_jwt_result *out) {
+  if (out == NULL)
+    return SG_JWT_INTERNAL;
+  memset(out, 0, sizeof *out);
+  if (v == NULL)
+    return fail(out, SG_JWT_INTERNAL, "no verifier");
+  if (token == NULL || len == 0)
+    return fail(out, SG_JWT_MALFORMED, "empty token");
+  /* First, before any work proportional to the input. */
+  if (len > v->max_token_bytes)
+    return fail(out, SG_JWT_TOO_LONG, "token is longer than max_token_bytes");
+
+  const char *end = token + len;
+  const char *d1 = memchr(token, '.', len);
+  const char *d2 = d1 ? memchr(d1 + 1, '.', (size_t)(end - d1 - 1)) : NULL;
+  if (d2 == NULL || memchr(d2 + 1, '.', (size_t)(end - d2 - 1)) != NULL)
+    return fail(out, SG_JWT_MALFORMED, "not three dot-separated parts");
+  size_t hlen = (size_t)(d1 - token), plen = (size_t)(d2 - d1 - 1),
+         slen = (size_t)(end - d2 - 1);
+  if (hlen == 0 || plen == 0)
+    return fail(out, SG_JWT_MALFORMED, "empty header or payload");
+
+  /* One scratch buffer is enough for any of the parts: len is bounded. */
+  unsigned char *buf = malloc(sg_b64url_decoded_max(len) + 1);
+  if (buf == NULL)
+    return fail(out, SG_JWT_INTERNAL, "out of memory");
+  json_t *header = NULL, *payload = NULL;
+  int reason = SG_JWT_OK;
+  const char *detail = NULL;
+
+  header = decode_json_part(token, hlen, buf);
+  if (header == NULL) {
+    reason = SG_JWT_MALFORMED;
+    detail = "header is not canonical base64url of a JSON object without "
+             "duplicate keys";
+    goto done;
+  }
+  const json_t *alg = json_object_get(header, "alg");
+  if (!json_is_string(alg)) {
+    reason = SG_JWT_MALFORMED;
+    detail = "header has no string alg";
+    goto done;
+  }
+  /* Any spelling: libjwt maps "None" and "NONE" to no signature at all. */
+  if (strcasecmp(json_string_value(alg), "none") == 0) {
+    reason = SG_JWT_BAD_ALG;
+    detail = "alg none is never accepted";
+    goto done;
+  }
+  /* RFC 7515 §4.1.11: extensions we do not implement must fail; we
+   * implement none. */
+  if (json_object_get(header, "crit") != NULL) {
+    reason = SG_JWT_CRIT_UNSUPPORTED;
+    detail = "header has crit";
+    goto done;
+  }
+  const json_t *typ = json_object_get(header, "typ");
+  if (typ != NULL && (!json_is_string(typ) ||
+                      strcasecmp(json_string_value(typ), "JWT") != 0)) {
+    reason = SG_JWT_BAD_TYP;
+    detail = "header typ is not JWT";
+    goto done;
+  }
+  const json_t *kid = json_object_get(header, "kid");
+  if (kid != NULL && !json_is_string(kid)) {
+    reason = SG_JWT_MALFORMED;
+    detail = "header kid is not a string";
+    goto done;
+  }
+  /* jku, x5u, jwk, x5c are deliberately ignored: keys come from config. */
+
+  /* Checked after alg so that an unsigned "none" token, whose signature
+   * part is empty, is reported as bad_alg. */
+  long sig_n = slen > 0 ? sg_b64url_decode(d2 + 1, slen, buf) : -1;
+  if (sig_n <= 0) {
+    reason = SG_JWT_MALFORMED;
+    detail = "signature is empty or not canonical base64url";
+    goto done;
+  }
+
+  payload = decode_json_part(d1 + 1, plen, buf);
+  if (payload == NULL) {
+    reason = SG_JWT_MALFORMED;
+    detail = "payload is not canonical base64url of a JSON object without "
+             "duplicate keys";
+    goto done;
+  }
+  const json_t *iss = json_object_get(payload, "iss");
+  if (iss == NULL) {
+    reason = SG_JWT_MISSING_CLAIM;
+    detail = "iss claim is missing";
+    goto done;
+  }
+  if (!json_is_string(iss)) {
+    reason = SG_JWT_MALFORMED;
+    detail = "iss is not a string";
+    goto done;
+  }
+  const struct provider *p = NULL;
+  for (size_t i = 0; i < v->n_providers && p == NULL; i++)
+    if (strcmp(v->providers[i].issuer, json_string_value(iss)) == 0 &&
+        strlen(v->providers[i].issuer) == json_string_length(iss))
+      p = &v->providers[i];
+  if (p == NULL) {
+    reason = SG_JWT_UNKNOWN_ISSUER;
+    detail = "no provider has this issuer";
+    goto done;
+  }
+  const sg_jwk *key = select_key(p, kid ? json_string_value(kid) : NULL);
+  if (key == NULL) {
+    reason = SG_JWT_UNKNOWN_KID;
+    detail = kid ? "no key of the provider has this kid"
+                 : "token has no kid and the provider has several keys";
+    goto done;
+  }
+  if (strcmp(json_string_value(alg), key->alg) != 0) {
+    reason = SG_JWT_BAD_ALG;
+    detail = "alg is not the algorithm the key is pinned to";
+    goto done;
+  }
+  if ((size_t)sig_n != key->sig_len) {
+    reason = SG_JWT_BAD_SIGNATURE;
+    detail = "signature length does not fit the key";
+    goto done;
+  }
+  if (!libjwt_signature_ok(key, token, len)) {
+    reason = SG_JWT_BAD_SIGNATURE;
+    detail = "signature does not verify";
+    goto done;
+  }
+  reason = check_claims(p, payload, now, out);
+  if (reason == SG_JWT_OK) {
+    out->claims = payload;
+    payload = NULL;
+  }
+  detail = out->detail;
+
+done:
+  json_decref(header);
+  json_decref(payload);
+  free(buf);
+  out->detail = detail;
+  return reason;
+}
