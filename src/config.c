@@ -10,6 +10,7 @@
 
 #include <arpa/inet.h>
 
+#include "sparkgate/jwt.h"
 #include "sparkgate/tls.h"
 
 /* Defaults carry their unit in the name, as the keys do. */
@@ -435,11 +436,42 @@ static void load_tenant(loader *ld, json_t *obj, const char *path,
   }
 }
 
+static void report_jwt_error(void *ctx, const char *msg) {
+  loader *ld = ctx;
+  sg_config_errors_add(ld->errs, "%s: %s", ld->file, msg);
+}
+
+static void load_auth(loader *ld, json_t *root) {
+  static const char *const keys[] = {"jwt_providers", "max_token_bytes",
+                                     "token_cache_entries",
+                                     "token_cache_max_ttl_s", NULL};
+  sg_config *cfg = ld->cfg;
+  json_t *empty = json_object();
+  json_t *auth = get_object(ld, root, "", "auth");
+  if (auth == NULL)
+    auth = empty;
+  check_keys(ld, auth, "auth", keys);
+  uint32_t max_token = get_uint(ld, auth, "auth", "max_token_bytes", 256,
+                                1u << 20, SG_JWT_DEFAULT_MAX_TOKEN_BYTES);
+  cfg->token_cache_entries = get_uint(ld, auth, "auth", "token_cache_entries",
+                                      0, 10000000, 10000);
+  cfg->token_cache_max_ttl_s = get_uint(ld, auth, "auth", "token_cache_max_ttl_s",
+                                        1, 86400, 300);
+  json_t *providers = get_array(ld, auth, "auth", "jwt_providers", false);
+  if (providers != NULL && json_array_size(providers) > 0) {
+    sg_jwt_options opts = {.max_token_bytes = max_token};
+    if (sg_jwt_providers_load(providers, cfg->base_dir, "auth.jwt_providers",
+                              &opts, &cfg->jwt, report_jwt_error, ld) != 0)
+      cfg->jwt = NULL;
+  }
+  json_decref(empty);
+}
+
 static void load_root(loader *ld, json_t *root) {
   static const char *const keys[] = {
       "workers", "log_level", "drain_timeout_ms", "idle_timeout_ms",
       "tls_handshake_timeout_ms", "max_grpc_timeout_ms", "http2", "upstream", "allowed_path_prefixes",
-      "listeners", "tenants", NULL};
+      "listeners", "tenants", "auth", NULL};
   static const char *const http2_keys[] = {
       "max_concurrent_streams", "stream_window_bytes",
       "connection_window_bytes", "max_header_list_bytes", NULL};
@@ -556,6 +588,8 @@ static void load_root(loader *ld, json_t *root) {
     }
   }
 
+  load_auth(ld, root);
+
   json_t *tenants = get_array(ld, root, "", "tenants", true);
   if (tenants != NULL) {
     cfg->n_tenants = json_array_size(tenants);
@@ -616,6 +650,8 @@ static void config_free(sg_config *cfg) {
   for (size_t i = 0; i < cfg->n_allowed_path_prefixes; i++)
     free(cfg->allowed_path_prefixes[i]);
   free(cfg->allowed_path_prefixes);
+  if (cfg->jwt != NULL)
+    sg_jwt_verifier_unref(cfg->jwt);
   free(cfg->path);
   free(cfg->base_dir);
   free(cfg);

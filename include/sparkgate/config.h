@@ -11,6 +11,8 @@
 
 #include "sparkgate/log.h"
 
+struct sg_jwt_verifier;
+
 typedef enum sg_client_cert_mode {
   SG_CLIENT_CERT_NONE = 0,
   SG_CLIENT_CERT_OPTIONAL,
@@ -82,6 +84,12 @@ typedef struct sg_config {
 
   sg_tenant_config *tenants;
   size_t n_tenants;
+
+  /* "auth": JWT providers (NULL when none are configured), and the
+   * per-worker cache of verified tokens. */
+  struct sg_jwt_verifier *jwt;
+  uint32_t token_cache_entries;
+  uint32_t token_cache_max_ttl_s;
 } sg_config;
 
 /* Collected load errors: each one names the file, the JSON path of the key
