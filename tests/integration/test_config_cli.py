@@ -1,0 +1,221 @@
+#!/usr/bin/python3
+"""The command line and config validation: --version, --help,
+--check-config on good and bad configs (every error printed, one per line,
+each naming the file and the JSON path), and a bad config keeping the
+process from starting at all."""
+
+import os
+import re
+import shutil
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import harness as H  # noqa: E402
+
+
+def project_version():
+    with open(os.path.join(H.SOURCE_ROOT, "meson.build")) as f:
+        m = re.search(r"version:\s*'([^']+)'", f.read())
+    return m.group(1)
+
+
+def good_config():
+    """Valid; its listener ports are free right now (and never bound by
+    --check-config)."""
+    p = H.pki()
+    return {
+        "workers": 1,
+        "log_level": "info",
+        "listeners": [
+            {"name": "public", "address": "127.0.0.1", "port": H.free_port(),
+             "tls": {"cert": p.server_cert, "key": p.server_key}},
+            {"name": "dev", "address": "127.0.0.1", "port": H.free_port(), "insecure": True},
+        ],
+        "tenants": [{"name": "default", "backends": [
+            {"name": "spark-1", "address": "127.0.0.1", "port": 15002},
+            {"name": "spark-2", "address": "127.0.0.1", "port": 15003,
+             "tls": {"ca": p.ca_cert, "sni": "localhost"}},
+        ]}],
+    }
+
+
+class CliTest(H.SparkgateTestCase):
+    def test_version(self):
+        rc, out, err = H.run_cli(["--version"])
+        self.assertEqual(rc, 0, err)
+        self.assertIn("sparkgate", out)
+        self.assertIn(project_version(), out)
+
+    def test_help(self):
+        rc, out, err = H.run_cli(["--help"])
+        self.assertEqual(rc, 0, err)
+        for word in ("-c", "--check-config", "--version", "--help"):
+            self.assertIn(word, out, "--help does not mention %s:\n%s" % (word, out))
+
+    def test_unknown_option_fails(self):
+        rc, out, err = H.run_cli(["--no-such-option"])
+        self.assertNotEqual(rc, 0)
+        self.assertIn("--no-such-option", out + err)
+
+    def test_check_config_good(self):
+        cfg = good_config()
+        rc, out, err = H.check_config(cfg)
+        self.assertEqual(rc, 0, "stdout:\n%s\nstderr:\n%s" % (out, err))
+        for name in ("public", "dev", "spark-1", "spark-2"):
+            self.assertIn(name, out, "summary does not list %s:\n%s" % (name, out))
+        # Checking is not running.
+        for listener in cfg["listeners"]:
+            self.assertFalse(H.port_is_open(listener["port"]))
+
+    def test_relative_paths_are_relative_to_the_config_file(self):
+        p = H.pki()
+        d = H.tempdir("sg-conf-")
+        os.makedirs(os.path.join(d, "certs"))
+        for src, dst in ((p.server_cert, "server.pem"), (p.server_key, "server.key"),
+                         (p.ca_cert, "ca.pem")):
+            shutil.copy(src, os.path.join(d, "certs", dst))
+        cfg = good_config()
+        cfg["listeners"][0]["tls"] = {"cert": "certs/server.pem", "key": "certs/server.key"}
+        cfg["tenants"][0]["backends"][1]["tls"]["ca"] = "certs/ca.pem"
+        path = H.write_config(cfg, d)
+        rc, out, err = H.run_cli(["--check-config", "-c", path], cwd="/")
+        self.assertEqual(rc, 0, "stdout:\n%s\nstderr:\n%s" % (out, err))
+
+
+def mutate(fn):
+    cfg = good_config()
+    fn(cfg)
+    return cfg
+
+
+class BadConfigTest(H.SparkgateTestCase):
+    def assertRejected(self, cfg, *paths):
+        """--check-config exits 1 and names each JSON path (and the file)
+        on some line of stderr."""
+        d = H.tempdir("sg-conf-")
+        rc, out, err = H.check_config(cfg, directory=d, name="bad-config.json")
+        self.assertEqual(rc, 1, "want exit 1; stdout:\n%s\nstderr:\n%s" % (out, err))
+        lines = err.splitlines()
+        for path in paths:
+            hits = [l for l in lines if path in l]
+            self.assertTrue(hits, "no error names %r; stderr:\n%s" % (path, err))
+            self.assertTrue(any("bad-config.json" in l for l in hits),
+                            "the error for %r does not name the file; stderr:\n%s" % (path, err))
+        return err
+
+    def test_missing_cert_file(self):
+        def f(c):
+            c["listeners"][0]["tls"]["cert"] = "/nonexistent/sparkgate-test/server.pem"
+        self.assertRejected(mutate(f), "listeners[0].tls.cert")
+
+    def test_missing_key_file(self):
+        def f(c):
+            c["listeners"][0]["tls"]["key"] = "no-such-key.pem"
+        self.assertRejected(mutate(f), "listeners[0].tls.key")
+
+    def test_missing_backend_ca_file(self):
+        def f(c):
+            c["tenants"][0]["backends"][1]["tls"]["ca"] = "/nonexistent/ca.pem"
+        self.assertRejected(mutate(f), "tenants[0].backends[1].tls.ca")
+
+    def test_unknown_keys(self):
+        self.assertRejected(mutate(lambda c: c.update(bogus_key=1)), "bogus_key")
+        self.assertRejected(mutate(lambda c: c["listeners"][1].update(colour="red")),
+                            "listeners[1].colour")
+        self.assertRejected(mutate(lambda c: c["tenants"][0]["backends"][0].update(wieght=3)),
+                            "tenants[0].backends[0].wieght")
+        self.assertRejected(mutate(lambda c: c["listeners"][0]["tls"].update(ciphers="x")),
+                            "listeners[0].tls.ciphers")
+
+    def test_wrong_types(self):
+        self.assertRejected(mutate(lambda c: c["listeners"][0].update(port="8443")),
+                            "listeners[0].port")
+        self.assertRejected(mutate(lambda c: c.update(workers="two")), "workers")
+        self.assertRejected(mutate(lambda c: c.update(tenants={"name": "x"})), "tenants")
+        self.assertRejected(mutate(lambda c: c["listeners"][1].update(insecure="yes")),
+                            "listeners[1].insecure")
+
+    def test_port_out_of_range(self):
+        self.assertRejected(mutate(lambda c: c["listeners"][0].update(port=70000)),
+                            "listeners[0].port")
+        self.assertRejected(mutate(lambda c: c["listeners"][0].update(port=-1)),
+                            "listeners[0].port")
+        self.assertRejected(mutate(lambda c: c["tenants"][0]["backends"][0].update(port=65536)),
+                            "tenants[0].backends[0].port")
+
+    def test_listener_without_tls_needs_insecure_true(self):
+        def no_tls(c):
+            del c["listeners"][0]["tls"]
+        self.assertRejected(mutate(no_tls), "listeners[0]")
+
+        def insecure_false(c):
+            c["listeners"][1]["insecure"] = False
+        self.assertRejected(mutate(insecure_false), "listeners[1]")
+
+        def both(c):
+            c["listeners"][0]["insecure"] = True
+        self.assertRejected(mutate(both), "listeners[0]")
+
+    def test_no_listeners(self):
+        self.assertRejected(mutate(lambda c: c.update(listeners=[])), "listeners")
+
+        def gone(c):
+            del c["listeners"]
+        self.assertRejected(mutate(gone), "listeners")
+
+    def test_no_tenants(self):
+        self.assertRejected(mutate(lambda c: c.update(tenants=[])), "tenants")
+
+        def gone(c):
+            del c["tenants"]
+        self.assertRejected(mutate(gone), "tenants")
+        self.assertRejected(mutate(lambda c: c["tenants"][0].update(backends=[])),
+                            "tenants[0].backends")
+
+    def test_every_error_is_printed(self):
+        def two(c):
+            c["listeners"][0]["port"] = 70000
+            c["tenants"][0]["backends"][1]["port"] = "x"
+        err = self.assertRejected(mutate(two), "listeners[0].port",
+                                  "tenants[0].backends[1].port")
+        lines = err.splitlines()
+        a = [i for i, l in enumerate(lines) if "listeners[0].port" in l]
+        b = [i for i, l in enumerate(lines) if "tenants[0].backends[1].port" in l]
+        self.assertTrue(set(a).isdisjoint(b), "both errors on one line:\n%s" % err)
+
+    def test_malformed_json(self):
+        d = H.tempdir("sg-conf-")
+        rc, out, err = H.check_config('{"listeners": [ {"name": "x",, } ]', directory=d,
+                                      name="broken.json")
+        self.assertEqual(rc, 1, err)
+        self.assertIn("broken.json", err)
+
+    def test_missing_config_file(self):
+        path = os.path.join(H.tempdir(), "does-not-exist.json")
+        rc, out, err = H.run_cli(["--check-config", "-c", path])
+        self.assertEqual(rc, 1, err)
+        self.assertIn("does-not-exist.json", err)
+
+
+class RefuseToStartTest(H.SparkgateTestCase):
+    def test_bad_config_never_listens(self):
+        port = H.free_port()
+        cfg = good_config()
+        cfg["listeners"] = [cfg["listeners"][0]]
+        cfg["listeners"][0]["port"] = port
+        cfg["listeners"][0]["tls"]["cert"] = "/nonexistent/sparkgate-test/server.pem"
+        sg = H.Sparkgate(cfg)
+        self._started.append(sg)
+        self.addCleanup(sg.stop, check=False)
+        sg.spawn()
+        rc = sg.wait(15)
+        sg.check_sanitizers()
+        self.assertNotEqual(rc, 0, sg.log_text())
+        self.assertIsNone(sg.find_log(r"listening on"), sg.log_text())
+        self.assertIsNone(sg.find_log(r"\bready\b"), sg.log_text())
+        self.assertIn("listeners[0].tls.cert", sg.log_text())
+        self.assertFalse(H.port_is_open(port))
+
+
+if __name__ == "__main__":
+    H.main()
