@@ -259,10 +259,62 @@ static bool is_numeric_address(const char *addr) {
 
 /* ---- sections ----------------------------------------------------------- */
 
+static void report_identity_error(void *ctx, const char *json_path,
+                                  const char *msg) {
+  loader *ld = ctx;
+  sg_config_errors_add(ld->errs, "%s: %s: %s", ld->file, json_path, msg);
+}
+
+static void load_listener_auth(loader *ld, json_t *obj, const char *path,
+                               sg_listener_config *l) {
+  char apath[256];
+  key_path(apath, sizeof apath, path, "auth");
+  json_t *auth = json_object_get(obj, "auth");
+  if (json_is_string(auth) && strcmp(json_string_value(auth), "none") == 0) {
+    l->auth_none = true;
+    sg_listener_auth_default(&l->auth);
+    return;
+  }
+  if (auth != NULL && !json_is_object(auth)) {
+    LOAD_ERR(ld, apath, "must be an object (methods, require, client_identity) "
+                        "or the string \"none\"");
+    sg_listener_auth_default(&l->auth);
+    return;
+  }
+  sg_listener_auth_parse(auth, apath, &l->auth, report_identity_error, ld);
+}
+
+/* Checks that need the whole file: a listener may only ask for a method
+ * that something else in the config makes possible. */
+static void check_listener_auth(loader *ld) {
+  sg_config *cfg = ld->cfg;
+  for (size_t i = 0; i < cfg->n_listeners; i++) {
+    const sg_listener_config *l = &cfg->listeners[i];
+    char apath[64];
+    snprintf(apath, sizeof apath, "listeners[%zu].auth", i);
+    if (l->auth_none || l->name == NULL)
+      continue;
+    if ((l->auth.methods & SG_LISTENER_AUTH_JWT) && cfg->jwt == NULL &&
+        !(l->auth.methods & SG_LISTENER_AUTH_MTLS))
+      LOAD_ERR(ld, apath,
+               "accepts JWT but no auth.jwt_providers are configured: add a "
+               "provider, use \"methods\": [\"mtls\"] with client certificates, "
+               "or \"auth\": \"none\" for local development only");
+    if ((l->auth.methods & SG_LISTENER_AUTH_MTLS) &&
+        (l->insecure || l->client_cert_mode == SG_CLIENT_CERT_NONE))
+      LOAD_ERR(ld, apath,
+               "accepts mtls but the listener asks for no client certificate: "
+               "set tls.client_certificates to \"optional\" or \"required\"");
+    if (l->auth.require == SG_LISTENER_AUTH_REQUIRE_ALL &&
+        (l->auth.methods & SG_LISTENER_AUTH_JWT) && cfg->jwt == NULL)
+      LOAD_ERR(ld, apath, "requires a JWT but no auth.jwt_providers are configured");
+  }
+}
+
 static void load_listener(loader *ld, json_t *obj, const char *path,
                           sg_listener_config *l, size_t index) {
   static const char *const keys[] = {"name", "address", "port", "tls",
-                                     "insecure", NULL};
+                                     "insecure", "auth", NULL};
   static const char *const tls_keys[] = {"cert", "key", "client_certificates",
                                          "client_ca", "crl", NULL};
   check_keys(ld, obj, path, keys);
@@ -288,6 +340,7 @@ static void load_listener(loader *ld, json_t *obj, const char *path,
   l->port = (uint16_t)get_uint(ld, obj, path, "port", 0, 65535, 0);
 
   l->insecure = get_bool(ld, obj, path, "insecure", false);
+  load_listener_auth(ld, obj, path, l);
   json_t *tls = get_object(ld, obj, path, "tls");
   if (tls == NULL) {
     if (!l->insecure && json_object_get(obj, "tls") == NULL) {
@@ -471,7 +524,7 @@ static void load_root(loader *ld, json_t *root) {
   static const char *const keys[] = {
       "workers", "log_level", "drain_timeout_ms", "idle_timeout_ms",
       "tls_handshake_timeout_ms", "max_grpc_timeout_ms", "http2", "upstream", "allowed_path_prefixes",
-      "listeners", "tenants", "auth", NULL};
+      "listeners", "tenants", "auth", "identity_headers", NULL};
   static const char *const http2_keys[] = {
       "max_concurrent_streams", "stream_window_bytes",
       "connection_window_bytes", "max_header_list_bytes", NULL};
@@ -589,6 +642,10 @@ static void load_root(loader *ld, json_t *root) {
   }
 
   load_auth(ld, root);
+  sg_identity_headers_parse(json_object_get(root, "identity_headers"),
+                            "identity_headers", &cfg->identity_headers,
+                            report_identity_error, ld);
+  check_listener_auth(ld);
 
   json_t *tenants = get_array(ld, root, "", "tenants", true);
   if (tenants != NULL) {
@@ -760,6 +817,16 @@ void sg_config_print_summary(const sg_config *cfg, void *stdio_file) {
       fprintf(f, "  %s  %s%s%s:%u  tls cert=%s client-certificates=%s\n",
               l->name, v6 ? "[" : "", l->address, v6 ? "]" : "", l->port,
               l->tls_cert_file, client_cert_mode_name(l->client_cert_mode));
+    if (l->auth_none)
+      fprintf(f, "    auth: NONE (every request is forwarded unauthenticated)\n");
+    else
+      fprintf(f, "    auth: %s%s%s (require %s, certificate identity from %s)\n",
+              (l->auth.methods & SG_LISTENER_AUTH_JWT) ? "jwt" : "",
+              (l->auth.methods & SG_LISTENER_AUTH_JWT) &&
+                      (l->auth.methods & SG_LISTENER_AUTH_MTLS) ? "+" : "",
+              (l->auth.methods & SG_LISTENER_AUTH_MTLS) ? "mtls" : "",
+              l->auth.require == SG_LISTENER_AUTH_REQUIRE_ALL ? "all" : "any",
+              sg_cert_identity_mode_name(l->auth.client_identity));
   }
   fprintf(f, "tenants:\n");
   for (size_t i = 0; i < cfg->n_tenants; i++) {
@@ -774,6 +841,8 @@ void sg_config_print_summary(const sg_config *cfg, void *stdio_file) {
               b->weight);
     }
   }
+  fprintf(f, "jwt providers: %zu\n",
+          cfg->jwt != NULL ? sg_jwt_verifier_provider_count(cfg->jwt) : (size_t)0);
   fprintf(f, "allowed path prefixes:");
   for (size_t i = 0; i < cfg->n_allowed_path_prefixes; i++)
     fprintf(f, " %s", cfg->allowed_path_prefixes[i]);

@@ -15,6 +15,7 @@
 #include <event2/bufferevent_ssl.h>
 #include <openssl/err.h>
 
+#include "sparkgate/identity.h"
 #include "sparkgate/log.h"
 #include "sparkgate/stream.h"
 #include "sparkgate/tls.h"
@@ -304,10 +305,45 @@ static int start_session(sg_conn *c) {
   return 0;
 }
 
+/* TLS has already verified the chain (a certificate that fails
+ * verification fails the handshake); here we only read what it says. */
+static int read_client_certificate(sg_conn *c) {
+  X509 *cert = SSL_get0_peer_certificate(c->ssl);
+  if (cert == NULL)
+    return 0;
+  c->has_cert = true;
+  char identity[SG_IDENTITY_MAX_BYTES + 1];
+  const char *reason = NULL;
+  if (sg_identity_from_cert(cert, c->listener->auth.client_identity, identity,
+                            sizeof identity, &reason) == 0) {
+    c->cert_identity = strdup(identity);
+    if (c->cert_identity == NULL)
+      return -1;
+  } else {
+    c->cert_identity_reason = reason;
+  }
+  if (sg_identity_cert_thumbprint(cert, c->cert_thumbprint,
+                                  sizeof c->cert_thumbprint) != 0)
+    return -1;
+  char xfcc[4096];
+  if (sg_identity_xfcc(cert, xfcc, sizeof xfcc) == 0) {
+    c->xfcc = strdup(xfcc);
+    if (c->xfcc == NULL)
+      return -1;
+  }
+  return 0;
+}
+
 static void on_established(sg_conn *c) {
   if (c->ssl != NULL && !sg_tls_alpn_is_h2(c->ssl)) {
     sg_info("conn=%llu peer=%s: rejected: client did not negotiate ALPN h2",
             (unsigned long long)c->id, c->peer);
+    conn_free(c);
+    return;
+  }
+  if (c->ssl != NULL && read_client_certificate(c) != 0) {
+    sg_error("conn=%llu peer=%s: cannot read the client certificate (out of memory)",
+             (unsigned long long)c->id, c->peer);
     conn_free(c);
     return;
   }
@@ -510,6 +546,8 @@ static void conn_free(sg_conn *c) {
   if (c->session != NULL)
     nghttp2_session_del(c->session);
   bufferevent_free(c->bev); /* frees c->ssl too */
+  free(c->cert_identity);
+  free(c->xfcc);
   event_free(c->send_ev);
   event_free(c->timer);
   sg_worker *w = c->worker;

@@ -6,7 +6,12 @@
 #include <strings.h>
 #include <time.h>
 
+#include <jansson.h>
+
 #include "sparkgate/conn.h"
+#include "sparkgate/identity.h"
+#include "sparkgate/jwt.h"
+#include "sparkgate/token_cache.h"
 #include "sparkgate/log.h"
 #include "sparkgate/upstream.h"
 #include "sparkgate/worker.h"
@@ -103,6 +108,11 @@ static void stream_free(sg_stream *s) {
   sg_header_list_clear(&s->resp_trailers);
   evbuffer_free(s->req_body);
   evbuffer_free(s->resp_body);
+  free(s->identity);
+  free(s->identity_provider);
+  free(s->xfcc);
+  if (s->claims != NULL)
+    json_decref(s->claims);
   sg_runtime_unref(s->rt);
   free(s);
 }
@@ -136,13 +146,16 @@ static void client_consume(sg_stream *s, size_t n) {
   sg_conn_schedule_send(s->conn);
 }
 
-void sg_stream_fail(sg_stream *s, sg_grpc_status code, const char *message) {
+/* |why| is for the log only, when it says more than the client may hear. */
+static void stream_fail(sg_stream *s, sg_grpc_status code, const char *message,
+                        const char *why) {
   char pathbuf[256];
   s->rejected = true;
   if (s->conn != NULL) {
-    sg_info("conn=%llu stream=%d peer=%s path=%s: grpc-status %d: %s",
+    sg_info("conn=%llu stream=%d peer=%s path=%s: grpc-status %d: %s%s%s",
             (unsigned long long)s->conn_id, s->id, s->conn->peer,
-            stream_path(s, pathbuf, sizeof pathbuf), (int)code, message);
+            stream_path(s, pathbuf, sizeof pathbuf), (int)code, message,
+            why != NULL ? ": " : "", why != NULL ? why : "");
     if (!s->resp_started) {
       s->resp_started = true;
       s->resp_eof = true;
@@ -160,6 +173,10 @@ void sg_stream_fail(sg_stream *s, sg_grpc_status code, const char *message) {
   if (s->up_state == SG_UPSTREAM_LEG_PENDING ||
       s->up_state == SG_UPSTREAM_LEG_OPEN)
     sg_upstream_cancel(s);
+}
+
+void sg_stream_fail(sg_stream *s, sg_grpc_status code, const char *message) {
+  stream_fail(s, code, message, NULL);
 }
 
 static void reject_http(sg_stream *s, int status, const char *why) {
@@ -253,6 +270,124 @@ static const char *request_target_problem(const sg_stream *s) {
   return NULL;
 }
 
+static void deny_unauthenticated(sg_stream *s, const char *reason,
+                                 const char *detail) {
+  char pathbuf[256];
+  s->rejected = true;
+  /* The client hears one generic sentence: telling an attacker which
+   * check failed helps only the attacker. The log says which. */
+  sg_info("conn=%llu stream=%d peer=%s path=%s: rejected: unauthenticated: "
+          "%s%s%s",
+          (unsigned long long)s->conn_id, s->id, s->conn->peer,
+          stream_path(s, pathbuf, sizeof pathbuf), reason,
+          detail != NULL ? ": " : "", detail != NULL ? detail : "");
+  s->resp_started = true;
+  s->resp_eof = true;
+  sg_grpc_submit_error(s->conn->session, s->id, SG_GRPC_UNAUTHENTICATED,
+                       "sparkgate: authentication required or failed");
+  sg_conn_schedule_send(s->conn);
+}
+
+/* Every RPC proves who it is before any upstream work starts: a bearer
+ * token (verified, or found in this worker's cache of verified tokens),
+ * the connection's client certificate, or both, as the listener asks. */
+static bool authenticate(sg_stream *s) {
+  sg_conn *c = s->conn;
+  const sg_listener_config *l = c->listener;
+  const sg_config *cfg = s->rt->config;
+  if (l->auth_none) {
+    s->authenticated = true;
+    s->auth_method = "none";
+    return true;
+  }
+  const sg_header *authz = NULL;
+  unsigned n_authz = 0;
+  for (size_t i = 0; i < s->req_headers.count; i++) {
+    nghttp2_vec n = nghttp2_rcbuf_get_buf(s->req_headers.items[i].name);
+    if (SG_HEADER_IS(n.base, n.len, "authorization")) {
+      authz = &s->req_headers.items[i];
+      n_authz++;
+    }
+  }
+  if (n_authz > 1) {
+    deny_unauthenticated(s, "duplicate_authorization",
+                         "more than one authorization field");
+    return false;
+  }
+  sg_identity_jwt_input jin = {.state = SG_IDENTITY_JWT_NONE};
+  sg_jwt_result jwt = {0};
+  if (authz != NULL && (l->auth.methods & SG_LISTENER_AUTH_JWT)) {
+    nghttp2_vec v = header_value(authz);
+    const char *p = (const char *)v.base;
+    size_t len = v.len;
+    if (len < 7 || strncasecmp(p, "Bearer ", 7) != 0) {
+      jin.state = SG_IDENTITY_JWT_INVALID;
+      jin.reason = "not_bearer";
+    } else {
+      p += 7;
+      len -= 7;
+      while (len > 0 && *p == ' ') {
+        p++;
+        len--;
+      }
+      int rv = cfg->jwt == NULL || c->gen->token_cache == NULL
+                   ? SG_JWT_UNKNOWN_ISSUER
+                   : sg_token_cache_verify(c->gen->token_cache, cfg->jwt, p,
+                                           len, (int64_t)time(NULL), &jwt);
+      if (rv == SG_JWT_OK) {
+        jin.state = SG_IDENTITY_JWT_VALID;
+        jin.identity = jwt.identity;
+        jin.provider = jwt.provider;
+        jin.cnf_x5t_s256 = jwt.cnf_x5t_s256;
+      } else {
+        jin.state = SG_IDENTITY_JWT_INVALID;
+        jin.reason = sg_jwt_reason_name(rv);
+      }
+    }
+  }
+  sg_identity_cert_input cin = {.state = SG_IDENTITY_CERT_NONE};
+  if (c->has_cert) {
+    cin.state = SG_IDENTITY_CERT_VERIFIED;
+    cin.identity = c->cert_identity;
+    cin.identity_reason = c->cert_identity_reason;
+    cin.thumbprint = c->cert_thumbprint;
+  }
+  sg_identity_decision d;
+  if (!sg_identity_decide(&l->auth, &jin, &cin, &d)) {
+    deny_unauthenticated(s, d.reason, d.detail);
+    sg_jwt_result_clear(&jwt);
+    return false;
+  }
+  s->identity = strdup(d.identity);
+  s->identity_provider = d.provider != NULL ? strdup(d.provider) : NULL;
+  s->auth_method = d.method;
+  if (jin.state == SG_IDENTITY_JWT_VALID && jwt.claims != NULL &&
+      d.provider != NULL)
+    s->claims = json_incref(jwt.claims);
+  if (c->xfcc != NULL)
+    s->xfcc = strdup(c->xfcc);
+  sg_jwt_result_clear(&jwt);
+  if (s->identity == NULL) {
+    sg_stream_fail(s, SG_GRPC_RESOURCE_EXHAUSTED, "sparkgate: out of memory");
+    return false;
+  }
+  s->authenticated = true;
+  return true;
+}
+
+/* Identity headers a client could send to be taken for someone else are
+ * never forwarded; a spelling with "_" that some servers fold into the
+ * same name is refused outright. */
+static const char *spoofed_header(const sg_stream *s) {
+  const sg_identity_header_names *own = &s->rt->config->identity_headers;
+  for (size_t i = 0; i < s->req_headers.count; i++) {
+    nghttp2_vec n = nghttp2_rcbuf_get_buf(s->req_headers.items[i].name);
+    if (sg_identity_header_classify(n.base, n.len, own) == SG_IDENTITY_HEADER_REJECT)
+      return "a header name with '_' aliases an identity header";
+  }
+  return NULL;
+}
+
 void sg_stream_on_request_headers(sg_stream *s) {
   const sg_config *cfg = s->rt->config;
   const sg_header *method = HEADER_FIND(&s->req_headers, ":method");
@@ -286,6 +421,15 @@ void sg_stream_on_request_headers(sg_stream *s) {
     return;
   }
 
+  const char *spoof = spoofed_header(s);
+  if (spoof != NULL) {
+    stream_fail(s, SG_GRPC_INVALID_ARGUMENT, "sparkgate: invalid request header name",
+                spoof);
+    return;
+  }
+  if (!authenticate(s))
+    return;
+
   const sg_header *timeout = HEADER_FIND(&s->req_headers, "grpc-timeout");
   if (timeout != NULL) {
     nghttp2_vec tv = header_value(timeout);
@@ -313,6 +457,7 @@ void sg_stream_on_request_headers(sg_stream *s) {
     return;
   }
   s->backend_name = cfg->tenants[tenant].backends[backend].name;
+  s->tenant_name = cfg->tenants[tenant].name;
   sg_upstream_attach(sg_generation_pool(s->conn->gen, tenant, backend), s);
 }
 
@@ -332,6 +477,13 @@ void sg_stream_on_request_data(sg_stream *s, const uint8_t *data, size_t len) {
 
 void sg_stream_on_request_end(sg_stream *s) {
   s->req_eof = true;
+  if (!s->rejected && HEADER_FIND(&s->req_trailers, "authorization") != NULL) {
+    /* Credentials count only in the request headers, where they were
+     * checked before anything went upstream. */
+    sg_stream_fail(s, SG_GRPC_UNAUTHENTICATED,
+                   "sparkgate: authentication required or failed");
+    return;
+  }
   if (s->up_state == SG_UPSTREAM_LEG_OPEN || s->up_state == SG_UPSTREAM_LEG_PENDING)
     sg_upstream_resume_request(s);
 }
@@ -487,6 +639,7 @@ void sg_stream_on_upstream_close(sg_stream *s, uint32_t error_code,
 /* ---- data providers ----------------------------------------------------- */
 
 size_t sg_stream_request_nv(sg_stream *s, bool upstream_tls, nghttp2_nv *nva) {
+  const sg_identity_header_names *own = &s->rt->config->identity_headers;
   size_t n = 0;
   const sg_header *authority = HEADER_FIND(&s->req_headers, ":authority");
   const sg_header *host = HEADER_FIND(&s->req_headers, "host");
@@ -517,7 +670,9 @@ size_t sg_stream_request_nv(sg_stream *s, bool upstream_tls, nghttp2_nv *nva) {
     nghttp2_vec value = nghttp2_rcbuf_get_buf(s->req_headers.items[i].value);
     if (name.len > 0 && name.base[0] == ':')
       continue;
-    if (sg_header_is_hop_by_hop(name.base, name.len))
+    if (sg_header_is_hop_by_hop(name.base, name.len) ||
+        SG_HEADER_IS(name.base, name.len, "authorization") ||
+        sg_identity_header_classify(name.base, name.len, own) != SG_IDENTITY_HEADER_PASS)
       continue;
     if (SG_HEADER_IS(name.base, name.len, "grpc-timeout"))
       continue; /* replaced by what is left of the budget, below */
@@ -527,6 +682,20 @@ size_t sg_stream_request_nv(sg_stream *s, bool upstream_tls, nghttp2_nv *nva) {
       continue;
     ADD_NV(name.base, name.len, value.base, value.len);
   }
+  /* What the proxy vouches for, under names only it may set. */
+  if (s->identity != NULL)
+    ADD_NV(own->identity, strlen(own->identity), s->identity, strlen(s->identity));
+  if (s->auth_method != NULL)
+    ADD_NV(own->auth_method, strlen(own->auth_method), s->auth_method,
+           strlen(s->auth_method));
+  if (s->identity_provider != NULL)
+    ADD_NV(own->provider, strlen(own->provider), s->identity_provider,
+           strlen(s->identity_provider));
+  if (s->tenant_name != NULL)
+    ADD_NV(own->tenant, strlen(own->tenant), s->tenant_name, strlen(s->tenant_name));
+  if (s->xfcc != NULL)
+    ADD_NV(SG_IDENTITY_HEADER_XFCC, sizeof SG_IDENTITY_HEADER_XFCC - 1, s->xfcc,
+           strlen(s->xfcc));
   if (s->deadline_at_ms != 0) {
     uint64_t now = monotonic_ms();
     uint64_t left = s->deadline_at_ms > now ? s->deadline_at_ms - now : 1;

@@ -269,7 +269,7 @@ static void on_write(struct bufferevent *bev, void *arg) {
 }
 
 static void submit_stream(sg_upstream *up, sg_stream *s) {
-  nghttp2_nv *nva = malloc((s->req_headers.count + 5) * sizeof *nva);
+  nghttp2_nv *nva = malloc((s->req_headers.count + SG_STREAM_EXTRA_UPSTREAM_HEADERS) * sizeof *nva);
   int32_t id = NGHTTP2_ERR_NOMEM;
   if (nva != NULL) {
     size_t n = sg_stream_request_nv(s, up->pool->tls_ctx != NULL, nva);

@@ -16,6 +16,7 @@
 #include "sparkgate/conn.h"
 #include "sparkgate/log.h"
 #include "sparkgate/tls.h"
+#include "sparkgate/token_cache.h"
 #include "sparkgate/upstream.h"
 
 #define SG_LISTEN_BACKLOG 1024
@@ -186,6 +187,8 @@ static void generation_free(sg_generation *g) {
   for (size_t i = 0; i < g->n_pools; i++)
     sg_upstream_pool_free(g->pools[i]);
   free(g->pools);
+  if (g->token_cache != NULL)
+    sg_token_cache_free(g->token_cache);
   sg_runtime_unref(g->rt);
   free(g);
 }
@@ -198,6 +201,14 @@ static sg_generation *generation_new(sg_worker *w, sg_runtime *rt) {
   sg_list_init(&g->link);
   g->worker = w;
   g->rt = sg_runtime_ref(rt);
+  if (cfg->jwt != NULL) {
+    g->token_cache = sg_token_cache_new(cfg->token_cache_entries,
+                                        (int64_t)cfg->token_cache_max_ttl_s);
+    if (g->token_cache == NULL) {
+      generation_free(g);
+      return NULL;
+    }
+  }
   size_t n_pools = 0;
   for (size_t t = 0; t < cfg->n_tenants; t++)
     n_pools += cfg->tenants[t].n_backends;

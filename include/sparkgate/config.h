@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "sparkgate/identity.h"
 #include "sparkgate/log.h"
 
 struct sg_jwt_verifier;
@@ -32,6 +33,10 @@ typedef struct sg_listener_config {
   char *client_ca_file; /* required unless client_cert_mode is none */
   char **crl_files;
   size_t n_crl_files;
+  /* Who may call through this listener. auth_none is only set by an
+   * explicit "auth": "none" (local development): never by omission. */
+  bool auth_none;
+  sg_listener_auth auth;
 } sg_listener_config;
 
 typedef struct sg_backend_config {
@@ -88,6 +93,7 @@ typedef struct sg_config {
   /* "auth": JWT providers (NULL when none are configured), and the
    * per-worker cache of verified tokens. */
   struct sg_jwt_verifier *jwt;
+  sg_identity_header_names identity_headers;
   uint32_t token_cache_entries;
   uint32_t token_cache_max_ttl_s;
 } sg_config;

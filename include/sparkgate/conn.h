@@ -32,6 +32,13 @@ struct sg_conn {
   struct event *send_ev; /* deferred flush, so sessions never re-enter */
   struct event *timer;   /* handshake, idle and drain deadlines */
 
+  /* The client certificate, verified by TLS, read once per connection. */
+  bool has_cert;
+  char *cert_identity;             /* NULL when the certificate names none */
+  const char *cert_identity_reason; /* why not (static text) */
+  char cert_thumbprint[48];        /* RFC 8705 x5t#S256 */
+  char *xfcc;                      /* x-forwarded-client-cert we build */
+
   sg_list streams; /* sg_stream.conn_link */
   unsigned n_streams;
 

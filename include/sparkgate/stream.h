@@ -59,6 +59,16 @@ struct sg_stream {
 
   sg_runtime *rt; /* the config generation the call started on (ref) */
 
+  /* Who is calling, once authenticated (owned copies: the connection and
+   * the token cache entry may go first). */
+  bool authenticated;
+  char *identity;          /* NULL on an "auth": "none" listener */
+  const char *auth_method; /* static: "jwt", "mtls", "jwt+mtls", "none" */
+  char *identity_provider; /* the JWT provider, or NULL */
+  struct json_t *claims;   /* the token's claims (ref), for routing */
+  const char *tenant_name; /* owned by the runtime's config */
+  char *xfcc;              /* x-forwarded-client-cert for the upstream */
+
   sg_header_list req_headers;
   sg_header_list req_trailers;
   sg_header_list resp_headers;
@@ -105,8 +115,10 @@ void sg_stream_on_response_end(sg_stream *s);
 void sg_stream_on_upstream_close(sg_stream *s, uint32_t error_code,
                                  const char *reason);
 
+#define SG_STREAM_EXTRA_UPSTREAM_HEADERS 10
+
 /* Builds the request header block for the upstream into |nva| (room for
- * req_headers.count + 5 entries); the strings point into |s|. Returns the
+ * req_headers.count + SG_STREAM_EXTRA_UPSTREAM_HEADERS entries); the strings point into |s|. Returns the
  * number of entries. */
 size_t sg_stream_request_nv(sg_stream *s, bool upstream_tls, nghttp2_nv *nva);
 

@@ -43,6 +43,9 @@ typedef struct sg_generation {
   sg_upstream_pool **pools;
   size_t n_pools;
   size_t n_conns;
+  /* Verified tokens of this worker under this config (no locks: one
+   * thread). NULL when no JWT provider is configured. */
+  struct sg_token_cache *token_cache;
 } sg_generation;
 
 struct sg_worker {

@@ -28,8 +28,9 @@ def good_config():
         "log_level": "info",
         "listeners": [
             {"name": "public", "address": "127.0.0.1", "port": H.free_port(),
-             "tls": {"cert": p.server_cert, "key": p.server_key}},
-            {"name": "dev", "address": "127.0.0.1", "port": H.free_port(), "insecure": True},
+             "tls": {"cert": p.server_cert, "key": p.server_key}, "auth": "none"},
+            {"name": "dev", "address": "127.0.0.1", "port": H.free_port(), "insecure": True,
+             "auth": "none"},
         ],
         "tenants": [{"name": "default", "backends": [
             {"name": "spark-1", "address": "127.0.0.1", "port": 15002},
@@ -155,6 +156,16 @@ class BadConfigTest(H.SparkgateTestCase):
         def both(c):
             c["listeners"][0]["insecure"] = True
         self.assertRejected(mutate(both), "listeners[0]")
+
+    def test_listener_without_auth_needs_a_provider(self):
+        # Safe by default: no "auth" means JWT, which needs a provider.
+        self.assertRejected(mutate(lambda c: c["listeners"][0].pop("auth")),
+                            "listeners[0].auth")
+
+    def test_mtls_needs_client_certificates(self):
+        self.assertRejected(
+            mutate(lambda c: c["listeners"][0].update(auth={"methods": ["mtls"]})),
+            "listeners[0].auth")
 
     def test_no_listeners(self):
         self.assertRejected(mutate(lambda c: c.update(listeners=[])), "listeners")

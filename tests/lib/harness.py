@@ -242,15 +242,19 @@ def base_config(backend_port, backend_address="127.0.0.1", backend_tls=None,
     return cfg
 
 
-def tls_listener(name, address="127.0.0.1", port=0, **tls_extra):
+def tls_listener(name, address="127.0.0.1", port=0, auth="none", **tls_extra):
+    """auth: the listener's "auth" value; "none" (the default here) is the
+    explicit opt-out the core tests use, since they test forwarding."""
     p = pki()
     tls = {"cert": p.server_cert, "key": p.server_key}
     tls.update(tls_extra)
-    return {"name": name, "address": address, "port": port, "tls": tls}
+    return {"name": name, "address": address, "port": port, "tls": tls,
+            "auth": auth}
 
 
-def h2c_listener(name, address="127.0.0.1", port=0):
-    return {"name": name, "address": address, "port": port, "insecure": True}
+def h2c_listener(name, address="127.0.0.1", port=0, auth="none"):
+    return {"name": name, "address": address, "port": port, "insecure": True,
+            "auth": auth}
 
 
 def write_config(config, directory=None, name="sparkgate.json"):

@@ -21,7 +21,7 @@ static const char *find_error(const sg_config_errors *errs, const char *needle) 
 static void test_minimal_h2c(void) {
   sg_config *cfg;
   sg_config_errors errs = {0};
-  int rv = load("{\"listeners\":[{\"port\":0,\"insecure\":true}],"
+  int rv = load("{\"listeners\":[{\"port\":0,\"insecure\":true,\"auth\":\"none\"}],"
                 "\"tenants\":[{\"name\":\"t\",\"backends\":[{\"address\":\"127.0.0.1\",\"port\":15002}]}]}",
                 &cfg, &errs);
   CHECK(rv == 0);
@@ -49,7 +49,7 @@ static void test_tls_listener(void) {
   sg_config *cfg;
   sg_config_errors errs = {0};
   int rv = load("{\"listeners\":[{\"name\":\"pub\",\"address\":\"::1\",\"port\":8443,"
-                "\"tls\":{\"cert\":\"" FIX "server.pem\",\"key\":\"" FIX "server.key\"}}],"
+                "\"tls\":{\"cert\":\"" FIX "server.pem\",\"key\":\"" FIX "server.key\"},\"auth\":\"none\"}],"
                 "\"tenants\":[{\"name\":\"t\",\"backends\":[{\"address\":\"localhost\",\"port\":1,"
                 "\"tls\":{\"ca\":\"" FIX "server.pem\"}}]}]}",
                 &cfg, &errs);
@@ -140,10 +140,31 @@ static void test_duplicates(void) {
   sg_config_errors_clear(&errs);
 }
 
+static void test_auth_defaults_are_safe(void) {
+  sg_config *cfg;
+  sg_config_errors errs = {0};
+  /* No "auth" means JWT, and JWT without a provider cannot work. */
+  CHECK(load("{\"listeners\":[{\"port\":0,\"insecure\":true}],"
+             "\"tenants\":[{\"name\":\"t\",\"backends\":[{\"address\":\"127.0.0.1\",\"port\":2}]}]}",
+             &cfg, &errs) == -1);
+  CHECK_STR_CONTAINS(find_error(&errs, "listeners[0].auth"), "jwt_providers");
+  sg_config_errors_clear(&errs);
+  CHECK(load("{\"listeners\":[{\"port\":0,\"insecure\":true,\"auth\":\"nope\"}],"
+             "\"tenants\":[{\"name\":\"t\",\"backends\":[{\"address\":\"127.0.0.1\",\"port\":2}]}]}",
+             &cfg, &errs) == -1);
+  CHECK(find_error(&errs, "listeners[0].auth") != NULL);
+  sg_config_errors_clear(&errs);
+  CHECK(load("{\"listeners\":[{\"port\":0,\"insecure\":true,\"auth\":{\"methods\":[\"mtls\"]}}],"
+             "\"tenants\":[{\"name\":\"t\",\"backends\":[{\"address\":\"127.0.0.1\",\"port\":2}]}]}",
+             &cfg, &errs) == -1);
+  CHECK_STR_CONTAINS(find_error(&errs, "listeners[0].auth"), "client_certificates");
+  sg_config_errors_clear(&errs);
+}
+
 static void test_refcount(void) {
   sg_config *cfg;
   sg_config_errors errs = {0};
-  CHECK(load("{\"listeners\":[{\"port\":0,\"insecure\":true}],"
+  CHECK(load("{\"listeners\":[{\"port\":0,\"insecure\":true,\"auth\":\"none\"}],"
              "\"tenants\":[{\"name\":\"t\",\"backends\":[{\"address\":\"127.0.0.1\",\"port\":2}]}]}",
              &cfg, &errs) == 0);
   sg_config *again = sg_config_ref(cfg);
@@ -161,6 +182,7 @@ int main(void) {
   test_mismatched_key();
   test_invalid_json_and_duplicates();
   test_duplicates();
+  test_auth_defaults_are_safe();
   test_refcount();
   return check_report("config");
 }
