@@ -408,84 +408,52 @@ static void load_listener(loader *ld, json_t *obj, const char *path,
   }
 }
 
-static void load_backend(loader *ld, json_t *obj, const char *path,
-                         sg_backend_config *b) {
-  static const char *const keys[] = {"name", "address", "port", "weight",
-                                     "tls", NULL};
-  static const char *const tls_keys[] = {"ca", "sni", "cert", "key", "verify",
-                                         NULL};
-  check_keys(ld, obj, path, keys);
-  const char *addr = get_string(ld, obj, path, "address", true);
-  b->address = xstrdup(addr != NULL ? addr : "");
-  char kp[256];
-  key_path(kp, sizeof kp, path, "port");
-  if (json_object_get(obj, "port") == NULL)
-    LOAD_ERR(ld, kp, "missing (an integer from 1 to 65535 is required)");
-  b->port = (uint16_t)get_uint(ld, obj, path, "port", 1, 65535, 15002);
-  b->weight = get_uint(ld, obj, path, "weight", 0, 1000000, 1);
-  const char *name = get_string(ld, obj, path, "name", false);
-  if (name != NULL) {
-    b->name = xstrdup(name);
-  } else if (asprintf(&b->name, "%s:%u", b->address, b->port) < 0) {
-    abort();
-  }
-
-  json_t *tls = get_object(ld, obj, path, "tls");
-  b->tls_verify = true;
-  if (tls == NULL)
-    return;
-  b->tls = true;
-  char tpath[256];
-  key_path(tpath, sizeof tpath, path, "tls");
-  check_keys(ld, tls, tpath, tls_keys);
-  b->tls_ca_file = get_file(ld, tls, tpath, "ca", false);
-  const char *sni = get_string(ld, tls, tpath, "sni", false);
-  if (sni != NULL)
-    b->tls_sni = xstrdup(sni);
-  b->tls_cert_file = get_file(ld, tls, tpath, "cert", false);
-  b->tls_key_file = get_file(ld, tls, tpath, "key", false);
-  if ((b->tls_cert_file == NULL) != (b->tls_key_file == NULL)) {
-    LOAD_ERR(ld, tpath, "\"cert\" and \"key\" go together: give both or neither");
-  }
-  b->tls_verify = get_bool(ld, tls, tpath, "verify", true);
-  if (ld->errs->count == ld->errors_at_start) {
-    char err[512];
-    SSL_CTX *ctx = sg_tls_client_ctx_new(b, err, sizeof err);
-    if (ctx == NULL)
-      LOAD_ERR(ld, tpath, "%s", err);
-    else
-      SSL_CTX_free(ctx);
-  }
+static void report_route_error(void *ctx, const char *json_path,
+                               const char *msg) {
+  loader *ld = ctx;
+  if (json_path == NULL || json_path[0] == '\0')
+    sg_config_errors_add(ld->errs, "%s: %s", ld->file, msg);
+  else
+    sg_config_errors_add(ld->errs, "%s: %s: %s", ld->file, json_path, msg);
 }
 
-static void load_tenant(loader *ld, json_t *obj, const char *path,
-                        sg_tenant_config *t) {
-  static const char *const keys[] = {"name", "backends", NULL};
-  check_keys(ld, obj, path, keys);
-  const char *name = get_string(ld, obj, path, "name", true);
-  t->name = xstrdup(name != NULL ? name : "");
-  json_t *backends = get_array(ld, obj, path, "backends", true);
-  if (backends == NULL)
-    return;
-  t->n_backends = json_array_size(backends);
-  if (t->n_backends == 0) {
-    char kp[256];
-    key_path(kp, sizeof kp, path, "backends");
-    LOAD_ERR(ld, kp, "needs at least one backend");
+/* Tenants come from a separate routing table file, or inline from the
+ * main file; the same loader validates both. */
+static void load_routes(loader *ld, json_t *root) {
+  sg_config *cfg = ld->cfg;
+  const char *table = get_string(ld, root, "", "routing_table", false);
+  json_t *tenants = json_object_get(root, "tenants");
+  json_t *selectors = json_object_get(root, "tenant_selectors");
+  if (table != NULL && (tenants != NULL || selectors != NULL)) {
+    LOAD_ERR(ld, "routing_table",
+             "give tenants either in the routing table file or inline "
+             "(\"tenants\"), not both");
     return;
   }
-  t->backends = calloc(t->n_backends, sizeof *t->backends);
-  if (t->backends == NULL)
-    abort();
-  for (size_t i = 0; i < t->n_backends; i++) {
-    char bpath[256];
-    snprintf(bpath, sizeof bpath, "%s.backends[%zu]", path, i);
-    json_t *b = json_array_get(backends, i);
-    if (!json_is_object(b)) {
-      LOAD_ERR(ld, bpath, "must be an object, not %s", json_type_name(b));
-      continue;
-    }
-    load_backend(ld, b, bpath, &t->backends[i]);
+  if (table != NULL) {
+    size_t before = ld->errs->count;
+    cfg->routes = sg_route_table_load(table, cfg->base_dir, report_route_error, ld);
+    if (cfg->routes == NULL && ld->errs->count == before)
+      LOAD_ERR(ld, "routing_table", "cannot load '%s'", table);
+  } else if (tenants == NULL) {
+    LOAD_ERR(ld, "tenants", "missing: give \"tenants\" (an array) or "
+                            "\"routing_table\" (a file name)");
+    return;
+  } else {
+    json_t *inline_table = json_object();
+    json_object_set(inline_table, "tenants", tenants);
+    if (selectors != NULL)
+      json_object_set(inline_table, "tenant_selectors", selectors);
+    size_t before = ld->errs->count;
+    cfg->routes = sg_route_table_from_json(inline_table, cfg->base_dir,
+                                           report_route_error, ld);
+    json_decref(inline_table);
+    if (cfg->routes == NULL && ld->errs->count == before)
+      LOAD_ERR(ld, "tenants", "invalid");
+  }
+  if (cfg->routes != NULL) {
+    cfg->tenants = cfg->routes->tenants;
+    cfg->n_tenants = cfg->routes->n_tenants;
   }
 }
 
@@ -524,7 +492,8 @@ static void load_root(loader *ld, json_t *root) {
   static const char *const keys[] = {
       "workers", "log_level", "drain_timeout_ms", "idle_timeout_ms",
       "tls_handshake_timeout_ms", "max_grpc_timeout_ms", "http2", "upstream", "allowed_path_prefixes",
-      "listeners", "tenants", "auth", "identity_headers", NULL};
+      "listeners", "tenants", "tenant_selectors", "routing_table", "auth",
+      "identity_headers", NULL};
   static const char *const http2_keys[] = {
       "max_concurrent_streams", "stream_window_bytes",
       "connection_window_bytes", "max_header_list_bytes", NULL};
@@ -647,31 +616,7 @@ static void load_root(loader *ld, json_t *root) {
                             report_identity_error, ld);
   check_listener_auth(ld);
 
-  json_t *tenants = get_array(ld, root, "", "tenants", true);
-  if (tenants != NULL) {
-    cfg->n_tenants = json_array_size(tenants);
-    if (cfg->n_tenants == 0)
-      LOAD_ERR(ld, "tenants", "needs at least one tenant with a backend");
-    cfg->tenants = calloc(cfg->n_tenants + 1, sizeof *cfg->tenants);
-    if (cfg->tenants == NULL)
-      abort();
-    for (size_t i = 0; i < cfg->n_tenants; i++) {
-      char tpath[64];
-      snprintf(tpath, sizeof tpath, "tenants[%zu]", i);
-      json_t *t = json_array_get(tenants, i);
-      if (!json_is_object(t)) {
-        LOAD_ERR(ld, tpath, "must be an object, not %s", json_type_name(t));
-        continue;
-      }
-      load_tenant(ld, t, tpath, &cfg->tenants[i]);
-      for (size_t j = 0; j < i; j++) {
-        if (cfg->tenants[j].name != NULL &&
-            strcmp(cfg->tenants[j].name, cfg->tenants[i].name) == 0)
-          LOAD_ERR(ld, tpath, "duplicate tenant name '%s' (also tenants[%zu])",
-                   cfg->tenants[i].name, j);
-      }
-    }
-  }
+  load_routes(ld, root);
 }
 
 static void config_free(sg_config *cfg) {
@@ -689,21 +634,7 @@ static void config_free(sg_config *cfg) {
     free(l->crl_files);
   }
   free(cfg->listeners);
-  for (size_t i = 0; i < cfg->n_tenants; i++) {
-    sg_tenant_config *t = &cfg->tenants[i];
-    for (size_t j = 0; j < t->n_backends; j++) {
-      sg_backend_config *b = &t->backends[j];
-      free(b->name);
-      free(b->address);
-      free(b->tls_ca_file);
-      free(b->tls_sni);
-      free(b->tls_cert_file);
-      free(b->tls_key_file);
-    }
-    free(t->backends);
-    free(t->name);
-  }
-  free(cfg->tenants);
+  sg_route_table_unref(cfg->routes);
   for (size_t i = 0; i < cfg->n_allowed_path_prefixes; i++)
     free(cfg->allowed_path_prefixes[i]);
   free(cfg->allowed_path_prefixes);
@@ -828,19 +759,8 @@ void sg_config_print_summary(const sg_config *cfg, void *stdio_file) {
               l->auth.require == SG_LISTENER_AUTH_REQUIRE_ALL ? "all" : "any",
               sg_cert_identity_mode_name(l->auth.client_identity));
   }
-  fprintf(f, "tenants:\n");
-  for (size_t i = 0; i < cfg->n_tenants; i++) {
-    const sg_tenant_config *t = &cfg->tenants[i];
-    fprintf(f, "  %s\n", t->name);
-    for (size_t j = 0; j < t->n_backends; j++) {
-      const sg_backend_config *b = &t->backends[j];
-      fprintf(f, "    upstream %s  %s:%u  %s weight=%u\n", b->name, b->address,
-              b->port,
-              b->tls ? (b->tls_verify ? "tls (verified)" : "tls (NOT VERIFIED)")
-                     : "h2c",
-              b->weight);
-    }
-  }
+  if (cfg->routes != NULL)
+    sg_route_table_print_summary(cfg->routes, f);
   fprintf(f, "jwt providers: %zu\n",
           cfg->jwt != NULL ? sg_jwt_verifier_provider_count(cfg->jwt) : (size_t)0);
   fprintf(f, "allowed path prefixes:");

@@ -8,7 +8,11 @@
 
 #include <jansson.h>
 
+#include "sparkgate/admission.h"
 #include "sparkgate/conn.h"
+#include "sparkgate/limits.h"
+#include "sparkgate/route.h"
+#include "sparkgate/sparkmsg.h"
 #include "sparkgate/identity.h"
 #include "sparkgate/jwt.h"
 #include "sparkgate/token_cache.h"
@@ -51,8 +55,8 @@ void sg_header_list_clear(sg_header_list *list) {
   memset(list, 0, sizeof *list);
 }
 
-static const sg_header *header_find(const sg_header_list *list,
-                                    const char *name, size_t len) {
+const sg_header *sg_header_list_find(const sg_header_list *list,
+                                     const char *name, size_t len) {
   for (size_t i = 0; i < list->count; i++) {
     nghttp2_vec n = nghttp2_rcbuf_get_buf(list->items[i].name);
     if (n.len == len && memcmp(n.base, name, len) == 0)
@@ -60,7 +64,7 @@ static const sg_header *header_find(const sg_header_list *list,
   }
   return NULL;
 }
-#define HEADER_FIND(list, lit) header_find((list), (lit), sizeof(lit) - 1)
+#define HEADER_FIND(list, lit) sg_header_list_find((list), (lit), sizeof(lit) - 1)
 
 static nghttp2_vec header_value(const sg_header *h) {
   return nghttp2_rcbuf_get_buf(h->value);
@@ -85,7 +89,13 @@ sg_stream *sg_stream_new(sg_conn *conn, int32_t id) {
   s->conn = conn;
   s->id = id;
   s->conn_id = conn->id;
-  s->rt = sg_runtime_ref(conn->rt);
+  s->method = -1;
+  /* A new call uses the configuration in force now, even on a connection
+   * accepted before a reload: rotated keys and a new routing table apply
+   * to it at once. */
+  s->gen = conn->worker->current;
+  sg_generation_hold(s->gen);
+  s->rt = sg_runtime_ref(s->gen->rt);
   sg_list_init(&s->up_link);
   sg_list_push_back(&conn->streams, &s->conn_link);
   conn->n_streams++;
@@ -93,7 +103,7 @@ sg_stream *sg_stream_new(sg_conn *conn, int32_t id) {
   return s;
 }
 
-static uint64_t monotonic_ms(void) {
+uint64_t sg_monotonic_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
@@ -111,10 +121,15 @@ static void stream_free(sg_stream *s) {
   free(s->identity);
   free(s->identity_provider);
   free(s->xfcc);
+  free(s->upstream_authorization);
+  if (s->scanner != NULL)
+    sg_sparkmsg_free(s->scanner);
   if (s->claims != NULL)
     json_decref(s->claims);
+  sg_generation *gen = s->gen;
   sg_runtime_unref(s->rt);
   free(s);
+  sg_generation_release(gen);
 }
 
 static bool upstream_leg_done(const sg_stream *s) {
@@ -127,7 +142,7 @@ static void maybe_free(sg_stream *s) {
     stream_free(s);
 }
 
-static const char *stream_path(const sg_stream *s, char *buf, size_t buflen) {
+const char *sg_stream_path(const sg_stream *s, char *buf, size_t buflen) {
   const sg_header *h = HEADER_FIND(&s->req_headers, ":path");
   if (h == NULL)
     return "-";
@@ -146,15 +161,35 @@ static void client_consume(sg_stream *s, size_t n) {
   sg_conn_schedule_send(s->conn);
 }
 
-/* |why| is for the log only, when it says more than the client may hear. */
-static void stream_fail(sg_stream *s, sg_grpc_status code, const char *message,
+/* Request bytes are credited back to the client once what waits for the
+ * upstream is below this mark. The scanner may hold bytes back or rewrite
+ * them to another length, so credit follows what was received, and the
+ * mark bounds what is buffered: one stream window plus this. */
+#define SG_STREAM_REQUEST_HIGH_WATER (64 * 1024)
+
+static void credit_client(sg_stream *s, bool all) {
+  if (s->req_unacked == 0)
+    return;
+  if (!all && evbuffer_get_length(s->req_body) >= SG_STREAM_REQUEST_HIGH_WATER)
+    return;
+  client_consume(s, s->req_unacked);
+  s->req_unacked = 0;
+}
+
+/* Drops what waits for the upstream and credits it all back. */
+static void discard_request_body(sg_stream *s) {
+  evbuffer_drain(s->req_body, evbuffer_get_length(s->req_body));
+  credit_client(s, true);
+}
+
+void sg_stream_reject(sg_stream *s, sg_grpc_status code, const char *message,
                         const char *why) {
   char pathbuf[256];
   s->rejected = true;
   if (s->conn != NULL) {
     sg_info("conn=%llu stream=%d peer=%s path=%s: grpc-status %d: %s%s%s",
             (unsigned long long)s->conn_id, s->id, s->conn->peer,
-            stream_path(s, pathbuf, sizeof pathbuf), (int)code, message,
+            sg_stream_path(s, pathbuf, sizeof pathbuf), (int)code, message,
             why != NULL ? ": " : "", why != NULL ? why : "");
     if (!s->resp_started) {
       s->resp_started = true;
@@ -165,9 +200,7 @@ static void stream_fail(sg_stream *s, sg_grpc_status code, const char *message,
                                 NGHTTP2_INTERNAL_ERROR);
     }
     /* What the client already sent will never be forwarded. */
-    size_t pending = evbuffer_get_length(s->req_body);
-    evbuffer_drain(s->req_body, pending);
-    client_consume(s, pending);
+    discard_request_body(s);
     sg_conn_schedule_send(s->conn);
   }
   if (s->up_state == SG_UPSTREAM_LEG_PENDING ||
@@ -176,313 +209,186 @@ static void stream_fail(sg_stream *s, sg_grpc_status code, const char *message,
 }
 
 void sg_stream_fail(sg_stream *s, sg_grpc_status code, const char *message) {
-  stream_fail(s, code, message, NULL);
+  sg_stream_reject(s, code, message, NULL);
 }
 
-static void reject_http(sg_stream *s, int status, const char *why) {
+void sg_stream_reject_http(sg_stream *s, int status, const char *why) {
   char pathbuf[256];
   s->rejected = true;
   s->resp_started = true;
   s->resp_eof = true;
   sg_info("conn=%llu stream=%d peer=%s path=%s: HTTP %d: %s",
           (unsigned long long)s->conn_id, s->id, s->conn->peer,
-          stream_path(s, pathbuf, sizeof pathbuf), status, why);
+          sg_stream_path(s, pathbuf, sizeof pathbuf), status, why);
   sg_http_submit_status(s->conn->session, s->id, status);
 }
 
-static bool path_allowed(const sg_config *cfg, const uint8_t *path, size_t len) {
-  for (size_t i = 0; i < cfg->n_allowed_path_prefixes; i++) {
-    const char *p = cfg->allowed_path_prefixes[i];
-    size_t plen = strlen(p);
-    if (len >= plen && memcmp(path, p, plen) == 0)
-      return true;
-  }
-  return false;
+
+/* Names the tenant and the backend, but never an internal address: a
+ * backend without a configured name is called by its position. */
+void sg_stream_backend_unavailable_message(const sg_route_tenant *t,
+                                           const sg_backend_config *b,
+                                           char *out, size_t outlen) {
+  char addr[300];
+  snprintf(addr, sizeof addr, "%s:%u", b->address, b->port);
+  if (strcmp(addr, b->name) == 0)
+    snprintf(out, outlen,
+             "sparkgate: tenant \"%s\": backend #%zu is unavailable",
+             t->name, (size_t)(b - t->backends) + 1);
+  else
+    snprintf(out, outlen, "sparkgate: tenant \"%s\": backend \"%s\" is unavailable",
+             t->name, b->name);
+}
+#define backend_unavailable_message sg_stream_backend_unavailable_message
+
+static sg_upstream_pool *pool_of(sg_stream *s, size_t backend) {
+  return sg_generation_pool(s->gen, s->tenant->index, backend);
 }
 
-/* Backend selection until tenant routing exists: the first tenant, its
- * first backend that takes new sessions. */
-static bool choose_backend(const sg_config *cfg, size_t *tenant,
-                           size_t *backend) {
-  for (size_t t = 0; t < cfg->n_tenants; t++) {
-    for (size_t b = 0; b < cfg->tenants[t].n_backends; b++) {
-      if (cfg->tenants[t].backends[b].weight > 0) {
-        *tenant = t;
-        *backend = b;
-        return true;
-      }
-    }
-  }
-  return false;
-}
-
-/* A request a proxy must not pass on: the stream is reset, as nghttp2 does
- * for the malformed requests it catches itself (RFC 9113 8.1.1). */
-static void reject_malformed(sg_stream *s, const char *why) {
-  char pathbuf[256];
-  s->rejected = true;
-  s->resp_started = true;
-  s->resp_eof = true;
-  sg_info("conn=%llu stream=%d peer=%s path=%s: rejected (stream reset): %s",
-          (unsigned long long)s->conn_id, s->id, s->conn->peer,
-          stream_path(s, pathbuf, sizeof pathbuf), why);
-  nghttp2_submit_rst_stream(s->conn->session, NGHTTP2_FLAG_NONE, s->id,
-                            NGHTTP2_PROTOCOL_ERROR);
-  sg_conn_schedule_send(s->conn);
-}
-
-static void on_deadline(evutil_socket_t fd, short what, void *arg) {
-  (void)fd;
-  (void)what;
-  sg_stream *s = arg;
-  if (s->resp_eof)
-    return; /* the backend answered in time; the client is still reading */
-  sg_stream_fail(s, SG_GRPC_DEADLINE_EXCEEDED,
-                 "sparkgate: deadline exceeded (grpc-timeout)");
-}
-
-/* The request-line checks that would let two parties read one request two
- * ways: where it goes (authority, host) and how it came (scheme). */
-static const char *request_target_problem(const sg_stream *s) {
-  const sg_header *scheme = HEADER_FIND(&s->req_headers, ":scheme");
-  const sg_header *authority = HEADER_FIND(&s->req_headers, ":authority");
-  const sg_header *host = HEADER_FIND(&s->req_headers, "host");
-  const char *want = s->conn->listener->insecure ? "http" : "https";
-  if (scheme != NULL) {
-    nghttp2_vec v = header_value(scheme);
-    if (v.len != strlen(want) || memcmp(v.base, want, v.len) != 0)
-      return s->conn->listener->insecure
-                 ? ":scheme is not http on a cleartext listener"
-                 : ":scheme is not https on a TLS listener";
-  }
-  if (authority != NULL && memchr(header_value(authority).base, '@',
-                                  header_value(authority).len) != NULL)
-    return ":authority carries userinfo";
-  if (host != NULL && memchr(header_value(host).base, '@', header_value(host).len) != NULL)
-    return "host carries userinfo";
-  if (authority != NULL && host != NULL) {
-    nghttp2_vec a = header_value(authority), h = header_value(host);
-    if (a.len != h.len || strncasecmp((const char *)a.base, (const char *)h.base, a.len) != 0)
-      return "host differs from :authority";
-  }
-  if (authority == NULL && host == NULL)
-    return "no :authority and no host";
-  return NULL;
-}
-
-static void deny_unauthenticated(sg_stream *s, const char *reason,
-                                 const char *detail) {
-  char pathbuf[256];
-  s->rejected = true;
-  /* The client hears one generic sentence: telling an attacker which
-   * check failed helps only the attacker. The log says which. */
-  sg_info("conn=%llu stream=%d peer=%s path=%s: rejected: unauthenticated: "
-          "%s%s%s",
-          (unsigned long long)s->conn_id, s->id, s->conn->peer,
-          stream_path(s, pathbuf, sizeof pathbuf), reason,
-          detail != NULL ? ": " : "", detail != NULL ? detail : "");
-  s->resp_started = true;
-  s->resp_eof = true;
-  sg_grpc_submit_error(s->conn->session, s->id, SG_GRPC_UNAUTHENTICATED,
-                       "sparkgate: authentication required or failed");
-  sg_conn_schedule_send(s->conn);
-}
-
-/* Every RPC proves who it is before any upstream work starts: a bearer
- * token (verified, or found in this worker's cache of verified tokens),
- * the connection's client certificate, or both, as the listener asks. */
-static bool authenticate(sg_stream *s) {
-  sg_conn *c = s->conn;
-  const sg_listener_config *l = c->listener;
-  const sg_config *cfg = s->rt->config;
-  if (l->auth_none) {
-    s->authenticated = true;
-    s->auth_method = "none";
-    return true;
-  }
-  const sg_header *authz = NULL;
-  unsigned n_authz = 0;
-  for (size_t i = 0; i < s->req_headers.count; i++) {
-    nghttp2_vec n = nghttp2_rcbuf_get_buf(s->req_headers.items[i].name);
-    if (SG_HEADER_IS(n.base, n.len, "authorization")) {
-      authz = &s->req_headers.items[i];
-      n_authz++;
-    }
-  }
-  if (n_authz > 1) {
-    deny_unauthenticated(s, "duplicate_authorization",
-                         "more than one authorization field");
-    return false;
-  }
-  sg_identity_jwt_input jin = {.state = SG_IDENTITY_JWT_NONE};
-  sg_jwt_result jwt = {0};
-  if (authz != NULL && (l->auth.methods & SG_LISTENER_AUTH_JWT)) {
-    nghttp2_vec v = header_value(authz);
-    const char *p = (const char *)v.base;
-    size_t len = v.len;
-    if (len < 7 || strncasecmp(p, "Bearer ", 7) != 0) {
-      jin.state = SG_IDENTITY_JWT_INVALID;
-      jin.reason = "not_bearer";
-    } else {
-      p += 7;
-      len -= 7;
-      while (len > 0 && *p == ' ') {
-        p++;
-        len--;
-      }
-      int rv = cfg->jwt == NULL || c->gen->token_cache == NULL
-                   ? SG_JWT_UNKNOWN_ISSUER
-                   : sg_token_cache_verify(c->gen->token_cache, cfg->jwt, p,
-                                           len, (int64_t)time(NULL), &jwt);
-      if (rv == SG_JWT_OK) {
-        jin.state = SG_IDENTITY_JWT_VALID;
-        jin.identity = jwt.identity;
-        jin.provider = jwt.provider;
-        jin.cnf_x5t_s256 = jwt.cnf_x5t_s256;
-      } else {
-        jin.state = SG_IDENTITY_JWT_INVALID;
-        jin.reason = sg_jwt_reason_name(rv);
-      }
-    }
-  }
-  sg_identity_cert_input cin = {.state = SG_IDENTITY_CERT_NONE};
-  if (c->has_cert) {
-    cin.state = SG_IDENTITY_CERT_VERIFIED;
-    cin.identity = c->cert_identity;
-    cin.identity_reason = c->cert_identity_reason;
-    cin.thumbprint = c->cert_thumbprint;
-  }
-  sg_identity_decision d;
-  if (!sg_identity_decide(&l->auth, &jin, &cin, &d)) {
-    deny_unauthenticated(s, d.reason, d.detail);
-    sg_jwt_result_clear(&jwt);
-    return false;
-  }
-  s->identity = strdup(d.identity);
-  s->identity_provider = d.provider != NULL ? strdup(d.provider) : NULL;
-  s->auth_method = d.method;
-  if (jin.state == SG_IDENTITY_JWT_VALID && jwt.claims != NULL &&
-      d.provider != NULL)
-    s->claims = json_incref(jwt.claims);
-  if (c->xfcc != NULL)
-    s->xfcc = strdup(c->xfcc);
-  sg_jwt_result_clear(&jwt);
-  if (s->identity == NULL) {
+/* Chooses the session's backend (rendezvous hashing of tenant, user and
+ * session, so every replica agrees) and starts the upstream leg. */
+static void attach_upstream(sg_stream *s, const char *user_id,
+                            const char *session_id) {
+  const sg_route_tenant *t = s->tenant;
+  bool up_small[32] = {false};
+  bool *up = t->n_backends <= 32 ? up_small : malloc(t->n_backends * sizeof *up);
+  if (up == NULL) {
     sg_stream_fail(s, SG_GRPC_RESOURCE_EXHAUSTED, "sparkgate: out of memory");
-    return false;
+    return;
   }
-  s->authenticated = true;
-  return true;
+  for (size_t b = 0; b < t->n_backends; b++)
+    up[b] = sg_upstream_pool_is_up(pool_of(s, b));
+  size_t backend = 0;
+  int rv = sg_route_pick_backend(t, user_id, session_id, up, &backend);
+  if (up != up_small)
+    free(up);
+  char msg[160];
+  if (rv == SG_ROUTE_PICK_NONE) {
+    snprintf(msg, sizeof msg,
+             "sparkgate: tenant \"%s\": no backend takes new sessions", t->name);
+    sg_stream_reject(s, SG_GRPC_UNAVAILABLE, msg, "every backend has weight 0");
+    return;
+  }
+  s->backend = &t->backends[backend];
+  s->backend_name = t->backends[backend].name;
+  if (rv == SG_ROUTE_PICK_DOWN) {
+    /* The session's state lives on that server: moving it would lose it,
+     * and PySpark retries 14 with backoff. */
+    backend_unavailable_message(t, &t->backends[backend], msg, sizeof msg);
+    char why[160];
+    snprintf(why, sizeof why, "backend %s is down (failover %s)", s->backend_name,
+             t->failover ? "found no backend up" : "off");
+    sg_stream_reject(s, SG_GRPC_UNAVAILABLE, msg, why);
+    return;
+  }
+  sg_upstream_attach(pool_of(s, backend), s);
 }
 
-/* Identity headers a client could send to be taken for someone else are
- * never forwarded; a spelling with "_" that some servers fold into the
- * same name is refused outright. */
-static const char *spoofed_header(const sg_stream *s) {
-  const sg_identity_header_names *own = &s->rt->config->identity_headers;
-  for (size_t i = 0; i < s->req_headers.count; i++) {
-    nghttp2_vec n = nghttp2_rcbuf_get_buf(s->req_headers.items[i].name);
-    if (sg_identity_header_classify(n.base, n.len, own) == SG_IDENTITY_HEADER_REJECT)
-      return "a header name with '_' aliases an identity header";
-  }
-  return NULL;
+static void start_spark_call(sg_stream *s) {
+  const sg_route_tenant *t = s->tenant;
+  sg_sparkmsg_options opts = {
+      .user_mode = t->user_id == SG_ROUTE_USER_ID_REWRITE   ? SG_SPARKMSG_USER_REWRITE
+                   : t->user_id == SG_ROUTE_USER_ID_ENFORCE ? SG_SPARKMSG_USER_ENFORCE
+                                                            : SG_SPARKMSG_USER_OFF,
+      .identity = s->identity,
+      .user_name_mode = SG_SPARKMSG_USER_NAME_IDENTITY,
+  };
+  char err[128];
+  s->scanner = sg_sparkmsg_new(&opts, err, sizeof err);
+  if (s->scanner == NULL)
+    sg_stream_reject(s, SG_GRPC_INTERNAL, "sparkgate: internal error", err);
+  /* The upstream leg starts once the first message names its session. */
 }
 
 void sg_stream_on_request_headers(sg_stream *s) {
-  const sg_config *cfg = s->rt->config;
-  const sg_header *method = HEADER_FIND(&s->req_headers, ":method");
-  const sg_header *path = HEADER_FIND(&s->req_headers, ":path");
-  const sg_header *ctype = HEADER_FIND(&s->req_headers, "content-type");
+  if (!sg_admit(s))
+    return;
+  if (s->tenant->credential != NULL &&
+      asprintf(&s->upstream_authorization, "Bearer %.*s",
+               (int)s->tenant->credential_len, s->tenant->credential) < 0) {
+    s->upstream_authorization = NULL;
+    sg_stream_fail(s, SG_GRPC_RESOURCE_EXHAUSTED, "sparkgate: out of memory");
+    return;
+  }
+  if (s->spark_call)
+    start_spark_call(s);
+  else
+    attach_upstream(s, s->identity, NULL);
+}
 
-  /* nghttp2 has already checked the pseudo-header rules of RFC 9113 8.3. */
-  nghttp2_vec m = method != NULL ? header_value(method) : (nghttp2_vec){NULL, 0};
-  if (m.len != 4 || memcmp(m.base, "POST", 4) != 0) {
-    reject_http(s, 405, "method is not POST (gRPC needs POST)");
-    return;
-  }
-  if (ctype == NULL) {
-    reject_http(s, 415, "no content-type (gRPC needs application/grpc)");
-    return;
-  }
-  nghttp2_vec ct = header_value(ctype);
-  if (!sg_grpc_content_type_ok(ct.base, ct.len)) {
-    reject_http(s, 415, "content-type is not application/grpc");
-    return;
-  }
-  const char *problem = request_target_problem(s);
-  if (problem != NULL) {
-    reject_malformed(s, problem);
-    return;
-  }
-  nghttp2_vec p = path != NULL ? header_value(path) : (nghttp2_vec){NULL, 0};
-  if (p.len == 0 || !path_allowed(cfg, p.base, p.len)) {
-    sg_stream_fail(s, SG_GRPC_UNIMPLEMENTED,
-                   "sparkgate: method not served here (path outside the allowed prefixes)");
-    return;
-  }
-
-  const char *spoof = spoofed_header(s);
-  if (spoof != NULL) {
-    stream_fail(s, SG_GRPC_INVALID_ARGUMENT, "sparkgate: invalid request header name",
-                spoof);
-    return;
-  }
-  if (!authenticate(s))
-    return;
-
-  const sg_header *timeout = HEADER_FIND(&s->req_headers, "grpc-timeout");
-  if (timeout != NULL) {
-    nghttp2_vec tv = header_value(timeout);
-    uint64_t ms;
-    if (sg_grpc_timeout_parse(tv.base, tv.len, &ms) != 0) {
-      sg_stream_fail(s, SG_GRPC_INTERNAL, "sparkgate: malformed grpc-timeout");
-      return;
-    }
-    if (ms > cfg->max_grpc_timeout_ms)
-      ms = cfg->max_grpc_timeout_ms;
-    s->deadline = evtimer_new(s->conn->worker->base, on_deadline, s);
-    if (s->deadline == NULL) {
-      sg_stream_fail(s, SG_GRPC_RESOURCE_EXHAUSTED, "sparkgate: out of memory");
-      return;
-    }
-    s->deadline_at_ms = monotonic_ms() + ms;
-    struct timeval when = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
-    evtimer_add(s->deadline, &when);
-  }
-
-  size_t tenant, backend;
-  if (!choose_backend(cfg, &tenant, &backend)) {
-    sg_stream_fail(s, SG_GRPC_UNAVAILABLE,
-                   "sparkgate: no backend takes new sessions (all drained)");
-    return;
-  }
-  s->backend_name = cfg->tenants[tenant].backends[backend].name;
-  s->tenant_name = cfg->tenants[tenant].name;
-  sg_upstream_attach(sg_generation_pool(s->conn->gen, tenant, backend), s);
+static void reject_scan(sg_stream *s, sg_sparkmsg_reason r) {
+  sg_stream_reject(s, (sg_grpc_status)sg_sparkmsg_reason_grpc_status(r),
+                   r == SG_SPARKMSG_USER_ID_MISMATCH
+                       ? "sparkgate: user_id does not match the authenticated identity"
+                       : "sparkgate: invalid Spark Connect request message",
+                   sg_sparkmsg_error(s->scanner));
 }
 
 void sg_stream_on_request_data(sg_stream *s, const uint8_t *data, size_t len) {
   if (s->rejected || s->up_state == SG_UPSTREAM_LEG_DONE ||
-      s->up_state == SG_UPSTREAM_LEG_NONE) {
+      (s->up_state == SG_UPSTREAM_LEG_NONE && s->scanner == NULL)) {
     client_consume(s, len);
     return;
   }
-  if (evbuffer_add(s->req_body, data, len) != 0) {
-    client_consume(s, len);
+  s->req_unacked += len;
+  if (s->method == SG_SPARK_ADD_ARTIFACTS && s->tenant_state != NULL &&
+      !sg_tenant_state_take_upload(s->tenant_state, len, sg_monotonic_ms())) {
+    char why[128];
+    snprintf(why, sizeof why, "tenant %s spent its upload quota", s->tenant->name);
+    sg_stream_reject(s, (sg_grpc_status)s->tenant->limits.over_limit_status,
+                     "sparkgate: tenant over its upload quota, retry later", why);
+    return;
+  }
+  if (s->scanner != NULL) {
+    sg_sparkmsg_reason r = sg_sparkmsg_feed(s->scanner, data, len,
+                                            sg_sparkmsg_output_evbuffer, s->req_body);
+    if (r != SG_SPARKMSG_OK) {
+      reject_scan(s, r);
+      return;
+    }
+    sg_sparkmsg_header h;
+    if (s->up_state == SG_UPSTREAM_LEG_NONE && sg_sparkmsg_header_known(s->scanner, &h)) {
+      /* In rewrite and enforce modes the session belongs to the
+       * authenticated identity, whatever the client wrote. */
+      const char *user = s->tenant->user_id == SG_ROUTE_USER_ID_OFF
+                             ? (h.user_id_present ? h.user_id : "")
+                             : s->identity;
+      attach_upstream(s, user, h.session_id);
+      if (s->rejected)
+        return;
+    }
+  } else if (evbuffer_add(s->req_body, data, len) != 0) {
     sg_stream_fail(s, SG_GRPC_RESOURCE_EXHAUSTED, "sparkgate: out of memory");
     return;
   }
+  credit_client(s, false);
   sg_upstream_resume_request(s);
 }
 
 void sg_stream_on_request_end(sg_stream *s) {
   s->req_eof = true;
-  if (!s->rejected && HEADER_FIND(&s->req_trailers, "authorization") != NULL) {
+  if (s->rejected)
+    return;
+  if (HEADER_FIND(&s->req_trailers, "authorization") != NULL) {
     /* Credentials count only in the request headers, where they were
      * checked before anything went upstream. */
-    sg_stream_fail(s, SG_GRPC_UNAUTHENTICATED,
-                   "sparkgate: authentication required or failed");
+    sg_stream_reject(s, SG_GRPC_UNAUTHENTICATED,
+                     "sparkgate: authentication required or failed",
+                     "authorization in request trailers");
     return;
+  }
+  if (s->scanner != NULL) {
+    sg_sparkmsg_reason r = sg_sparkmsg_finish(s->scanner);
+    if (r != SG_SPARKMSG_OK) {
+      reject_scan(s, r);
+      return;
+    }
+    if (s->up_state == SG_UPSTREAM_LEG_NONE) {
+      sg_stream_reject(s, SG_GRPC_INVALID_ARGUMENT,
+                       "sparkgate: invalid Spark Connect request message",
+                       "the request ended without a complete message");
+      return;
+    }
   }
   if (s->up_state == SG_UPSTREAM_LEG_OPEN || s->up_state == SG_UPSTREAM_LEG_PENDING)
     sg_upstream_resume_request(s);
@@ -491,18 +397,21 @@ void sg_stream_on_request_end(sg_stream *s) {
 void sg_stream_on_client_close(sg_stream *s, uint32_t error_code) {
   sg_conn *c = s->conn;
   if (c != NULL) {
-    /* Bytes received and never forwarded still count against the client's
-     * connection window. */
-    size_t pending = evbuffer_get_length(s->req_body);
-    if (pending > 0 && !c->freeing) {
-      evbuffer_drain(s->req_body, pending);
-      nghttp2_session_consume_connection(c->session, pending);
-    }
+    /* Bytes received and not yet credited still count against the
+     * client's connection window. */
+    if (s->req_unacked > 0 && !c->freeing)
+      nghttp2_session_consume_connection(c->session, s->req_unacked);
+    s->req_unacked = 0;
+    evbuffer_drain(s->req_body, evbuffer_get_length(s->req_body));
     sg_list_unlink(&s->conn_link);
     c->n_streams--;
   }
   s->conn = NULL;
   s->client_done = true;
+  if (s->tenant_state != NULL) {
+    sg_tenant_state_release(s->tenant_state, s->method);
+    s->tenant_state = NULL;
+  }
   if (s->deadline != NULL)
     evtimer_del(s->deadline);
   if (s->up_state == SG_UPSTREAM_LEG_PENDING ||
@@ -607,11 +516,15 @@ void sg_stream_on_upstream_close(sg_stream *s, uint32_t error_code,
   if (was_open && s->conn != NULL && !s->rejected) {
     if (!s->resp_eof) {
       if (!s->resp_started) {
-        char msg[256];
-        snprintf(msg, sizeof msg, "sparkgate: upstream %s unavailable: %s",
+        char msg[256], why[256];
+        if (s->tenant != NULL && s->backend != NULL)
+          backend_unavailable_message(s->tenant, s->backend, msg, sizeof msg);
+        else
+          snprintf(msg, sizeof msg, "sparkgate: backend unavailable");
+        snprintf(why, sizeof why, "backend %s: %s",
                  s->backend_name != NULL ? s->backend_name : "?",
                  reason != NULL ? reason : nghttp2_http2_strerror(error_code));
-        sg_stream_fail(s, SG_GRPC_UNAVAILABLE, msg);
+        sg_stream_reject(s, SG_GRPC_UNAVAILABLE, msg, why);
       } else {
         sg_info("conn=%llu stream=%d: upstream %s reset the stream after the "
                 "response started (%s): resetting the client stream",
@@ -625,12 +538,10 @@ void sg_stream_on_upstream_close(sg_stream *s, uint32_t error_code,
                                       : NGHTTP2_INTERNAL_ERROR);
         sg_conn_schedule_send(s->conn);
       }
-    } else if (evbuffer_get_length(s->req_body) > 0) {
+    } else {
       /* The backend answered in full before taking the whole request:
        * what the client still sends goes nowhere. */
-      size_t pending = evbuffer_get_length(s->req_body);
-      evbuffer_drain(s->req_body, pending);
-      client_consume(s, pending);
+      discard_request_body(s);
     }
   }
   maybe_free(s);
@@ -693,11 +604,14 @@ size_t sg_stream_request_nv(sg_stream *s, bool upstream_tls, nghttp2_nv *nva) {
            strlen(s->identity_provider));
   if (s->tenant_name != NULL)
     ADD_NV(own->tenant, strlen(own->tenant), s->tenant_name, strlen(s->tenant_name));
+  if (s->upstream_authorization != NULL)
+    ADD_NV("authorization", 13, s->upstream_authorization,
+           strlen(s->upstream_authorization));
   if (s->xfcc != NULL)
     ADD_NV(SG_IDENTITY_HEADER_XFCC, sizeof SG_IDENTITY_HEADER_XFCC - 1, s->xfcc,
            strlen(s->xfcc));
   if (s->deadline_at_ms != 0) {
-    uint64_t now = monotonic_ms();
+    uint64_t now = sg_monotonic_ms();
     uint64_t left = s->deadline_at_ms > now ? s->deadline_at_ms - now : 1;
     sg_grpc_timeout_format(left, s->grpc_timeout_out, sizeof s->grpc_timeout_out);
     ADD_NV("grpc-timeout", 12, s->grpc_timeout_out, strlen(s->grpc_timeout_out));
@@ -732,7 +646,7 @@ ssize_t sg_stream_read_request_body(nghttp2_session *session, int32_t id,
   size_t n = avail < length ? avail : length;
   evbuffer_remove(s->req_body, buf, n);
   /* The backend has taken the bytes: now the client may send more. */
-  client_consume(s, n);
+  credit_client(s, false);
   return (ssize_t)n;
 }
 

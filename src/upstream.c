@@ -49,7 +49,16 @@ struct sg_upstream_pool {
   sg_list conns;    /* sg_upstream.pool_link */
   size_t n_conns;
   uint64_t next_id;
+  /* Passive health: a failed connect or a broken connection marks the
+   * backend down; a probe connection retries it in the background with
+   * exponential backoff, and a successful connect brings it back. */
+  bool down;
+  uint32_t backoff_ms;
+  struct event *probe;
 };
+
+#define SG_UPSTREAM_BACKOFF_MIN_MS 500
+#define SG_UPSTREAM_BACKOFF_MAX_MS 30000
 
 struct sg_upstream {
   sg_list pool_link;
@@ -69,6 +78,44 @@ struct sg_upstream {
 
 static void upstream_free(sg_upstream *up, const char *reason);
 static void upstream_flush(sg_upstream *up);
+static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err, size_t errlen);
+
+static void pool_mark_down(sg_upstream_pool *pool, const char *reason) {
+  if (!pool->down) {
+    pool->backoff_ms = SG_UPSTREAM_BACKOFF_MIN_MS;
+    sg_warn("backend %s of tenant %s is down: %s; retrying in the background",
+            pool->backend->name, pool->tenant->name, reason);
+  } else if (pool->backoff_ms < SG_UPSTREAM_BACKOFF_MAX_MS) {
+    pool->backoff_ms *= 2;
+    if (pool->backoff_ms > SG_UPSTREAM_BACKOFF_MAX_MS)
+      pool->backoff_ms = SG_UPSTREAM_BACKOFF_MAX_MS;
+  }
+  pool->down = true;
+  if (pool->probe != NULL) {
+    struct timeval tv = {pool->backoff_ms / 1000,
+                         (suseconds_t)(pool->backoff_ms % 1000) * 1000};
+    evtimer_add(pool->probe, &tv);
+  }
+}
+
+static void pool_mark_up(sg_upstream_pool *pool) {
+  if (pool->down)
+    sg_info("backend %s of tenant %s is up again", pool->backend->name,
+            pool->tenant->name);
+  pool->down = false;
+  pool->backoff_ms = 0;
+  if (pool->probe != NULL)
+    evtimer_del(pool->probe);
+}
+
+static void on_probe(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  sg_upstream_pool *pool = arg;
+  char err[128];
+  if (upstream_new(pool, err, sizeof err) == NULL)
+    pool_mark_down(pool, err);
+}
 
 static void set_timer_ms(sg_upstream *up, uint32_t ms) {
   struct timeval tv = {ms / 1000, (suseconds_t)(ms % 1000) * 1000};
@@ -337,6 +384,7 @@ static void on_connected(sg_upstream *up) {
   }
   evtimer_del(up->timer);
   up->state = SG_UPSTREAM_READY;
+  pool_mark_up(up->pool);
   sg_debug("upstream %s conn=%llu: connected%s", up->pool->backend->name,
            (unsigned long long)up->id, up->ssl != NULL ? " (TLS)" : " (h2c)");
   while (!sg_list_empty(&up->pending)) {
@@ -355,8 +403,11 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
     return;
   }
   char reason[300];
+  bool broken = true;
   if (events & BEV_EVENT_EOF) {
     snprintf(reason, sizeof reason, "the backend closed the connection");
+    /* Closing an idle connection is the backend's right, not a failure. */
+    broken = up->state == SG_UPSTREAM_CONNECTING || up->n_streams > 0;
   } else {
     int dns_err = bufferevent_socket_get_dns_error(bev);
     unsigned long tls_err = up->ssl != NULL ? bufferevent_get_openssl_error(bev) : 0;
@@ -378,6 +429,11 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
                err != 0 ? evutil_socket_error_to_string(err) : "connection failed");
     }
   }
+  /* Only a connect that fails says the backend is down; an established
+   * connection that breaks fails its own streams, and the next connect
+   * finds out. */
+  if (broken && up->state == SG_UPSTREAM_CONNECTING)
+    pool_mark_down(up->pool, reason);
   upstream_free(up, reason);
 }
 
@@ -389,6 +445,7 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
     char reason[96];
     snprintf(reason, sizeof reason, "connect timed out after %u ms",
              pool_config(up->pool)->upstream_connect_timeout_ms);
+    pool_mark_down(up->pool, reason);
     upstream_free(up, reason);
     return;
   }
@@ -533,6 +590,11 @@ sg_upstream_pool *sg_upstream_pool_new(sg_worker *w, const sg_config *cfg,
   pool->backend = backend;
   pool->tls_ctx = tls_ctx;
   sg_list_init(&pool->conns);
+  pool->probe = evtimer_new(w->base, on_probe, pool);
+  if (pool->probe == NULL) {
+    free(pool);
+    return NULL;
+  }
   return pool;
 }
 
@@ -543,8 +605,11 @@ void sg_upstream_pool_free(sg_upstream_pool *pool) {
     sg_upstream *up = SG_CONTAINER_OF(pool->conns.next, sg_upstream, pool_link);
     upstream_free(up, "shutting down");
   }
+  event_free(pool->probe);
   free(pool);
 }
+
+bool sg_upstream_pool_is_up(const sg_upstream_pool *pool) { return !pool->down; }
 
 size_t sg_upstream_pool_size(const sg_upstream_pool *pool) {
   return pool->n_conns;

@@ -14,6 +14,8 @@
 #include <event2/thread.h>
 
 #include "sparkgate/conn.h"
+#include "sparkgate/limits.h"
+#include "sparkgate/stream.h"
 #include "sparkgate/log.h"
 #include "sparkgate/tls.h"
 #include "sparkgate/token_cache.h"
@@ -189,6 +191,7 @@ static void generation_free(sg_generation *g) {
   free(g->pools);
   if (g->token_cache != NULL)
     sg_token_cache_free(g->token_cache);
+  free(g->tenant_states);
   sg_runtime_unref(g->rt);
   free(g);
 }
@@ -209,6 +212,14 @@ static sg_generation *generation_new(sg_worker *w, sg_runtime *rt) {
       return NULL;
     }
   }
+  g->tenant_states = calloc(cfg->n_tenants + 1, sizeof *g->tenant_states);
+  if (g->tenant_states == NULL) {
+    generation_free(g);
+    return NULL;
+  }
+  for (size_t t = 0; t < cfg->n_tenants; t++)
+    sg_tenant_state_init(&g->tenant_states[t], &cfg->tenants[t], cfg->workers,
+                         sg_monotonic_ms());
   size_t n_pools = 0;
   for (size_t t = 0; t < cfg->n_tenants; t++)
     n_pools += cfg->tenants[t].n_backends;
@@ -241,16 +252,32 @@ sg_upstream_pool *sg_generation_pool(sg_generation *g, size_t tenant,
   return g->pools[p + backend];
 }
 
+sg_tenant_state *sg_generation_tenant_state(sg_generation *g, size_t tenant) {
+  return &g->tenant_states[tenant];
+}
+
 void sg_generation_conn_opened(sg_generation *g) { g->n_conns++; }
 
 static void finish_if_drained(sg_worker *w);
 
+static void generation_maybe_free(sg_generation *g) {
+  sg_worker *w = g->worker;
+  if (g != w->current && g->n_conns == 0 && g->n_streams == 0)
+    generation_free(g);
+}
+
 void sg_generation_conn_closed(sg_generation *g) {
   sg_worker *w = g->worker;
   g->n_conns--;
-  if (g != w->current && g->n_conns == 0)
-    generation_free(g);
+  generation_maybe_free(g);
   finish_if_drained(w);
+}
+
+void sg_generation_hold(sg_generation *g) { g->n_streams++; }
+
+void sg_generation_release(sg_generation *g) {
+  g->n_streams--;
+  generation_maybe_free(g);
 }
 
 static void on_reload(evutil_socket_t fd, short what, void *arg) {
@@ -272,7 +299,7 @@ static void on_reload(evutil_socket_t fd, short what, void *arg) {
   }
   sg_generation *old = w->current;
   w->current = g;
-  if (old->n_conns == 0)
+  if (old->n_conns == 0 && old->n_streams == 0)
     generation_free(old);
   else
     sg_list_push_back(&w->retired, &old->link);

@@ -9,8 +9,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "sparkgate/backend.h"
 #include "sparkgate/identity.h"
 #include "sparkgate/log.h"
+#include "sparkgate/route.h"
 
 struct sg_jwt_verifier;
 
@@ -39,24 +41,11 @@ typedef struct sg_listener_config {
   sg_listener_auth auth;
 } sg_listener_config;
 
-typedef struct sg_backend_config {
-  char *name;    /* defaults to "address:port"; used in logs and metrics */
-  char *address; /* numeric IP or host name */
-  uint16_t port;
-  uint32_t weight; /* 0: takes no new sessions (drain) */
-  bool tls;        /* false: h2c */
-  bool tls_verify; /* CA verification and host name check; default true */
-  char *tls_ca_file;   /* NULL: the system trust store */
-  char *tls_sni;       /* NULL: address when it is a host name */
-  char *tls_cert_file; /* optional client certificate to the backend */
-  char *tls_key_file;
-} sg_backend_config;
+/* Tenants and their backends live in the routing table (route.h). The
+ * old name stays for code that only reads name and backends. */
+typedef sg_route_tenant sg_tenant_config;
 
-typedef struct sg_tenant_config {
-  char *name;
-  sg_backend_config *backends;
-  size_t n_backends;
-} sg_tenant_config;
+
 
 typedef struct sg_config {
   int refcount_; /* atomic; use sg_config_ref/unref */
@@ -87,7 +76,10 @@ typedef struct sg_config {
   sg_listener_config *listeners;
   size_t n_listeners;
 
-  sg_tenant_config *tenants;
+  /* The routing table: from "routing_table" (a file) or from "tenants"
+   * and "tenant_selectors" inline. tenants/n_tenants view its tenants. */
+  sg_route_table *routes;
+  sg_route_tenant *tenants;
   size_t n_tenants;
 
   /* "auth": JWT providers (NULL when none are configured), and the

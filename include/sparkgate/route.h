@@ -20,7 +20,7 @@
 
 #include <jansson.h>
 
-#include "sparkgate/config.h" /* sg_backend_config */
+#include "sparkgate/backend.h"
 
 /* ---- SparkConnectService methods ---------------------------------------- */
 

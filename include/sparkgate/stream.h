@@ -56,8 +56,10 @@ struct sg_stream {
   int32_t up_id;
   sg_upstream_leg_state up_state;
   const char *backend_name; /* for logs; owned by the runtime's config */
+  const struct sg_backend_config *backend;
 
-  sg_runtime *rt; /* the config generation the call started on (ref) */
+  struct sg_generation *gen; /* held: the worker's generation it started on */
+  sg_runtime *rt; /* gen's runtime (ref) */
 
   /* Who is calling, once authenticated (owned copies: the connection and
    * the token cache entry may go first). */
@@ -67,7 +69,14 @@ struct sg_stream {
   char *identity_provider; /* the JWT provider, or NULL */
   struct json_t *claims;   /* the token's claims (ref), for routing */
   const char *tenant_name; /* owned by the runtime's config */
+  const struct sg_route_tenant *tenant;
+  struct sg_tenant_state *tenant_state; /* counted in its limits while set */
+  int method;      /* sg_spark_method, or -1 */
+  bool spark_call; /* under /spark.connect.SparkConnectService/ */
+  struct sg_sparkmsg *scanner; /* request messages, for Spark calls */
+  size_t req_unacked; /* client bytes received and not yet credited */
   char *xfcc;              /* x-forwarded-client-cert for the upstream */
+  char *upstream_authorization; /* the tenant's credential, "Bearer ..." */
 
   sg_header_list req_headers;
   sg_header_list req_trailers;
@@ -94,6 +103,30 @@ struct sg_stream {
 };
 
 sg_stream *sg_stream_new(sg_conn *conn, int32_t id);
+
+/* CLOCK_MONOTONIC in milliseconds. */
+uint64_t sg_monotonic_ms(void);
+
+const sg_header *sg_header_list_find(const sg_header_list *list,
+                                     const char *name, size_t len);
+
+/* The request's :path, shortened for a log line. */
+const char *sg_stream_path(const sg_stream *s, char *buf, size_t buflen);
+
+/* Refuses the call with a trailers-only gRPC status (or a reset when the
+ * response has started) and cancels the upstream leg. |message| goes to
+ * the client; |why| (may be NULL) only to the log. */
+void sg_stream_reject(sg_stream *s, sg_grpc_status code, const char *message,
+                      const char *why);
+
+/* The client-facing message for an unavailable backend. */
+struct sg_route_tenant;
+void sg_stream_backend_unavailable_message(const struct sg_route_tenant *t,
+                                           const struct sg_backend_config *b,
+                                           char *out, size_t outlen);
+
+/* Refuses a request that is not gRPC at all with a bodiless HTTP status. */
+void sg_stream_reject_http(sg_stream *s, int status, const char *why);
 
 /* Header collection; |trailer| selects trailers over headers. Returns -1
  * when the list grew past |max_bytes| (the caller resets the stream). */

@@ -5,6 +5,7 @@
 #ifndef SPARKGATE_UPSTREAM_H
 #define SPARKGATE_UPSTREAM_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -36,6 +37,10 @@ void sg_upstream_resume_request(sg_stream *s);
 /* The client leg took |n| response bytes: return that much window credit
  * to the backend. */
 void sg_upstream_consumed(sg_stream *s, size_t n);
+
+/* Passive health: false after a failed connect or a broken connection,
+ * until a background probe connects again. */
+bool sg_upstream_pool_is_up(const sg_upstream_pool *pool);
 
 /* Number of open upstream connections in |pool| (tests, metrics). */
 size_t sg_upstream_pool_size(const sg_upstream_pool *pool);

@@ -43,9 +43,12 @@ typedef struct sg_generation {
   sg_upstream_pool **pools;
   size_t n_pools;
   size_t n_conns;
+  size_t n_streams; /* streams that started on this generation */
   /* Verified tokens of this worker under this config (no locks: one
    * thread). NULL when no JWT provider is configured. */
   struct sg_token_cache *token_cache;
+  /* This worker's share of each tenant's limits, [tenant index]. */
+  struct sg_tenant_state *tenant_states;
 } sg_generation;
 
 struct sg_worker {
@@ -91,9 +94,16 @@ void sg_worker_post_runtime(sg_worker *w, sg_runtime *rt);
 sg_upstream_pool *sg_generation_pool(sg_generation *g, size_t tenant,
                                      size_t backend);
 
+struct sg_tenant_state *sg_generation_tenant_state(sg_generation *g,
+                                                  size_t tenant);
+
 /* Connection accounting, so that retired generations and a draining
  * worker know when they are done. */
 void sg_generation_conn_opened(sg_generation *g);
 void sg_generation_conn_closed(sg_generation *g);
+/* Streams hold their generation too: a call started on a connection
+ * accepted before a reload uses the newer generation. */
+void sg_generation_hold(sg_generation *g);
+void sg_generation_release(sg_generation *g);
 
 #endif

@@ -32,7 +32,7 @@ def good_config():
             {"name": "dev", "address": "127.0.0.1", "port": H.free_port(), "insecure": True,
              "auth": "none"},
         ],
-        "tenants": [{"name": "default", "backends": [
+        "tenants": [{"name": "default", "allow": {"any_identity": True}, "backends": [
             {"name": "spark-1", "address": "127.0.0.1", "port": 15002},
             {"name": "spark-2", "address": "127.0.0.1", "port": 15003,
              "tls": {"ca": p.ca_cert, "sni": "localhost"}},

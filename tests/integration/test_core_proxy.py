@@ -103,7 +103,7 @@ class ProxyTest(H.SparkgateTestCase):
                     return
                 yield item
 
-        it = self.ch.stream_stream(SERVICE + "TestBidi")(requests(), timeout=30)
+        it = self.ch.stream_stream(H.BIDI_PATH)(requests(), timeout=30)
         try:
             for i in range(10):
                 msg = b"ping %d " % i + os.urandom(64 + i * 1000)
@@ -115,7 +115,7 @@ class ProxyTest(H.SparkgateTestCase):
         finally:
             q.put(None)
             it.cancel()
-        rec = self.up.wait_for_call(SERVICE + "TestBidi", timeout=5)
+        rec = self.up.wait_for_call(H.BIDI_PATH, timeout=5)
         self.assertEqual((rec.kind, rec.messages), ("bidi", 10))
 
     # -- large transfers -----------------------------------------------------
@@ -218,7 +218,7 @@ class ProxyTest(H.SparkgateTestCase):
 
     # -- cancellation --------------------------------------------------------
     def test_client_cancel_reaches_upstream(self):
-        it = self.ch.unary_stream(SERVICE + "ExecutePlan")(
+        it = self.ch.unary_stream(SERVICE + "ExecutePlan", request_serializer=H.spark_request)(
             b"long query", metadata=H.standin_md("stall", count=1), timeout=30)
         try:
             self.assertEqual(next(it), b"standin 0")  # the call is live end to end
@@ -242,7 +242,7 @@ class ProxyTest(H.SparkgateTestCase):
                     return
                 yield item
 
-        fut = self.ch.stream_unary(SERVICE + "AddArtifacts").future(requests(), timeout=30)
+        fut = self.ch.stream_unary(SERVICE + "AddArtifacts", request_serializer=H.spark_request).future(requests(), timeout=30)
         q.put(b"a" * 1000)
         rec = self.up.wait_for_call(SERVICE + "AddArtifacts", timeout=10,
                                     where=lambda r: r.messages >= 1)
@@ -418,7 +418,7 @@ class ShutdownTest(H.SparkgateTestCase):
         self.addCleanup(ch.close)
         total, chunk, seed = 20 * 65536, 65536, 9
         md = H.standin_md("stream", bytes=total, chunk=chunk, seed=seed, interval_ms=100)
-        it = ch.unary_stream(SERVICE + "ExecutePlan")(b"q", metadata=md, timeout=60)
+        it = ch.unary_stream(SERVICE + "ExecutePlan", request_serializer=H.spark_request)(b"q", metadata=md, timeout=60)
         h = hashlib.sha256()
         first = next(it)
         h.update(first)

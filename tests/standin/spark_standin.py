@@ -75,10 +75,17 @@ import time
 
 import grpc
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "..", "lib"))
+import spark_proto  # noqa: E402
+
 SERVICE_PREFIX = "/spark.connect.SparkConnectService/"
 SERVER_STREAMING = {"ExecutePlan", "ReattachExecute"}
 CLIENT_STREAMING = {"AddArtifacts"}
 BIDI = {"TestBidi"}
+# Spark Connect has no bidi method; forwarding tests use this one.
+TEST_PREFIX = "/sparkgate.test.Echo/"
+BIDI_PATH = TEST_PREFIX + "Bidi"
 
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", -1),
@@ -175,6 +182,8 @@ def method_kind(method, metadata=None):
         kind = metadata.get("x-standin-kind")
         if kind in ("unary", "server", "client", "bidi"):
             return kind
+    if method == BIDI_PATH:
+        return "bidi"
     if method.startswith(SERVICE_PREFIX):
         name = method[len(SERVICE_PREFIX):]
         if name in SERVER_STREAMING:
@@ -257,17 +266,22 @@ class _Handler(grpc.GenericRpcHandler):
         method = handler_call_details.method
         kind = method_kind(method, md)
         s = self._s
+        # Requests made by tests/lib/spark_proto.request() arrive as the
+        # payload the test wrapped; anything else as it came.
+        des = spark_proto.unwrap
         if kind == "unary":
             return grpc.unary_unary_rpc_method_handler(
-                lambda req, ctx: s._unary(method, req, ctx))
+                lambda req, ctx: s._unary(method, req, ctx), request_deserializer=des)
         if kind == "server":
             return grpc.unary_stream_rpc_method_handler(
-                lambda req, ctx: s._server_stream(method, req, ctx))
+                lambda req, ctx: s._server_stream(method, req, ctx),
+                request_deserializer=des)
         if kind == "client":
             return grpc.stream_unary_rpc_method_handler(
-                lambda it, ctx: s._client_stream(method, it, ctx))
+                lambda it, ctx: s._client_stream(method, it, ctx),
+                request_deserializer=des)
         return grpc.stream_stream_rpc_method_handler(
-            lambda it, ctx: s._bidi(method, it, ctx))
+            lambda it, ctx: s._bidi(method, it, ctx), request_deserializer=des)
 
 
 class _Cancelled(Exception):

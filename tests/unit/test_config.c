@@ -22,7 +22,7 @@ static void test_minimal_h2c(void) {
   sg_config *cfg;
   sg_config_errors errs = {0};
   int rv = load("{\"listeners\":[{\"port\":0,\"insecure\":true,\"auth\":\"none\"}],"
-                "\"tenants\":[{\"name\":\"t\",\"backends\":[{\"address\":\"127.0.0.1\",\"port\":15002}]}]}",
+                "\"tenants\":[{\"name\":\"t\",\"allow\":{\"any_identity\":true},\"backends\":[{\"address\":\"127.0.0.1\",\"port\":15002}]}]}",
                 &cfg, &errs);
   CHECK(rv == 0);
   CHECK(errs.count == 0);
@@ -50,7 +50,7 @@ static void test_tls_listener(void) {
   sg_config_errors errs = {0};
   int rv = load("{\"listeners\":[{\"name\":\"pub\",\"address\":\"::1\",\"port\":8443,"
                 "\"tls\":{\"cert\":\"" FIX "server.pem\",\"key\":\"" FIX "server.key\"},\"auth\":\"none\"}],"
-                "\"tenants\":[{\"name\":\"t\",\"backends\":[{\"address\":\"localhost\",\"port\":1,"
+                "\"tenants\":[{\"name\":\"t\",\"allow\":{\"any_identity\":true},\"backends\":[{\"address\":\"localhost\",\"port\":1,"
                 "\"tls\":{\"ca\":\"" FIX "server.pem\"}}]}]}",
                 &cfg, &errs);
   CHECK(rv == 0);
@@ -71,7 +71,7 @@ static void test_errors_name_paths(void) {
   sg_config_errors errs = {0};
   int rv = load("{\"listeners\":[{\"port\":8443,\"tls\":{\"cert\":\"/nonexistent/c.pem\","
                 "\"key\":\"/nonexistent/k.pem\"}},{\"port\":70000,\"insecure\":true,\"bogus\":1}],"
-                "\"tenants\":[{\"name\":\"t\",\"backends\":[{\"address\":\"127.0.0.1\"}]}],"
+                "\"tenants\":[{\"name\":\"t\",\"allow\":{\"any_identity\":true},\"backends\":[{\"address\":\"127.0.0.1\"}]}],"
                 "\"workres\":2}",
                 &cfg, &errs);
   CHECK(rv == -1);
@@ -89,7 +89,7 @@ static void test_errors_name_paths(void) {
 static void test_listener_needs_tls_or_insecure(void) {
   sg_config *cfg;
   sg_config_errors errs = {0};
-  CHECK(load("{\"listeners\":[{\"port\":1}],\"tenants\":[{\"name\":\"t\","
+  CHECK(load("{\"listeners\":[{\"port\":1}],\"tenants\":[{\"name\":\"t\",\"allow\":{\"any_identity\":true},"
              "\"backends\":[{\"address\":\"127.0.0.1\",\"port\":1}]}]}",
              &cfg, &errs) == -1);
   CHECK_STR_CONTAINS(find_error(&errs, "listeners[0].tls"), "insecure");
@@ -106,7 +106,7 @@ static void test_mismatched_key(void) {
   sg_config *cfg;
   sg_config_errors errs = {0};
   CHECK(load("{\"listeners\":[{\"port\":1,\"tls\":{\"cert\":\"" FIX "server.pem\","
-             "\"key\":\"" FIX "other.key\"}}],\"tenants\":[{\"name\":\"t\","
+             "\"key\":\"" FIX "other.key\"}}],\"tenants\":[{\"name\":\"t\",\"allow\":{\"any_identity\":true},"
              "\"backends\":[{\"address\":\"127.0.0.1\",\"port\":1}]}]}",
              &cfg, &errs) == -1);
   CHECK_STR_CONTAINS(find_error(&errs, "listeners[0].tls"), "does not match");
@@ -132,11 +132,11 @@ static void test_duplicates(void) {
   sg_config_errors errs = {0};
   CHECK(load("{\"listeners\":[{\"name\":\"a\",\"port\":5,\"insecure\":true},"
              "{\"name\":\"a\",\"port\":6,\"insecure\":true}],"
-             "\"tenants\":[{\"name\":\"t\",\"backends\":[{\"address\":\"127.0.0.1\",\"port\":1}]},"
-             "{\"name\":\"t\",\"backends\":[{\"address\":\"127.0.0.1\",\"port\":1}]}]}",
+             "\"tenants\":[{\"name\":\"t\",\"allow\":{\"any_identity\":true},\"backends\":[{\"address\":\"127.0.0.1\",\"port\":1}]},"
+             "{\"name\":\"t\",\"allow\":{\"any_identity\":true},\"backends\":[{\"address\":\"127.0.0.1\",\"port\":1}]}]}",
              &cfg, &errs) == -1);
   CHECK_STR_CONTAINS(find_error(&errs, "listeners[1]"), "duplicate listener name");
-  CHECK_STR_CONTAINS(find_error(&errs, "tenants[1]"), "duplicate tenant name");
+  CHECK_STR_CONTAINS(find_error(&errs, "tenants[1]"), "duplicate");
   sg_config_errors_clear(&errs);
 }
 
@@ -145,17 +145,17 @@ static void test_auth_defaults_are_safe(void) {
   sg_config_errors errs = {0};
   /* No "auth" means JWT, and JWT without a provider cannot work. */
   CHECK(load("{\"listeners\":[{\"port\":0,\"insecure\":true}],"
-             "\"tenants\":[{\"name\":\"t\",\"backends\":[{\"address\":\"127.0.0.1\",\"port\":2}]}]}",
+             "\"tenants\":[{\"name\":\"t\",\"allow\":{\"any_identity\":true},\"backends\":[{\"address\":\"127.0.0.1\",\"port\":2}]}]}",
              &cfg, &errs) == -1);
   CHECK_STR_CONTAINS(find_error(&errs, "listeners[0].auth"), "jwt_providers");
   sg_config_errors_clear(&errs);
   CHECK(load("{\"listeners\":[{\"port\":0,\"insecure\":true,\"auth\":\"nope\"}],"
-             "\"tenants\":[{\"name\":\"t\",\"backends\":[{\"address\":\"127.0.0.1\",\"port\":2}]}]}",
+             "\"tenants\":[{\"name\":\"t\",\"allow\":{\"any_identity\":true},\"backends\":[{\"address\":\"127.0.0.1\",\"port\":2}]}]}",
              &cfg, &errs) == -1);
   CHECK(find_error(&errs, "listeners[0].auth") != NULL);
   sg_config_errors_clear(&errs);
   CHECK(load("{\"listeners\":[{\"port\":0,\"insecure\":true,\"auth\":{\"methods\":[\"mtls\"]}}],"
-             "\"tenants\":[{\"name\":\"t\",\"backends\":[{\"address\":\"127.0.0.1\",\"port\":2}]}]}",
+             "\"tenants\":[{\"name\":\"t\",\"allow\":{\"any_identity\":true},\"backends\":[{\"address\":\"127.0.0.1\",\"port\":2}]}]}",
              &cfg, &errs) == -1);
   CHECK_STR_CONTAINS(find_error(&errs, "listeners[0].auth"), "client_certificates");
   sg_config_errors_clear(&errs);
@@ -165,7 +165,7 @@ static void test_refcount(void) {
   sg_config *cfg;
   sg_config_errors errs = {0};
   CHECK(load("{\"listeners\":[{\"port\":0,\"insecure\":true,\"auth\":\"none\"}],"
-             "\"tenants\":[{\"name\":\"t\",\"backends\":[{\"address\":\"127.0.0.1\",\"port\":2}]}]}",
+             "\"tenants\":[{\"name\":\"t\",\"allow\":{\"any_identity\":true},\"backends\":[{\"address\":\"127.0.0.1\",\"port\":2}]}]}",
              &cfg, &errs) == 0);
   sg_config *again = sg_config_ref(cfg);
   CHECK(again == cfg);

@@ -1,0 +1,357 @@
+/* Admission: everything a request must pass before any upstream work
+ * starts, in order: it is gRPC, it targets what it says, it is
+ * authenticated, it belongs to a tenant that admits its caller and this
+ * method, and the tenant has room for it. Each refusal is answered and
+ * logged once, here, where the reason is known. */
+#include "sparkgate/admission.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include <jansson.h>
+
+#include "sparkgate/conn.h"
+#include "sparkgate/identity.h"
+#include "sparkgate/jwt.h"
+#include "sparkgate/limits.h"
+#include "sparkgate/log.h"
+#include "sparkgate/route.h"
+#include "sparkgate/token_cache.h"
+#include "sparkgate/upstream.h"
+#include "sparkgate/worker.h"
+
+#define HEADER_FIND(list, lit) sg_header_list_find((list), (lit), sizeof(lit) - 1)
+
+static nghttp2_vec header_value(const sg_header *h) {
+  return nghttp2_rcbuf_get_buf(h->value);
+}
+
+static bool path_allowed(const sg_config *cfg, const uint8_t *path, size_t len) {
+  for (size_t i = 0; i < cfg->n_allowed_path_prefixes; i++) {
+    const char *p = cfg->allowed_path_prefixes[i];
+    size_t plen = strlen(p);
+    if (len >= plen && memcmp(path, p, plen) == 0)
+      return true;
+  }
+  return false;
+}
+
+/* A request a proxy must not pass on: the stream is reset, as nghttp2 does
+ * for the malformed requests it catches itself (RFC 9113 8.1.1). */
+static void reject_malformed(sg_stream *s, const char *why) {
+  char pathbuf[256];
+  s->rejected = true;
+  s->resp_started = true;
+  s->resp_eof = true;
+  sg_info("conn=%llu stream=%d peer=%s path=%s: rejected (stream reset): %s",
+          (unsigned long long)s->conn_id, s->id, s->conn->peer,
+          sg_stream_path(s, pathbuf, sizeof pathbuf), why);
+  nghttp2_submit_rst_stream(s->conn->session, NGHTTP2_FLAG_NONE, s->id,
+                            NGHTTP2_PROTOCOL_ERROR);
+  sg_conn_schedule_send(s->conn);
+}
+
+static void on_deadline(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  sg_stream *s = arg;
+  if (s->resp_eof)
+    return; /* the backend answered in time; the client is still reading */
+  sg_stream_fail(s, SG_GRPC_DEADLINE_EXCEEDED,
+                 "sparkgate: deadline exceeded (grpc-timeout)");
+}
+
+/* The request-line checks that would let two parties read one request two
+ * ways: where it goes (authority, host) and how it came (scheme). */
+static const char *request_target_problem(const sg_stream *s) {
+  const sg_header *scheme = HEADER_FIND(&s->req_headers, ":scheme");
+  const sg_header *authority = HEADER_FIND(&s->req_headers, ":authority");
+  const sg_header *host = HEADER_FIND(&s->req_headers, "host");
+  const char *want = s->conn->listener->insecure ? "http" : "https";
+  if (scheme != NULL) {
+    nghttp2_vec v = header_value(scheme);
+    if (v.len != strlen(want) || memcmp(v.base, want, v.len) != 0)
+      return s->conn->listener->insecure
+                 ? ":scheme is not http on a cleartext listener"
+                 : ":scheme is not https on a TLS listener";
+  }
+  if (authority != NULL && memchr(header_value(authority).base, '@',
+                                  header_value(authority).len) != NULL)
+    return ":authority carries userinfo";
+  if (host != NULL && memchr(header_value(host).base, '@', header_value(host).len) != NULL)
+    return "host carries userinfo";
+  if (authority != NULL && host != NULL) {
+    nghttp2_vec a = header_value(authority), h = header_value(host);
+    if (a.len != h.len || strncasecmp((const char *)a.base, (const char *)h.base, a.len) != 0)
+      return "host differs from :authority";
+  }
+  if (authority == NULL && host == NULL)
+    return "no :authority and no host";
+  return NULL;
+}
+
+static void deny_unauthenticated(sg_stream *s, const char *reason,
+                                 const char *detail) {
+  char pathbuf[256];
+  s->rejected = true;
+  /* The client hears one generic sentence: telling an attacker which
+   * check failed helps only the attacker. The log says which. */
+  sg_info("conn=%llu stream=%d peer=%s path=%s: rejected: unauthenticated: "
+          "%s%s%s",
+          (unsigned long long)s->conn_id, s->id, s->conn->peer,
+          sg_stream_path(s, pathbuf, sizeof pathbuf), reason,
+          detail != NULL ? ": " : "", detail != NULL ? detail : "");
+  s->resp_started = true;
+  s->resp_eof = true;
+  sg_grpc_submit_error(s->conn->session, s->id, SG_GRPC_UNAUTHENTICATED,
+                       "sparkgate: authentication required or failed");
+  sg_conn_schedule_send(s->conn);
+}
+
+/* Every RPC proves who it is before any upstream work starts: a bearer
+ * token (verified, or found in this worker's cache of verified tokens),
+ * the connection's client certificate, or both, as the listener asks. */
+static bool authenticate(sg_stream *s) {
+  sg_conn *c = s->conn;
+  const sg_listener_config *l = c->listener;
+  const sg_config *cfg = s->rt->config;
+  if (l->auth_none) {
+    /* Development only: everyone is "anonymous", and tenants decide
+     * whether they admit that name like any other. */
+    s->identity = strdup("anonymous");
+    s->authenticated = s->identity != NULL;
+    s->auth_method = "none";
+    return s->authenticated;
+  }
+  const sg_header *authz = NULL;
+  unsigned n_authz = 0;
+  for (size_t i = 0; i < s->req_headers.count; i++) {
+    nghttp2_vec n = nghttp2_rcbuf_get_buf(s->req_headers.items[i].name);
+    if (SG_HEADER_IS(n.base, n.len, "authorization")) {
+      authz = &s->req_headers.items[i];
+      n_authz++;
+    }
+  }
+  if (n_authz > 1) {
+    deny_unauthenticated(s, "duplicate_authorization",
+                         "more than one authorization field");
+    return false;
+  }
+  sg_identity_jwt_input jin = {.state = SG_IDENTITY_JWT_NONE};
+  sg_jwt_result jwt = {0};
+  if (authz != NULL && (l->auth.methods & SG_LISTENER_AUTH_JWT)) {
+    nghttp2_vec v = header_value(authz);
+    const char *p = (const char *)v.base;
+    size_t len = v.len;
+    if (len < 7 || strncasecmp(p, "Bearer ", 7) != 0) {
+      jin.state = SG_IDENTITY_JWT_INVALID;
+      jin.reason = "not_bearer";
+    } else {
+      p += 7;
+      len -= 7;
+      while (len > 0 && *p == ' ') {
+        p++;
+        len--;
+      }
+      int rv = cfg->jwt == NULL || c->gen->token_cache == NULL
+                   ? SG_JWT_UNKNOWN_ISSUER
+                   : sg_token_cache_verify(c->gen->token_cache, cfg->jwt, p,
+                                           len, (int64_t)time(NULL), &jwt);
+      if (rv == SG_JWT_OK) {
+        jin.state = SG_IDENTITY_JWT_VALID;
+        jin.identity = jwt.identity;
+        jin.provider = jwt.provider;
+        jin.cnf_x5t_s256 = jwt.cnf_x5t_s256;
+      } else {
+        jin.state = SG_IDENTITY_JWT_INVALID;
+        jin.reason = sg_jwt_reason_name(rv);
+      }
+    }
+  }
+  sg_identity_cert_input cin = {.state = SG_IDENTITY_CERT_NONE};
+  if (c->has_cert) {
+    cin.state = SG_IDENTITY_CERT_VERIFIED;
+    cin.identity = c->cert_identity;
+    cin.identity_reason = c->cert_identity_reason;
+    cin.thumbprint = c->cert_thumbprint;
+  }
+  sg_identity_decision d;
+  if (!sg_identity_decide(&l->auth, &jin, &cin, &d)) {
+    deny_unauthenticated(s, d.reason, d.detail);
+    sg_jwt_result_clear(&jwt);
+    return false;
+  }
+  s->identity = strdup(d.identity);
+  s->identity_provider = d.provider != NULL ? strdup(d.provider) : NULL;
+  s->auth_method = d.method;
+  if (jin.state == SG_IDENTITY_JWT_VALID && jwt.claims != NULL &&
+      d.provider != NULL)
+    s->claims = json_incref(jwt.claims);
+  if (c->xfcc != NULL)
+    s->xfcc = strdup(c->xfcc);
+  sg_jwt_result_clear(&jwt);
+  if (s->identity == NULL) {
+    sg_stream_fail(s, SG_GRPC_RESOURCE_EXHAUSTED, "sparkgate: out of memory");
+    return false;
+  }
+  s->authenticated = true;
+  return true;
+}
+
+/* Identity headers a client could send to be taken for someone else are
+ * never forwarded; a spelling with "_" that some servers fold into the
+ * same name is refused outright. */
+static const char *spoofed_header(const sg_stream *s) {
+  const sg_identity_header_names *own = &s->rt->config->identity_headers;
+  for (size_t i = 0; i < s->req_headers.count; i++) {
+    nghttp2_vec n = nghttp2_rcbuf_get_buf(s->req_headers.items[i].name);
+    if (sg_identity_header_classify(n.base, n.len, own) == SG_IDENTITY_HEADER_REJECT)
+      return "a header name with '_' aliases an identity header";
+  }
+  return NULL;
+}
+
+/* ---- tenant ------------------------------------------------------------- */
+
+static const char *request_header(void *ctx, const char *name, size_t *len) {
+  const sg_stream *s = ctx;
+  const sg_header *h = sg_header_list_find(&s->req_headers, name, strlen(name));
+  if (h == NULL)
+    return NULL;
+  nghttp2_vec v = header_value(h);
+  *len = v.len;
+  return (const char *)v.base;
+}
+
+static bool admit_route(sg_stream *s) {
+  const sg_config *cfg = s->rt->config;
+  const sg_header *authority = HEADER_FIND(&s->req_headers, ":authority");
+  if (authority == NULL)
+    authority = HEADER_FIND(&s->req_headers, "host");
+  nghttp2_vec av = authority != NULL ? header_value(authority) : (nghttp2_vec){NULL, 0};
+  sg_route_request rq = {
+      .identity = s->identity,
+      .claims = s->claims,
+      .authority = (const char *)av.base,
+      .authority_len = av.len,
+      .header = request_header,
+      .header_ctx = s,
+  };
+  sg_route_decision d;
+  if (sg_route_select(cfg->routes, &rq, &d) != 0) {
+    char why[256];
+    snprintf(why, sizeof why, "%s (selector %s, tenant %s, identity %s)",
+             d.reason, d.selector != NULL ? d.selector : "-",
+             d.denied_tenant != NULL ? d.denied_tenant->name : "-",
+             s->identity != NULL ? s->identity : "-");
+    sg_stream_reject(s, SG_GRPC_PERMISSION_DENIED, d.message, why);
+    return false;
+  }
+  s->tenant = d.tenant;
+  s->tenant_name = d.tenant->name;
+
+  const sg_header *path = HEADER_FIND(&s->req_headers, ":path");
+  nghttp2_vec p = header_value(path);
+  static const char prefix[] = SG_SPARK_SERVICE_PREFIX;
+  bool spark = p.len >= sizeof prefix - 1 &&
+               memcmp(p.base, prefix, sizeof prefix - 1) == 0;
+  s->method = sg_spark_method_from_path((const char *)p.base, p.len);
+  s->spark_call = spark;
+  if (spark && s->method < 0) {
+    sg_stream_reject(s, SG_GRPC_UNIMPLEMENTED,
+                     "sparkgate: not a Spark Connect method", NULL);
+    return false;
+  }
+  if (spark && !sg_route_tenant_allows_method(d.tenant, s->method)) {
+    char why[128];
+    snprintf(why, sizeof why, "method %s is not allowed for tenant %s",
+             sg_spark_method_name((sg_spark_method)s->method), d.tenant->name);
+    sg_stream_reject(s, SG_GRPC_PERMISSION_DENIED,
+                     "sparkgate: this method is not allowed", why);
+    return false;
+  }
+  return true;
+}
+
+static bool admit_limits(sg_stream *s) {
+  sg_tenant_state *st = sg_generation_tenant_state(s->conn->gen, s->tenant->index);
+  const char *limit = sg_tenant_state_admit(st, s->method, sg_monotonic_ms());
+  if (limit != NULL) {
+    char why[128];
+    snprintf(why, sizeof why, "tenant %s is over its limit %s", s->tenant->name,
+             limit);
+    sg_stream_reject(s, (sg_grpc_status)s->tenant->limits.over_limit_status,
+                     "sparkgate: tenant over its limit, retry later", why);
+    return false;
+  }
+  s->tenant_state = st;
+  return true;
+}
+
+bool sg_admit(sg_stream *s) {
+  const sg_config *cfg = s->rt->config;
+  const sg_header *method = HEADER_FIND(&s->req_headers, ":method");
+  const sg_header *path = HEADER_FIND(&s->req_headers, ":path");
+  const sg_header *ctype = HEADER_FIND(&s->req_headers, "content-type");
+
+  /* nghttp2 has already checked the pseudo-header rules of RFC 9113 8.3. */
+  nghttp2_vec m = method != NULL ? header_value(method) : (nghttp2_vec){NULL, 0};
+  if (m.len != 4 || memcmp(m.base, "POST", 4) != 0) {
+    sg_stream_reject_http(s, 405, "method is not POST (gRPC needs POST)");
+    return false;
+  }
+  if (ctype == NULL) {
+    sg_stream_reject_http(s, 415, "no content-type (gRPC needs application/grpc)");
+    return false;
+  }
+  nghttp2_vec ct = header_value(ctype);
+  if (!sg_grpc_content_type_ok(ct.base, ct.len)) {
+    sg_stream_reject_http(s, 415, "content-type is not application/grpc");
+    return false;
+  }
+  const char *problem = request_target_problem(s);
+  if (problem != NULL) {
+    reject_malformed(s, problem);
+    return false;
+  }
+  nghttp2_vec p = path != NULL ? header_value(path) : (nghttp2_vec){NULL, 0};
+  if (p.len == 0 || !path_allowed(cfg, p.base, p.len)) {
+    sg_stream_fail(s, SG_GRPC_UNIMPLEMENTED,
+                   "sparkgate: method not served here (path outside the allowed prefixes)");
+    return false;
+  }
+
+  const char *spoof = spoofed_header(s);
+  if (spoof != NULL) {
+    sg_stream_reject(s, SG_GRPC_INVALID_ARGUMENT, "sparkgate: invalid request header name",
+                spoof);
+    return false;
+  }
+  if (!authenticate(s))
+    return false;
+
+  const sg_header *timeout = HEADER_FIND(&s->req_headers, "grpc-timeout");
+  if (timeout != NULL) {
+    nghttp2_vec tv = header_value(timeout);
+    uint64_t ms;
+    if (sg_grpc_timeout_parse(tv.base, tv.len, &ms) != 0) {
+      sg_stream_fail(s, SG_GRPC_INTERNAL, "sparkgate: malformed grpc-timeout");
+      return false;
+    }
+    if (ms > cfg->max_grpc_timeout_ms)
+      ms = cfg->max_grpc_timeout_ms;
+    s->deadline = evtimer_new(s->conn->worker->base, on_deadline, s);
+    if (s->deadline == NULL) {
+      sg_stream_fail(s, SG_GRPC_RESOURCE_EXHAUSTED, "sparkgate: out of memory");
+      return false;
+    }
+    s->deadline_at_ms = sg_monotonic_ms() + ms;
+    struct timeval when = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
+    evtimer_add(s->deadline, &when);
+  }
+
+  return admit_route(s) && admit_limits(s);
+}
