@@ -1,0 +1,306 @@
+#include "sparkgate/accesslog.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* The descriptor workers write to. Set once by the first open and never
+ * changed afterwards (later opens dup2 onto it), so a writer that loaded
+ * it can never write to a descriptor number that was closed and reused
+ * for something else (a client socket). */
+static int log_fd = -1;
+/* Serializes open/reopen/close; writers never take it. */
+static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
+static char *log_path; /* under log_lock; NULL: stderr */
+
+static int open_destination(const char *path, char *err, size_t errlen) {
+  int fd;
+  if (path == NULL) {
+    fd = fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3);
+    if (fd < 0)
+      snprintf(err, errlen, "access log: cannot use stderr: %s", strerror(errno));
+  } else {
+    fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOCTTY, 0640);
+    if (fd < 0)
+      snprintf(err, errlen, "access log %s: %s", path, strerror(errno));
+  }
+  return fd;
+}
+
+/* Called with log_lock held. */
+static int install(int fd, char *err, size_t errlen) {
+  int cur = __atomic_load_n(&log_fd, __ATOMIC_ACQUIRE);
+  if (cur < 0) {
+    __atomic_store_n(&log_fd, fd, __ATOMIC_RELEASE);
+    return 0;
+  }
+  int rv = dup3(fd, cur, O_CLOEXEC);
+  int saved = errno;
+  close(fd);
+  if (rv < 0) {
+    snprintf(err, errlen, "access log: dup3: %s", strerror(saved));
+    return -1;
+  }
+  return 0;
+}
+
+int sg_accesslog_open(const char *path, char *err, size_t errlen) {
+  char *copy = NULL;
+  if (path != NULL && (copy = strdup(path)) == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return -1;
+  }
+  pthread_mutex_lock(&log_lock);
+  int fd = open_destination(path, err, errlen);
+  if (fd < 0 || install(fd, err, errlen) != 0) {
+    pthread_mutex_unlock(&log_lock);
+    free(copy);
+    return -1;
+  }
+  free(log_path);
+  log_path = copy;
+  pthread_mutex_unlock(&log_lock);
+  return 0;
+}
+
+int sg_accesslog_reopen(char *err, size_t errlen) {
+  int rv = 0;
+  pthread_mutex_lock(&log_lock);
+  if (log_path != NULL && __atomic_load_n(&log_fd, __ATOMIC_ACQUIRE) >= 0) {
+    int fd = open_destination(log_path, err, errlen);
+    rv = fd < 0 ? -1 : install(fd, err, errlen);
+  }
+  pthread_mutex_unlock(&log_lock);
+  return rv;
+}
+
+void sg_accesslog_close(void) {
+  pthread_mutex_lock(&log_lock);
+  int fd = __atomic_exchange_n(&log_fd, -1, __ATOMIC_ACQ_REL);
+  if (fd >= 0)
+    close(fd);
+  free(log_path);
+  log_path = NULL;
+  pthread_mutex_unlock(&log_lock);
+}
+
+/* ---- formatting --------------------------------------------------------- */
+
+/* Length of the valid UTF-8 sequence at |s| (at most |n| bytes), or 0. */
+static size_t utf8_seq(const unsigned char *s, size_t n) {
+  unsigned c = s[0];
+  size_t len;
+  unsigned min;
+  if (c < 0x80)
+    return 1;
+  if (c >= 0xc2 && c <= 0xdf) {
+    len = 2;
+    min = 0x80;
+  } else if (c >= 0xe0 && c <= 0xef) {
+    len = 3;
+    min = 0x800;
+  } else if (c >= 0xf0 && c <= 0xf4) {
+    len = 4;
+    min = 0x10000;
+  } else {
+    return 0;
+  }
+  if (n < len)
+    return 0;
+  unsigned cp = c & (0xff >> (len + 1));
+  for (size_t i = 1; i < len; i++) {
+    if ((s[i] & 0xc0) != 0x80)
+      return 0;
+    cp = (cp << 6) | (s[i] & 0x3f);
+  }
+  if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+    return 0;
+  return len;
+}
+
+/* A JSON string of at most SG_ACCESSLOG_MAX_FIELD_BYTES of |s|, invalid
+ * UTF-8 bytes replaced by '?' (jansson refuses invalid UTF-8), or null. */
+static json_t *field_string(const char *s) {
+  if (s == NULL)
+    return json_null();
+  char buf[SG_ACCESSLOG_MAX_FIELD_BYTES];
+  size_t n = strnlen(s, sizeof buf);
+  size_t out = 0;
+  for (size_t i = 0; i < n;) {
+    size_t len = utf8_seq((const unsigned char *)s + i, n - i);
+    if (len == 0) {
+      buf[out++] = '?';
+      i++;
+    } else {
+      memcpy(buf + out, s + i, len);
+      out += len;
+      i += len;
+    }
+  }
+  return json_stringn(buf, out);
+}
+
+static json_t *rfc3339_ms(const struct timespec *t) {
+  struct timespec now;
+  if (t->tv_sec == 0 && t->tv_nsec == 0) {
+    clock_gettime(CLOCK_REALTIME, &now);
+    t = &now;
+  }
+  struct tm tm;
+  gmtime_r(&t->tv_sec, &tm);
+  char buf[40];
+  snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900,
+           tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+           t->tv_nsec / 1000000);
+  return json_string(buf);
+}
+
+/* Milliseconds with microsecond resolution; printed with 15 significant
+ * digits so that 12.345 does not come out as 12.345000000000001. */
+static json_t *duration(double ms) {
+  if (!(ms >= 0)) /* negative (clock step) or NaN */
+    ms = 0;
+  if (ms > 1e12)
+    ms = 1e12;
+  return json_real((double)(uint64_t)(ms * 1000 + 0.5) / 1000);
+}
+
+char *sg_accesslog_format(const sg_access_record *r) {
+  json_t *o = json_object();
+  if (o == NULL)
+    return NULL;
+  int bad = 0;
+  bad |= json_object_set_new(o, "time", rfc3339_ms(&r->time));
+  bad |= json_object_set_new(o, "conn_id", json_integer((json_int_t)r->conn_id));
+  bad |= json_object_set_new(o, "stream_id", json_integer(r->stream_id));
+  bad |= json_object_set_new(o, "client", field_string(r->client));
+  bad |= json_object_set_new(o, "identity", field_string(r->identity));
+  bad |= json_object_set_new(o, "tenant", field_string(r->tenant));
+  bad |= json_object_set_new(o, "method", field_string(r->method));
+  bad |= json_object_set_new(o, "session_id", field_string(r->session_id));
+  bad |= json_object_set_new(o, "backend", field_string(r->backend));
+  bad |= json_object_set_new(o, "grpc_status",
+                             r->grpc_status < 0 ? json_null() : json_integer(r->grpc_status));
+  bad |= json_object_set_new(o, "bytes_in", json_integer((json_int_t)r->bytes_in));
+  bad |= json_object_set_new(o, "bytes_out", json_integer((json_int_t)r->bytes_out));
+  bad |= json_object_set_new(o, "duration_ms", duration(r->duration_ms));
+  if (r->reason != NULL)
+    bad |= json_object_set_new(o, "reason", field_string(r->reason));
+  char *body = bad ? NULL
+                   : json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER |
+                                       JSON_REAL_PRECISION(15));
+  json_decref(o);
+  if (body == NULL)
+    return NULL;
+  /* jansson allocates with malloc by default; add the newline in place. */
+  size_t len = strlen(body);
+  char *line = realloc(body, len + 2);
+  if (line == NULL) {
+    free(body);
+    return NULL;
+  }
+  line[len] = '\n';
+  line[len + 1] = '\0';
+  return line;
+}
+
+int sg_accesslog_write(const sg_access_record *r) {
+  char *line = sg_accesslog_format(r);
+  if (line == NULL)
+    return -1;
+  int fd = __atomic_load_n(&log_fd, __ATOMIC_ACQUIRE);
+  if (fd < 0)
+    fd = STDERR_FILENO;
+  size_t len = strlen(line), off = 0;
+  int rv = 0;
+  /* One write(2) per line; the loop only matters for a short write to a
+   * pipe that was full, where atomicity is lost anyway. */
+  while (off < len) {
+    ssize_t n = write(fd, line + off, len - off);
+    if (n < 0) {
+      if (errno == EINTR)
+        continue;
+      rv = -1;
+      break;
+    }
+    off += (size_t)n;
+  }
+  free(line);
+  return rv;
+}
+
+/* ---- config ------------------------------------------------------------- */
+
+static void reportf(sg_config_report_fn report, void *ctx, const char *base,
+                    const char *key, const char *msg) {
+  char path[256];
+  if (key != NULL)
+    snprintf(path, sizeof path, "%s.%s", base, key);
+  else
+    snprintf(path, sizeof path, "%s", base);
+  report(ctx, path, msg);
+}
+
+int sg_accesslog_config_parse(const json_t *value, const char *json_path,
+                              const char *base_dir, sg_accesslog_config *out,
+                              sg_config_report_fn report, void *ctx) {
+  memset(out, 0, sizeof *out);
+  if (value == NULL || json_is_null(value))
+    return 0;
+  if (!json_is_object(value)) {
+    reportf(report, ctx, json_path, NULL,
+            "must be an object such as {\"path\": \"/var/log/sparkgate/access.log\"}, "
+            "or null");
+    return -1;
+  }
+  int errors = 0;
+  const char *key;
+  json_t *v;
+  json_object_foreach((json_t *)value, key, v) {
+    if (strcmp(key, "path") == 0) {
+      if (json_is_null(v))
+        continue;
+      if (!json_is_string(v) || json_string_length(v) == 0 ||
+          strlen(json_string_value(v)) != json_string_length(v)) {
+        reportf(report, ctx, json_path, key,
+                "must be a non-empty file name without NUL bytes, or null for stderr");
+        errors++;
+        continue;
+      }
+      const char *p = json_string_value(v);
+      free(out->path);
+      if (p[0] != '/' && base_dir != NULL && base_dir[0] != '\0') {
+        size_t n = strlen(base_dir) + strlen(p) + 2;
+        out->path = malloc(n);
+        if (out->path != NULL)
+          snprintf(out->path, n, "%s%s%s", base_dir,
+                   base_dir[strlen(base_dir) - 1] == '/' ? "" : "/", p);
+      } else {
+        out->path = strdup(p);
+      }
+      if (out->path == NULL) {
+        reportf(report, ctx, json_path, key, "out of memory");
+        errors++;
+      }
+    } else {
+      reportf(report, ctx, json_path, key,
+              "unknown key (check the spelling against docs/configuration.md)");
+      errors++;
+    }
+  }
+  if (errors > 0) {
+    sg_accesslog_config_clear(out);
+    return -1;
+  }
+  return 0;
+}
+
+void sg_accesslog_config_clear(sg_accesslog_config *c) {
+  free(c->path);
+  c->path = NULL;
+}
