@@ -18,6 +18,8 @@
 #include "sparkgate/jwt.h"
 #include "sparkgate/limits.h"
 #include "sparkgate/log.h"
+#include "sparkgate/metrics.h"
+#include "sparkgate/observe.h"
 #include "sparkgate/route.h"
 #include "sparkgate/token_cache.h"
 #include "sparkgate/upstream.h"
@@ -44,6 +46,7 @@ static bool path_allowed(const sg_config *cfg, const uint8_t *path, size_t len) 
 static void reject_malformed(sg_stream *s, const char *why) {
   char pathbuf[256];
   s->rejected = true;
+  snprintf(s->reason, sizeof s->reason, "malformed: %s", why);
   s->resp_started = true;
   s->resp_eof = true;
   sg_info("conn=%llu stream=%d peer=%s path=%s: rejected (stream reset): %s",
@@ -106,6 +109,11 @@ static void deny_unauthenticated(sg_stream *s, const char *reason,
           detail != NULL ? ": " : "", detail != NULL ? detail : "");
   s->resp_started = true;
   s->resp_eof = true;
+  s->grpc_status = SG_GRPC_UNAUTHENTICATED;
+  snprintf(s->reason, sizeof s->reason, "unauthenticated: %s%s%s", reason,
+           detail != NULL ? ": " : "", detail != NULL ? detail : "");
+  if (s->gen->metrics != NULL)
+    sg_metrics_auth_failure(s->gen->metrics, sg_auth_failure_index(reason));
   sg_grpc_submit_error(s->conn->session, s->id, SG_GRPC_UNAUTHENTICATED,
                        "sparkgate: authentication required or failed");
   sg_conn_schedule_send(s->conn);

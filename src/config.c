@@ -493,7 +493,7 @@ static void load_root(loader *ld, json_t *root) {
       "workers", "log_level", "drain_timeout_ms", "idle_timeout_ms",
       "tls_handshake_timeout_ms", "max_grpc_timeout_ms", "http2", "upstream", "allowed_path_prefixes",
       "listeners", "tenants", "tenant_selectors", "routing_table", "auth",
-      "identity_headers", NULL};
+      "identity_headers", "admin", "access_log", NULL};
   static const char *const http2_keys[] = {
       "max_concurrent_streams", "stream_window_bytes",
       "connection_window_bytes", "max_header_list_bytes", NULL};
@@ -617,6 +617,15 @@ static void load_root(loader *ld, json_t *root) {
   check_listener_auth(ld);
 
   load_routes(ld, root);
+
+  sg_admin_config_parse(json_object_get(root, "admin"), "admin", &cfg->admin,
+                        report_identity_error, ld);
+  if (cfg->admin.enabled && cfg->listeners != NULL)
+    sg_admin_config_check_listeners(&cfg->admin, cfg->listeners, cfg->n_listeners,
+                                    "admin", report_identity_error, ld);
+  sg_accesslog_config_parse(json_object_get(root, "access_log"), "access_log",
+                            cfg->base_dir, &cfg->access_log,
+                            report_identity_error, ld);
 }
 
 static void config_free(sg_config *cfg) {
@@ -635,6 +644,8 @@ static void config_free(sg_config *cfg) {
   }
   free(cfg->listeners);
   sg_route_table_unref(cfg->routes);
+  sg_admin_config_clear(&cfg->admin);
+  sg_accesslog_config_clear(&cfg->access_log);
   for (size_t i = 0; i < cfg->n_allowed_path_prefixes; i++)
     free(cfg->allowed_path_prefixes[i]);
   free(cfg->allowed_path_prefixes);
@@ -761,6 +772,14 @@ void sg_config_print_summary(const sg_config *cfg, void *stdio_file) {
   }
   if (cfg->routes != NULL)
     sg_route_table_print_summary(cfg->routes, f);
+  if (cfg->admin.enabled)
+    fprintf(f, "admin: %s%s%s:%u (/metrics, /healthz, /readyz)\n",
+            strchr(cfg->admin.address, ':') ? "[" : "", cfg->admin.address,
+            strchr(cfg->admin.address, ':') ? "]" : "", cfg->admin.port);
+  else
+    fprintf(f, "admin: off\n");
+  fprintf(f, "access log: %s\n",
+          cfg->access_log.path != NULL ? cfg->access_log.path : "stderr");
   fprintf(f, "jwt providers: %zu\n",
           cfg->jwt != NULL ? sg_jwt_verifier_provider_count(cfg->jwt) : (size_t)0);
   fprintf(f, "allowed path prefixes:");

@@ -14,9 +14,12 @@
 #include <event2/buffer.h>
 #include <event2/bufferevent_ssl.h>
 #include <openssl/err.h>
+#include <openssl/x509.h>
 
 #include "sparkgate/identity.h"
 #include "sparkgate/log.h"
+#include "sparkgate/metrics.h"
+#include "sparkgate/observe.h"
 #include "sparkgate/stream.h"
 #include "sparkgate/tls.h"
 #include "sparkgate/worker.h"
@@ -37,6 +40,11 @@ static void conn_flush(sg_conn *c);
 static void set_timer_ms(sg_conn *c, uint32_t ms) {
   struct timeval tv = {ms / 1000, (suseconds_t)(ms % 1000) * 1000};
   evtimer_add(c->timer, &tv);
+}
+
+static void count_tls_failure(sg_conn *c, size_t reason) {
+  if (c->gen->metrics != NULL)
+    sg_metrics_tls_handshake_failed(c->gen->metrics, reason);
 }
 
 static void log_peer_closed(sg_conn *c, const char *why) {
@@ -338,6 +346,7 @@ static void on_established(sg_conn *c) {
   if (c->ssl != NULL && !sg_tls_alpn_is_h2(c->ssl)) {
     sg_info("conn=%llu peer=%s: rejected: client did not negotiate ALPN h2",
             (unsigned long long)c->id, c->peer);
+    count_tls_failure(c, SG_TLS_FAIL_NO_H2);
     conn_free(c);
     return;
   }
@@ -377,9 +386,19 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
     unsigned long e = c->ssl != NULL ? bufferevent_get_openssl_error(c->bev) : 0;
     if (e != 0) {
       ERR_error_string_n(e, err, sizeof err);
-      if (!c->established)
+      long vr = SSL_get_verify_result(c->ssl);
+      if (!c->established && vr != X509_V_OK) {
+        /* Say why the client certificate was refused: expired, revoked
+         * and unknown issuer all read "certificate verify failed". */
+        sg_info("conn=%llu peer=%s: TLS handshake failed: certificate verify "
+                "failed: client certificate refused: %s",
+                (unsigned long long)c->id, c->peer, X509_verify_cert_error_string(vr));
+        count_tls_failure(c, SG_TLS_FAIL_CERT_VERIFY);
+      } else if (!c->established) {
         sg_info("conn=%llu peer=%s: TLS handshake failed: %s",
                 (unsigned long long)c->id, c->peer, err);
+        count_tls_failure(c, SG_TLS_FAIL_PROTOCOL);
+      }
       else /* most clients just close the socket without close_notify */
         sg_debug("conn=%llu peer=%s: TLS error: %s", (unsigned long long)c->id,
                  c->peer, err);
@@ -387,6 +406,7 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
       sg_info("conn=%llu peer=%s: TLS handshake failed: %s",
               (unsigned long long)c->id, c->peer,
               errno != 0 ? strerror(errno) : "connection closed");
+      count_tls_failure(c, SG_TLS_FAIL_CLOSED);
     } else {
       log_peer_closed(c, errno != 0 ? strerror(errno) : "socket error");
     }
@@ -404,6 +424,7 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
     sg_info("conn=%llu peer=%s: closed: TLS handshake not finished in %u ms",
             (unsigned long long)c->id, c->peer,
             c->rt->config->tls_handshake_timeout_ms);
+    count_tls_failure(c, SG_TLS_FAIL_TIMEOUT);
     conn_free(c);
     return;
   }
@@ -499,6 +520,8 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
   sg_list_push_back(&w->conns, &c->worker_link);
   w->n_conns++;
   sg_generation_conn_opened(gen);
+  if (gen->metrics != NULL)
+    sg_metrics_conn_accepted(gen->metrics);
 
   bufferevent_setcb(c->bev, on_read, on_write, on_event, c);
   bufferevent_setwatermark(c->bev, EV_WRITE, SG_CONN_OUTPUT_LOW_WATER, 0);
@@ -552,6 +575,8 @@ static void conn_free(sg_conn *c) {
   event_free(c->timer);
   sg_worker *w = c->worker;
   sg_generation *gen = c->gen;
+  if (gen->metrics != NULL)
+    sg_metrics_conn_closed(gen->metrics);
   free(c);
   w->n_conns--;
   sg_generation_conn_closed(gen);

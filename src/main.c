@@ -12,15 +12,24 @@
 #include <openssl/ssl.h>
 
 #include "sg_build_config.h"
+#include "sparkgate/accesslog.h"
+#include "sparkgate/admin.h"
 #include "sparkgate/config.h"
 #include "sparkgate/log.h"
+#include "sparkgate/metrics.h"
+#include "sparkgate/notify.h"
+#include "sparkgate/observe.h"
 #include "sparkgate/worker.h"
 
 typedef struct sg_main {
   struct event_base *base;
   sg_runtime *rt;
+  sg_metrics *metrics;
+  sg_admin *admin; /* NULL without an "admin" section */
   sg_worker **workers;
   unsigned n_workers;
+  unsigned workers_running;
+  struct event *worker_exit_ev; /* activated from worker threads */
   bool draining;
 } sg_main;
 
@@ -37,7 +46,7 @@ static void usage(FILE *f) {
           "  -h, --help          print this help and exit\n"
           "\n"
           "Signals: SIGTERM/SIGINT drain and exit 0 (a second one exits at once),\n"
-          "SIGHUP reloads the configuration.\n");
+          "SIGHUP reloads the configuration, SIGUSR1 reopens the access log.\n");
 }
 
 static void print_errors(const sg_config_errors *errs) {
@@ -49,11 +58,32 @@ static void start_drain(sg_main *m) {
   m->draining = true;
   sg_info("draining: no new connections; in-flight streams have %u ms",
           m->rt->config->drain_timeout_ms);
+  /* Not ready any more, but alive: probes keep answering during the drain
+   * so that Kubernetes does not kill a pod that is finishing its work. */
+  if (m->admin != NULL)
+    sg_admin_set_ready(m->admin, false);
+  sg_notify_stopping();
   for (unsigned i = 0; i < m->n_workers; i++)
     sg_worker_request_drain(m->workers[i]);
-  /* The workers exit their loops when drained; this loop only has to stop
-   * waiting for signals. */
-  event_base_loopexit(m->base, NULL);
+}
+
+/* Worker threads call this as their loops end. */
+static void on_worker_exit(void *arg) {
+  sg_main *m = arg;
+  event_active(m->worker_exit_ev, 0, 0);
+}
+
+static void on_worker_exit_ev(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  sg_main *m = arg;
+  /* One activation may stand for several exits: count the threads. */
+  unsigned running = 0;
+  for (unsigned i = 0; i < m->n_workers; i++)
+    running += !__atomic_load_n(&m->workers[i]->exited, __ATOMIC_ACQUIRE);
+  m->workers_running = running;
+  if (running == 0)
+    event_base_loopexit(m->base, NULL);
 }
 
 /* Listeners are bound once at start: a reload may change everything about
@@ -82,7 +112,18 @@ static bool listeners_compatible(const sg_config *old, const sg_config *cfg,
   return true;
 }
 
+static bool reload_config(sg_main *m);
+
 static void reload(sg_main *m) {
+  sg_notify_reloading();
+  bool ok = reload_config(m);
+  sg_metrics_reload(m->metrics, ok);
+  sg_notify_ready();
+  sg_notify_status("%s", ok ? "serving (configuration reloaded)"
+                            : "serving (last reload failed; previous configuration in force)");
+}
+
+static bool reload_config(sg_main *m) {
   const char *path = m->rt->config->path;
   sg_info("reloading configuration from %s", path);
   sg_config *cfg = NULL;
@@ -93,27 +134,42 @@ static void reload(sg_main *m) {
     sg_error("reload failed (%zu error%s): keeping the configuration in force",
              errs.count, errs.count == 1 ? "" : "s");
     sg_config_errors_clear(&errs);
-    return;
+    return false;
   }
   char err[512];
   if (!listeners_compatible(m->rt->config, cfg, err, sizeof err)) {
     sg_error("reload failed: %s: keeping the configuration in force", err);
     sg_config_unref(cfg);
-    return;
+    return false;
   }
-  sg_runtime *rt = sg_runtime_new(cfg, err, sizeof err);
+  if (m->admin != NULL &&
+      (!cfg->admin.enabled || cfg->admin.port != m->rt->config->admin.port ||
+       strcmp(cfg->admin.address, m->rt->config->admin.address) != 0)) {
+    sg_error("reload failed: the admin listener changed: restart to change it; "
+             "keeping the configuration in force");
+    sg_config_unref(cfg);
+    return false;
+  }
+  char aerr[256];
+  if (sg_accesslog_open(cfg->access_log.path, aerr, sizeof aerr) != 0) {
+    sg_error("reload failed: access_log: %s; keeping the configuration in force", aerr);
+    sg_config_unref(cfg);
+    return false;
+  }
+  sg_runtime *rt = sg_runtime_new(cfg, m->metrics, err, sizeof err);
   sg_config_unref(cfg);
   if (rt == NULL) {
     sg_error("reload failed: %s: keeping the configuration in force", err);
-    return;
+    return false;
   }
   sg_log_set_level(rt->config->log_level);
   for (unsigned i = 0; i < m->n_workers; i++)
     sg_worker_post_runtime(m->workers[i], rt);
   sg_runtime_unref(m->rt);
   m->rt = rt;
-  sg_info("reload done: new connections use the new configuration; "
-          "existing ones finish on the old one");
+  sg_info("reload done: new calls use the new configuration; calls in "
+          "flight finish on the one they started with");
+  return true;
 }
 
 static void on_signal(evutil_socket_t sig, short what, void *arg) {
@@ -129,6 +185,15 @@ static void on_signal(evutil_socket_t sig, short what, void *arg) {
     if (!m->draining)
       reload(m);
     break;
+  case SIGUSR1: {
+    char err[256];
+    if (sg_accesslog_reopen(err, sizeof err) != 0)
+      sg_error("SIGUSR1: cannot reopen the access log: %s; still writing to the old file",
+               err);
+    else
+      sg_info("SIGUSR1: access log reopened");
+    break;
+  }
   default:
     break;
   }
@@ -148,20 +213,36 @@ static int run(sg_config *cfg) {
   sg_main m = {0};
   char err[512];
   int status = 1;
+  struct event *sigs[4] = {NULL};
+  const int signos[4] = {SIGTERM, SIGINT, SIGHUP, SIGUSR1};
+  uint16_t *ports = NULL;
 
   sg_log_set_level(cfg->log_level);
-  m.rt = sg_runtime_new(cfg, err, sizeof err);
-  if (m.rt == NULL) {
-    fprintf(stderr, "sparkgate: %s: %s\n", cfg->path, err);
+  if (sg_accesslog_open(cfg->access_log.path, err, sizeof err) != 0) {
+    fprintf(stderr, "sparkgate: %s: access_log: %s\n", cfg->path, err);
     return 1;
   }
-  m.n_workers = cfg->workers;
-  m.workers = calloc(m.n_workers, sizeof *m.workers);
-  uint16_t *ports = calloc(cfg->n_listeners + 1, sizeof *ports);
-  if (m.workers == NULL || ports == NULL) {
+  sg_metrics_reasons reasons;
+  sg_observe_reasons(&reasons);
+  m.metrics = sg_metrics_new(cfg->workers, &reasons);
+  if (m.metrics == NULL) {
     fprintf(stderr, "sparkgate: out of memory\n");
     goto out;
   }
+  m.rt = sg_runtime_new(cfg, m.metrics, err, sizeof err);
+  if (m.rt == NULL) {
+    fprintf(stderr, "sparkgate: %s: %s\n", cfg->path, err);
+    goto out;
+  }
+  m.base = event_base_new();
+  m.n_workers = cfg->workers;
+  m.workers = calloc(m.n_workers, sizeof *m.workers);
+  ports = calloc(cfg->n_listeners + 1, sizeof *ports);
+  if (m.base == NULL || m.workers == NULL || ports == NULL) {
+    fprintf(stderr, "sparkgate: out of memory\n");
+    goto out;
+  }
+  m.worker_exit_ev = event_new(m.base, -1, 0, on_worker_exit_ev, &m);
   for (size_t i = 0; i < cfg->n_listeners; i++)
     ports[i] = cfg->listeners[i].port;
   for (unsigned i = 0; i < m.n_workers; i++) {
@@ -170,6 +251,8 @@ static int run(sg_config *cfg) {
       sg_error("%s", err);
       goto out;
     }
+    m.workers[i]->on_exit = on_worker_exit;
+    m.workers[i]->on_exit_arg = &m;
   }
   for (size_t i = 0; i < cfg->n_listeners; i++) {
     const sg_listener_config *l = &cfg->listeners[i];
@@ -180,16 +263,21 @@ static int run(sg_config *cfg) {
       sg_warn("listener %s is INSECURE: cleartext h2c, no TLS, credentials "
               "travel in clear; use it for local development only",
               l->name);
+    if (l->auth_none)
+      sg_warn("listener %s has \"auth\": \"none\": every caller is "
+              "\"anonymous\"; use it for local development only",
+              l->name);
   }
-
-  m.base = event_base_new();
-  if (m.base == NULL) {
-    sg_error("cannot create the main event loop");
-    goto out;
+  /* The admin server runs on this (main) loop: it stays up while workers
+   * drain, so probes keep answering. */
+  if (cfg->admin.enabled) {
+    m.admin = sg_admin_new(m.base, &cfg->admin, m.metrics, err, sizeof err);
+    if (m.admin == NULL) {
+      sg_error("admin: %s", err);
+      goto out;
+    }
   }
-  struct event *sigs[3];
-  const int signos[3] = {SIGTERM, SIGINT, SIGHUP};
-  for (int i = 0; i < 3; i++) {
+  for (int i = 0; i < 4; i++) {
     sigs[i] = evsignal_new(m.base, signos[i], on_signal, &m);
     evsignal_add(sigs[i], NULL);
   }
@@ -202,12 +290,17 @@ static int run(sg_config *cfg) {
     if (sg_worker_start(m.workers[i]) != 0) {
       pthread_sigmask(SIG_SETMASK, &old, NULL);
       sg_error("cannot start worker thread %u", i);
-      goto out_signals;
+      goto out;
     }
   }
   pthread_sigmask(SIG_SETMASK, &old, NULL);
+  m.workers_running = m.n_workers;
+  if (m.admin != NULL)
+    sg_admin_set_ready(m.admin, true);
   sg_info("sparkgate %s ready: %u workers, config %s", SG_VERSION, m.n_workers,
           cfg->path);
+  sg_notify_ready();
+  sg_notify_status("serving");
 
   event_base_dispatch(m.base);
 
@@ -220,10 +313,10 @@ static int run(sg_config *cfg) {
   sg_info("stopped");
   status = 0;
 
-out_signals:
-  for (int i = 0; i < 3; i++)
-    event_free(sigs[i]);
 out:
+  for (int i = 0; i < 4; i++)
+    if (sigs[i] != NULL)
+      event_free(sigs[i]);
   if (m.workers != NULL) {
     for (unsigned i = 0; i < m.n_workers; i++) {
       if (m.workers[i] != NULL && m.workers[i]->thread_started) {
@@ -235,9 +328,16 @@ out:
   }
   free(m.workers);
   free(ports);
+  if (m.admin != NULL)
+    sg_admin_free(m.admin);
+  if (m.worker_exit_ev != NULL)
+    event_free(m.worker_exit_ev);
   if (m.base != NULL)
     event_base_free(m.base);
   sg_runtime_unref(m.rt);
+  if (m.metrics != NULL)
+    sg_metrics_free(m.metrics);
+  sg_accesslog_close();
   return status;
 }
 

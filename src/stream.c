@@ -10,7 +10,9 @@
 
 #include "sparkgate/admission.h"
 #include "sparkgate/conn.h"
+#include "sparkgate/accesslog.h"
 #include "sparkgate/limits.h"
+#include "sparkgate/metrics.h"
 #include "sparkgate/route.h"
 #include "sparkgate/sparkmsg.h"
 #include "sparkgate/identity.h"
@@ -96,6 +98,10 @@ sg_stream *sg_stream_new(sg_conn *conn, int32_t id) {
   s->gen = conn->worker->current;
   sg_generation_hold(s->gen);
   s->rt = sg_runtime_ref(s->gen->rt);
+  s->grpc_status = -1;
+  s->started_ms = sg_monotonic_ms();
+  if (s->gen->metrics != NULL)
+    sg_metrics_stream_opened(s->gen->metrics);
   sg_list_init(&s->up_link);
   sg_list_push_back(&conn->streams, &s->conn_link);
   conn->n_streams++;
@@ -127,6 +133,8 @@ static void stream_free(sg_stream *s) {
   if (s->claims != NULL)
     json_decref(s->claims);
   sg_generation *gen = s->gen;
+  if (gen->metrics != NULL)
+    sg_metrics_stream_closed(gen->metrics);
   sg_runtime_unref(s->rt);
   free(s);
   sg_generation_release(gen);
@@ -186,6 +194,10 @@ void sg_stream_reject(sg_stream *s, sg_grpc_status code, const char *message,
                         const char *why) {
   char pathbuf[256];
   s->rejected = true;
+  if (s->reason[0] == '\0') {
+    s->grpc_status = (int)code;
+    snprintf(s->reason, sizeof s->reason, "%s", why != NULL ? why : message);
+  }
   if (s->conn != NULL) {
     sg_info("conn=%llu stream=%d peer=%s path=%s: grpc-status %d: %s%s%s",
             (unsigned long long)s->conn_id, s->id, s->conn->peer,
@@ -215,6 +227,7 @@ void sg_stream_fail(sg_stream *s, sg_grpc_status code, const char *message) {
 void sg_stream_reject_http(sg_stream *s, int status, const char *why) {
   char pathbuf[256];
   s->rejected = true;
+  snprintf(s->reason, sizeof s->reason, "HTTP %d: %s", status, why);
   s->resp_started = true;
   s->resp_eof = true;
   sg_info("conn=%llu stream=%d peer=%s path=%s: HTTP %d: %s",
@@ -331,6 +344,7 @@ void sg_stream_on_request_data(sg_stream *s, const uint8_t *data, size_t len) {
     return;
   }
   s->req_unacked += len;
+  s->bytes_in += len;
   if (s->method == SG_SPARK_ADD_ARTIFACTS && s->tenant_state != NULL &&
       !sg_tenant_state_take_upload(s->tenant_state, len, sg_monotonic_ms())) {
     char why[128];
@@ -350,6 +364,7 @@ void sg_stream_on_request_data(sg_stream *s, const uint8_t *data, size_t len) {
     if (s->up_state == SG_UPSTREAM_LEG_NONE && sg_sparkmsg_header_known(s->scanner, &h)) {
       /* In rewrite and enforce modes the session belongs to the
        * authenticated identity, whatever the client wrote. */
+      snprintf(s->session_id, sizeof s->session_id, "%s", h.session_id);
       const char *user = s->tenant->user_id == SG_ROUTE_USER_ID_OFF
                              ? (h.user_id_present ? h.user_id : "")
                              : s->identity;
@@ -394,8 +409,43 @@ void sg_stream_on_request_end(sg_stream *s) {
     sg_upstream_resume_request(s);
 }
 
+/* One access-log line and one metrics observation per call, when its
+ * client leg ends. */
+static void report_call(sg_stream *s, const sg_conn *c, uint32_t error_code) {
+  if (s->grpc_status < 0 && error_code == NGHTTP2_CANCEL)
+    s->grpc_status = SG_GRPC_CANCELLED;
+  double ms = (double)(sg_monotonic_ms() - s->started_ms);
+  const sg_header *path = HEADER_FIND(&s->req_headers, ":path");
+  nghttp2_vec p = path != NULL ? header_value(path) : (nghttp2_vec){(uint8_t *)"", 0};
+  char pathbuf[256];
+  snprintf(pathbuf, sizeof pathbuf, "%.*s", (int)(p.len < 255 ? p.len : 255), p.base);
+  if (s->gen->metrics != NULL)
+    sg_metrics_rpc_done(s->gen->metrics,
+                        s->tenant != NULL ? s->tenant->index : SG_METRICS_TENANT_NONE,
+                        sg_metrics_method_from_path((const char *)p.base, p.len),
+                        s->grpc_status, ms / 1000.0, s->bytes_in, s->bytes_out);
+  sg_access_record r = {
+      .conn_id = s->conn_id,
+      .stream_id = s->id,
+      .client = c != NULL ? c->peer : NULL,
+      .identity = s->identity,
+      .tenant = s->tenant_name,
+      .method = pathbuf,
+      .session_id = s->session_id[0] != '\0' ? s->session_id : NULL,
+      .backend = s->backend_name,
+      .grpc_status = s->grpc_status,
+      .bytes_in = s->bytes_in,
+      .bytes_out = s->bytes_out,
+      .duration_ms = ms,
+      .reason = s->reason[0] != '\0' ? s->reason : NULL,
+  };
+  sg_accesslog_write(&r);
+}
+
 void sg_stream_on_client_close(sg_stream *s, uint32_t error_code) {
   sg_conn *c = s->conn;
+  if (c != NULL && s->req_headers_done)
+    report_call(s, c, error_code);
   if (c != NULL) {
     /* Bytes received and not yet credited still count against the
      * client's connection window. */
@@ -448,6 +498,20 @@ static size_t build_nv(const sg_header_list *list, nghttp2_nv *nva) {
   return n;
 }
 
+static void record_grpc_status(sg_stream *s, const sg_header_list *list) {
+  const sg_header *st = HEADER_FIND(list, "grpc-status");
+  if (st == NULL)
+    return;
+  nghttp2_vec v = header_value(st);
+  int code = 0;
+  for (size_t i = 0; i < v.len && i < 3; i++) {
+    if (v.base[i] < '0' || v.base[i] > '9')
+      return;
+    code = code * 10 + (v.base[i] - '0');
+  }
+  s->grpc_status = code;
+}
+
 void sg_stream_on_response_headers(sg_stream *s, bool end_stream) {
   const sg_header *status = HEADER_FIND(&s->resp_headers, ":status");
   nghttp2_vec st = status != NULL ? header_value(status) : (nghttp2_vec){NULL, 0};
@@ -467,8 +531,10 @@ void sg_stream_on_response_headers(sg_stream *s, bool end_stream) {
   nghttp2_data_provider prd = {.source = {.ptr = s},
                                .read_callback = sg_stream_read_response_body};
   s->resp_started = true;
-  if (end_stream)
+  if (end_stream) {
     s->resp_eof = true;
+    record_grpc_status(s, &s->resp_headers);
+  }
   /* A trailers-only response stays trailers-only: one HEADERS frame with
    * END_STREAM, as gRPC clients expect for immediate errors. */
   int rv = nghttp2_submit_response(s->conn->session, s->id, nva, n,
@@ -663,6 +729,7 @@ ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
       return NGHTTP2_ERR_DEFERRED;
     *data_flags |= NGHTTP2_DATA_FLAG_EOF;
     if (s->resp_trailers.count > 0) {
+      record_grpc_status(s, &s->resp_trailers);
       nghttp2_nv *nva = malloc(s->resp_trailers.count * sizeof *nva);
       if (nva != NULL) {
         size_t n = build_nv(&s->resp_trailers, nva);
@@ -676,6 +743,7 @@ ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
   }
   size_t n = avail < length ? avail : length;
   evbuffer_remove(s->resp_body, buf, n);
+  s->bytes_out += n;
   /* The client leg has taken the bytes: the backend may send more. */
   sg_upstream_consumed(s, n);
   return (ssize_t)n;

@@ -20,6 +20,7 @@
 
 #include "sparkgate/list.h"
 #include "sparkgate/log.h"
+#include "sparkgate/metrics.h"
 #include "sparkgate/stream.h"
 #include "sparkgate/tls.h"
 #include "sparkgate/worker.h"
@@ -43,6 +44,7 @@ typedef enum sg_upstream_state {
 struct sg_upstream_pool {
   sg_worker *worker;
   const sg_config *cfg;
+  sg_metrics_worker *metrics; /* may be NULL */
   const sg_tenant_config *tenant;
   const sg_backend_config *backend;
   SSL_CTX *tls_ctx; /* NULL: h2c */
@@ -79,6 +81,12 @@ struct sg_upstream {
 static void upstream_free(sg_upstream *up, const char *reason);
 static void upstream_flush(sg_upstream *up);
 static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err, size_t errlen);
+
+static void count_connect(sg_upstream_pool *pool, bool ok) {
+  if (pool->metrics != NULL)
+    sg_metrics_upstream_connect(pool->metrics, pool->tenant->index,
+                                (size_t)(pool->backend - pool->tenant->backends), ok);
+}
 
 static void pool_mark_down(sg_upstream_pool *pool, const char *reason) {
   if (!pool->down) {
@@ -384,6 +392,7 @@ static void on_connected(sg_upstream *up) {
   }
   evtimer_del(up->timer);
   up->state = SG_UPSTREAM_READY;
+  count_connect(up->pool, true);
   pool_mark_up(up->pool);
   sg_debug("upstream %s conn=%llu: connected%s", up->pool->backend->name,
            (unsigned long long)up->id, up->ssl != NULL ? " (TLS)" : " (h2c)");
@@ -432,8 +441,10 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
   /* Only a connect that fails says the backend is down; an established
    * connection that breaks fails its own streams, and the next connect
    * finds out. */
-  if (broken && up->state == SG_UPSTREAM_CONNECTING)
+  if (broken && up->state == SG_UPSTREAM_CONNECTING) {
+    count_connect(up->pool, false);
     pool_mark_down(up->pool, reason);
+  }
   upstream_free(up, reason);
 }
 
@@ -445,6 +456,7 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
     char reason[96];
     snprintf(reason, sizeof reason, "connect timed out after %u ms",
              pool_config(up->pool)->upstream_connect_timeout_ms);
+    count_connect(up->pool, false);
     pool_mark_down(up->pool, reason);
     upstream_free(up, reason);
     return;
@@ -580,12 +592,14 @@ static void upstream_free(sg_upstream *up, const char *reason) {
 sg_upstream_pool *sg_upstream_pool_new(sg_worker *w, const sg_config *cfg,
                                        const sg_tenant_config *tenant,
                                        const sg_backend_config *backend,
-                                       SSL_CTX *tls_ctx) {
+                                       SSL_CTX *tls_ctx,
+                                       struct sg_metrics_worker *metrics) {
   sg_upstream_pool *pool = calloc(1, sizeof *pool);
   if (pool == NULL)
     return NULL;
   pool->worker = w;
   pool->cfg = cfg;
+  pool->metrics = metrics;
   pool->tenant = tenant;
   pool->backend = backend;
   pool->tls_ctx = tls_ctx;

@@ -17,6 +17,7 @@
 #include "sparkgate/limits.h"
 #include "sparkgate/stream.h"
 #include "sparkgate/log.h"
+#include "sparkgate/metrics.h"
 #include "sparkgate/tls.h"
 #include "sparkgate/token_cache.h"
 #include "sparkgate/upstream.h"
@@ -42,11 +43,14 @@ static void runtime_free(sg_runtime *rt) {
     }
     free(rt->backend_tls);
   }
+  if (rt->metrics != NULL)
+    sg_metrics_gen_unref(rt->metrics);
   sg_config_unref(rt->config);
   free(rt);
 }
 
-sg_runtime *sg_runtime_new(sg_config *cfg, char *err, size_t errlen) {
+sg_runtime *sg_runtime_new(sg_config *cfg, sg_metrics *metrics, char *err,
+                           size_t errlen) {
   sg_runtime *rt = calloc(1, sizeof *rt);
   if (rt == NULL) {
     snprintf(err, errlen, "out of memory");
@@ -87,6 +91,14 @@ sg_runtime *sg_runtime_new(sg_config *cfg, char *err, size_t errlen) {
         snprintf(err, errlen, "tenants[%zu].backends[%zu].tls: %s", t, b, terr);
         goto fail;
       }
+    }
+  }
+  /* Last: from here on /metrics shows this config's tenants. */
+  if (metrics != NULL) {
+    rt->metrics = sg_metrics_gen_new_from_config(metrics, cfg);
+    if (rt->metrics == NULL) {
+      snprintf(err, errlen, "out of memory");
+      goto fail;
     }
   }
   return rt;
@@ -204,6 +216,8 @@ static sg_generation *generation_new(sg_worker *w, sg_runtime *rt) {
   sg_list_init(&g->link);
   g->worker = w;
   g->rt = sg_runtime_ref(rt);
+  if (rt->metrics != NULL)
+    g->metrics = sg_metrics_for_worker(rt->metrics, w->index);
   if (cfg->jwt != NULL) {
     g->token_cache = sg_token_cache_new(cfg->token_cache_entries,
                                         (int64_t)cfg->token_cache_max_ttl_s);
@@ -232,7 +246,8 @@ static sg_generation *generation_new(sg_worker *w, sg_runtime *rt) {
     for (size_t b = 0; b < cfg->tenants[t].n_backends; b++) {
       g->pools[g->n_pools] =
           sg_upstream_pool_new(w, cfg, &cfg->tenants[t],
-                               &cfg->tenants[t].backends[b], rt->backend_tls[t][b]);
+                               &cfg->tenants[t].backends[b], rt->backend_tls[t][b],
+                               g->metrics);
       if (g->pools[g->n_pools] == NULL) {
         generation_free(g);
         return NULL;
@@ -452,6 +467,9 @@ fail:
 static void *worker_main(void *arg) {
   sg_worker *w = arg;
   event_base_dispatch(w->base);
+  __atomic_store_n(&w->exited, true, __ATOMIC_RELEASE);
+  if (w->on_exit != NULL)
+    w->on_exit(w->on_exit_arg);
   return NULL;
 }
 

@@ -22,7 +22,7 @@
 
 #include <jansson.h>
 
-#include "sparkgate/config.h"
+struct sg_listener_config;
 
 struct event_base;
 typedef struct sg_metrics sg_metrics;
@@ -59,7 +59,7 @@ void sg_admin_config_clear(sg_admin_config *c);
  * overlapping address (same address, or either one a wildcard). Reports
  * each clash at |json_path|.port. Returns 0 or -1. */
 int sg_admin_config_check_listeners(const sg_admin_config *a,
-                                    const sg_listener_config *listeners,
+                                    const struct sg_listener_config *listeners,
                                     size_t n_listeners, const char *json_path,
                                     sg_config_report_fn report, void *ctx);
 

@@ -9,6 +9,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "sparkgate/accesslog.h"
+#include "sparkgate/admin.h"
 #include "sparkgate/backend.h"
 #include "sparkgate/identity.h"
 #include "sparkgate/log.h"
@@ -84,6 +86,9 @@ typedef struct sg_config {
 
   /* "auth": JWT providers (NULL when none are configured), and the
    * per-worker cache of verified tokens. */
+  sg_admin_config admin;           /* "admin": /metrics, /healthz, /readyz */
+  sg_accesslog_config access_log;  /* "access_log": one JSON line per RPC */
+
   struct sg_jwt_verifier *jwt;
   sg_identity_header_names identity_headers;
   uint32_t token_cache_entries;

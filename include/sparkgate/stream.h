@@ -75,6 +75,14 @@ struct sg_stream {
   bool spark_call; /* under /spark.connect.SparkConnectService/ */
   struct sg_sparkmsg *scanner; /* request messages, for Spark calls */
   size_t req_unacked; /* client bytes received and not yet credited */
+
+  /* For the access log and metrics, reported when the client leg ends. */
+  uint64_t started_ms;
+  uint64_t bytes_in;  /* request DATA payload from the client */
+  uint64_t bytes_out; /* response DATA payload to the client */
+  int grpc_status;    /* -1 until known */
+  char reason[128];   /* why the proxy refused the call, "" otherwise */
+  char session_id[80];
   char *xfcc;              /* x-forwarded-client-cert for the upstream */
   char *upstream_authorization; /* the tenant's credential, "Bearer ..." */
 

@@ -14,11 +14,14 @@
 #include "sparkgate/config.h"
 #include "sparkgate/types.h"
 
+struct sg_metrics_worker;
+
 /* |cfg| must outlive the pool (the generation holds it). */
 sg_upstream_pool *sg_upstream_pool_new(sg_worker *w, const sg_config *cfg,
                                        const sg_tenant_config *tenant,
                                        const sg_backend_config *backend,
-                                       SSL_CTX *tls_ctx);
+                                       SSL_CTX *tls_ctx,
+                                       struct sg_metrics_worker *metrics);
 /* Closes every connection; their streams fail with UNAVAILABLE. */
 void sg_upstream_pool_free(sg_upstream_pool *pool);
 

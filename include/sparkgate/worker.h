@@ -25,9 +25,13 @@ struct sg_runtime {
   sg_config *config;
   SSL_CTX **listener_tls;   /* [listener]; NULL for h2c listeners */
   SSL_CTX ***backend_tls;   /* [tenant][backend]; NULL for h2c backends */
+  struct sg_metrics_gen *metrics; /* this config's metric dimensions (ref) */
 };
 
-sg_runtime *sg_runtime_new(sg_config *cfg, char *err, size_t errlen);
+/* |metrics| may be NULL (unit tests); otherwise the runtime records into a
+ * new dimension generation of it. */
+sg_runtime *sg_runtime_new(sg_config *cfg, struct sg_metrics *metrics,
+                           char *err, size_t errlen);
 sg_runtime *sg_runtime_ref(sg_runtime *rt);
 void sg_runtime_unref(sg_runtime *rt);
 
@@ -49,12 +53,14 @@ typedef struct sg_generation {
   struct sg_token_cache *token_cache;
   /* This worker's share of each tenant's limits, [tenant index]. */
   struct sg_tenant_state *tenant_states;
+  struct sg_metrics_worker *metrics; /* this worker's counters (borrowed from rt) */
 } sg_generation;
 
 struct sg_worker {
   unsigned index;
   pthread_t thread;
   bool thread_started;
+  bool exited; /* atomic: set by the thread when its loop has ended */
   struct event_base *base;
   struct evdns_base *dns;
   sg_generation *current; /* new connections start here */
@@ -67,6 +73,10 @@ struct sg_worker {
   sg_list conns; /* sg_conn.worker_link */
   size_t n_conns;
   uint64_t next_conn_id;
+
+  /* Told (from the worker thread) when its loop has ended. */
+  void (*on_exit)(void *arg);
+  void *on_exit_arg;
 
   struct event *drain_ev;    /* activated from the main thread */
   struct event *reload_ev;   /* activated from the main thread */
