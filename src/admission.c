@@ -47,6 +47,7 @@ static void reject_malformed(sg_stream *s, const char *why) {
   char pathbuf[256];
   s->rejected = true;
   snprintf(s->reason, sizeof s->reason, "malformed: %s", why);
+  sg_conn_charge(s->conn, 5, "malformed requests");
   s->resp_started = true;
   s->resp_eof = true;
   sg_info("conn=%llu stream=%d peer=%s path=%s: rejected (stream reset): %s",
@@ -114,6 +115,7 @@ static void deny_unauthenticated(sg_stream *s, const char *reason,
            detail != NULL ? ": " : "", detail != NULL ? detail : "");
   if (s->gen->metrics != NULL)
     sg_metrics_auth_failure(s->gen->metrics, sg_auth_failure_index(reason));
+  sg_conn_charge(s->conn, 2, "unauthenticated requests");
   sg_grpc_submit_error(s->conn->session, s->id, SG_GRPC_UNAUTHENTICATED,
                        "sparkgate: authentication required or failed");
   sg_conn_schedule_send(s->conn);

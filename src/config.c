@@ -22,6 +22,11 @@
 #define SG_DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS 10000
 #define SG_DEFAULT_IDLE_TIMEOUT_MS 300000
 #define SG_DEFAULT_MAX_GRPC_TIMEOUT_MS (24u * 3600u * 1000u)
+#define SG_DEFAULT_WRITE_STALL_TIMEOUT_MS 60000
+/* An hour: room for a query that computes for many minutes before its
+ * first batch (Spark's reattachable streams end every 2 minutes anyway). */
+#define SG_DEFAULT_STREAM_IDLE_TIMEOUT_MS 3600000
+#define SG_DEFAULT_MAX_CONNECTIONS 10000
 #define SG_DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS 5000
 #define SG_DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS 60000
 #define SG_DEFAULT_PATH_PREFIX "/spark.connect.SparkConnectService/"
@@ -491,7 +496,8 @@ static void load_auth(loader *ld, json_t *root) {
 static void load_root(loader *ld, json_t *root) {
   static const char *const keys[] = {
       "workers", "log_level", "drain_timeout_ms", "idle_timeout_ms",
-      "tls_handshake_timeout_ms", "max_grpc_timeout_ms", "http2", "upstream", "allowed_path_prefixes",
+      "tls_handshake_timeout_ms", "max_grpc_timeout_ms", "write_stall_timeout_ms",
+      "stream_idle_timeout_ms", "max_connections", "http2", "upstream", "allowed_path_prefixes",
       "listeners", "tenants", "tenant_selectors", "routing_table", "auth",
       "identity_headers", "admin", "access_log", NULL};
   static const char *const http2_keys[] = {
@@ -518,6 +524,13 @@ static void load_root(loader *ld, json_t *root) {
                                   86400000, SG_DEFAULT_IDLE_TIMEOUT_MS);
   cfg->max_grpc_timeout_ms = get_uint(ld, root, "", "max_grpc_timeout_ms", 1,
                                       0xffffffffu, SG_DEFAULT_MAX_GRPC_TIMEOUT_MS);
+  cfg->write_stall_timeout_ms = get_uint(ld, root, "", "write_stall_timeout_ms",
+                                         100, 3600000, SG_DEFAULT_WRITE_STALL_TIMEOUT_MS);
+  cfg->stream_idle_timeout_ms = get_uint(ld, root, "", "stream_idle_timeout_ms",
+                                         1000, 0xffffffffu,
+                                         SG_DEFAULT_STREAM_IDLE_TIMEOUT_MS);
+  cfg->max_connections = get_uint(ld, root, "", "max_connections", 0, 10000000,
+                                  SG_DEFAULT_MAX_CONNECTIONS);
   cfg->tls_handshake_timeout_ms =
       get_uint(ld, root, "", "tls_handshake_timeout_ms", 100, 600000,
                SG_DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS);

@@ -1,6 +1,7 @@
 #include "sparkgate/conn.h"
 
 #include <errno.h>
+#include <time.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,8 +35,17 @@
  * requests already in flight from the client to arrive. */
 #define SG_CONN_GOAWAY_GRACE_MS 500
 
+/* The abuse budget: a burst of this many costly frames, refilled at this
+ * rate. A well-behaved gRPC client stays far below: it pings rarely and
+ * sends WINDOW_UPDATE only after consuming half a window. */
+#define SG_CONN_ABUSE_BURST 1000u
+#define SG_CONN_ABUSE_REFILL_PER_S 200u
+/* A WINDOW_UPDATE smaller than this is a dribble (RFC 9113 10.5). */
+#define SG_CONN_MIN_WINDOW_UPDATE 1024
+
 static void conn_free(sg_conn *c);
 static void conn_flush(sg_conn *c);
+static void format_peer(const struct sockaddr *addr, char *out, size_t outlen);
 
 static void set_timer_ms(sg_conn *c, uint32_t ms) {
   struct timeval tv = {ms / 1000, (suseconds_t)(ms % 1000) * 1000};
@@ -84,6 +94,7 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
      * resets the stream and we answer nothing (RFC 9113 10.5.1). */
     if (!s->header_overflow) {
       s->header_overflow = true;
+      sg_conn_charge(c, 5, "oversized header lists");
       sg_info("conn=%llu stream=%d peer=%s: rejected: request header list "
               "exceeds %u bytes",
               (unsigned long long)c->id, s->id, c->peer,
@@ -94,10 +105,60 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
   return 0;
 }
 
+static uint64_t now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+void sg_conn_charge(sg_conn *c, unsigned cost, const char *what) {
+  if (c->freeing || c->closing || c->session == NULL)
+    return;
+  uint64_t now = now_ms();
+  uint64_t cap = (uint64_t)SG_CONN_ABUSE_BURST * 1000u;
+  c->abuse_tokens_ms += (now - c->abuse_last_ms) * SG_CONN_ABUSE_REFILL_PER_S;
+  if (c->abuse_tokens_ms > cap)
+    c->abuse_tokens_ms = cap;
+  c->abuse_last_ms = now;
+  uint64_t need = (uint64_t)cost * 1000u;
+  if (c->abuse_tokens_ms >= need) {
+    c->abuse_tokens_ms -= need;
+    return;
+  }
+  sg_warn("conn=%llu peer=%s: closing: too many %s (abuse budget spent): "
+          "GOAWAY ENHANCE_YOUR_CALM",
+          (unsigned long long)c->id, c->peer, what);
+  nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
+                        nghttp2_session_get_last_proc_stream_id(c->session),
+                        NGHTTP2_ENHANCE_YOUR_CALM, NULL, 0);
+  c->closing = true;
+  c->goaway_sent = true;
+  sg_conn_schedule_send(c);
+}
+
 static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
                          void *user) {
-  (void)user;
+  sg_conn *c = user;
   sg_stream *s;
+  switch (frame->hd.type) {
+  case NGHTTP2_PING:
+    if (!(frame->hd.flags & NGHTTP2_FLAG_ACK))
+      sg_conn_charge(c, 1, "PING frames");
+    break;
+  case NGHTTP2_SETTINGS:
+    if (!(frame->hd.flags & NGHTTP2_FLAG_ACK))
+      sg_conn_charge(c, 1, "SETTINGS frames");
+    break;
+  case NGHTTP2_PRIORITY:
+    sg_conn_charge(c, 1, "PRIORITY frames");
+    break;
+  case NGHTTP2_WINDOW_UPDATE:
+    if (frame->window_update.window_size_increment < SG_CONN_MIN_WINDOW_UPDATE)
+      sg_conn_charge(c, 1, "tiny WINDOW_UPDATE frames");
+    break;
+  default:
+    break;
+  }
   switch (frame->hd.type) {
   case NGHTTP2_HEADERS:
     s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
@@ -113,6 +174,8 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
     }
     break;
   case NGHTTP2_DATA:
+    if (frame->hd.length == 0 && !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM))
+      sg_conn_charge(c, 1, "empty DATA frames");
     if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) {
       s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
       if (s != NULL)
@@ -153,11 +216,24 @@ static int on_stream_close(nghttp2_session *session, int32_t stream_id,
   return 0;
 }
 
+static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
+                         void *user) {
+  (void)session;
+  sg_conn *c = user;
+  if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR)
+    sg_info("conn=%llu peer=%s: sent GOAWAY %s (last stream %d)",
+            (unsigned long long)c->id, c->peer,
+            nghttp2_http2_strerror(frame->goaway.error_code),
+            frame->goaway.last_stream_id);
+  return 0;
+}
+
 static int on_invalid_frame_recv(nghttp2_session *session,
                                  const nghttp2_frame *frame, int lib_error,
                                  void *user) {
   (void)session;
   sg_conn *c = user;
+  sg_conn_charge(c, 5, "invalid frames");
   sg_info("conn=%llu peer=%s: invalid frame (type %u, stream %d): %s",
           (unsigned long long)c->id, c->peer, frame->hd.type,
           frame->hd.stream_id, nghttp2_strerror(lib_error));
@@ -189,6 +265,7 @@ static void server_callbacks_init(void) {
   nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
   nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(cbs, on_invalid_frame_recv);
   nghttp2_session_callbacks_set_error_callback2(cbs, on_error);
+  nghttp2_session_callbacks_set_on_frame_send_callback(cbs, on_frame_send);
   server_cbs = cbs;
 }
 
@@ -363,6 +440,13 @@ static void on_established(sg_conn *c) {
     return;
   }
   c->established = true;
+  c->abuse_tokens_ms = (uint64_t)SG_CONN_ABUSE_BURST * 1000u;
+  c->abuse_last_ms = now_ms();
+  /* A peer that takes nothing we write for this long is gone or hostile
+   * (slow read): libevent's write timeout runs only while output waits. */
+  uint32_t stall = c->rt->config->write_stall_timeout_ms;
+  struct timeval wtv = {stall / 1000, (suseconds_t)(stall % 1000) * 1000};
+  bufferevent_set_timeouts(c->bev, NULL, &wtv);
   evtimer_del(c->timer);
   set_timer_ms(c, c->rt->config->idle_timeout_ms);
   sg_debug("conn=%llu peer=%s: established (%s)", (unsigned long long)c->id,
@@ -411,7 +495,9 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
       log_peer_closed(c, errno != 0 ? strerror(errno) : "socket error");
     }
   } else if (events & BEV_EVENT_TIMEOUT) {
-    log_peer_closed(c, "timeout");
+    sg_info("conn=%llu peer=%s: closed: the client read nothing for %u ms "
+            "(write stall)",
+            (unsigned long long)c->id, c->peer, c->rt->config->write_stall_timeout_ms);
   }
   conn_free(c);
 }
@@ -474,6 +560,20 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
   sg_generation *gen = w->current;
   sg_runtime *rt = gen->rt;
   const sg_listener_config *l = &rt->config->listeners[listener_index];
+  uint32_t max = rt->config->max_connections;
+  if (max > 0) {
+    /* Each worker holds its share of the cap: no shared counter. */
+    uint32_t share = (max + rt->config->workers - 1) / rt->config->workers;
+    if (w->n_conns >= share) {
+      char peer[64];
+      format_peer(addr, peer, sizeof peer);
+      sg_warn("listener %s: refused connection from %s: max_connections (%u) "
+              "reached",
+              l->name, peer, max);
+      evutil_closesocket(fd);
+      return;
+    }
+  }
   sg_conn *c = calloc(1, sizeof *c);
   if (c == NULL) {
     evutil_closesocket(fd);

@@ -100,6 +100,7 @@ sg_stream *sg_stream_new(sg_conn *conn, int32_t id) {
   s->rt = sg_runtime_ref(s->gen->rt);
   s->grpc_status = -1;
   s->started_ms = sg_monotonic_ms();
+  s->last_activity_ms = s->started_ms;
   if (s->gen->metrics != NULL)
     sg_metrics_stream_opened(s->gen->metrics);
   sg_list_init(&s->up_link);
@@ -345,6 +346,7 @@ void sg_stream_on_request_data(sg_stream *s, const uint8_t *data, size_t len) {
   }
   s->req_unacked += len;
   s->bytes_in += len;
+  s->last_activity_ms = sg_monotonic_ms();
   if (s->method == SG_SPARK_ADD_ARTIFACTS && s->tenant_state != NULL &&
       !sg_tenant_state_take_upload(s->tenant_state, len, sg_monotonic_ms())) {
     char why[128];
@@ -407,6 +409,16 @@ void sg_stream_on_request_end(sg_stream *s) {
   }
   if (s->up_state == SG_UPSTREAM_LEG_OPEN || s->up_state == SG_UPSTREAM_LEG_PENDING)
     sg_upstream_resume_request(s);
+}
+
+void sg_stream_check_idle(sg_stream *s, uint64_t now_ms) {
+  uint32_t limit = s->rt->config->stream_idle_timeout_ms;
+  if (s->rejected || s->resp_eof || now_ms - s->last_activity_ms < limit)
+    return;
+  char why[96];
+  snprintf(why, sizeof why, "no bytes either way for %u ms", limit);
+  sg_stream_reject(s, SG_GRPC_DEADLINE_EXCEEDED, "sparkgate: the call was idle too long",
+                   why);
 }
 
 /* One access-log line and one metrics observation per call, when its
@@ -744,6 +756,7 @@ ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
   size_t n = avail < length ? avail : length;
   evbuffer_remove(s->resp_body, buf, n);
   s->bytes_out += n;
+  s->last_activity_ms = sg_monotonic_ms();
   /* The client leg has taken the bytes: the backend may send more. */
   sg_upstream_consumed(s, n);
   return (ssize_t)n;

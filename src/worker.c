@@ -341,6 +341,7 @@ static void finish_if_drained(sg_worker *w) {
   for (size_t i = 0; i < w->current->n_pools; i++)
     sg_upstream_pool_free(w->current->pools[i]);
   w->current->n_pools = 0;
+  evtimer_del(w->sweep_timer);
   event_base_loopexit(w->base, NULL);
 }
 
@@ -385,6 +386,22 @@ static void on_drain(evutil_socket_t fd, short what, void *arg) {
   finish_if_drained(w);
 }
 
+/* ---- sweep -------------------------------------------------------------- */
+
+/* One timer per worker instead of one per stream: idle calls are rare and a
+ * second of slack on an hour-long limit does not matter. */
+static void on_sweep(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  sg_worker *w = arg;
+  uint64_t now = sg_monotonic_ms();
+  for (sg_list *n = w->conns.next; n != &w->conns; n = n->next) {
+    sg_conn *c = SG_CONTAINER_OF(n, sg_conn, worker_link);
+    for (sg_list *m = c->streams.next; m != &c->streams; m = m->next)
+      sg_stream_check_idle(SG_CONTAINER_OF(m, sg_stream, conn_link), now);
+  }
+}
+
 /* ---- worker ------------------------------------------------------------- */
 
 sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
@@ -419,7 +436,9 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
   w->drain_ev = event_new(w->base, -1, 0, on_drain, w);
   w->drain_timer = evtimer_new(w->base, on_drain_timeout, w);
   w->reload_ev = event_new(w->base, -1, 0, on_reload, w);
-  if (w->drain_ev == NULL || w->drain_timer == NULL || w->reload_ev == NULL) {
+  w->sweep_timer = event_new(w->base, -1, EV_PERSIST, on_sweep, w);
+  if (w->drain_ev == NULL || w->drain_timer == NULL || w->reload_ev == NULL ||
+      w->sweep_timer == NULL) {
     snprintf(err, errlen, "out of memory");
     goto fail;
   }
@@ -458,6 +477,8 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
     snprintf(err, errlen, "out of memory");
     goto fail;
   }
+  struct timeval second = {1, 0};
+  evtimer_add(w->sweep_timer, &second);
   return w;
 fail:
   sg_worker_free(w);
@@ -511,6 +532,8 @@ void sg_worker_free(sg_worker *w) {
     event_free(w->drain_timer);
   if (w->reload_ev != NULL)
     event_free(w->reload_ev);
+  if (w->sweep_timer != NULL)
+    event_free(w->sweep_timer);
   if (w->reload_rt != NULL)
     sg_runtime_unref(w->reload_rt);
   pthread_mutex_destroy(&w->reload_lock);

@@ -66,6 +66,9 @@ typedef struct sg_config {
   uint32_t tls_handshake_timeout_ms;
   uint32_t idle_timeout_ms;          /* client connection with no streams */
   uint32_t max_grpc_timeout_ms;      /* longer grpc-timeout values are clamped */
+  uint32_t write_stall_timeout_ms;   /* a peer that reads nothing for this long */
+  uint32_t stream_idle_timeout_ms;   /* a call with no bytes either way */
+  uint32_t max_connections;          /* client connections, all workers; 0: no cap */
 
   /* upstream */
   uint32_t upstream_connect_timeout_ms;

@@ -39,6 +39,13 @@ struct sg_conn {
   char cert_thumbprint[48];        /* RFC 8705 x5t#S256 */
   char *xfcc;                      /* x-forwarded-client-cert we build */
 
+  /* Abuse budget: frames that cost us and serve no request (PING,
+   * SETTINGS, empty DATA, tiny WINDOW_UPDATE, PRIORITY, requests we had to
+   * reset) take from it; it refills slowly; empty means GOAWAY
+   * (ENHANCE_YOUR_CALM) and close. */
+  uint64_t abuse_tokens_ms; /* tokens scaled by 1000 */
+  uint64_t abuse_last_ms;
+
   sg_list streams; /* sg_stream.conn_link */
   unsigned n_streams;
 
@@ -61,6 +68,10 @@ void sg_conn_schedule_send(sg_conn *c);
 /* SIGTERM: shutdown notice now, final GOAWAY shortly after, close when the
  * last stream ends. */
 void sg_conn_start_drain(sg_conn *c);
+
+/* A frame or event that costs us and serves no request: |cost| tokens from
+ * the connection's abuse budget. */
+void sg_conn_charge(sg_conn *c, unsigned cost, const char *what);
 
 /* Drops the connection now (drain deadline, fatal error). */
 void sg_conn_close_now(sg_conn *c, const char *reason);

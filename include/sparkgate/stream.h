@@ -78,6 +78,7 @@ struct sg_stream {
 
   /* For the access log and metrics, reported when the client leg ends. */
   uint64_t started_ms;
+  uint64_t last_activity_ms; /* bytes either way; for stream_idle_timeout_ms */
   uint64_t bytes_in;  /* request DATA payload from the client */
   uint64_t bytes_out; /* response DATA payload to the client */
   int grpc_status;    /* -1 until known */
@@ -126,6 +127,10 @@ const char *sg_stream_path(const sg_stream *s, char *buf, size_t buflen);
  * the client; |why| (may be NULL) only to the log. */
 void sg_stream_reject(sg_stream *s, sg_grpc_status code, const char *message,
                       const char *why);
+
+/* Called about once a second: ends the call with DEADLINE_EXCEEDED when no
+ * byte moved either way for stream_idle_timeout_ms. */
+void sg_stream_check_idle(sg_stream *s, uint64_t now_ms);
 
 /* The client-facing message for an unavailable backend. */
 struct sg_route_tenant;

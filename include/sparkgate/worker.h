@@ -83,6 +83,7 @@ struct sg_worker {
   pthread_mutex_t reload_lock;
   sg_runtime *reload_rt;     /* handed over under reload_lock */
   struct event *drain_timer; /* drain deadline */
+  struct event *sweep_timer; /* once a second: idle streams */
   bool draining;
 };
 
