@@ -493,12 +493,19 @@ static bool response_header_forwarded(const uint8_t *name, size_t len) {
   return !sg_header_is_hop_by_hop(name, len) && !SG_HEADER_IS(name, len, "te");
 }
 
-static size_t build_nv(const sg_header_list *list, nghttp2_nv *nva) {
+/* |own| non-NULL: the list goes upstream (request trailers), so identity
+ * claims and credentials are dropped as from request headers. */
+static size_t build_nv(const sg_header_list *list, nghttp2_nv *nva,
+                       const sg_identity_header_names *own) {
   size_t n = 0;
   for (size_t i = 0; i < list->count; i++) {
     nghttp2_vec name = nghttp2_rcbuf_get_buf(list->items[i].name);
     nghttp2_vec value = nghttp2_rcbuf_get_buf(list->items[i].value);
     if (!response_header_forwarded(name.base, name.len))
+      continue;
+    if (own != NULL &&
+        (SG_HEADER_IS(name.base, name.len, "authorization") ||
+         sg_identity_header_classify(name.base, name.len, own) != SG_IDENTITY_HEADER_PASS))
       continue;
     nva[n].name = name.base;
     nva[n].namelen = name.len;
@@ -539,7 +546,7 @@ void sg_stream_on_response_headers(sg_stream *s, bool end_stream) {
     sg_stream_fail(s, SG_GRPC_INTERNAL, "sparkgate: out of memory");
     return;
   }
-  size_t n = build_nv(&s->resp_headers, nva);
+  size_t n = build_nv(&s->resp_headers, nva, NULL);
   nghttp2_data_provider prd = {.source = {.ptr = s},
                                .read_callback = sg_stream_read_response_body};
   s->resp_started = true;
@@ -713,7 +720,7 @@ ssize_t sg_stream_read_request_body(nghttp2_session *session, int32_t id,
     if (s->req_trailers.count > 0) {
       nghttp2_nv *nva = malloc(s->req_trailers.count * sizeof *nva);
       if (nva != NULL) {
-        size_t n = build_nv(&s->req_trailers, nva);
+        size_t n = build_nv(&s->req_trailers, nva, &s->rt->config->identity_headers);
         if (n > 0 && nghttp2_submit_trailer(session, s->up_id, nva, n) == 0)
           *data_flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
         free(nva);
@@ -744,7 +751,7 @@ ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
       record_grpc_status(s, &s->resp_trailers);
       nghttp2_nv *nva = malloc(s->resp_trailers.count * sizeof *nva);
       if (nva != NULL) {
-        size_t n = build_nv(&s->resp_trailers, nva);
+        size_t n = build_nv(&s->resp_trailers, nva, NULL);
         if (n > 0 && nghttp2_submit_trailer(session, s->id, nva, n) == 0)
           *data_flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
         free(nva);
