@@ -478,6 +478,12 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
                 "failed: client certificate refused: %s",
                 (unsigned long long)c->id, c->peer, X509_verify_cert_error_string(vr));
         count_tls_failure(c, SG_TLS_FAIL_CERT_VERIFY);
+      } else if (!c->established &&
+                 ERR_GET_REASON(e) == SSL_R_NO_APPLICATION_PROTOCOL) {
+        sg_info("conn=%llu peer=%s: TLS handshake failed: the client does not "
+                "offer ALPN h2 (gRPC needs HTTP/2)",
+                (unsigned long long)c->id, c->peer);
+        count_tls_failure(c, SG_TLS_FAIL_NO_H2);
       } else if (!c->established) {
         sg_info("conn=%llu peer=%s: TLS handshake failed: %s",
                 (unsigned long long)c->id, c->peer, err);

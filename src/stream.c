@@ -74,6 +74,12 @@ static nghttp2_vec header_value(const sg_header *h) {
 
 /* ---- lifecycle ---------------------------------------------------------- */
 
+static uint64_t monotonic_us(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
 sg_stream *sg_stream_new(sg_conn *conn, int32_t id) {
   sg_stream *s = calloc(1, sizeof *s);
   if (s == NULL)
@@ -99,8 +105,8 @@ sg_stream *sg_stream_new(sg_conn *conn, int32_t id) {
   sg_generation_hold(s->gen);
   s->rt = sg_runtime_ref(s->gen->rt);
   s->grpc_status = -1;
-  s->started_ms = sg_monotonic_ms();
-  s->last_activity_ms = s->started_ms;
+  s->started_us = monotonic_us();
+  s->last_activity_ms = s->started_us / 1000u;
   if (s->gen->metrics != NULL)
     sg_metrics_stream_opened(s->gen->metrics);
   sg_list_init(&s->up_link);
@@ -115,6 +121,8 @@ uint64_t sg_monotonic_ms(void) {
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
+
+
 
 static void stream_free(sg_stream *s) {
   if (s->deadline != NULL)
@@ -426,7 +434,7 @@ void sg_stream_check_idle(sg_stream *s, uint64_t now_ms) {
 static void report_call(sg_stream *s, const sg_conn *c, uint32_t error_code) {
   if (s->grpc_status < 0 && error_code == NGHTTP2_CANCEL)
     s->grpc_status = SG_GRPC_CANCELLED;
-  double ms = (double)(sg_monotonic_ms() - s->started_ms);
+  double ms = (double)(monotonic_us() - s->started_us) / 1000.0;
   const sg_header *path = HEADER_FIND(&s->req_headers, ":path");
   nghttp2_vec p = path != NULL ? header_value(path) : (nghttp2_vec){(uint8_t *)"", 0};
   char pathbuf[256];

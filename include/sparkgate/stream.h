@@ -77,7 +77,7 @@ struct sg_stream {
   size_t req_unacked; /* client bytes received and not yet credited */
 
   /* For the access log and metrics, reported when the client leg ends. */
-  uint64_t started_ms;
+  uint64_t started_us; /* CLOCK_MONOTONIC */
   uint64_t last_activity_ms; /* bytes either way; for stream_idle_timeout_ms */
   uint64_t bytes_in;  /* request DATA payload from the client */
   uint64_t bytes_out; /* response DATA payload to the client */
