@@ -436,8 +436,14 @@ static void load_routes(loader *ld, json_t *root) {
     return;
   }
   if (table != NULL) {
+    /* Problems inside the table name the table file, not this one. */
+    char *table_path = resolve_path(cfg, table);
+    loader table_ld = *ld;
+    table_ld.file = table_path;
     size_t before = ld->errs->count;
-    cfg->routes = sg_route_table_load(table, cfg->base_dir, report_route_error, ld);
+    cfg->routes = sg_route_table_load(table, cfg->base_dir, report_route_error,
+                                      &table_ld);
+    free(table_path);
     if (cfg->routes == NULL && ld->errs->count == before)
       LOAD_ERR(ld, "routing_table", "cannot load '%s'", table);
   } else if (tenants == NULL) {

@@ -1276,8 +1276,8 @@ const char *sg_route_outcome_reason(sg_route_outcome o) {
 
 /* One message for "unknown" and "forbidden", so a caller cannot probe which
  * tenants exist; the log has the reason. */
-#define MSG_NO_TENANT "no tenant is configured for this caller"
-#define MSG_DENIED "the caller is not allowed to use the requested tenant"
+#define MSG_NO_TENANT "sparkgate: no tenant is configured for this caller"
+#define MSG_DENIED "sparkgate: the caller is not allowed to use the requested tenant"
 
 static int decide(sg_route_decision *out, sg_route_outcome o,
                   const sg_route_tenant *tenant, const char *selector) {

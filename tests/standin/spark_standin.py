@@ -53,6 +53,8 @@ Replies:
           on is aborted (no trailers, no GOAWAY; the peer sees EOF/RST).
 
 Every call is recorded (CallRecord) in a thread-safe list; see StandIn.
+With StandIn.record_raw set (off by default), each record also keeps every
+request message exactly as it arrived, before unwrapping (raw_requests).
 
 As a script:
   /usr/bin/python3 spark_standin.py --port 15002 [--host 127.0.0.1]
@@ -229,6 +231,9 @@ class CallRecord:
         self.terminated = False       # grpc reported the call over
         self.cancelled = False        # the call ended before the handler did
         self.status = None            # grpc.StatusCode the handler chose
+        # Request messages as they came on the wire, before spark_proto
+        # unwrapping; filled only when StandIn.record_raw is set.
+        self.raw_requests = []
         self.started = time.monotonic()
         self.ended = None
 
@@ -269,19 +274,26 @@ class _Handler(grpc.GenericRpcHandler):
         # Requests made by tests/lib/spark_proto.request() arrive as the
         # payload the test wrapped; anything else as it came.
         des = spark_proto.unwrap
+        raws = [] if s.record_raw else None
+        if raws is not None:
+            # Keeps what came on the wire, in order (the deserializer runs
+            # once per message, before the handler sees it).
+            def des(data, _raws=raws):
+                _raws.append(bytes(data))
+                return spark_proto.unwrap(data)
         if kind == "unary":
             return grpc.unary_unary_rpc_method_handler(
-                lambda req, ctx: s._unary(method, req, ctx), request_deserializer=des)
+                lambda req, ctx: s._unary(method, req, ctx, raws), request_deserializer=des)
         if kind == "server":
             return grpc.unary_stream_rpc_method_handler(
-                lambda req, ctx: s._server_stream(method, req, ctx),
+                lambda req, ctx: s._server_stream(method, req, ctx, raws),
                 request_deserializer=des)
         if kind == "client":
             return grpc.stream_unary_rpc_method_handler(
-                lambda it, ctx: s._client_stream(method, it, ctx),
+                lambda it, ctx: s._client_stream(method, it, ctx, raws),
                 request_deserializer=des)
         return grpc.stream_stream_rpc_method_handler(
-            lambda it, ctx: s._bidi(method, it, ctx), request_deserializer=des)
+            lambda it, ctx: s._bidi(method, it, ctx, raws), request_deserializer=des)
 
 
 class _Cancelled(Exception):
@@ -316,6 +328,8 @@ class StandIn:
         self._server = None
         self.in_flight = 0
         self.max_in_flight = 0
+        # Set to keep each call's raw request messages (CallRecord.raw_requests).
+        self.record_raw = False
 
     # -- lifecycle ---------------------------------------------------------
     def start(self):
@@ -384,9 +398,11 @@ class StandIn:
             self.lock.notify_all()
 
     # -- call plumbing -----------------------------------------------------
-    def _begin(self, method, kind, ctx):
+    def _begin(self, method, kind, ctx, raws=None):
         md = list(ctx.invocation_metadata() or ())
         rec = CallRecord(method, kind, md, ctx.peer())
+        if raws is not None:
+            rec.raw_requests = raws
 
         def on_end():
             def mark():
@@ -401,7 +417,8 @@ class StandIn:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self.lock.notify_all()
-        ctx.add_callback(on_end)
+        if not ctx.add_callback(on_end):
+            on_end()
         return rec
 
     def _finish(self, rec, status=grpc.StatusCode.OK):
@@ -528,8 +545,8 @@ class StandIn:
 
     # The four handler shapes. Each catches _Cancelled (client went away) and
     # leaves the record marked cancelled.
-    def _unary(self, method, req, ctx):
-        rec = self._begin(method, "unary", ctx)
+    def _unary(self, method, req, ctx, raws=None):
+        rec = self._begin(method, "unary", ctx, raws)
         try:
             self._received(rec, req)
             self._request_done(rec)
@@ -561,8 +578,8 @@ class StandIn:
             self._abandon(rec)
             return b""
 
-    def _server_stream(self, method, req, ctx):
-        rec = self._begin(method, "server", ctx)
+    def _server_stream(self, method, req, ctx, raws=None):
+        rec = self._begin(method, "server", ctx, raws)
         try:
             self._received(rec, req)
             self._request_done(rec)
@@ -634,8 +651,8 @@ class StandIn:
         self._check_request_end(ctx)
         self._request_done(rec)
 
-    def _client_stream(self, method, it, ctx):
-        rec = self._begin(method, "client", ctx)
+    def _client_stream(self, method, it, ctx, raws=None):
+        rec = self._begin(method, "client", ctx, raws)
         try:
             opts = self._opts(ctx)
             mode = opts.get("x-standin-mode", "echo")
@@ -661,8 +678,8 @@ class StandIn:
             self._abandon(rec)
             return b""
 
-    def _bidi(self, method, it, ctx):
-        rec = self._begin(method, "bidi", ctx)
+    def _bidi(self, method, it, ctx, raws=None):
+        rec = self._begin(method, "bidi", ctx, raws)
         try:
             opts = self._opts(ctx)
             mode = opts.get("x-standin-mode", "echo")
