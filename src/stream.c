@@ -667,14 +667,20 @@ size_t sg_stream_request_nv(sg_stream *s, bool upstream_tls, nghttp2_nv *nva) {
     nghttp2_vec v = header_value(auth);
     ADD_NV(":authority", 10, v.base, v.len);
   }
-  nghttp2_vec p = header_value(HEADER_FIND(&s->req_headers, ":path"));
-  ADD_NV(":path", 5, p.base, p.len);
+  const sg_header *path = HEADER_FIND(&s->req_headers, ":path");
+  if (path != NULL) { /* always: admission checked it */
+    nghttp2_vec p = header_value(path);
+    ADD_NV(":path", 5, p.base, p.len);
+  }
   for (size_t i = 0; i < s->req_headers.count; i++) {
     nghttp2_vec name = nghttp2_rcbuf_get_buf(s->req_headers.items[i].name);
     nghttp2_vec value = nghttp2_rcbuf_get_buf(s->req_headers.items[i].value);
     if (name.len > 0 && name.base[0] == ':')
       continue;
+    /* content-length is dropped: the user_id rewrite may change the body's
+     * length, and HTTP/2 frames the body anyway. */
     if (sg_header_is_hop_by_hop(name.base, name.len) ||
+        SG_HEADER_IS(name.base, name.len, "content-length") ||
         SG_HEADER_IS(name.base, name.len, "authorization") ||
         sg_identity_header_classify(name.base, name.len, own) != SG_IDENTITY_HEADER_PASS)
       continue;
