@@ -17,6 +17,7 @@
 #include <openssl/err.h>
 #include <openssl/x509.h>
 
+#include "sparkgate/h2io.h"
 #include "sparkgate/identity.h"
 #include "sparkgate/log.h"
 #include "sparkgate/metrics.h"
@@ -28,8 +29,9 @@
 /* Stop asking nghttp2 for frames once this much waits in the socket's
  * output buffer; resume when it drains to the low mark. This is what keeps
  * a client that does not read from costing more than a bounded amount. */
-#define SG_CONN_OUTPUT_HIGH_WATER (64 * 1024)
-#define SG_CONN_OUTPUT_LOW_WATER (16 * 1024)
+#define SG_CONN_OUTPUT_HIGH_WATER (256 * 1024)
+#define SG_CONN_OUTPUT_LOW_WATER (64 * 1024)
+#define SG_IO_CHUNK_BYTES (256 * 1024)
 
 /* Between the shutdown notice and the final GOAWAY: long enough for
  * requests already in flight from the client to arrive. */
@@ -228,6 +230,14 @@ static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
   return 0;
 }
 
+static int send_data(nghttp2_session *session, nghttp2_frame *frame,
+                     const uint8_t *framehd, size_t length,
+                     nghttp2_data_source *source, void *user) {
+  (void)session;
+  sg_stream *s = source->ptr;
+  return sg_h2io_send_data(user, frame, framehd, length, s->resp_body);
+}
+
 static int on_invalid_frame_recv(nghttp2_session *session,
                                  const nghttp2_frame *frame, int lib_error,
                                  void *user) {
@@ -266,6 +276,8 @@ static void server_callbacks_init(void) {
   nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(cbs, on_invalid_frame_recv);
   nghttp2_session_callbacks_set_error_callback2(cbs, on_error);
   nghttp2_session_callbacks_set_on_frame_send_callback(cbs, on_frame_send);
+  nghttp2_session_callbacks_set_send_callback(cbs, sg_h2io_send);
+  nghttp2_session_callbacks_set_send_data_callback(cbs, send_data);
   server_cbs = cbs;
 }
 
@@ -282,19 +294,10 @@ static void conn_flush(sg_conn *c) {
   if (c->session == NULL || c->freeing)
     return;
   struct evbuffer *out = bufferevent_get_output(c->bev);
-  while (evbuffer_get_length(out) < SG_CONN_OUTPUT_HIGH_WATER) {
-    const uint8_t *data;
-    ssize_t n = nghttp2_session_mem_send(c->session, &data);
-    if (n < 0) {
-      sg_conn_close_now(c, nghttp2_strerror((int)n));
-      return;
-    }
-    if (n == 0)
-      break;
-    if (evbuffer_add(out, data, (size_t)n) != 0) {
-      sg_conn_close_now(c, "out of memory");
-      return;
-    }
+  int rv = sg_h2io_flush(c->session);
+  if (rv != 0) {
+    sg_conn_close_now(c, nghttp2_strerror(rv));
+    return;
   }
   if (!nghttp2_session_want_read(c->session) &&
       !nghttp2_session_want_write(c->session)) {
@@ -629,8 +632,14 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
   if (gen->metrics != NULL)
     sg_metrics_conn_accepted(gen->metrics);
 
+  c->io.out = bufferevent_get_output(c->bev);
+  c->io.high_water = SG_CONN_OUTPUT_HIGH_WATER;
   bufferevent_setcb(c->bev, on_read, on_write, on_event, c);
   bufferevent_setwatermark(c->bev, EV_WRITE, SG_CONN_OUTPUT_LOW_WATER, 0);
+  /* libevent reads and writes 16 KiB per syscall by default: at bulk rates
+   * that is tens of thousands of syscalls per second for nothing. */
+  bufferevent_set_max_single_read(c->bev, SG_IO_CHUNK_BYTES);
+  bufferevent_set_max_single_write(c->bev, SG_IO_CHUNK_BYTES);
   bufferevent_enable(c->bev, EV_READ | EV_WRITE);
   if (l->insecure) {
     on_established(c);

@@ -419,6 +419,11 @@ void sg_stream_on_request_end(sg_stream *s) {
     sg_upstream_resume_request(s);
 }
 
+void sg_stream_request_bytes_sent(sg_stream *s) {
+  /* The backend's connection has taken them: the client may send more. */
+  credit_client(s, false);
+}
+
 void sg_stream_check_idle(sg_stream *s, uint64_t now_ms) {
   uint32_t limit = s->rt->config->stream_idle_timeout_ms;
   if (s->rejected || s->resp_eof || now_ms - s->last_activity_ms < limit)
@@ -743,9 +748,9 @@ ssize_t sg_stream_read_request_body(nghttp2_session *session, int32_t id,
     return 0;
   }
   size_t n = avail < length ? avail : length;
-  evbuffer_remove(s->req_body, buf, n);
-  /* The backend has taken the bytes: now the client may send more. */
-  credit_client(s, false);
+  /* send_data (upstream.c) moves the bytes without copying them. */
+  *data_flags |= NGHTTP2_DATA_FLAG_NO_COPY;
+  (void)buf;
   return (ssize_t)n;
 }
 
@@ -775,7 +780,9 @@ ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
     return 0;
   }
   size_t n = avail < length ? avail : length;
-  evbuffer_remove(s->resp_body, buf, n);
+  /* send_data (conn.c) moves the bytes without copying them. */
+  *data_flags |= NGHTTP2_DATA_FLAG_NO_COPY;
+  (void)buf;
   s->bytes_out += n;
   s->last_activity_ms = sg_monotonic_ms();
   /* The client leg has taken the bytes: the backend may send more. */

@@ -18,6 +18,7 @@
 #include <openssl/err.h>
 #include <openssl/x509v3.h>
 
+#include "sparkgate/h2io.h"
 #include "sparkgate/list.h"
 #include "sparkgate/log.h"
 #include "sparkgate/metrics.h"
@@ -25,8 +26,9 @@
 #include "sparkgate/tls.h"
 #include "sparkgate/worker.h"
 
-#define SG_UPSTREAM_OUTPUT_HIGH_WATER (64 * 1024)
-#define SG_UPSTREAM_OUTPUT_LOW_WATER (16 * 1024)
+#define SG_UPSTREAM_OUTPUT_HIGH_WATER (256 * 1024)
+#define SG_UPSTREAM_OUTPUT_LOW_WATER (64 * 1024)
+#define SG_IO_CHUNK_BYTES (256 * 1024)
 /* Streams we put on one backend connection before opening another, even
  * when the backend would take more: spreads load over a few TCP
  * connections without opening one per call. */
@@ -63,6 +65,7 @@ struct sg_upstream_pool {
 #define SG_UPSTREAM_BACKOFF_MAX_MS 30000
 
 struct sg_upstream {
+  sg_h2io io; /* first member: the send callbacks see it as user data */
   sg_list pool_link;
   sg_upstream_pool *pool;
   uint64_t id;
@@ -72,6 +75,7 @@ struct sg_upstream {
   nghttp2_session *session;
   struct event *send_ev;
   struct event *timer; /* connect deadline, then idle deadline */
+  struct event *read_ev; /* h2c: reads the socket directly (see worker.h) */
   sg_list streams;     /* OPEN legs */
   sg_list pending;     /* PENDING legs, submitted once connected */
   unsigned n_streams;  /* both lists */
@@ -240,6 +244,17 @@ static int on_stream_close(nghttp2_session *session, int32_t stream_id,
   return 0;
 }
 
+static int send_data(nghttp2_session *session, nghttp2_frame *frame,
+                     const uint8_t *framehd, size_t length,
+                     nghttp2_data_source *source, void *user) {
+  (void)session;
+  sg_stream *s = source->ptr;
+  int rv = sg_h2io_send_data(user, frame, framehd, length, s->req_body);
+  if (rv == 0)
+    sg_stream_request_bytes_sent(s);
+  return rv;
+}
+
 static nghttp2_session_callbacks *client_cbs;
 static pthread_once_t client_cbs_once = PTHREAD_ONCE_INIT;
 
@@ -251,6 +266,8 @@ static void client_callbacks_init(void) {
   nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk_recv);
   nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+  nghttp2_session_callbacks_set_send_callback(cbs, sg_h2io_send);
+  nghttp2_session_callbacks_set_send_data_callback(cbs, send_data);
   client_cbs = cbs;
 }
 
@@ -260,19 +277,10 @@ static void upstream_flush(sg_upstream *up) {
   if (up->session == NULL || up->freeing)
     return;
   struct evbuffer *out = bufferevent_get_output(up->bev);
-  while (evbuffer_get_length(out) < SG_UPSTREAM_OUTPUT_HIGH_WATER) {
-    const uint8_t *data;
-    ssize_t n = nghttp2_session_mem_send(up->session, &data);
-    if (n < 0) {
-      upstream_free(up, nghttp2_strerror((int)n));
-      return;
-    }
-    if (n == 0)
-      break;
-    if (evbuffer_add(out, data, (size_t)n) != 0) {
-      upstream_free(up, "out of memory");
-      return;
-    }
+  int rv = sg_h2io_flush(up->session);
+  if (rv != 0) {
+    upstream_free(up, nghttp2_strerror(rv));
+    return;
   }
   bool done = !nghttp2_session_want_read(up->session) &&
               !nghttp2_session_want_write(up->session);
@@ -295,6 +303,8 @@ static void schedule_send(sg_upstream *up) {
 static void on_read(struct bufferevent *bev, void *arg) {
   sg_upstream *up = arg;
   struct evbuffer *in = bufferevent_get_input(bev);
+  if (up->session == NULL)
+    return; /* not connected yet: on_connected reads what came early */
   for (;;) {
     struct evbuffer_iovec vec[8];
     int nvec = evbuffer_peek(in, -1, NULL, vec, 8);
@@ -321,6 +331,42 @@ static void on_read(struct bufferevent *bev, void *arg) {
 static void on_write(struct bufferevent *bev, void *arg) {
   (void)bev;
   upstream_flush(arg);
+}
+
+/* h2c only: large reads straight into nghttp2 (bufferevent's are 4 KiB). */
+static void on_socket_readable(evutil_socket_t fd, short what, void *arg) {
+  (void)what;
+  sg_upstream *up = arg;
+  sg_worker *w = up->pool->worker;
+  /* A few reads per wakeup keep one busy backend from starving the loop. */
+  for (int i = 0; i < 4; i++) {
+    const uint8_t *data;
+    ssize_t n = sg_worker_read_socket(w, fd, &data);
+    if (n == -2)
+      break;
+    if (n <= 0) {
+      char reason[128];
+      bool broken = n < 0 || up->n_streams > 0;
+      snprintf(reason, sizeof reason, "%s",
+               n == 0 ? "the backend closed the connection" : strerror(errno));
+      if (broken)
+        sg_debug("upstream %s conn=%llu: %s", up->pool->backend->name,
+                 (unsigned long long)up->id, reason);
+      upstream_free(up, reason);
+      return;
+    }
+    ssize_t rv = nghttp2_session_mem_recv(up->session, data, (size_t)n);
+    if (rv < 0) {
+      char reason[128];
+      snprintf(reason, sizeof reason, "HTTP/2 protocol error from the backend: %s",
+               nghttp2_strerror((int)rv));
+      upstream_free(up, reason);
+      return;
+    }
+    if ((size_t)n < w->read_buf_size)
+      break;
+  }
+  upstream_flush(up);
 }
 
 static void submit_stream(sg_upstream *up, sg_stream *s) {
@@ -391,6 +437,16 @@ static void on_connected(sg_upstream *up) {
     return;
   }
   evtimer_del(up->timer);
+  if (up->ssl == NULL) {
+    up->read_ev = event_new(up->pool->worker->base, bufferevent_getfd(up->bev),
+                            EV_READ | EV_PERSIST, on_socket_readable, up);
+    if (up->read_ev == NULL) {
+      upstream_free(up, "out of memory");
+      return;
+    }
+    bufferevent_disable(up->bev, EV_READ);
+    event_add(up->read_ev, NULL);
+  }
   up->state = SG_UPSTREAM_READY;
   count_connect(up->pool, true);
   pool_mark_up(up->pool);
@@ -402,7 +458,9 @@ static void on_connected(sg_upstream *up) {
   }
   if (up->n_streams == 0)
     set_timer_ms(up, pool_config(up->pool)->upstream_idle_timeout_ms);
-  upstream_flush(up);
+  /* Bytes that came with the connect are fed now (on_read ends with the
+   * flush); for h2c, the bufferevent's read callback is done after this. */
+  on_read(up->bev, up);
 }
 
 static void on_event(struct bufferevent *bev, short events, void *arg) {
@@ -518,8 +576,14 @@ static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err,
   up->timer = evtimer_new(w->base, on_timer, up);
   if (up->send_ev == NULL || up->timer == NULL)
     goto fail;
+  up->io.out = bufferevent_get_output(up->bev);
+  up->io.high_water = SG_UPSTREAM_OUTPUT_HIGH_WATER;
   bufferevent_setcb(up->bev, on_read, on_write, on_event, up);
   bufferevent_setwatermark(up->bev, EV_WRITE, SG_UPSTREAM_OUTPUT_LOW_WATER, 0);
+  /* libevent reads and writes 16 KiB per syscall by default: at bulk rates
+   * that is tens of thousands of syscalls per second for nothing. */
+  bufferevent_set_max_single_read(up->bev, SG_IO_CHUNK_BYTES);
+  bufferevent_set_max_single_write(up->bev, SG_IO_CHUNK_BYTES);
   bufferevent_enable(up->bev, EV_READ | EV_WRITE);
   sg_list_push_back(&pool->conns, &up->pool_link);
   pool->n_conns++;
@@ -583,6 +647,8 @@ static void upstream_free(sg_upstream *up, const char *reason) {
   pool->n_conns--;
   if (up->session != NULL)
     nghttp2_session_del(up->session);
+  if (up->read_ev != NULL)
+    event_free(up->read_ev);
   bufferevent_free(up->bev);
   event_free(up->send_ev);
   event_free(up->timer);

@@ -386,6 +386,21 @@ static void on_drain(evutil_socket_t fd, short what, void *arg) {
   finish_if_drained(w);
 }
 
+/* ---- socket reads -------------------------------------------------------- */
+
+#define SG_WORKER_READ_BUF_BYTES (256 * 1024)
+
+ssize_t sg_worker_read_socket(sg_worker *w, int fd, const uint8_t **data) {
+  ssize_t n;
+  do {
+    n = recv(fd, w->read_buf, w->read_buf_size, 0);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0)
+    return errno == EAGAIN || errno == EWOULDBLOCK ? -2 : -1;
+  *data = w->read_buf;
+  return n;
+}
+
 /* ---- sweep -------------------------------------------------------------- */
 
 /* One timer per worker instead of one per stream: idle calls are rare and a
@@ -413,6 +428,13 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
     return NULL;
   }
   w->index = index;
+  w->read_buf_size = SG_WORKER_READ_BUF_BYTES;
+  w->read_buf = malloc(w->read_buf_size);
+  if (w->read_buf == NULL) {
+    free(w);
+    snprintf(err, errlen, "out of memory");
+    return NULL;
+  }
   sg_list_init(&w->conns);
   sg_list_init(&w->retired);
   pthread_mutex_init(&w->reload_lock, NULL);
@@ -541,5 +563,6 @@ void sg_worker_free(sg_worker *w) {
     evdns_base_free(w->dns, 1);
   if (w->base != NULL)
     event_base_free(w->base);
+  free(w->read_buf);
   free(w);
 }

@@ -13,10 +13,12 @@
 #include <openssl/ssl.h>
 
 #include "sparkgate/config.h"
+#include "sparkgate/h2io.h"
 #include "sparkgate/list.h"
 #include "sparkgate/types.h"
 
 struct sg_conn {
+  sg_h2io io;          /* first member: the send callbacks see it as user data */
   sg_list worker_link; /* in worker->conns */
   sg_worker *worker;
   struct sg_generation *gen; /* the generation it was accepted under */

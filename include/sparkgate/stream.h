@@ -128,6 +128,9 @@ const char *sg_stream_path(const sg_stream *s, char *buf, size_t buflen);
 void sg_stream_reject(sg_stream *s, sg_grpc_status code, const char *message,
                       const char *why);
 
+/* Request bytes of |s| moved to its upstream connection's output. */
+void sg_stream_request_bytes_sent(sg_stream *s);
+
 /* Called about once a second: ends the call with DEADLINE_EXCEEDED when no
  * byte moved either way for stream_idle_timeout_ms. */
 void sg_stream_check_idle(sg_stream *s, uint64_t now_ms);

@@ -70,6 +70,12 @@ struct sg_worker {
   struct sg_listener_ctx *listener_ctxs; /* [listener]: callback arguments */
   size_t n_listeners;
 
+  /* Scratch space for cleartext socket reads: libevent 2.1 reads at most
+   * 4 KiB per call, so h2c sockets are read here directly, in large
+   * chunks, and handed to nghttp2 without another copy. */
+  uint8_t *read_buf;
+  size_t read_buf_size;
+
   sg_list conns; /* sg_conn.worker_link */
   size_t n_conns;
   uint64_t next_conn_id;
@@ -100,6 +106,11 @@ void sg_worker_free(sg_worker *w);
 
 /* Thread-safe: new connections of |w| will use |rt| (takes a reference). */
 void sg_worker_post_runtime(sg_worker *w, sg_runtime *rt);
+
+/* Reads from cleartext socket |fd| into the worker's scratch buffer.
+ * Returns the number of bytes (> 0) with *data pointing at them, 0 at end
+ * of stream, -1 on error (errno set), or -2 when nothing is there. */
+ssize_t sg_worker_read_socket(sg_worker *w, int fd, const uint8_t **data);
 
 /* The pool of backend |backend| of tenant |tenant| in generation |g|. */
 sg_upstream_pool *sg_generation_pool(sg_generation *g, size_t tenant,

@@ -1,0 +1,35 @@
+/* Writing an nghttp2 session's frames into a libevent output buffer.
+ * Frames are serialized by nghttp2; DATA payloads are moved from the
+ * other leg's buffer into the output by reference (evbuffer chains), not
+ * copied, and a high-water mark on the output makes nghttp2 wait
+ * (NGHTTP2_ERR_WOULDBLOCK) for a slow peer. */
+#ifndef SPARKGATE_H2IO_H
+#define SPARKGATE_H2IO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <event2/buffer.h>
+#include <nghttp2/nghttp2.h>
+
+/* What the callbacks need; the session's user data must point at a struct
+ * whose first member is this. */
+typedef struct sg_h2io {
+  struct evbuffer *out;
+  size_t high_water;
+} sg_h2io;
+
+ssize_t sg_h2io_send(nghttp2_session *session, const uint8_t *data,
+                     size_t length, int flags, void *user);
+
+/* Appends one DATA frame (header, payload moved from |payload|, padding)
+ * to the output. Returns 0, NGHTTP2_ERR_WOULDBLOCK, or
+ * NGHTTP2_ERR_CALLBACK_FAILURE. */
+int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
+                      const uint8_t *framehd, size_t length,
+                      struct evbuffer *payload);
+
+/* Runs nghttp2_session_send; returns its result. */
+int sg_h2io_flush(nghttp2_session *session);
+
+#endif
