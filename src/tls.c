@@ -63,6 +63,10 @@ static void set_common_options(SSL_CTX *ctx) {
                                SSL_OP_CIPHER_SERVER_PREFERENCE |
                                SSL_OP_SINGLE_ECDH_USE);
   SSL_CTX_set_cipher_list(ctx, sg_tls12_ciphers);
+  /* AES-128-GCM first: as safe in practice and a third cheaper per byte,
+   * which is what a proxy of Arrow batches spends its time on. */
+  SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:"
+                                "TLS_AES_256_GCM_SHA384");
   SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
 }
 
