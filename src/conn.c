@@ -148,8 +148,16 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
       sg_conn_charge(c, 1, "PING frames");
     break;
   case NGHTTP2_SETTINGS:
-    if (!(frame->hd.flags & NGHTTP2_FLAG_ACK))
+    if (!(frame->hd.flags & NGHTTP2_FLAG_ACK)) {
       sg_conn_charge(c, 1, "SETTINGS frames");
+      if (!c->got_settings) {
+        c->got_settings = true;
+        if (c->n_streams == 0 && !c->draining) {
+          evtimer_del(c->timer);
+          set_timer_ms(c, c->rt->config->idle_timeout_ms);
+        }
+      }
+    }
     break;
   case NGHTTP2_PRIORITY:
     sg_conn_charge(c, 1, "PRIORITY frames");
@@ -451,7 +459,9 @@ static void on_established(sg_conn *c) {
   struct timeval wtv = {stall / 1000, (suseconds_t)(stall % 1000) * 1000};
   bufferevent_set_timeouts(c->bev, NULL, &wtv);
   evtimer_del(c->timer);
-  set_timer_ms(c, c->rt->config->idle_timeout_ms);
+  /* Until the client's preface and SETTINGS arrive, the handshake deadline
+   * still applies: a client that connects and says nothing is slowloris. */
+  set_timer_ms(c, c->rt->config->tls_handshake_timeout_ms);
   sg_debug("conn=%llu peer=%s: established (%s)", (unsigned long long)c->id,
            c->peer, c->ssl != NULL ? SSL_get_version(c->ssl) : "h2c");
   if (c->worker->draining)
@@ -520,6 +530,12 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
             (unsigned long long)c->id, c->peer,
             c->rt->config->tls_handshake_timeout_ms);
     count_tls_failure(c, SG_TLS_FAIL_TIMEOUT);
+    conn_free(c);
+    return;
+  }
+  if (!c->got_settings) {
+    sg_info("conn=%llu peer=%s: closed: no HTTP/2 preface and SETTINGS within %u ms",
+            (unsigned long long)c->id, c->peer, c->rt->config->tls_handshake_timeout_ms);
     conn_free(c);
     return;
   }

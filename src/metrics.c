@@ -67,6 +67,7 @@ typedef struct tenant_block {
   uint64_t rpcs[SG_METHOD_COUNT][SG_METRICS_GRPC_STATUS_COUNT];
   uint64_t bytes_in;
   uint64_t bytes_out;
+  uint64_t sessions_rehomed;
   uint64_t duration_buckets[SG_METHOD_COUNT][N_BUCKETS]; /* not cumulative */
   uint64_t duration_sum_ns[SG_METHOD_COUNT];
 } tenant_block;
@@ -547,6 +548,12 @@ void sg_metrics_upstream_connect(sg_metrics_worker *mw, size_t tenant_idx,
   bump(ok ? &c->ok : &c->failed, 1);
 }
 
+void sg_metrics_session_rehomed(sg_metrics_worker *mw, size_t tenant_idx) {
+  if (mw == NULL || tenant_idx >= mw->gen->n_tenants)
+    return;
+  bump(&mw->gen->tenants[tenant_idx].slot->blocks[mw->index]->sessions_rehomed, 1);
+}
+
 void sg_metrics_rpc_done(sg_metrics_worker *mw, size_t tenant_idx,
                          sg_metrics_method method, int grpc_status,
                          double duration_s, uint64_t bytes_in,
@@ -734,6 +741,22 @@ static void render_tenant_bytes(render_ctx *r, const sg_metrics *m, tenant_slot 
   }
 }
 
+static void render_rehomed(render_ctx *r, const sg_metrics *m, tenant_slot *const *ts,
+                           size_t n_ts) {
+  const char *name = "sparkgate_sessions_rehomed_total";
+  family(r, name, "counter",
+         "Spark sessions sent to another backend than the one this worker last "
+         "saw them on (failover, backends added or removed), by tenant.");
+  for (size_t t = 0; t < n_ts; t++) {
+    uint64_t v = 0;
+    for (unsigned w = 0; w < m->n_workers; w++)
+      v += peek(&ts[t]->blocks[w]->sessions_rehomed);
+    emit(r, "%s{tenant=\"", name);
+    label_value(r, ts[t]->name);
+    emit(r, "\"} %llu\n", (unsigned long long)v);
+  }
+}
+
 static void render_durations(render_ctx *r, const sg_metrics *m, tenant_slot *const *ts,
                              size_t n_ts) {
   static const char *const name = "sparkgate_rpc_duration_seconds";
@@ -850,6 +873,7 @@ int sg_metrics_render(sg_metrics *m, struct evbuffer *out) {
     render_durations(&r, m, ts, n_ts);
     render_tenant_bytes(&r, m, ts, n_ts, true);
     render_tenant_bytes(&r, m, ts, n_ts, false);
+    render_rehomed(&r, m, ts, n_ts);
     free(ts);
   }
   render_upstreams(&r, m, false);

@@ -692,8 +692,10 @@ static void load_limits(loader *ld, const json_t *obj, const char *path,
                         sg_route_limits *l) {
   static const char *const keys[] = {
       "max_concurrent_rpcs", "max_concurrent_executions", "requests_per_second",
-      "burst", "upload_bytes_per_minute", "over_limit_status", NULL};
+      "burst", "upload_bytes_per_minute", "over_limit_status",
+      "max_message_bytes", NULL};
   l->over_limit_status = 8;
+  l->max_message_bytes = SG_ROUTE_DEFAULT_MAX_MESSAGE_BYTES;
   json_t *lim = get_typed(ld, obj, path, "limits", JSON_OBJECT, false);
   if (lim == NULL)
     return;
@@ -709,6 +711,14 @@ static void load_limits(loader *ld, const json_t *obj, const char *path,
   l->burst = (uint32_t)get_uint(ld, lim, lp, "burst", 100000000, 0);
   l->upload_bytes_per_minute = get_uint(ld, lim, lp, "upload_bytes_per_minute",
                                         (uint64_t)1 << 50, 0);
+  l->max_message_bytes = (uint32_t)get_uint(ld, lim, lp, "max_message_bytes",
+                                            (uint64_t)1 << 31,
+                                            SG_ROUTE_DEFAULT_MAX_MESSAGE_BYTES);
+  if (l->max_message_bytes < 1024) {
+    char mp[256];
+    kpath(mp, sizeof mp, lp, "max_message_bytes");
+    lerr(ld, mp, "must be at least 1024 bytes");
+  }
   if (l->burst != 0 && l->requests_per_second == 0) {
     char bp[256];
     kpath(bp, sizeof bp, lp, "burst");
@@ -1628,6 +1638,7 @@ void sg_route_table_print_summary(const sg_route_table *t, FILE *f) {
               l->over_limit_status == 14 ? "unavailable" : "resource_exhausted");
     else
       fprintf(f, "    limits: none\n");
+    fprintf(f, "    largest request message: %u bytes\n", l->max_message_bytes);
     for (size_t j = 0; j < ten->n_backends; j++) {
       const sg_backend_config *b = &ten->backends[j];
       fprintf(f, "    upstream %s  %s:%u  %s weight=%u%s\n", b->name, b->address,

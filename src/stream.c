@@ -11,6 +11,7 @@
 #include "sparkgate/admission.h"
 #include "sparkgate/conn.h"
 #include "sparkgate/accesslog.h"
+#include "sparkgate/affinity.h"
 #include "sparkgate/limits.h"
 #include "sparkgate/metrics.h"
 #include "sparkgate/route.h"
@@ -267,6 +268,40 @@ static sg_upstream_pool *pool_of(sg_stream *s, size_t backend) {
   return sg_generation_pool(s->gen, s->tenant->index, backend);
 }
 
+/* The worker's session memory refines the pick: a session already on a
+ * backend drained to weight 0 stays there (it "takes no new sessions"),
+ * and a session that lands elsewhere than last time is counted. */
+static int remember_session(sg_stream *s, const char *user_id,
+                            const char *session_id, const bool *up, int rv,
+                            size_t *backend) {
+  const sg_route_tenant *t = s->tenant;
+  sg_affinity *mem = s->gen->worker->affinity;
+  uint64_t now = sg_monotonic_ms();
+  uint64_t key = sg_affinity_key(t->name, user_id != NULL ? user_id : "", session_id);
+  uint64_t last = sg_affinity_get(mem, key, now);
+  if (last != 0 && last != sg_affinity_backend_id(t->backends[*backend].name)) {
+    for (size_t b = 0; b < t->n_backends; b++) {
+      if (sg_affinity_backend_id(t->backends[b].name) != last)
+        continue;
+      if (t->backends[b].weight == 0 && up[b]) {
+        *backend = b; /* draining: keeps its sessions */
+        rv = SG_ROUTE_PICK_OK;
+      }
+      break;
+    }
+    if (sg_affinity_backend_id(t->backends[*backend].name) != last) {
+      sg_debug("conn=%llu stream=%d: session %s of tenant %s re-homed to backend %s",
+               (unsigned long long)s->conn_id, s->id, session_id, t->name,
+               t->backends[*backend].name);
+      if (s->gen->metrics != NULL)
+        sg_metrics_session_rehomed(s->gen->metrics, t->index);
+    }
+  }
+  if (rv == SG_ROUTE_PICK_OK)
+    sg_affinity_put(mem, key, sg_affinity_backend_id(t->backends[*backend].name), now);
+  return rv;
+}
+
 /* Chooses the session's backend (rendezvous hashing of tenant, user and
  * session, so every replica agrees) and starts the upstream leg. */
 static void attach_upstream(sg_stream *s, const char *user_id,
@@ -282,6 +317,8 @@ static void attach_upstream(sg_stream *s, const char *user_id,
     up[b] = sg_upstream_pool_is_up(pool_of(s, b));
   size_t backend = 0;
   int rv = sg_route_pick_backend(t, user_id, session_id, up, &backend);
+  if (session_id != NULL && rv != SG_ROUTE_PICK_NONE)
+    rv = remember_session(s, user_id, session_id, up, rv, &backend);
   if (up != up_small)
     free(up);
   char msg[160];
@@ -314,6 +351,7 @@ static void start_spark_call(sg_stream *s) {
                                                             : SG_SPARKMSG_USER_OFF,
       .identity = s->identity,
       .user_name_mode = SG_SPARKMSG_USER_NAME_IDENTITY,
+      .max_message_bytes = t->limits.max_message_bytes,
   };
   char err[128];
   s->scanner = sg_sparkmsg_new(&opts, err, sizeof err);

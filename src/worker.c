@@ -13,6 +13,7 @@
 
 #include <event2/thread.h>
 
+#include "sparkgate/affinity.h"
 #include "sparkgate/conn.h"
 #include "sparkgate/limits.h"
 #include "sparkgate/stream.h"
@@ -435,6 +436,13 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
     snprintf(err, errlen, "out of memory");
     return NULL;
   }
+  w->affinity = sg_affinity_new(SG_AFFINITY_DEFAULT_ENTRIES);
+  if (w->affinity == NULL) {
+    free(w->read_buf);
+    free(w);
+    snprintf(err, errlen, "out of memory");
+    return NULL;
+  }
   sg_list_init(&w->conns);
   sg_list_init(&w->retired);
   pthread_mutex_init(&w->reload_lock, NULL);
@@ -564,5 +572,6 @@ void sg_worker_free(sg_worker *w) {
   if (w->base != NULL)
     event_base_free(w->base);
   free(w->read_buf);
+  sg_affinity_free(w->affinity);
   free(w);
 }

@@ -52,6 +52,7 @@ struct sg_conn {
   unsigned n_streams;
 
   bool established; /* handshake done, session created */
+  bool got_settings; /* the client's preface and first SETTINGS arrived */
   bool draining;    /* shutdown notice sent, final GOAWAY pending or sent */
   bool goaway_sent;
   bool closing;     /* flush what is queued, then free */

@@ -146,6 +146,10 @@ void sg_metrics_auth_failure(sg_metrics_worker *mw, size_t reason_idx);
  * TLS failure. */
 void sg_metrics_upstream_connect(sg_metrics_worker *mw, size_t tenant_idx,
                                  size_t backend_idx, bool ok);
+/* A Spark session went to another backend than the one this worker last
+ * sent it to. */
+void sg_metrics_session_rehomed(sg_metrics_worker *mw, size_t tenant_idx);
+
 /* One finished RPC (answered by the backend or rejected by the proxy).
  * |tenant_idx| may be SG_METRICS_TENANT_NONE; |bytes_in| is what the client
  * sent (request DATA payload), |bytes_out| what it received. Bytes are

@@ -100,7 +100,11 @@ typedef struct sg_route_limits {
   uint32_t burst; /* defaults to requests_per_second */
   uint64_t upload_bytes_per_minute;
   int over_limit_status; /* gRPC status: 8 (default) or 14 */
+  uint32_t max_message_bytes; /* largest request message (gRPC framing) */
 } sg_route_limits;
+
+/* Spark's own client and server default to 128 MiB messages. */
+#define SG_ROUTE_DEFAULT_MAX_MESSAGE_BYTES (128u * 1024u * 1024u)
 
 typedef struct sg_route_tenant {
   char *name;

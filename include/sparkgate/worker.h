@@ -76,6 +76,8 @@ struct sg_worker {
   uint8_t *read_buf;
   size_t read_buf_size;
 
+  struct sg_affinity *affinity; /* where this worker sent each session */
+
   sg_list conns; /* sg_conn.worker_link */
   size_t n_conns;
   uint64_t next_conn_id;

@@ -1,0 +1,45 @@
+/* Session memory: remembers, forgets after the TTL, stays bounded. */
+#include "check.h"
+#include "sparkgate/affinity.h"
+
+static void test_remember_and_forget(void) {
+  sg_affinity *a = sg_affinity_new(64);
+  CHECK(a != NULL);
+  uint64_t k = sg_affinity_key("acme", "alice", "s-1");
+  uint64_t b1 = sg_affinity_backend_id("spark-1");
+  CHECK(sg_affinity_get(a, k, 1000) == 0);
+  sg_affinity_put(a, k, b1, 1000);
+  CHECK(sg_affinity_get(a, k, 2000) == b1);
+  /* Other tenant, user or session: other keys. */
+  CHECK(sg_affinity_key("acme", "alice", "s-2") != k);
+  CHECK(sg_affinity_key("acme", "bob", "s-1") != k);
+  CHECK(sg_affinity_key("beta", "alice", "s-1") != k);
+  CHECK(sg_affinity_key("acm", "ealice", "s-1") != k);
+  /* Forgotten after the TTL. */
+  CHECK(sg_affinity_get(a, k, 1000 + SG_AFFINITY_TTL_MS + 1) == 0);
+  sg_affinity_free(a);
+}
+
+static void test_bounded(void) {
+  sg_affinity *a = sg_affinity_new(16);
+  char sid[32];
+  for (int i = 0; i < 1000; i++) {
+    snprintf(sid, sizeof sid, "s-%d", i);
+    sg_affinity_put(a, sg_affinity_key("t", "u", sid), 7, (uint64_t)i + 1);
+  }
+  /* The most recent one is there; the table did not grow. */
+  CHECK(sg_affinity_get(a, sg_affinity_key("t", "u", "s-999"), 1001) == 7);
+  int found = 0;
+  for (int i = 0; i < 1000; i++) {
+    snprintf(sid, sizeof sid, "s-%d", i);
+    found += sg_affinity_get(a, sg_affinity_key("t", "u", sid), 1001) != 0;
+  }
+  CHECK(found <= 16);
+  sg_affinity_free(a);
+}
+
+int main(void) {
+  test_remember_and_forget();
+  test_bounded();
+  return check_report("affinity");
+}
