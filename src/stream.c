@@ -487,6 +487,8 @@ static void report_call(sg_stream *s, const sg_conn *c, uint32_t error_code) {
                         s->tenant != NULL ? s->tenant->index : SG_METRICS_TENANT_NONE,
                         sg_metrics_method_from_path((const char *)p.base, p.len),
                         s->grpc_status, ms / 1000.0, s->bytes_in, s->bytes_out);
+  if (!s->rt->config->access_log.enabled)
+    return;
   sg_access_record r = {
       .conn_id = s->conn_id,
       .stream_id = s->id,

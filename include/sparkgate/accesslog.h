@@ -21,6 +21,7 @@
 #ifndef SPARKGATE_ACCESSLOG_H
 #define SPARKGATE_ACCESSLOG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <time.h>
@@ -87,7 +88,8 @@ void sg_accesslog_close(void);
  * Absent "access_log", or "path" absent or null: stderr. A relative path is
  * resolved against |base_dir| (the config file's directory; may be NULL). */
 typedef struct sg_accesslog_config {
-  char *path; /* NULL: stderr */
+  char *path;   /* NULL: stderr */
+  bool enabled; /* "enabled": false turns the access log off */
 } sg_accesslog_config;
 
 /* Parses |value| (the value of the "access_log" key, NULL when absent) into
