@@ -66,6 +66,20 @@ def cmd_payloads(args):
     # ExecutePlanRequest{session_id, user_context, client_type}: the upstream
     # is a static file server, so the plan itself does not matter.
     execute_req = ld(1, session) + ld(2, user) + ld(4, b"sparkgate-bench")
+    # JWT auth is on for sparkgate, as a deployment runs it: an HS256
+    # provider and one token for every call (the verified-token cache is
+    # part of what is measured; bench/jwt_cost measures a miss).
+    import base64, hashlib, hmac, json, time
+    secret = os.urandom(32).hex().encode()
+    write(os.path.join(d, "jwt.secret"), secret)
+    def b64(b):
+        return base64.urlsafe_b64encode(b).rstrip(b"=")
+    now = int(time.time())
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps({"iss": "bench", "aud": "spark-connect", "sub": "anonymous",
+                           "iat": now, "exp": now + 6 * 3600}).encode())
+    sig = b64(hmac.new(secret, head + b"." + body, hashlib.sha256).digest())
+    write(os.path.join(d, "jwt.token"), head + b"." + body + b"." + sig)
     write(os.path.join(d, "config.req"), grpc_frame(config_req))
     write(os.path.join(d, "execute.req"), grpc_frame(execute_req))
 
