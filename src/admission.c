@@ -118,6 +118,7 @@ static void deny_unauthenticated(sg_stream *s, const char *reason,
   sg_conn_charge(s->conn, 2, "unauthenticated requests");
   sg_grpc_submit_error(s->conn->session, s->id, SG_GRPC_UNAUTHENTICATED,
                        "sparkgate: authentication required or failed");
+  sg_stream_end_request_early(s);
   sg_conn_schedule_send(s->conn);
 }
 

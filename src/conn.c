@@ -162,6 +162,9 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
   case NGHTTP2_PRIORITY:
     sg_conn_charge(c, 1, "PRIORITY frames");
     break;
+  case NGHTTP2_RST_STREAM:
+    sg_conn_charge(c, 1, "stream resets (rapid reset)");
+    break;
   case NGHTTP2_WINDOW_UPDATE:
     if (frame->window_update.window_size_increment < SG_CONN_MIN_WINDOW_UPDATE)
       sg_conn_charge(c, 1, "tiny WINDOW_UPDATE frames");
@@ -176,9 +179,11 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
       return 0;
     if (frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
       s->req_headers_done = true;
-      if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)
-        s->req_eof = true;
       sg_stream_on_request_headers(s);
+      /* A request with no body at all still ends: Spark calls need a
+       * message, and the end is where that is found missing. */
+      if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)
+        sg_stream_on_request_end(s);
     } else if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) {
       sg_stream_on_request_end(s);
     }
@@ -228,8 +233,17 @@ static int on_stream_close(nghttp2_session *session, int32_t stream_id,
 
 static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
                          void *user) {
-  (void)session;
   sg_conn *c = user;
+  if ((frame->hd.type == NGHTTP2_HEADERS || frame->hd.type == NGHTTP2_DATA) &&
+      (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)) {
+    sg_stream *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+    if (s != NULL && s->early_reset && !s->req_eof) {
+      /* The response is out; the request never ended: stop the client. */
+      s->early_reset = false;
+      nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame->hd.stream_id,
+                                NGHTTP2_NO_ERROR);
+    }
+  }
   if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR)
     sg_info("conn=%llu peer=%s: sent GOAWAY %s (last stream %d)",
             (unsigned long long)c->id, c->peer,

@@ -194,6 +194,18 @@ static void credit_client(sg_stream *s, bool all) {
   s->req_unacked = 0;
 }
 
+/* The response is complete while the client is still sending: tell it to
+ * stop (RST_STREAM NO_ERROR, RFC 9113 8.1), or the half-open stream would
+ * keep the connection busy for nothing. */
+static void end_request_early(sg_stream *s) {
+  /* Only marked here: conn.c sends the reset once the frame that ends the
+   * response has gone out, or the reset could overtake it. */
+  if (!s->req_eof)
+    s->early_reset = true;
+}
+
+void sg_stream_end_request_early(sg_stream *s) { end_request_early(s); }
+
 /* Drops what waits for the upstream and credits it all back. */
 static void discard_request_body(sg_stream *s) {
   evbuffer_drain(s->req_body, evbuffer_get_length(s->req_body));
@@ -217,6 +229,7 @@ void sg_stream_reject(sg_stream *s, sg_grpc_status code, const char *message,
       s->resp_started = true;
       s->resp_eof = true;
       sg_grpc_submit_error(s->conn->session, s->id, code, message);
+      end_request_early(s);
     } else {
       nghttp2_submit_rst_stream(s->conn->session, NGHTTP2_FLAG_NONE, s->id,
                                 NGHTTP2_INTERNAL_ERROR);
@@ -244,6 +257,7 @@ void sg_stream_reject_http(sg_stream *s, int status, const char *why) {
           (unsigned long long)s->conn_id, s->id, s->conn->peer,
           sg_stream_path(s, pathbuf, sizeof pathbuf), status, why);
   sg_http_submit_status(s->conn->session, s->id, status);
+  end_request_early(s);
 }
 
 
@@ -806,6 +820,7 @@ ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
     if (!s->resp_eof)
       return NGHTTP2_ERR_DEFERRED;
     *data_flags |= NGHTTP2_DATA_FLAG_EOF;
+    end_request_early(s);
     if (s->resp_trailers.count > 0) {
       record_grpc_status(s, &s->resp_trailers);
       nghttp2_nv *nva = malloc(s->resp_trailers.count * sizeof *nva);

@@ -79,6 +79,7 @@ struct sg_upstream {
   sg_list streams;     /* OPEN legs */
   sg_list pending;     /* PENDING legs, submitted once connected */
   unsigned n_streams;  /* both lists */
+  bool got_settings; /* the backend spoke HTTP/2: its first SETTINGS came */
   bool freeing;
 };
 
@@ -177,6 +178,19 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
       s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
       if (s != NULL)
         sg_stream_on_response_end(s);
+    }
+    break;
+  case NGHTTP2_SETTINGS:
+    if (!(frame->hd.flags & NGHTTP2_FLAG_ACK) && !up->got_settings) {
+      /* Only now is the backend known to serve: a socket that accepts and
+       * never answers (a hung server, a black hole) is caught by the
+       * connect deadline still running until here. */
+      up->got_settings = true;
+      evtimer_del(up->timer);
+      count_connect(up->pool, true);
+      pool_mark_up(up->pool);
+      if (up->n_streams == 0)
+        set_timer_ms(up, pool_config(up->pool)->upstream_idle_timeout_ms);
     }
     break;
   case NGHTTP2_GOAWAY:
@@ -436,7 +450,6 @@ static void on_connected(sg_upstream *up) {
     upstream_free(up, "cannot create HTTP/2 session (out of memory)");
     return;
   }
-  evtimer_del(up->timer);
   if (up->ssl == NULL) {
     up->read_ev = event_new(up->pool->worker->base, bufferevent_getfd(up->bev),
                             EV_READ | EV_PERSIST, on_socket_readable, up);
@@ -448,16 +461,12 @@ static void on_connected(sg_upstream *up) {
     event_add(up->read_ev, NULL);
   }
   up->state = SG_UPSTREAM_READY;
-  count_connect(up->pool, true);
-  pool_mark_up(up->pool);
   sg_debug("upstream %s conn=%llu: connected%s", up->pool->backend->name,
            (unsigned long long)up->id, up->ssl != NULL ? " (TLS)" : " (h2c)");
   while (!sg_list_empty(&up->pending)) {
     sg_stream *s = SG_CONTAINER_OF(up->pending.next, sg_stream, up_link);
     submit_stream(up, s);
   }
-  if (up->n_streams == 0)
-    set_timer_ms(up, pool_config(up->pool)->upstream_idle_timeout_ms);
   /* Bytes that came with the connect are fed now (on_read ends with the
    * flush); for h2c, the bufferevent's read callback is done after this. */
   on_read(up->bev, up);
@@ -499,7 +508,7 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
   /* Only a connect that fails says the backend is down; an established
    * connection that breaks fails its own streams, and the next connect
    * finds out. */
-  if (broken && up->state == SG_UPSTREAM_CONNECTING) {
+  if (broken && (up->state == SG_UPSTREAM_CONNECTING || !up->got_settings)) {
     count_connect(up->pool, false);
     pool_mark_down(up->pool, reason);
   }
@@ -510,9 +519,12 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
   sg_upstream *up = arg;
-  if (up->state == SG_UPSTREAM_CONNECTING) {
-    char reason[96];
-    snprintf(reason, sizeof reason, "connect timed out after %u ms",
+  if (up->state == SG_UPSTREAM_CONNECTING || !up->got_settings) {
+    char reason[128];
+    snprintf(reason, sizeof reason,
+             up->state == SG_UPSTREAM_CONNECTING
+                 ? "connect timed out after %u ms"
+                 : "connected, but no HTTP/2 SETTINGS from the backend within %u ms",
              pool_config(up->pool)->upstream_connect_timeout_ms);
     count_connect(up->pool, false);
     pool_mark_down(up->pool, reason);
@@ -723,9 +735,10 @@ void sg_upstream_attach(sg_upstream_pool *pool, sg_stream *s) {
       return;
     }
   }
-  evtimer_del(chosen->timer);
-  if (chosen->state == SG_UPSTREAM_CONNECTING)
-    set_timer_ms(chosen, pool_config(pool)->upstream_connect_timeout_ms);
+  /* A connection still proving itself keeps its connect deadline; a
+   * ready one stops its idle countdown. */
+  if (chosen->got_settings)
+    evtimer_del(chosen->timer);
   s->up = chosen;
   s->up_state = SG_UPSTREAM_LEG_PENDING;
   chosen->n_streams++;

@@ -109,6 +109,7 @@ struct sg_stream {
   bool resp_eof;        /* upstream sent END_STREAM */
   bool rejected;        /* the proxy answered itself; drop what arrives */
   bool header_overflow; /* request headers exceeded the configured cap */
+  bool early_reset;     /* send RST_STREAM NO_ERROR after the response ends */
 };
 
 sg_stream *sg_stream_new(sg_conn *conn, int32_t id);
@@ -127,6 +128,9 @@ const char *sg_stream_path(const sg_stream *s, char *buf, size_t buflen);
  * the client; |why| (may be NULL) only to the log. */
 void sg_stream_reject(sg_stream *s, sg_grpc_status code, const char *message,
                       const char *why);
+
+/* After a complete response, stops a client that is still sending. */
+void sg_stream_end_request_early(sg_stream *s);
 
 /* Request bytes of |s| moved to its upstream connection's output. */
 void sg_stream_request_bytes_sent(sg_stream *s);
