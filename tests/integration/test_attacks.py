@@ -469,25 +469,7 @@ def attack_config(backend_port, **top):
     return cfg
 
 
-class LogsOnFailure:
-    """Prints the sparkgate logs of a failed test. (The harness's own
-    check reads _outcome.success, which Python 3.11 resets to True for
-    each cleanup, so it never prints; the result's lists are reliable.)"""
-
-    def _dump_logs_on_failure(self):
-        outcome = getattr(self, "_outcome", None)
-        result = getattr(outcome, "result", None)
-        if result is None:
-            return
-        failed = any(t is self for t, _ in list(result.failures) + list(result.errors))
-        if failed:
-            for sg in self._started:
-                sys.stderr.write("\n---- sparkgate log (pid %s, %s) ----\n%s\n----\n" % (
-                    sg.proc.pid if sg.proc else "-", self.id(),
-                    "\n".join(l for l in sg.lines if not l.startswith("{"))))
-
-
-class AttackCase(LogsOnFailure, H.SparkgateTestCase):
+class AttackCase(H.SparkgateTestCase):
     """A stand-in and a sparkgate (attack_config) per test; helpers for the
     checks every attack test makes."""
 

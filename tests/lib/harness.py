@@ -989,8 +989,13 @@ class SparkgateTestCase(unittest.TestCase):
         self.addCleanup(self._dump_logs_on_failure)
 
     def _dump_logs_on_failure(self):
+        # The result's lists, not _outcome.success: Python 3.11 resets that
+        # to True for each cleanup.
         outcome = getattr(self, "_outcome", None)
-        if outcome is not None and not getattr(outcome, "success", True):
+        result = getattr(outcome, "result", None)
+        if result is None:
+            return
+        if any(t is self for t, _ in list(result.failures) + list(result.errors)):
             for sg in self._started:
                 sys.stderr.write("\n---- sparkgate log (pid %s, %s) ----\n%s\n----\n" % (
                     sg.proc.pid if sg.proc else "-", self.id(), sg.log_text()))
