@@ -1098,7 +1098,7 @@ class CancellationTest(AttackCase):
         self.control("after cancellations")
 
 
-class FailingBackendTest(LogsOnFailure, H.SparkgateTestCase):
+class FailingBackendTest(H.SparkgateTestCase):
     """Tenant "default" is the stand-in; tenant "broken" (chosen with the
     x-spark-tenant header) is a backend that fails in one way or another."""
 
