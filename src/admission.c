@@ -171,6 +171,19 @@ static bool authenticate(sg_stream *s) {
                    ? SG_JWT_UNKNOWN_ISSUER
                    : sg_token_cache_verify(c->gen->token_cache, cfg->jwt, p,
                                            len, (int64_t)time(NULL), &jwt);
+      if (rv == SG_JWT_KEYS_UNAVAILABLE || rv == SG_JWT_KID_REFETCHING) {
+        /* The token cannot be judged yet (the provider's keys are not
+         * fetched, or are being refetched for this kid): not a denial. A
+         * client that retries UNAVAILABLE finds the keys in place. */
+        char why[192];
+        snprintf(why, sizeof why, "jwt: %s: %s", sg_jwt_reason_name(rv),
+                 jwt.detail != NULL ? jwt.detail : "-");
+        sg_stream_reject(s, SG_GRPC_UNAVAILABLE,
+                         "sparkgate: identity provider keys unavailable, retry",
+                         why);
+        sg_jwt_result_clear(&jwt);
+        return false;
+      }
       if (rv == SG_JWT_OK) {
         jin.state = SG_IDENTITY_JWT_VALID;
         jin.identity = jwt.identity;

@@ -687,3 +687,134 @@ int sg_jwks_load_file(const char *file, const char *path_for_errors,
   *n_keys = got;
   return 0;
 }
+
+/* ---- fetched JWKS -------------------------------------------------------- */
+
+int sg_jwk_equal(const sg_jwk *a, const sg_jwk *b) {
+  if ((a->kid == NULL) != (b->kid == NULL))
+    return 0;
+  if (a->kid != NULL && strcmp(a->kid, b->kid) != 0)
+    return 0;
+  return strcmp(a->alg, b->alg) == 0 && a->is_hmac == b->is_hmac &&
+         a->material_len == b->material_len &&
+         memcmp(a->material, b->material, a->material_len) == 0;
+}
+
+static void free_keys(sg_jwk *keys, size_t n) {
+  for (size_t i = 0; keys != NULL && i < n; i++)
+    sg_jwk_clear(&keys[i]);
+  free(keys);
+}
+
+int sg_jwks_parse_fetched(const char *buf, size_t len, unsigned alg_mask,
+                          const char *label, sg_jwk **keys, size_t *n_keys,
+                          size_t *n_ignored, char *err, size_t errlen) {
+  *keys = NULL;
+  *n_keys = 0;
+  if (n_ignored != NULL)
+    *n_ignored = 0;
+  if (label == NULL)
+    label = "jwks";
+  json_error_t jerr;
+  json_t *root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
+  if (root == NULL) {
+    snprintf(err, errlen, "not valid JSON (line %d, column %d: %s)", jerr.line,
+             jerr.column, jerr.text);
+    return -1;
+  }
+  const json_t *arr = json_object_get(root, "keys");
+  if (!json_is_array(arr)) {
+    snprintf(err, errlen, "not a JWKS document (no \"keys\" list)");
+    json_decref(root);
+    return -1;
+  }
+  size_t n = json_array_size(arr);
+  if (n > SG_JWKS_MAX_FETCHED_KEYS) {
+    snprintf(err, errlen, "holds %zu keys; at most %u are accepted", n,
+             SG_JWKS_MAX_FETCHED_KEYS);
+    json_decref(root);
+    return -1;
+  }
+  sg_jwk *out = calloc(n ? n : 1, sizeof *out);
+  if (out == NULL) {
+    snprintf(err, errlen, "out of memory");
+    json_decref(root);
+    return -1;
+  }
+  size_t got = 0, ignored = 0;
+  char why[256];
+  for (size_t i = 0; i < n; i++) {
+    const json_t *j = json_array_get(arr, i);
+    if (json_is_object(j) && json_object_get(j, "d") != NULL) {
+      /* A private key published as a verification key is a leak at the
+       * issuer: no key of this document is to be trusted. */
+      snprintf(err, errlen,
+               "keys[%zu] holds private key material (\"d\"); the whole "
+               "document is refused",
+               i);
+      free_keys(out, got);
+      json_decref(root);
+      return -1;
+    }
+    sg_jwk k;
+    int rc = sg_jwk_from_json(j, &k, why, sizeof why);
+    if (rc > 0) {
+      sg_debug("%s: JWKS keys[%zu] ignored: %s", label, i, why);
+      ignored++;
+      continue;
+    }
+    if (rc < 0) {
+      sg_warn("%s: JWKS keys[%zu] ignored: %s", label, i, why);
+      ignored++;
+      continue;
+    }
+    if (alg_mask != 0 && (alg_mask & SG_JWK_ALG_BIT(k.jwt_alg)) == 0) {
+      sg_debug("%s: JWKS keys[%zu] ignored: alg %s is not in the provider's "
+               "algorithms",
+               label, i, k.alg);
+      sg_jwk_clear(&k);
+      ignored++;
+      continue;
+    }
+    for (size_t m = 0; k.kid != NULL && m < got; m++) {
+      if (out[m].kid != NULL && strcmp(out[m].kid, k.kid) == 0) {
+        snprintf(err, errlen,
+                 "keys[%zu]: duplicate kid \"%.64s\"; a kid must name one key",
+                 i, k.kid);
+        sg_jwk_clear(&k);
+        free_keys(out, got);
+        json_decref(root);
+        return -1;
+      }
+    }
+    out[got++] = k;
+  }
+  json_decref(root);
+  if (got > 1) {
+    size_t w = 0;
+    for (size_t r = 0; r < got; r++) {
+      if (out[r].kid == NULL) {
+        sg_warn("%s: a JWKS key without \"kid\" among %zu keys can never be "
+                "chosen; ignored",
+                label, got);
+        sg_jwk_clear(&out[r]);
+        ignored++;
+        continue;
+      }
+      out[w++] = out[r];
+    }
+    got = w;
+  }
+  if (n_ignored != NULL)
+    *n_ignored = ignored;
+  if (got == 0) {
+    snprintf(err, errlen,
+             "no usable signing key (%zu key%s, all ignored: see the log)", n,
+             n == 1 ? "" : "s");
+    free(out);
+    return -1;
+  }
+  *keys = out;
+  *n_keys = got;
+  return 0;
+}

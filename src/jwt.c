@@ -4,8 +4,11 @@
 #include "sparkgate/jwt.h"
 
 #include "sparkgate/jwks.h"
+#include "sparkgate/keyfetch.h"
 
 #include <jwt.h>
+#include <openssl/ssl.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -13,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 /* 9999-12-31T23:59:59Z. Larger "times" are nonsense and would make the
  * leeway arithmetic overflow-prone. */
@@ -25,13 +29,52 @@ struct claim_rule {
   size_t n_values;
 };
 
+/* An immutable set of keys, shared by reference: a verification holds one
+ * for its duration, so a swap never frees keys in use. */
+typedef struct keyset {
+  atomic_long refs;
+  sg_jwk *keys;
+  size_t n_keys;
+} keyset;
+
+/* A provider's keys from the network: the set in force, swapped whole
+ * under `lock`, and what workers and the fetcher need to agree on when to
+ * refetch. Shared by the verifiers of successive reloads (adopt_keys). */
+struct sg_jwt_keysource {
+  atomic_long refs;
+  pthread_mutex_t lock;
+  keyset *current; /* NULL: no keys */
+  /* Moves (under lock) at every swap; read without it on cache hits. */
+  atomic_uint_fast64_t generation;
+  char *label; /* "identity provider NAME", for logs */
+  unsigned alg_mask;
+  /* Everything below is under lock. */
+  int64_t refetch_interval_ms;
+  bool fetched; /* current came from a fetch, not a fallback file */
+  bool in_flight;
+  bool requested;
+  bool have_success;
+  bool have_refetch;
+  int64_t last_success_ms;
+  int64_t last_refetch_ms;
+  sg_jwt_wake_fn wake;
+  void *wake_arg;
+  sg_jwt_key_stats stats;
+};
+
 struct provider {
   char *name;
   char *issuer;
   char **audiences;
   size_t n_audiences;
+  /* Keys while loading; then they move into `fixed` (static keys) or into
+   * the key source (a fallback file's keys). */
   sg_jwk *keys;
   size_t n_keys;
+  keyset *fixed;            /* static providers; never changes */
+  sg_jwt_keysource *src;    /* network providers */
+  sg_jwt_fetch_config *fetch; /* network providers */
+  unsigned alg_mask;        /* "algorithms"; 0 = any */
   int64_t leeway_s;
   int64_t max_lifetime_s; /* 0 = unbounded */
   char *identity_claim;
@@ -68,6 +111,8 @@ static const char *const reason_names[SG_JWT_REASON_COUNT] = {
     [SG_JWT_BAD_TYP] = "bad_typ",
     [SG_JWT_BAD_IDENTITY] = "bad_identity",
     [SG_JWT_INTERNAL] = "internal",
+    [SG_JWT_KEYS_UNAVAILABLE] = "keys_unavailable",
+    [SG_JWT_KID_REFETCHING] = "kid_refetching",
 };
 
 const char *sg_jwt_reason_name(int reason) {
@@ -76,7 +121,239 @@ const char *sg_jwt_reason_name(int reason) {
   return reason_names[reason];
 }
 
+/* ---- key sets and key sources -------------------------------------------- */
+
+int64_t sg_jwt_monotonic_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void free_jwks(sg_jwk *keys, size_t n) {
+  for (size_t i = 0; keys != NULL && i < n; i++)
+    sg_jwk_clear(&keys[i]);
+  free(keys);
+}
+
+/* Takes ownership of keys (freed on failure too). */
+static keyset *keyset_new(sg_jwk *keys, size_t n) {
+  keyset *k = calloc(1, sizeof *k);
+  if (k == NULL) {
+    free_jwks(keys, n);
+    return NULL;
+  }
+  atomic_init(&k->refs, 1);
+  k->keys = keys;
+  k->n_keys = n;
+  return k;
+}
+
+static keyset *keyset_ref(keyset *k) {
+  if (k != NULL)
+    atomic_fetch_add_explicit(&k->refs, 1, memory_order_relaxed);
+  return k;
+}
+
+static void keyset_unref(keyset *k) {
+  if (k != NULL &&
+      atomic_fetch_sub_explicit(&k->refs, 1, memory_order_acq_rel) == 1) {
+    free_jwks(k->keys, k->n_keys);
+    free(k);
+  }
+}
+
+static bool keyset_equal(const keyset *k, const sg_jwk *keys, size_t n) {
+  if (k == NULL || k->n_keys != n)
+    return false;
+  for (size_t i = 0; i < n; i++)
+    if (!sg_jwk_equal(&k->keys[i], &keys[i]))
+      return false;
+  return true;
+}
+
+static sg_jwt_keysource *keysource_new(const char *name, unsigned alg_mask,
+                                       uint32_t refetch_interval_s) {
+  sg_jwt_keysource *s = calloc(1, sizeof *s);
+  if (s == NULL)
+    return NULL;
+  size_t n = strlen(name) + sizeof "identity provider ";
+  s->label = malloc(n);
+  if (s->label == NULL || pthread_mutex_init(&s->lock, NULL) != 0) {
+    free(s->label);
+    free(s);
+    return NULL;
+  }
+  snprintf(s->label, n, "identity provider %s", name);
+  atomic_init(&s->refs, 1);
+  atomic_init(&s->generation, 0);
+  s->alg_mask = alg_mask;
+  s->refetch_interval_ms = (int64_t)refetch_interval_s * 1000;
+  return s;
+}
+
+sg_jwt_keysource *sg_jwt_keysource_ref(sg_jwt_keysource *s) {
+  if (s != NULL)
+    atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed);
+  return s;
+}
+
+void sg_jwt_keysource_unref(sg_jwt_keysource *s) {
+  if (s == NULL ||
+      atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) != 1)
+    return;
+  keyset_unref(s->current);
+  pthread_mutex_destroy(&s->lock);
+  free(s->label);
+  free(s);
+}
+
+/* The set in force (a new reference, or NULL) and its generation. */
+static keyset *keysource_acquire(sg_jwt_keysource *s, uint64_t *gen) {
+  pthread_mutex_lock(&s->lock);
+  keyset *k = keyset_ref(s->current);
+  *gen = atomic_load_explicit(&s->generation, memory_order_relaxed);
+  pthread_mutex_unlock(&s->lock);
+  return k;
+}
+
+/* Puts k (reference taken over) in force, not as fetched keys. */
+static void keysource_install(sg_jwt_keysource *s, keyset *k) {
+  pthread_mutex_lock(&s->lock);
+  keyset *old = s->current;
+  s->current = k;
+  s->fetched = false;
+  atomic_fetch_add_explicit(&s->generation, 1, memory_order_release);
+  pthread_mutex_unlock(&s->lock);
+  keyset_unref(old);
+}
+
+bool sg_jwt_keysource_has_keys(sg_jwt_keysource *s) {
+  pthread_mutex_lock(&s->lock);
+  bool has = s->current != NULL;
+  pthread_mutex_unlock(&s->lock);
+  return has;
+}
+
+void sg_jwt_keysource_get_stats(sg_jwt_keysource *s, sg_jwt_key_stats *out) {
+  pthread_mutex_lock(&s->lock);
+  *out = s->stats;
+  out->generation = atomic_load_explicit(&s->generation, memory_order_relaxed);
+  out->n_keys = s->current != NULL ? s->current->n_keys : 0;
+  out->fetched = s->fetched;
+  pthread_mutex_unlock(&s->lock);
+}
+
+void sg_jwt_keysource_set_wake(sg_jwt_keysource *s, sg_jwt_wake_fn fn,
+                               void *arg) {
+  pthread_mutex_lock(&s->lock);
+  s->wake = fn;
+  s->wake_arg = arg;
+  pthread_mutex_unlock(&s->lock);
+}
+
+bool sg_jwt_keysource_begin_fetch(sg_jwt_keysource *s, bool force) {
+  pthread_mutex_lock(&s->lock);
+  bool start = !s->in_flight && (force || s->requested);
+  if (start) {
+    s->in_flight = true;
+    s->requested = false;
+  }
+  pthread_mutex_unlock(&s->lock);
+  return start;
+}
+
+int sg_jwt_keysource_finish_fetch(sg_jwt_keysource *s, const char *jwks,
+                                  size_t len, int64_t now_ms, size_t *n_keys,
+                                  char *err, size_t errlen) {
+  if (errlen > 0)
+    err[0] = '\0';
+  sg_jwk *keys = NULL;
+  size_t n = 0;
+  int rc = -1;
+  if (jwks != NULL)
+    rc = sg_jwks_parse_fetched(jwks, len, s->alg_mask, s->label, &keys, &n,
+                               NULL, err, errlen);
+  keyset *fresh = NULL, *old = NULL;
+  pthread_mutex_lock(&s->lock);
+  s->in_flight = false;
+  if (rc == 0) {
+    s->have_success = true;
+    s->last_success_ms = now_ms;
+    s->fetched = true;
+    s->stats.fetches_ok++;
+    if (keyset_equal(s->current, keys, n)) {
+      free_jwks(keys, n);
+    } else {
+      /* Allocating under the lock is rare (a real change) and cheap. */
+      fresh = keyset_new(keys, n);
+      if (fresh != NULL) {
+        old = s->current;
+        s->current = fresh;
+        atomic_fetch_add_explicit(&s->generation, 1, memory_order_release);
+        s->stats.key_set_changes++;
+        rc = 1;
+      } else {
+        s->stats.fetches_ok--;
+        s->stats.fetches_failed++;
+        s->have_success = false;
+        snprintf(err, errlen, "out of memory");
+        rc = -1;
+      }
+    }
+  } else {
+    s->stats.fetches_failed++;
+  }
+  if (n_keys != NULL)
+    *n_keys = s->current != NULL ? s->current->n_keys : 0;
+  pthread_mutex_unlock(&s->lock);
+  keyset_unref(old);
+  return rc;
+}
+
+int sg_jwt_keysource_unknown_kid(sg_jwt_keysource *s, uint64_t seen_gen,
+                                 int64_t now_ms) {
+  int d;
+  pthread_mutex_lock(&s->lock);
+  if (atomic_load_explicit(&s->generation, memory_order_relaxed) != seen_gen) {
+    d = SG_JWT_KEYS_RETRY;
+  } else if (s->in_flight || s->requested) {
+    d = SG_JWT_KEYS_TRANSIENT;
+  } else if (s->current != NULL && s->have_success &&
+             now_ms - s->last_success_ms < s->refetch_interval_ms) {
+    /* Fetched a moment ago and the kid is not there: it is unknown. */
+    d = SG_JWT_KEYS_DENY;
+    s->stats.unknown_kid_denied++;
+  } else if (s->have_refetch &&
+             now_ms - s->last_refetch_ms < s->refetch_interval_ms) {
+    /* The last refetch failed (else the set would be fresh): we cannot
+     * say the kid is unknown, and must not ask the provider again yet. */
+    d = SG_JWT_KEYS_TRANSIENT;
+    s->stats.refetches_limited++;
+  } else {
+    s->requested = true;
+    s->have_refetch = true;
+    s->last_refetch_ms = now_ms;
+    s->stats.refetches++;
+    if (s->wake != NULL)
+      s->wake(s->wake_arg);
+    d = SG_JWT_KEYS_TRANSIENT;
+  }
+  pthread_mutex_unlock(&s->lock);
+  return d;
+}
+
 /* ---- lifetime ------------------------------------------------------------ */
+
+static void fetch_config_free(sg_jwt_fetch_config *f) {
+  if (f == NULL)
+    return;
+  free((char *)f->provider);
+  free((char *)f->issuer);
+  free((char *)f->jwks_url);
+  free((char *)f->ca_file);
+  SSL_CTX_free(f->tls);
+  free(f);
+}
 
 static void provider_free(struct provider *p) {
   free(p->name);
@@ -84,9 +361,10 @@ static void provider_free(struct provider *p) {
   for (size_t i = 0; i < p->n_audiences; i++)
     free(p->audiences[i]);
   free(p->audiences);
-  for (size_t i = 0; i < p->n_keys; i++)
-    sg_jwk_clear(&p->keys[i]);
-  free(p->keys);
+  free_jwks(p->keys, p->n_keys);
+  keyset_unref(p->fixed);
+  sg_jwt_keysource_unref(p->src);
+  fetch_config_free(p->fetch);
   free(p->identity_claim);
   for (size_t i = 0; i < p->n_rules; i++) {
     free(p->rules[i].name);
@@ -132,6 +410,96 @@ size_t sg_jwt_verifier_provider_count(const sg_jwt_verifier *v) {
   return v ? v->n_providers : 0;
 }
 
+const char *sg_jwt_verifier_provider_name(const sg_jwt_verifier *v,
+                                          size_t i) {
+  return v != NULL && i < v->n_providers ? v->providers[i].name : NULL;
+}
+
+uint64_t sg_jwt_verifier_key_generation(const sg_jwt_verifier *v, size_t i) {
+  if (v == NULL || i >= v->n_providers || v->providers[i].src == NULL)
+    return 0;
+  return atomic_load_explicit(&v->providers[i].src->generation,
+                              memory_order_acquire);
+}
+
+const sg_jwt_fetch_config *sg_jwt_verifier_fetch_config(
+    const sg_jwt_verifier *v, size_t i) {
+  return v != NULL && i < v->n_providers ? v->providers[i].fetch : NULL;
+}
+
+sg_jwt_keysource *sg_jwt_verifier_keysource(const sg_jwt_verifier *v,
+                                            size_t i) {
+  return v != NULL && i < v->n_providers ? v->providers[i].src : NULL;
+}
+
+bool sg_jwt_verifier_keys_ready(const sg_jwt_verifier *v, char *missing,
+                                size_t missing_len) {
+  bool ready = true;
+  size_t o = 0;
+  if (missing != NULL && missing_len > 0)
+    missing[0] = '\0';
+  for (size_t i = 0; v != NULL && i < v->n_providers; i++) {
+    const struct provider *p = &v->providers[i];
+    if (p->src == NULL || !p->fetch->required || sg_jwt_keysource_has_keys(p->src))
+      continue;
+    ready = false;
+    if (missing != NULL && o < missing_len) {
+      int w = snprintf(missing + o, missing_len - o, "%s%s", o ? ", " : "",
+                       p->name);
+      if (w > 0)
+        o += (size_t)w;
+    }
+  }
+  return ready;
+}
+
+static bool same_str(const char *a, const char *b) {
+  return (a == NULL && b == NULL) || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+void sg_jwt_verifier_adopt_keys(sg_jwt_verifier *nv,
+                                const sg_jwt_verifier *old) {
+  if (nv == NULL || old == NULL)
+    return;
+  for (size_t i = 0; i < nv->n_providers; i++) {
+    struct provider *p = &nv->providers[i];
+    if (p->src == NULL)
+      continue;
+    for (size_t j = 0; j < old->n_providers; j++) {
+      const struct provider *q = &old->providers[j];
+      if (q->src == NULL || strcmp(p->name, q->name) != 0 ||
+          strcmp(p->issuer, q->issuer) != 0)
+        continue;
+      uint64_t gen;
+      if (p->fetch->discovery == q->fetch->discovery &&
+          same_str(p->fetch->jwks_url, q->fetch->jwks_url) &&
+          p->alg_mask == q->alg_mask) {
+        /* The same keys from the same place: keep them, and the refetch
+         * state, rather than fetch again. */
+        if (!sg_jwt_keysource_has_keys(q->src)) {
+          keyset *fallback = keysource_acquire(p->src, &gen);
+          if (fallback != NULL)
+            keysource_install(q->src, fallback);
+        }
+        pthread_mutex_lock(&q->src->lock);
+        q->src->refetch_interval_ms =
+            (int64_t)p->fetch->min_refetch_interval_s * 1000;
+        pthread_mutex_unlock(&q->src->lock);
+        sg_jwt_keysource_unref(p->src);
+        p->src = sg_jwt_keysource_ref(q->src);
+      } else if (p->alg_mask == q->alg_mask &&
+                 !sg_jwt_keysource_has_keys(p->src)) {
+        /* A new place for the same issuer: its old keys serve until the
+         * new place answers, as if they came from a fallback file. */
+        keyset *prev = keysource_acquire(q->src, &gen);
+        if (prev != NULL)
+          keysource_install(p->src, prev);
+      }
+      break;
+    }
+  }
+}
+
 void sg_jwt_result_clear(sg_jwt_result *r) {
   if (r == NULL)
     return;
@@ -160,6 +528,8 @@ int sg_jwt_result_copy(sg_jwt_result *dst, const sg_jwt_result *src) {
   dst->exp = src->exp;
   dst->iat = src->iat;
   dst->detail = src->detail;
+  dst->provider_index = src->provider_index;
+  dst->key_generation = src->key_generation;
   dst->claims = json_incref(src->claims);
   if (oom) {
     sg_jwt_result_clear(dst);
@@ -414,12 +784,166 @@ static void load_rules(struct loader *L, struct provider *p, const char *path,
   }
 }
 
+static const char *const fetch_only_keys[] = {
+    "ca_file",          "fallback_jwks_file", "required",
+    "connect_timeout_ms", "fetch_timeout_ms", "max_response_bytes",
+    "min_refresh_s",    "max_refresh_s",      "min_refetch_interval_s",
+    NULL};
+
+static uint32_t get_u32(struct loader *L, const char *path, json_t *obj,
+                        const char *key, int64_t min, int64_t max,
+                        uint32_t dflt) {
+  int64_t v = dflt;
+  get_int(L, path, obj, key, min, max, &v);
+  return (uint32_t)v;
+}
+
+/* "jwks_url" / "discovery" and their options. Returns whether the provider
+ * takes its keys from the network; its fallback file's keys go to p->keys
+ * (the kid rules are then checked with the static ones). */
+static bool load_network(struct loader *L, struct provider *p,
+                         const char *path, json_t *pj,
+                         const json_t *algorithms, size_t *cap) {
+  json_t *url = json_object_get(pj, "jwks_url");
+  json_t *disc = json_object_get(pj, "discovery");
+  if (disc != NULL && !json_is_boolean(disc))
+    lerr(L, "%s.discovery: must be true or false", path);
+  bool discovery = json_is_true(disc);
+  if (url == NULL && !discovery) {
+    for (size_t i = 0; fetch_only_keys[i] != NULL; i++)
+      if (json_object_get(pj, fetch_only_keys[i]) != NULL)
+        lerr(L,
+             "%s.%s: only applies to keys fetched over HTTPS; add "
+             "\"jwks_url\" or \"discovery\": true, or remove it",
+             path, fetch_only_keys[i]);
+    return false;
+  }
+  char err[512];
+  if (url != NULL && discovery)
+    lerr(L,
+         "%s: \"jwks_url\" and \"discovery\": true both say where the keys "
+         "are; keep one",
+         path);
+  const char *u = url != NULL ? get_string(L, path, pj, "jwks_url", true) : NULL;
+  if (u != NULL && sg_keyfetch_check_url(u, err, sizeof err) != 0)
+    lerr(L, "%s.jwks_url: %s", path, err);
+  if (discovery && p->issuer != NULL &&
+      sg_keyfetch_check_url(p->issuer, err, sizeof err) != 0)
+    lerr(L,
+         "%s.issuer: with \"discovery\": true the issuer is where the "
+         "discovery document is fetched: %s",
+         path, err);
+  static const char *const static_keys[] = {"keys", "jwks_file"};
+  for (size_t i = 0; i < 2; i++)
+    if (json_object_get(pj, static_keys[i]) != NULL)
+      lerr(L,
+           "%s.%s: not with \"jwks_url\" or \"discovery\" (the keys come "
+           "from the identity provider); keys to start with go in "
+           "\"fallback_jwks_file\"",
+           path, static_keys[i]);
+  /* JWKS documents only carry RSA and EC keys here. */
+  unsigned asym = 0;
+  static const char *const asym_algs[] = {"RS256", "RS384", "RS512", "ES256",
+                                          "ES384"};
+  for (size_t i = 0; i < sizeof asym_algs / sizeof asym_algs[0]; i++)
+    asym |= SG_JWK_ALG_BIT(sg_jwk_alg_parse(asym_algs[i]));
+  if (p->alg_mask != 0 && (p->alg_mask & asym) == 0)
+    lerr(L,
+         "%s.algorithms: keys fetched from an identity provider are RS* or "
+         "ES* keys; list at least one of RS256, RS384, RS512, ES256, ES384",
+         path);
+
+  sg_jwt_fetch_config *f = calloc(1, sizeof *f);
+  if (f == NULL) {
+    lerr(L, "%s: out of memory", path);
+    return true;
+  }
+  p->fetch = f;
+  int oom = 0;
+  f->provider = dup_or_null(p->name, &oom);
+  f->issuer = dup_or_null(p->issuer, &oom);
+  f->jwks_url = dup_or_null(u, &oom);
+  f->discovery = discovery;
+  json_t *req = json_object_get(pj, "required");
+  if (req != NULL && !json_is_boolean(req))
+    lerr(L, "%s.required: must be true or false", path);
+  f->required = req == NULL || json_is_true(req);
+  f->connect_timeout_ms = get_u32(L, path, pj, "connect_timeout_ms", 100,
+                                  600000, SG_JWT_DEFAULT_CONNECT_TIMEOUT_MS);
+  f->fetch_timeout_ms = get_u32(L, path, pj, "fetch_timeout_ms", 100, 600000,
+                                SG_JWT_DEFAULT_FETCH_TIMEOUT_MS);
+  f->max_response_bytes =
+      get_u32(L, path, pj, "max_response_bytes", 1024, 16 * 1024 * 1024,
+              SG_JWT_DEFAULT_MAX_RESPONSE_BYTES);
+  f->min_refresh_s = get_u32(L, path, pj, "min_refresh_s", 1, 86400,
+                             SG_JWT_DEFAULT_MIN_REFRESH_S);
+  f->max_refresh_s = get_u32(L, path, pj, "max_refresh_s", 1, 7 * 86400,
+                             SG_JWT_DEFAULT_MAX_REFRESH_S);
+  f->min_refetch_interval_s =
+      get_u32(L, path, pj, "min_refetch_interval_s", 1, 86400,
+              SG_JWT_DEFAULT_MIN_REFETCH_INTERVAL_S);
+  if (f->min_refresh_s > f->max_refresh_s)
+    lerr(L,
+         "%s.min_refresh_s: %u is above max_refresh_s (%u); the minimum "
+         "must not exceed the maximum",
+         path, f->min_refresh_s, f->max_refresh_s);
+
+  const char *ca = NULL;
+  if (json_object_get(pj, "ca_file") != NULL) {
+    ca = get_string(L, path, pj, "ca_file", false);
+    if (ca != NULL && (f->ca_file = resolve_path(L, ca)) == NULL)
+      oom = 1;
+  }
+  if (ca == NULL || f->ca_file != NULL) {
+    f->tls = sg_keyfetch_tls_ctx_new(f->ca_file, err, sizeof err);
+    if (f->tls == NULL)
+      lerr(L, "%s.%s: %s", path, ca != NULL ? "ca_file" : "jwks_url", err);
+  }
+
+  if (json_object_get(pj, "fallback_jwks_file") != NULL) {
+    const char *fname = get_string(L, path, pj, "fallback_jwks_file", false);
+    char *file = fname ? resolve_path(L, fname) : NULL;
+    if (fname != NULL && file == NULL)
+      oom = 1;
+    char fpath[600];
+    snprintf(fpath, sizeof fpath, "%s.fallback_jwks_file", path);
+    sg_jwk *jk = NULL;
+    size_t njk = 0;
+    if (file != NULL &&
+        sg_jwks_load_file(file, fpath, &jk, &njk, jwks_report, L) == 0) {
+      for (size_t i = 0; i < njk; i++) {
+        if (!alg_allowed(algorithms, jk[i].alg)) {
+          sg_jwk_clear(&jk[i]);
+          continue;
+        }
+        if (push_key(p, cap, &jk[i]) != 0) {
+          sg_jwk_clear(&jk[i]);
+          oom = 1;
+        }
+      }
+      free(jk);
+      if (p->n_keys == 0)
+        lerr(L,
+             "%s: no usable key (keys with \"use\" other than \"sig\", "
+             "unsupported or not in \"algorithms\" are ignored)",
+             fpath);
+    }
+    free(file);
+  }
+  if (oom)
+    lerr(L, "%s: out of memory", path);
+  return true;
+}
+
 static void load_provider(struct loader *L, struct provider *p,
                           const char *path, json_t *pj) {
   static const char *const known[] = {
       "name",           "issuer",          "audiences", "keys",
       "jwks_file",      "algorithms",      "leeway_s",  "max_lifetime_s",
-      "identity_claim", "required_claims", NULL};
+      "identity_claim", "required_claims", "jwks_url",  "discovery",
+      "ca_file",        "fallback_jwks_file", "required",
+      "connect_timeout_ms", "fetch_timeout_ms", "max_response_bytes",
+      "min_refresh_s",  "max_refresh_s",   "min_refetch_interval_s", NULL};
   if (!json_is_object(pj)) {
     lerr(L, "%s: must be an object describing one token issuer", path);
     return;
@@ -427,7 +951,10 @@ static void load_provider(struct loader *L, struct provider *p,
   int errors_before = L->errors;
   check_keys(L, path, pj, known,
              "name, issuer, audiences, keys, jwks_file, algorithms, "
-             "leeway_s, max_lifetime_s, identity_claim, required_claims");
+             "leeway_s, max_lifetime_s, identity_claim, required_claims, "
+             "jwks_url, discovery, ca_file, fallback_jwks_file, required, "
+             "connect_timeout_ms, fetch_timeout_ms, max_response_bytes, "
+             "min_refresh_s, max_refresh_s, min_refetch_interval_s");
   int oom = 0;
   p->name = dup_or_null(get_string(L, path, pj, "name", true), &oom);
   p->issuer = dup_or_null(get_string(L, path, pj, "issuer", true), &oom);
@@ -474,6 +1001,11 @@ static void load_provider(struct loader *L, struct provider *p,
     if (!ok)
       lerr(L, "%s.algorithms: must be a non-empty list of algorithm names",
            path);
+    json_array_foreach(algorithms, i, a) {
+      int alg = json_is_string(a) ? sg_jwk_alg_parse(json_string_value(a)) : -1;
+      if (alg >= 0)
+        p->alg_mask |= SG_JWK_ALG_BIT(alg);
+    }
   }
 
   p->leeway_s = SG_JWT_DEFAULT_LEEWAY_S;
@@ -493,7 +1025,8 @@ static void load_provider(struct loader *L, struct provider *p,
 
   size_t cap = 0;
   char kpath[640];
-  json_t *keys = json_object_get(pj, "keys");
+  bool network = load_network(L, p, path, pj, algorithms, &cap);
+  json_t *keys = network ? NULL : json_object_get(pj, "keys");
   size_t n_static = 0;
   if (keys != NULL && !json_is_array(keys)) {
     lerr(L, "%s.keys: must be a list of key objects", path);
@@ -507,7 +1040,7 @@ static void load_provider(struct loader *L, struct provider *p,
     n_static = p->n_keys;
   }
 
-  json_t *jwks = json_object_get(pj, "jwks_file");
+  json_t *jwks = network ? NULL : json_object_get(pj, "jwks_file");
   if (jwks != NULL) {
     const char *fname = get_string(L, path, pj, "jwks_file", false);
     char *file = fname ? resolve_path(L, fname) : NULL;
@@ -541,7 +1074,10 @@ static void load_provider(struct loader *L, struct provider *p,
         lerr(L,
              "%s.%s: kid \"%s\" is used by more than one key; kids must "
              "be unique within a provider",
-             path, i < n_static ? "keys" : "jwks_file", p->keys[i].kid);
+             path,
+             network ? "fallback_jwks_file"
+                     : i < n_static ? "keys" : "jwks_file",
+             p->keys[i].kid);
     }
     if (p->n_keys > 1 && p->keys[i].kid == NULL) {
       if (i < n_static)
@@ -551,19 +1087,46 @@ static void load_provider(struct loader *L, struct provider *p,
              path, p->n_keys);
       else
         lerr(L,
-             "%s.jwks_file: a JWKS key without \"kid\" in a provider "
+             "%s.%s: a JWKS key without \"kid\" in a provider "
              "with %zu keys can never be chosen; give every key a kid",
-             path, p->n_keys);
+             path, network ? "fallback_jwks_file" : "jwks_file", p->n_keys);
     }
   }
-  if (p->n_keys == 0 && L->errors == errors_before)
+  if (!network && p->n_keys == 0 && L->errors == errors_before)
     lerr(L,
          "%s: no usable key; add \"keys\" or a \"jwks_file\" with a "
          "signing key (JWKS keys with \"use\" other than \"sig\" or of "
-         "unsupported types are ignored)",
+         "unsupported types are ignored), or fetch them with \"jwks_url\" "
+         "or \"discovery\"",
          path);
   if (oom)
     lerr(L, "%s: out of memory", path);
+  if (L->errors != errors_before || p->name == NULL)
+    return;
+  /* The keys read so far become the provider's fixed set, or the first
+   * set of its key source. */
+  if (!network) {
+    p->fixed = keyset_new(p->keys, p->n_keys);
+    p->keys = NULL;
+    p->n_keys = 0;
+    if (p->fixed == NULL)
+      lerr(L, "%s: out of memory", path);
+    return;
+  }
+  p->src = keysource_new(p->name, p->alg_mask, p->fetch->min_refetch_interval_s);
+  if (p->src == NULL) {
+    lerr(L, "%s: out of memory", path);
+    return;
+  }
+  if (p->n_keys > 0) {
+    keyset *k = keyset_new(p->keys, p->n_keys);
+    p->keys = NULL;
+    p->n_keys = 0;
+    if (k == NULL)
+      lerr(L, "%s: out of memory", path);
+    else
+      keysource_install(p->src, k);
+  }
 }
 
 int sg_jwt_providers_load(json_t *providers, const char *base_dir,
@@ -770,19 +1333,30 @@ static json_t *decode_json_part(const char *b64, size_t len,
   return j;
 }
 
-static const sg_jwk *select_key(const struct provider *p, const char *kid) {
+static const sg_jwk *select_key(const keyset *ks, const char *kid) {
+  if (ks == NULL)
+    return NULL;
   /* A provider's only key, configured without kid, serves any token of
    * that issuer: IdPs put a kid in every token, and demanding that the
    * operator copies it into the config would buy no safety (the key is
    * still the only one and still pinned to its alg). */
-  if (p->n_keys == 1 && (kid == NULL || p->keys[0].kid == NULL))
-    return &p->keys[0];
+  if (ks->n_keys == 1 && (kid == NULL || ks->keys[0].kid == NULL))
+    return &ks->keys[0];
   if (kid == NULL)
     return NULL;
-  for (size_t i = 0; i < p->n_keys; i++)
-    if (p->keys[i].kid != NULL && strcmp(p->keys[i].kid, kid) == 0)
-      return &p->keys[i];
+  for (size_t i = 0; i < ks->n_keys; i++)
+    if (ks->keys[i].kid != NULL && strcmp(ks->keys[i].kid, kid) == 0)
+      return &ks->keys[i];
   return NULL;
+}
+
+/* Whether a token with this alg could be verified by a key the provider
+ * might fetch: only then is an unknown kid worth asking the network. */
+static bool fetchable_alg(const struct provider *p, const char *alg) {
+  int a = sg_jwk_alg_parse(alg);
+  if (a < 0 || alg[0] == 'H')
+    return false;
+  return p->alg_mask == 0 || (p->alg_mask & SG_JWK_ALG_BIT(a)) != 0;
 }
 
 /* Runs libjwt on exactly the bytes we checked, with the key we chose. */
@@ -831,6 +1405,9 @@ int sg_jwt_verify(const sg_jwt_verifier *v, const char *token, size_t len,
   json_t *header = NULL, *payload = NULL;
   int reason = SG_JWT_OK;
   const char *detail = NULL;
+  const struct provider *p = NULL;
+  keyset *ks = NULL; /* a reference when p->src: released at done */
+  uint64_t key_gen = 0;
 
   header = decode_json_part(token, hlen, buf);
   if (header == NULL) {
@@ -900,7 +1477,6 @@ int sg_jwt_verify(const sg_jwt_verifier *v, const char *token, size_t len,
     detail = "iss is not a string";
     goto done;
   }
-  const struct provider *p = NULL;
   for (size_t i = 0; i < v->n_providers && p == NULL; i++)
     if (strcmp(v->providers[i].issuer, json_string_value(iss)) == 0 &&
         strlen(v->providers[i].issuer) == json_string_length(iss))
@@ -910,7 +1486,36 @@ int sg_jwt_verify(const sg_jwt_verifier *v, const char *token, size_t len,
     detail = "no provider has this issuer";
     goto done;
   }
-  const sg_jwk *key = select_key(p, kid ? json_string_value(kid) : NULL);
+  const char *kid_s = kid ? json_string_value(kid) : NULL;
+  const sg_jwk *key = NULL;
+  for (int attempt = 0; p->src == NULL || attempt < 2; attempt++) {
+    ks = p->src != NULL ? keysource_acquire(p->src, &key_gen) : p->fixed;
+    key = select_key(ks, kid_s);
+    if (key != NULL || p->src == NULL)
+      break;
+    /* Network keys without this kid (or no keys yet): the provider may
+     * have rotated. Ask for a refetch, rate-limited, and never wait. */
+    int d = SG_JWT_KEYS_DENY;
+    if (ks == NULL || (kid_s != NULL && fetchable_alg(p, json_string_value(alg))))
+      d = sg_jwt_keysource_unknown_kid(p->src, key_gen, sg_jwt_monotonic_ms());
+    if (d == SG_JWT_KEYS_RETRY && attempt == 0) {
+      keyset_unref(ks);
+      ks = NULL;
+      continue;
+    }
+    if (ks == NULL) {
+      reason = SG_JWT_KEYS_UNAVAILABLE;
+      detail = "the provider has no keys yet (fetch pending or failing)";
+      goto done;
+    }
+    if (d != SG_JWT_KEYS_DENY) {
+      reason = SG_JWT_KID_REFETCHING;
+      detail = "no key of the provider has this kid; its keys are being "
+               "refetched";
+      goto done;
+    }
+    break;
+  }
   if (key == NULL) {
     reason = SG_JWT_UNKNOWN_KID;
     detail = kid ? "no key of the provider has this kid"
@@ -935,11 +1540,15 @@ int sg_jwt_verify(const sg_jwt_verifier *v, const char *token, size_t len,
   reason = check_claims(p, payload, now, out);
   if (reason == SG_JWT_OK) {
     out->claims = payload;
+    out->provider_index = (size_t)(p - v->providers);
+    out->key_generation = key_gen;
     payload = NULL;
   }
   detail = out->detail;
 
 done:
+  if (p != NULL && p->src != NULL)
+    keyset_unref(ks);
   json_decref(header);
   json_decref(payload);
   free(buf);

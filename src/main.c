@@ -16,6 +16,8 @@
 #include "sparkgate/accesslog.h"
 #include "sparkgate/admin.h"
 #include "sparkgate/config.h"
+#include "sparkgate/jwt.h"
+#include "sparkgate/keyfetch.h"
 #include "sparkgate/log.h"
 #include "sparkgate/metrics.h"
 #include "sparkgate/notify.h"
@@ -32,6 +34,11 @@ typedef struct sg_main {
   unsigned workers_running;
   struct event *worker_exit_ev; /* activated from worker threads */
   bool draining;
+  /* JWT providers' keys fetched over HTTPS, on this loop (issue 9). */
+  sg_keyfetch *keyfetch;
+  bool started;          /* every worker runs */
+  bool keys_gate_passed; /* every required provider had keys once */
+  bool keys_wait_logged;
 } sg_main;
 
 static void usage(FILE *f) {
@@ -54,6 +61,35 @@ static void print_errors(const sg_config_errors *errs) {
   for (size_t i = 0; i < errs->count; i++)
     fprintf(stderr, "sparkgate: config error: %s\n", errs->messages[i]);
 }
+
+/* Ready: every worker runs, no drain, and every required identity
+ * provider has had keys. The key gate is passed once, at start: a reload
+ * that adds a provider whose keys are not there yet must not take a
+ * serving proxy out of rotation (that provider's calls get 14 until
+ * then). Once keys exist they are never dropped (the last good ones stay),
+ * so the gate cannot close again anyway for the providers it checked. */
+static void update_readiness(sg_main *m) {
+  if (!m->keys_gate_passed) {
+    char missing[256];
+    const sg_jwt_verifier *v = m->rt->config->jwt;
+    if (v == NULL || sg_jwt_verifier_keys_ready(v, missing, sizeof missing)) {
+      m->keys_gate_passed = true;
+      if (m->keys_wait_logged)
+        sg_info("identity provider keys: every required provider has keys: "
+                "ready");
+    } else if (m->started && !m->keys_wait_logged) {
+      m->keys_wait_logged = true;
+      sg_info("not ready (/readyz 503) until the keys of every required "
+              "identity provider are fetched: waiting for %s",
+              missing);
+    }
+  }
+  if (m->admin != NULL)
+    sg_admin_set_ready(m->admin,
+                       m->started && !m->draining && m->keys_gate_passed);
+}
+
+static void on_keys_changed(void *arg) { update_readiness(arg); }
 
 static void start_drain(sg_main *m) {
   m->draining = true;
@@ -164,10 +200,16 @@ static bool reload_config(sg_main *m) {
     return false;
   }
   sg_log_set_level(rt->config->log_level);
+  /* Before any worker sees the new verifier: providers whose keys come
+   * from the same place keep the keys fetched so far (no refetch, never
+   * "no keys" because of a reload). */
+  sg_jwt_verifier_adopt_keys(rt->config->jwt, m->rt->config->jwt);
   for (unsigned i = 0; i < m->n_workers; i++)
     sg_worker_post_runtime(m->workers[i], rt);
   sg_runtime_unref(m->rt);
   m->rt = rt;
+  sg_keyfetch_update(m->keyfetch, rt->config->jwt);
+  update_readiness(m);
   sg_info("reload done: new calls use the new configuration; calls in "
           "flight finish on the one they started with");
   return true;
@@ -244,6 +286,14 @@ static int run(sg_config *cfg) {
     goto out;
   }
   m.worker_exit_ev = event_new(m.base, -1, 0, on_worker_exit_ev, &m);
+  m.keyfetch = sg_keyfetch_new(m.base, on_keys_changed, &m);
+  if (m.keyfetch == NULL) {
+    fprintf(stderr, "sparkgate: out of memory\n");
+    goto out;
+  }
+  /* The first fetches start once the loop runs; calls that need those
+   * keys get UNAVAILABLE (14) until they are in. */
+  sg_keyfetch_update(m.keyfetch, cfg->jwt);
   for (size_t i = 0; i < cfg->n_listeners; i++)
     ports[i] = cfg->listeners[i].port;
   for (unsigned i = 0; i < m.n_workers; i++) {
@@ -296,8 +346,8 @@ static int run(sg_config *cfg) {
   }
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   m.workers_running = m.n_workers;
-  if (m.admin != NULL)
-    sg_admin_set_ready(m.admin, true);
+  m.started = true;
+  update_readiness(&m);
   sg_info("sparkgate %s ready: %u workers, config %s", SG_VERSION, m.n_workers,
           cfg->path);
   sg_notify_ready();
@@ -329,6 +379,8 @@ out:
   }
   free(m.workers);
   free(ports);
+  /* After the workers: none of them can ask for a refetch any more. */
+  sg_keyfetch_free(m.keyfetch);
   if (m.admin != NULL)
     sg_admin_free(m.admin);
   if (m.worker_exit_ev != NULL)

@@ -213,6 +213,15 @@ const sg_jwt_result *sg_token_cache_lookup(sg_token_cache *c,
     c->stats.misses++;
     return NULL;
   }
+  /* The provider's keys were swapped since: the key that signed this
+   * token may be gone, so it is verified again (one atomic load). */
+  if (e->res.key_generation !=
+      sg_jwt_verifier_key_generation(v, e->res.provider_index)) {
+    remove_entry(c, idx);
+    c->stats.key_changes++;
+    c->stats.misses++;
+    return NULL;
+  }
   lru_unlink(c, e);
   lru_push_front(c, idx);
   c->stats.hits++;

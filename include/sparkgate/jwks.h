@@ -70,6 +70,34 @@ int sg_jwks_load_file(const char *file, const char *path_for_errors,
                       sg_jwk **keys, size_t *n_keys, sg_jwks_report_fn report,
                       void *report_ctx);
 
+/* Most entries of a fetched JWKS we look at: a bound on the work one
+ * document can cause (each usable key costs a public-key check). */
+#define SG_JWKS_MAX_FETCHED_KEYS 256u
+
+/* The bit of `jwt_alg` (libjwt's jwt_alg_t, as sg_jwk_alg_parse returns)
+ * in an algorithm mask. A mask of 0 allows every algorithm. */
+#define SG_JWK_ALG_BIT(jwt_alg) (1u << (unsigned)(jwt_alg))
+
+/* True when both keys are the same key: kid, alg and material. */
+int sg_jwk_equal(const sg_jwk *a, const sg_jwk *b);
+
+/* Parses a JWKS document fetched from an identity provider (`len` bytes,
+ * no NUL needed). Unlike a file the operator wrote, an identity provider's
+ * set routinely holds keys we cannot use (encryption keys, EdDSA, RSA
+ * below 2048 bits, an "alg" that does not fit the key, one outside
+ * alg_mask): those are ignored, each logged under `label`, and the rest
+ * is used. "x5c" and "x5t" are never used: the key is "n","e" or "x","y". In
+ * a set of several usable keys, keys without "kid" can never be chosen and
+ * are ignored too. The whole document fails (-1, reason in err) when it is
+ * not JSON (duplicate member names included), not {"keys": [...]}, holds
+ * more than SG_JWKS_MAX_FETCHED_KEYS entries, publishes private key
+ * material, gives one kid to two usable keys, or leaves no usable key.
+ * On success *keys and *n_keys receive the keys (free each with sg_jwk_clear,
+ * then the array) and *n_ignored (may be NULL) how many were skipped. */
+int sg_jwks_parse_fetched(const char *buf, size_t len, unsigned alg_mask,
+                          const char *label, sg_jwk **keys, size_t *n_keys,
+                          size_t *n_ignored, char *err, size_t errlen);
+
 /* Strict base64url (RFC 7515 §2): alphabet A-Z a-z 0-9 - _, no padding,
  * no whitespace, length % 4 != 1, and the unused low bits of the last
  * character must be zero, so every byte string has exactly one accepted

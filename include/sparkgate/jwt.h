@@ -23,6 +23,9 @@
  *       {"alg": "HS256", "secret_file": "hmac.key"}
  *     ],
  *     "jwks_file": "jwks.json",            optional local JWKS file
+ *     "jwks_url": "https://idp/jwks",      or keys fetched over HTTPS (see
+ *     "discovery": true,                   "Network keys" below); these two
+ *                                          exclude keys and jwks_file
  *     "algorithms": ["RS256", "ES256"],    optional: keys[] must use these;
  *                                          JWKS keys with others are ignored
  *     "leeway_s": 60,                      clock skew, 0..3600, default 60
@@ -33,12 +36,36 @@
  *       "tenant": "acme"                   an array matches if any element
  *     }                                    does. Values: strings, integers
  *   }                                      or booleans, compared exactly.
- * At least one key in all (keys + jwks_file). A provider with several keys
- * needs a kid on each; a token without kid is accepted only when its
- * provider has exactly one key (and a provider's single key configured
- * without kid takes any kid). Relative file names are resolved against
- * base_dir. Supported algorithms (exact spelling): RS256 RS384 RS512 ES256
- * ES384 HS256 HS384 HS512.
+ * At least one key in all (keys + jwks_file), unless the keys come from
+ * the network (then a provider may start with none). A provider with
+ * several keys needs a kid on each; a token without kid is accepted only
+ * when its provider has exactly one key (and a provider's single key
+ * configured without kid takes any kid). Relative file names are resolved
+ * against base_dir. Supported algorithms (exact spelling): RS256 RS384
+ * RS512 ES256 ES384 HS256 HS384 HS512.
+ *
+ * Network keys (issue 9). With "jwks_url", or "discovery": true (the JWKS
+ * URL is the "jwks_uri" of ISSUER/.well-known/openid-configuration, whose
+ * "issuer" must equal ours exactly), the provider's keys come from its
+ * identity provider, fetched by keyfetch.c on the main thread. Options,
+ * only with one of those two:
+ *     "ca_file": "idp-ca.pem"              trust for the HTTPS fetch
+ *                                          (default: the system store)
+ *     "fallback_jwks_file": "f.json"       keys in force until the first
+ *                                          successful fetch
+ *     "required": true                     /readyz waits for its keys
+ *     "connect_timeout_ms": 5000, "fetch_timeout_ms": 10000,
+ *     "max_response_bytes": 1048576,
+ *     "min_refresh_s": 60, "max_refresh_s": 600,  Cache-Control max-age,
+ *                                          clamped to these; else max
+ *     "min_refetch_interval_s": 30         at most one refetch for an
+ *                                          unknown kid per interval
+ * Such a provider owns a key source (sg_jwt_keysource): its current key
+ * set behind a mutex, swapped whole by the fetcher, referenced by a
+ * verification only for its duration. A verifier built by a reload adopts
+ * the key source of the running one when the provider's name, issuer,
+ * URL/discovery and algorithms are unchanged (sg_jwt_verifier_adopt_keys),
+ * so a reload neither refetches nor drops keys.
  *
  * Known limit of libjwt 1.10: a header "typ" other than "JWT"
  * (case-insensitive), e.g. "at+jwt", is refused (reason "bad_typ").
@@ -49,6 +76,7 @@
 #define SPARKGATE_JWT_H
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -84,10 +112,47 @@ typedef enum sg_jwt_reason {
   SG_JWT_BAD_IDENTITY,      /* "bad_identity": identity claim not a
                                non-empty printable string, or too long */
   SG_JWT_INTERNAL,          /* "internal": out of memory, bad arguments */
+  SG_JWT_KEYS_UNAVAILABLE,  /* "keys_unavailable": the provider has no keys
+                               yet (network keys not fetched so far):
+                               transient, answer UNAVAILABLE (14) */
+  SG_JWT_KID_REFETCHING,    /* "kid_refetching": kid unknown, and a refetch
+                               of the provider's keys was triggered or is
+                               in flight, or the last one failed: transient,
+                               answer UNAVAILABLE (14) */
   SG_JWT_REASON_COUNT
 } sg_jwt_reason;
 
 typedef struct sg_jwt_verifier sg_jwt_verifier;
+typedef struct sg_jwt_keysource sg_jwt_keysource;
+
+struct ssl_ctx_st;
+
+/* Defaults and bounds of the network-key options. */
+#define SG_JWT_DEFAULT_CONNECT_TIMEOUT_MS 5000u
+#define SG_JWT_DEFAULT_FETCH_TIMEOUT_MS 10000u
+#define SG_JWT_DEFAULT_MAX_RESPONSE_BYTES (1024u * 1024u)
+#define SG_JWT_DEFAULT_MIN_REFRESH_S 60u
+#define SG_JWT_DEFAULT_MAX_REFRESH_S 600u
+#define SG_JWT_DEFAULT_MIN_REFETCH_INTERVAL_S 30u
+
+/* How a provider fetches its keys. Owned by the verifier; the strings and
+ * `tls` live as long as it does (SSL_CTX_up_ref to keep `tls` longer). */
+typedef struct sg_jwt_fetch_config {
+  const char *provider;        /* provider name */
+  const char *issuer;
+  const char *jwks_url;        /* NULL with discovery */
+  bool discovery;              /* jwks_uri from the issuer's discovery doc */
+  const char *ca_file;         /* resolved path; NULL: system trust store */
+  struct ssl_ctx_st *tls;      /* client context with that trust, built at
+                                  load so that a bad ca_file fails the load */
+  uint32_t connect_timeout_ms; /* connect, and any wait for more bytes */
+  uint32_t fetch_timeout_ms;   /* whole request, per document */
+  uint32_t max_response_bytes; /* larger bodies fail the fetch */
+  uint32_t min_refresh_s;      /* bounds on Cache-Control max-age ... */
+  uint32_t max_refresh_s;      /* ... and the interval without one */
+  uint32_t min_refetch_interval_s;
+  bool required;               /* readiness waits for this provider's keys */
+} sg_jwt_fetch_config;
 
 /* Receives one complete error message (JSON path, problem, fix). */
 typedef void (*sg_jwt_report_fn)(void *ctx, const char *msg);
@@ -111,6 +176,10 @@ typedef struct sg_jwt_result {
   char *cnf_x5t_s256; /* "cnf":{"x5t#S256":...} (RFC 8705), else NULL */
   const char *detail; /* on failure: static text saying which check failed
                          (never token content); NULL on success */
+  size_t provider_index;   /* which provider of the verifier */
+  uint64_t key_generation; /* its key set's generation when verified: the
+                              token cache drops the result once the
+                              provider's keys change */
 } sg_jwt_result;
 
 /* Builds a verifier from a JSON array of providers. Each problem is passed
@@ -142,6 +211,100 @@ size_t sg_jwt_verifier_provider_count(const sg_jwt_verifier *v);
  * see token_cache.h to avoid repeating it. */
 int sg_jwt_verify(const sg_jwt_verifier *v, const char *token, size_t len,
                   int64_t now, sg_jwt_result *out);
+
+/* ---- providers and their keys ---------------------------------------- */
+
+const char *sg_jwt_verifier_provider_name(const sg_jwt_verifier *v, size_t i);
+
+/* The generation of provider i's current key set: 0 for static keys (they
+ * never change), else a counter of the key source that moves at every
+ * swap. Lock-free; any thread. */
+uint64_t sg_jwt_verifier_key_generation(const sg_jwt_verifier *v, size_t i);
+
+/* Provider i's fetch configuration and key source, or NULL for a provider
+ * with static keys (borrowed: valid while v is). */
+const sg_jwt_fetch_config *sg_jwt_verifier_fetch_config(
+    const sg_jwt_verifier *v, size_t i);
+sg_jwt_keysource *sg_jwt_verifier_keysource(const sg_jwt_verifier *v,
+                                            size_t i);
+
+/* True when every provider with "required" network keys has keys. When
+ * not, the names of those without go to `missing` (may be NULL), comma-
+ * separated. Any thread. */
+bool sg_jwt_verifier_keys_ready(const sg_jwt_verifier *v, char *missing,
+                                size_t missing_len);
+
+/* Call on a reload, before `nv` is shared with any other thread: each
+ * network provider of `nv` whose name, issuer, jwks_url/discovery and
+ * algorithms equal those of a provider of `old` takes over old's key
+ * source (its keys, its refetch state), with nv's min_refetch_interval_s.
+ * A provider with the same name and issuer whose URL changed starts from
+ * old's keys (not fresh: an unknown kid refetches at once) unless it has
+ * a fallback_jwks_file. Either way, a reload never leaves a provider that
+ * had keys without keys. */
+void sg_jwt_verifier_adopt_keys(sg_jwt_verifier *nv,
+                                const sg_jwt_verifier *old);
+
+/* ---- key sources (network keys) ---------------------------------------- */
+
+sg_jwt_keysource *sg_jwt_keysource_ref(sg_jwt_keysource *s);
+void sg_jwt_keysource_unref(sg_jwt_keysource *s);
+
+/* What a key source has seen. Counters only grow. */
+typedef struct sg_jwt_key_stats {
+  uint64_t fetches_ok;         /* fetches that produced a usable key set */
+  uint64_t fetches_failed;     /* failed fetches: old keys stayed */
+  uint64_t key_set_changes;    /* swaps to a different key set */
+  uint64_t refetches;          /* refetches requested for an unknown kid */
+  uint64_t refetches_limited;  /* unknown kids while rate-limited (14) */
+  uint64_t unknown_kid_denied; /* unknown kids with a fresh set (16) */
+  uint64_t generation;         /* of the current key set */
+  size_t n_keys;               /* in the current set; 0: no keys */
+  bool fetched;                /* the current set came from a fetch */
+} sg_jwt_key_stats;
+
+void sg_jwt_keysource_get_stats(sg_jwt_keysource *s, sg_jwt_key_stats *out);
+bool sg_jwt_keysource_has_keys(sg_jwt_keysource *s);
+
+/* Called (from any thread, under the key source's lock: it must only
+ * wake something, e.g. event_active) when a worker asks for a refetch. */
+typedef void (*sg_jwt_wake_fn)(void *arg);
+/* Installs (or with fn NULL removes) the waker; after removal returns, the
+ * old one is never called again. */
+void sg_jwt_keysource_set_wake(sg_jwt_keysource *s, sg_jwt_wake_fn fn,
+                               void *arg);
+
+/* The fetcher's side. begin_fetch marks a fetch in flight: with `force`
+ * always (a scheduled refresh), without only when a refetch was requested.
+ * Returns false, changing nothing, when one is already in flight or (not
+ * forced) none was requested. now_ms below: sg_jwt_monotonic_ms(). */
+bool sg_jwt_keysource_begin_fetch(sg_jwt_keysource *s, bool force);
+/* Ends the fetch in flight. jwks (len bytes) is the document fetched, or
+ * NULL when the fetch failed. A document with a usable key set replaces
+ * the current set when it differs (the generation moves) and makes the
+ * set fresh. Returns 1 (new keys), 0 (same keys, now fresh) or -1: nothing
+ * changed, the old keys stay, the reason is in err (empty for jwks NULL).
+ * *n_keys (may be NULL) gets the size of the set in force after the call. */
+int sg_jwt_keysource_finish_fetch(sg_jwt_keysource *s, const char *jwks,
+                                  size_t len, int64_t now_ms, size_t *n_keys,
+                                  char *err, size_t errlen);
+
+/* The verifier's side, for a token whose kid the key set of generation
+ * `seen_gen` lacks (or when there were no keys):
+ *   SG_JWT_KEYS_RETRY      the keys changed since: look again
+ *   SG_JWT_KEYS_TRANSIENT  a refetch is in flight, or was requested now,
+ *                          or the set is stale and refetching is
+ *                          rate-limited, or there are no keys: 14
+ *   SG_JWT_KEYS_DENY       the set is fresh (fetched successfully within
+ *                          min_refetch_interval_s): the kid is unknown, 16
+ * Requests at most one refetch per min_refetch_interval_s, and none while
+ * one is requested or in flight. */
+enum { SG_JWT_KEYS_RETRY = 0, SG_JWT_KEYS_TRANSIENT, SG_JWT_KEYS_DENY };
+int sg_jwt_keysource_unknown_kid(sg_jwt_keysource *s, uint64_t seen_gen,
+                                 int64_t now_ms);
+
+/* CLOCK_MONOTONIC in milliseconds: the clock of the key sources. */
+int64_t sg_jwt_monotonic_ms(void);
 
 /* "malformed", "too_long", ...; "unknown" for values out of range. */
 const char *sg_jwt_reason_name(int reason);

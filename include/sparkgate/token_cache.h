@@ -11,7 +11,11 @@
  *
  * Results depend on the verifier's configuration, so every call names the
  * verifier; when its generation differs from the one the cache was filled
- * under (a reload happened), the cache empties itself first. */
+ * under (a reload happened), the cache empties itself first. Results also
+ * depend on the provider's keys, which change without a reload when they
+ * come from the network: each entry keeps the generation of the key set
+ * that verified it, and a hit under another generation is dropped and
+ * verified again. */
 #ifndef SPARKGATE_TOKEN_CACHE_H
 #define SPARKGATE_TOKEN_CACHE_H
 
@@ -33,6 +37,8 @@ typedef struct sg_token_cache_stats {
   uint64_t evictions;   /* dropped to make room */
   uint64_t expirations; /* dropped because exp or max_ttl_s passed */
   uint64_t flushes;     /* emptied because the verifier changed */
+  uint64_t key_changes; /* dropped on a hit because the provider's key set
+                           changed since (network keys, issue 9) */
 } sg_token_cache_stats;
 
 /* max_entries 0 -> SG_TOKEN_CACHE_DEFAULT_ENTRIES, max_ttl_s <= 0 ->

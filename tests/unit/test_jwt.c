@@ -6,6 +6,7 @@
 #include "check.h"
 #include "sparkgate/jwks.h"
 #include "sparkgate/jwt.h"
+#include "sparkgate/token_cache.h"
 
 #include <jansson.h>
 #include <openssl/bn.h>
@@ -1388,6 +1389,454 @@ static void free_signers(void) {
   free(S_HMAC_PEM.secret);
 }
 
+/* ---- network keys (issue 9) --------------------------------------------- */
+
+#define NET "https://net.example"
+
+/* The fixture JWKS reduced to the keys with these kids, as JSON text. */
+static char *jwks_with(const char *const *kids, size_t n) {
+  size_t len;
+  unsigned char *buf = read_all(FIX "/jwks.json", &len);
+  json_t *all = json_loadb((const char *)buf, len, 0, NULL);
+  free(buf);
+  json_t *keys = json_array();
+  size_t i;
+  json_t *k;
+  json_array_foreach(json_object_get(all, "keys"), i, k) {
+    const char *kid = json_string_value(json_object_get(k, "kid"));
+    for (size_t j = 0; j < n; j++)
+      if (kid != NULL && strcmp(kid, kids[j]) == 0)
+        json_array_append(keys, k);
+  }
+  json_t *doc = json_pack("{s:o}", "keys", keys);
+  char *text = json_dumps(doc, JSON_COMPACT);
+  json_decref(doc);
+  json_decref(all);
+  return text;
+}
+
+static int wakes;
+static void count_wake(void *arg) {
+  (void)arg;
+  wakes++;
+}
+
+static int finish(sg_jwt_keysource *ks, const char *doc, int64_t now) {
+  char err[256];
+  return sg_jwt_keysource_finish_fetch(ks, doc, doc ? strlen(doc) : 0, now,
+                                       NULL, err, sizeof err);
+}
+
+static int net_try(const sg_jwt_verifier *v, const signer *s, const char *alg,
+                   const char *kid) {
+  return tryf(v, s, hdr(alg, kid), claims(NET, NULL));
+}
+
+static const char *const NET_PROVIDER =
+    "[{\"name\":\"net\",\"issuer\":\"" NET "\",\"audiences\":[\"spark\"],"
+    "\"jwks_url\":\"https://idp.invalid/jwks\",\"min_refetch_interval_s\":10}]";
+
+static void test_network_keys(void) {
+  static const char *const r1[] = {"rsa-1"};
+  static const char *const r12[] = {"rsa-1", "rsa-2"};
+  static const char *const r2[] = {"rsa-2"};
+  char *doc1 = jwks_with(r1, 1), *doc12 = jwks_with(r12, 2),
+       *doc2 = jwks_with(r2, 1);
+  struct errs e;
+  sg_jwt_verifier *v = load_text(NET_PROVIDER, FIX, &e);
+  dump_errs(&e);
+  CHECK(v != NULL);
+  if (v == NULL)
+    return;
+  sg_jwt_keysource *ks = sg_jwt_verifier_keysource(v, 0);
+  const sg_jwt_fetch_config *fc = sg_jwt_verifier_fetch_config(v, 0);
+  CHECK(ks != NULL && fc != NULL);
+  CHECK(strcmp(fc->jwks_url, "https://idp.invalid/jwks") == 0 &&
+        !fc->discovery && fc->required && fc->tls != NULL &&
+        fc->min_refetch_interval_s == 10 &&
+        fc->min_refresh_s == SG_JWT_DEFAULT_MIN_REFRESH_S &&
+        fc->max_refresh_s == SG_JWT_DEFAULT_MAX_REFRESH_S &&
+        fc->fetch_timeout_ms == SG_JWT_DEFAULT_FETCH_TIMEOUT_MS &&
+        fc->max_response_bytes == SG_JWT_DEFAULT_MAX_RESPONSE_BYTES);
+  char missing[64];
+  CHECK(!sg_jwt_verifier_keys_ready(v, missing, sizeof missing));
+  CHECK(strcmp(missing, "net") == 0);
+  sg_jwt_keysource_set_wake(ks, count_wake, NULL);
+
+  /* No keys yet: transient, and a refetch is asked for once. */
+  CHECK_REASON(net_try(v, &S_RSA1, "RS256", "rsa-1"), SG_JWT_KEYS_UNAVAILABLE);
+  CHECK_REASON(net_try(v, &S_RSA1, "RS256", "rsa-1"), SG_JWT_KEYS_UNAVAILABLE);
+  CHECK(wakes == 1);
+  CHECK(sg_jwt_keysource_begin_fetch(ks, false));
+  CHECK(!sg_jwt_keysource_begin_fetch(ks, true)); /* one in flight */
+  CHECK_REASON(net_try(v, &S_RSA1, "RS256", "rsa-1"), SG_JWT_KEYS_UNAVAILABLE);
+  CHECK(wakes == 1);
+  int64_t t = sg_jwt_monotonic_ms();
+  size_t n = 0;
+  char err[256];
+  CHECK(sg_jwt_keysource_finish_fetch(ks, doc1, strlen(doc1), t, &n, err,
+                                      sizeof err) == 1);
+  CHECK(n == 1);
+  CHECK(sg_jwt_verifier_keys_ready(v, NULL, 0));
+  uint64_t g1 = sg_jwt_verifier_key_generation(v, 0);
+  CHECK(g1 != 0);
+
+  char *tok1 = mint(&S_RSA1, "{\"alg\":\"RS256\",\"kid\":\"rsa-1\"}",
+                    "{\"iss\":\"" NET "\",\"sub\":\"bob\",\"aud\":\"spark\","
+                    "\"exp\":1700003600}");
+  sg_jwt_result r;
+  CHECK_REASON(verify_tok(v, tok1, &r), SG_JWT_OK);
+  CHECK(r.provider_index == 0 && r.key_generation == g1);
+  sg_jwt_result_clear(&r);
+
+  /* Fresh set, unknown kid: 16, no refetch. */
+  CHECK_REASON(net_try(v, &S_RSA2, "RS256", "rsa-2"), SG_JWT_UNKNOWN_KID);
+  CHECK(wakes == 1);
+  /* Same keys again: nothing moves. A bad document: the keys stay. */
+  CHECK(sg_jwt_keysource_begin_fetch(ks, true));
+  CHECK(finish(ks, doc1, t) == 0);
+  CHECK(sg_jwt_verifier_key_generation(v, 0) == g1);
+  CHECK(sg_jwt_keysource_begin_fetch(ks, true));
+  CHECK(sg_jwt_keysource_finish_fetch(ks, "{\"keys\":7}", 10, t, &n, err,
+                                      sizeof err) == -1);
+  CHECK_STR_CONTAINS(err, "not a JWKS document");
+  CHECK(n == 1);
+  CHECK_REASON(net_try(v, &S_RSA1, "RS256", "rsa-1"), SG_JWT_OK);
+
+  /* The refetch rules, on a made-up clock (interval 10 s). */
+  uint64_t g = sg_jwt_verifier_key_generation(v, 0);
+  CHECK(sg_jwt_keysource_unknown_kid(ks, g - 1, t) == SG_JWT_KEYS_RETRY);
+  CHECK(sg_jwt_keysource_unknown_kid(ks, g, t + 1000) == SG_JWT_KEYS_DENY);
+  CHECK(sg_jwt_keysource_unknown_kid(ks, g, t + 11000) == SG_JWT_KEYS_TRANSIENT);
+  CHECK(wakes == 2);
+  CHECK(sg_jwt_keysource_unknown_kid(ks, g, t + 11500) == SG_JWT_KEYS_TRANSIENT);
+  CHECK(wakes == 2); /* requested already */
+  CHECK(sg_jwt_keysource_begin_fetch(ks, false));
+  CHECK(sg_jwt_keysource_unknown_kid(ks, g, t + 11600) == SG_JWT_KEYS_TRANSIENT);
+  CHECK(finish(ks, NULL, t + 12000) == -1); /* the refetch failed */
+  CHECK(sg_jwt_keysource_unknown_kid(ks, g, t + 13000) == SG_JWT_KEYS_TRANSIENT);
+  CHECK(wakes == 2); /* rate-limited: not fresh, but asked 2 s ago */
+  CHECK(!sg_jwt_keysource_begin_fetch(ks, false));
+  CHECK(sg_jwt_keysource_unknown_kid(ks, g, t + 21001) == SG_JWT_KEYS_TRANSIENT);
+  CHECK(wakes == 3);
+  CHECK(sg_jwt_keysource_begin_fetch(ks, false));
+  /* The rotation arrives: the new key verifies. */
+  CHECK(finish(ks, doc12, sg_jwt_monotonic_ms()) == 1);
+  CHECK(sg_jwt_verifier_key_generation(v, 0) != g);
+  CHECK_REASON(net_try(v, &S_RSA2, "RS256", "rsa-2"), SG_JWT_OK);
+  /* An HS256 token with an unknown kid never triggers a fetch: JWKS keys
+   * here are RS/ES only. */
+  CHECK_REASON(net_try(v, &S_HMAC, "HS256", "h-new"), SG_JWT_UNKNOWN_KID);
+  sg_jwt_key_stats st;
+  sg_jwt_keysource_get_stats(ks, &st);
+  CHECK(st.fetches_ok == 3 && st.fetches_failed == 2 &&
+        st.key_set_changes == 2 && st.refetches == 3 &&
+        st.refetches_limited == 1 && st.unknown_kid_denied >= 2 &&
+        st.n_keys == 2 && st.fetched);
+
+  /* The token cache drops a result once its key set is replaced. */
+  sg_token_cache *c = sg_token_cache_new(16, 300);
+  CHECK_REASON(sg_token_cache_verify(c, v, tok1, strlen(tok1), NOW, &r),
+               SG_JWT_OK);
+  sg_jwt_result_clear(&r);
+  CHECK_REASON(sg_token_cache_verify(c, v, tok1, strlen(tok1), NOW, &r),
+               SG_JWT_OK);
+  sg_jwt_result_clear(&r);
+  sg_token_cache_stats cs;
+  sg_token_cache_get_stats(c, &cs);
+  CHECK(cs.hits == 1 && cs.key_changes == 0);
+  CHECK(sg_jwt_keysource_begin_fetch(ks, true));
+  CHECK(finish(ks, doc2, sg_jwt_monotonic_ms()) == 1); /* rsa-1 is gone */
+  CHECK_REASON(sg_token_cache_verify(c, v, tok1, strlen(tok1), NOW, &r),
+               SG_JWT_UNKNOWN_KID);
+  sg_jwt_result_clear(&r);
+  sg_token_cache_get_stats(c, &cs);
+  CHECK(cs.hits == 1 && cs.key_changes == 1);
+  sg_token_cache_free(c);
+
+  /* A reload with the same provider takes over its key source; one with
+   * a new URL starts from its keys; another issuer gets nothing. */
+  sg_jwt_verifier *v2 = load_text(
+      "[{\"name\":\"net\",\"issuer\":\"" NET "\",\"audiences\":[\"spark\"],"
+      "\"jwks_url\":\"https://idp.invalid/jwks\",\"min_refetch_interval_s\":"
+      "20,\"fetch_timeout_ms\":500}]",
+      FIX, &e);
+  sg_jwt_verifier *v3 = load_text(
+      "[{\"name\":\"net\",\"issuer\":\"" NET "\",\"audiences\":[\"spark\"],"
+      "\"jwks_url\":\"https://idp.invalid/v2/jwks\"}]",
+      FIX, &e);
+  sg_jwt_verifier *v4 = load_text(
+      "[{\"name\":\"net\",\"issuer\":\"https://other.example\",\"audiences\":"
+      "[\"spark\"],\"jwks_url\":\"https://idp.invalid/jwks\"}]",
+      FIX, &e);
+  CHECK(v2 && v3 && v4);
+  if (v2 && v3 && v4) {
+    CHECK(!sg_jwt_verifier_keys_ready(v2, NULL, 0));
+    sg_jwt_verifier_adopt_keys(v2, v);
+    sg_jwt_verifier_adopt_keys(v3, v);
+    sg_jwt_verifier_adopt_keys(v4, v);
+    CHECK(sg_jwt_verifier_keysource(v2, 0) == ks);
+    CHECK(sg_jwt_verifier_keys_ready(v2, NULL, 0));
+    CHECK_REASON(net_try(v2, &S_RSA2, "RS256", "rsa-2"), SG_JWT_OK);
+    sg_jwt_keysource *ks3 = sg_jwt_verifier_keysource(v3, 0);
+    CHECK(ks3 != ks && sg_jwt_keysource_has_keys(ks3));
+    sg_jwt_keysource_get_stats(ks3, &st);
+    CHECK(!st.fetched && st.n_keys == 1);
+    CHECK_REASON(net_try(v3, &S_RSA2, "RS256", "rsa-2"), SG_JWT_OK);
+    CHECK(!sg_jwt_verifier_keys_ready(v4, NULL, 0));
+  }
+  sg_jwt_verifier_unref(v4);
+  sg_jwt_verifier_unref(v3);
+  /* The key source outlives the verifier that made it. */
+  sg_jwt_keysource_set_wake(ks, NULL, NULL);
+  sg_jwt_verifier_unref(v);
+  if (v2 != NULL)
+    CHECK_REASON(net_try(v2, &S_RSA2, "RS256", "rsa-2"), SG_JWT_OK);
+  sg_jwt_verifier_unref(v2);
+  free(tok1);
+  free(doc1);
+  free(doc12);
+  free(doc2);
+}
+
+static void test_network_fallback_and_errors(void) {
+  struct errs e;
+  sg_jwt_verifier *v = load_text(
+      "[{\"name\":\"fb\",\"issuer\":\"" NET "\",\"audiences\":[\"spark\"],"
+      "\"discovery\":false,\"jwks_url\":\"https://idp.invalid/jwks\","
+      "\"fallback_jwks_file\":\"jwks.json\",\"algorithms\":[\"RS256\"],"
+      "\"required\":false,\"ca_file\":\"ec256.crt\"}]",
+      FIX, &e);
+  dump_errs(&e);
+  CHECK(v != NULL);
+  if (v != NULL) {
+    sg_jwt_keysource *ks = sg_jwt_verifier_keysource(v, 0);
+    sg_jwt_key_stats st;
+    sg_jwt_keysource_get_stats(ks, &st);
+    CHECK(st.n_keys == 2 && !st.fetched); /* rsa-1, rsa-2 (RS256 only) */
+    CHECK(!sg_jwt_verifier_fetch_config(v, 0)->required);
+    CHECK(sg_jwt_verifier_keys_ready(v, NULL, 0));
+    CHECK_REASON(net_try(v, &S_RSA1, "RS256", "rsa-1"), SG_JWT_OK);
+    /* ES256 is not in "algorithms": no refetch could help. */
+    CHECK_REASON(net_try(v, &S_EC256, "ES256", "ec-1"), SG_JWT_UNKNOWN_KID);
+    /* A fallback set is not fresh: an unknown kid asks for a refetch. */
+    CHECK_REASON(net_try(v, &S_RSA1, "RS256", "rsa-9"), SG_JWT_KID_REFETCHING);
+    sg_jwt_keysource_get_stats(ks, &st);
+    CHECK(st.refetches == 1);
+    sg_jwt_verifier_unref(v);
+  }
+  /* Discovery loads from the issuer URL. */
+  v = load_text("[{\"name\":\"d\",\"issuer\":\"https://idp.example/realms/x\","
+                "\"audiences\":[\"spark\"],\"discovery\":true}]",
+                FIX, &e);
+  dump_errs(&e);
+  CHECK(v != NULL && sg_jwt_verifier_fetch_config(v, 0)->discovery &&
+        sg_jwt_verifier_fetch_config(v, 0)->jwks_url == NULL);
+  sg_jwt_verifier_unref(v);
+
+#define NETP "[{\"name\":\"n\",\"issuer\":\"https://i.example\",\"audiences\":" \
+             "[\"s\"],"
+  EXPECT_LOAD_ERROR(NETP "\"jwks_url\":\"http://i.example/jwks\"}]",
+                    "jwks_url: \"http://i.example/jwks\" is not an https:// URL");
+  EXPECT_LOAD_ERROR(NETP "\"jwks_url\":\"https://i.example/j#x\"}]",
+                    "has a #fragment");
+  EXPECT_LOAD_ERROR(NETP "\"jwks_url\":5}]", "jwks_url: must be a non-empty string");
+  EXPECT_LOAD_ERROR(NETP "\"jwks_url\":\"https://i.example/j\",\"jwks_file\":"
+                         "\"jwks.json\"}]",
+                    "auth.jwt_providers[0].jwks_file: not with \"jwks_url\"");
+  EXPECT_LOAD_ERROR(NETP "\"discovery\":\"yes\"}]", "discovery: must be true or false");
+  EXPECT_LOAD_ERROR("[{\"name\":\"n\",\"issuer\":\"idp\",\"audiences\":[\"s\"],"
+                    "\"discovery\":true}]",
+                    "auth.jwt_providers[0].issuer: with \"discovery\": true");
+  EXPECT_LOAD_ERROR(NETP "\"keys\":[{\"alg\":\"RS256\",\"pem_file\":\"rsa1.pub.pem\"}],"
+                         "\"min_refresh_s\":5}]",
+                    "min_refresh_s: only applies to keys fetched over HTTPS");
+  EXPECT_LOAD_ERROR(NETP "\"jwks_url\":\"https://i.example/j\",\"min_refresh_s\":"
+                         "100,\"max_refresh_s\":50}]",
+                    "min_refresh_s: 100 is above max_refresh_s (50)");
+  EXPECT_LOAD_ERROR(NETP "\"jwks_url\":\"https://i.example/j\",\"algorithms\":"
+                         "[\"HS256\"]}]",
+                    "keys fetched from an identity provider are RS* or ES*");
+  EXPECT_LOAD_ERROR(NETP "\"jwks_url\":\"https://i.example/j\",\"ca_file\":"
+                         "\"nope.pem\"}]",
+                    "ca_file: cannot load CA certificates from");
+  EXPECT_LOAD_ERROR(NETP "\"jwks_url\":\"https://i.example/j\",\"algorithms\":"
+                         "[\"RS384\"],\"fallback_jwks_file\":\"jwks.json\"}]",
+                    "fallback_jwks_file: no usable key");
+  EXPECT_LOAD_ERROR(NETP "\"jwks_url\":\"https://i.example/j\",\"required\":1}]",
+                    "required: must be true or false");
+  EXPECT_LOAD_ERROR(NETP "\"jwks_url\":\"https://i.example/j\",\"fetch_timeout_ms\":"
+                         "10}]",
+                    "fetch_timeout_ms: must be an integer from 100");
+#undef NETP
+}
+
+static void test_parse_fetched(void) {
+  size_t len;
+  unsigned char *buf = read_all(FIX "/jwks.json", &len);
+  sg_jwk *keys = NULL;
+  size_t n = 0, ignored = 0;
+  char err[256];
+  /* Encryption and OKP keys are skipped, the rest is used. */
+  CHECK(sg_jwks_parse_fetched((const char *)buf, len, 0, "t", &keys, &n,
+                              &ignored, err, sizeof err) == 0);
+  CHECK(n == 4 && ignored == 2);
+  for (size_t i = 0; i < n; i++)
+    sg_jwk_clear(&keys[i]);
+  free(keys);
+  unsigned mask = SG_JWK_ALG_BIT(sg_jwk_alg_parse("ES256"));
+  CHECK(sg_jwks_parse_fetched((const char *)buf, len, mask, "t", &keys, &n,
+                              &ignored, err, sizeof err) == 0);
+  CHECK(n == 1 && ignored == 5 && strcmp(keys[0].kid, "ec-1") == 0);
+  sg_jwk k0 = keys[0];
+  CHECK(sg_jwk_equal(&k0, &keys[0]));
+  for (size_t i = 0; i < n; i++)
+    sg_jwk_clear(&keys[i]);
+  free(keys);
+  json_t *all = json_loadb((const char *)buf, len, 0, NULL);
+  free(buf);
+  json_t *arr = json_object_get(all, "keys");
+  json_t *rsa1 = json_array_get(arr, 0), *ec1 = json_array_get(arr, 2);
+
+  struct {
+    json_t *doc;
+    int rc;
+    size_t n;
+    const char *err;
+  } cases[8];
+  json_t *k;
+  /* 0: a private key refuses the whole document */
+  k = json_deep_copy(ec1);
+  json_object_set_new(k, "d", json_string("AAAA"));
+  cases[0].doc = json_pack("{s:[O,o]}", "keys", rsa1, k);
+  cases[0].rc = -1;
+  cases[0].err = "keys[1] holds private key material";
+  /* 1: duplicate kid among usable keys */
+  k = json_deep_copy(ec1);
+  json_object_set_new(k, "kid", json_string("rsa-1"));
+  cases[1].doc = json_pack("{s:[O,o]}", "keys", rsa1, k);
+  cases[1].rc = -1;
+  cases[1].err = "keys[1]: duplicate kid \"rsa-1\"";
+  /* 2: a conflicting alg and a non-object are skipped */
+  k = json_deep_copy(rsa1);
+  json_object_set_new(k, "alg", json_string("ES256"));
+  json_object_set_new(k, "kid", json_string("bad"));
+  cases[2].doc = json_pack("{s:[o,i,O]}", "keys", k, 7, ec1);
+  cases[2].rc = 0;
+  cases[2].n = 1;
+  /* 3: without kid among several keys: dropped */
+  k = json_deep_copy(rsa1);
+  json_object_del(k, "kid");
+  cases[3].doc = json_pack("{s:[o,O]}", "keys", k, ec1);
+  cases[3].rc = 0;
+  cases[3].n = 1;
+  /* 4: alone without kid: kept */
+  k = json_deep_copy(rsa1);
+  json_object_del(k, "kid");
+  cases[4].doc = json_pack("{s:[o]}", "keys", k);
+  cases[4].rc = 0;
+  cases[4].n = 1;
+  /* 5: nothing usable */
+  k = json_deep_copy(rsa1);
+  json_object_set_new(k, "use", json_string("enc"));
+  cases[5].doc = json_pack("{s:[o]}", "keys", k);
+  cases[5].rc = -1;
+  cases[5].err = "no usable signing key";
+  /* 6: too many entries */
+  json_t *many = json_array();
+  for (int i = 0; i < 300; i++)
+    json_array_append_new(many, json_integer(i));
+  cases[6].doc = json_pack("{s:o}", "keys", many);
+  cases[6].rc = -1;
+  cases[6].err = "at most 256";
+  /* 7: not a JWKS */
+  cases[7].doc = json_pack("{s:s}", "issuer", "x");
+  cases[7].rc = -1;
+  cases[7].err = "not a JWKS document";
+  for (size_t i = 0; i < 8; i++) {
+    char *text = json_dumps(cases[i].doc, JSON_COMPACT);
+    err[0] = '\0';
+    int rc = sg_jwks_parse_fetched(text, strlen(text), 0, "t", &keys, &n, NULL,
+                                   err, sizeof err);
+    if (rc != cases[i].rc || (rc == 0 && n != cases[i].n) ||
+        (rc != 0 && strstr(err, cases[i].err) == NULL)) {
+      fprintf(stderr, "%s:%d: case %zu: rc %d n %zu err \"%s\"\n", __FILE__,
+              __LINE__, i, rc, n, err);
+      check_failures++;
+    }
+    check_count++;
+    for (size_t j = 0; rc == 0 && j < n; j++)
+      sg_jwk_clear(&keys[j]);
+    if (rc == 0)
+      free(keys);
+    free(text);
+    json_decref(cases[i].doc);
+  }
+  CHECK(sg_jwks_parse_fetched("{\"keys\":[],\"keys\":[]}", 21, 0, "t", &keys,
+                              &n, NULL, err, sizeof err) == -1);
+  CHECK_STR_CONTAINS(err, "not valid JSON");
+  CHECK(sg_jwks_parse_fetched("{\"ke", 4, 0, "t", &keys, &n, NULL, err,
+                              sizeof err) == -1 &&
+        keys == NULL && n == 0);
+  json_decref(all);
+}
+
+/* Workers verify while the key set is swapped under them. */
+struct swap_arg {
+  const sg_jwt_verifier *v;
+  const char *tok;
+  int ok;
+};
+
+static void *swap_verifier(void *p) {
+  struct swap_arg *a = p;
+  for (int i = 0; i < 300; i++) {
+    sg_jwt_result r;
+    if (sg_jwt_verify(a->v, a->tok, strlen(a->tok), NOW, &r) == SG_JWT_OK)
+      a->ok++;
+    sg_jwt_result_clear(&r);
+  }
+  return NULL;
+}
+
+static void test_swap_under_load(void) {
+  static const char *const r1[] = {"rsa-1"};
+  static const char *const r12[] = {"rsa-1", "rsa-2"};
+  char *doc1 = jwks_with(r1, 1), *doc12 = jwks_with(r12, 2);
+  struct errs e;
+  sg_jwt_verifier *v = load_text(NET_PROVIDER, FIX, &e);
+  CHECK(v != NULL);
+  if (v == NULL)
+    return;
+  sg_jwt_keysource *ks = sg_jwt_verifier_keysource(v, 0);
+  CHECK(sg_jwt_keysource_begin_fetch(ks, true));
+  CHECK(finish(ks, doc1, 0) == 1);
+  char *h = hdr("RS256", "rsa-1"), *c = claims(NET, NULL);
+  char *tok = mint(&S_RSA1, h, c);
+  free(h);
+  free(c);
+  struct swap_arg args[3];
+  pthread_t th[3];
+  for (int i = 0; i < 3; i++) {
+    args[i] = (struct swap_arg){v, tok, 0};
+    pthread_create(&th[i], NULL, swap_verifier, &args[i]);
+  }
+  int changes = 0;
+  for (int i = 0; i < 200; i++) {
+    if (sg_jwt_keysource_begin_fetch(ks, true))
+      changes += finish(ks, i % 2 ? doc1 : doc12, 0) == 1;
+  }
+  for (int i = 0; i < 3; i++) {
+    pthread_join(th[i], NULL);
+    CHECK(args[i].ok == 300);
+  }
+  CHECK(changes == 200);
+  free(tok);
+  free(doc1);
+  free(doc12);
+  sg_jwt_verifier_unref(v);
+}
+
 int main(void) {
   setvbuf(stdout, NULL, _IONBF, 0);
   init_signers();
@@ -1422,6 +1871,10 @@ int main(void) {
   test_jwks_errors();
   test_other_algs();
   test_generation();
+  test_network_keys();
+  test_network_fallback_and_errors();
+  test_parse_fetched();
+  test_swap_under_load();
   free_signers();
 
   return check_report("test_jwt");
