@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <event2/buffer.h>
 #include <event2/event.h>
 #include <event2/thread.h>
 #include <nghttp2/nghttp2.h>
@@ -90,6 +91,70 @@ static void update_readiness(sg_main *m) {
 }
 
 static void on_keys_changed(void *arg) { update_readiness(arg); }
+
+/* Identity-provider key fetches, per provider with network keys. */
+static int render_key_metrics(void *arg, struct evbuffer *out) {
+  sg_main *m = arg;
+  const sg_jwt_verifier *v = m->rt != NULL ? m->rt->config->jwt : NULL;
+  static const struct {
+    const char *name, *type, *help;
+  } fam[] = {
+      {"sparkgate_jwks_fetches_total", "counter",
+       "Key fetches from identity providers, by provider and result."},
+      {"sparkgate_jwks_key_set_changes_total", "counter",
+       "Times a provider's key set was replaced by a different one."},
+      {"sparkgate_jwks_refetches_total", "counter",
+       "Tokens with an unknown kid, by what followed: a refetch, none "
+       "(rate-limited, 14) or a refusal (fresh set, 16)."},
+      {"sparkgate_jwks_keys", "gauge",
+       "Keys in force per provider (0: none yet; its calls get 14)."},
+  };
+  size_t n = v != NULL ? sg_jwt_verifier_provider_count(v) : 0;
+  for (size_t f = 0; f < sizeof fam / sizeof fam[0]; f++) {
+    if (evbuffer_add_printf(out, "# HELP %s %s\n# TYPE %s %s\n", fam[f].name,
+                            fam[f].help, fam[f].name, fam[f].type) < 0)
+      return -1;
+    for (size_t i = 0; i < n; i++) {
+      sg_jwt_keysource *ks = sg_jwt_verifier_keysource(v, i);
+      if (ks == NULL)
+        continue;
+      sg_jwt_key_stats st;
+      sg_jwt_keysource_get_stats(ks, &st);
+      const char *name = sg_jwt_verifier_provider_name(v, i);
+      typedef struct {
+        const char *extra;
+        uint64_t value;
+      } row;
+      row rows[3];
+      size_t nrows = 0;
+      switch (f) {
+      case 0:
+        rows[nrows++] = (row){",result=\"ok\"", st.fetches_ok};
+        rows[nrows++] = (row){",result=\"failed\"", st.fetches_failed};
+        break;
+      case 1:
+        rows[nrows++] = (row){"", st.key_set_changes};
+        break;
+      case 2:
+        rows[nrows++] = (row){",outcome=\"requested\"", st.refetches};
+        rows[nrows++] = (row){",outcome=\"rate_limited\"", st.refetches_limited};
+        rows[nrows++] = (row){",outcome=\"denied_fresh\"", st.unknown_kid_denied};
+        break;
+      default:
+        rows[nrows++] = (row){"", (uint64_t)st.n_keys};
+        break;
+      }
+      for (size_t k = 0; k < nrows; k++) {
+        evbuffer_add_printf(out, "%s{provider=\"", fam[f].name);
+        sg_metrics_label_value(out, name);
+        if (evbuffer_add_printf(out, "\"%s} %llu\n", rows[k].extra,
+                                (unsigned long long)rows[k].value) < 0)
+          return -1;
+      }
+    }
+  }
+  return 0;
+}
 
 static void start_drain(sg_main *m) {
   m->draining = true;
@@ -268,6 +333,8 @@ static int run(sg_config *cfg) {
   sg_metrics_reasons reasons;
   sg_observe_reasons(&reasons);
   m.metrics = sg_metrics_new(cfg->workers, &reasons);
+  if (m.metrics != NULL)
+    sg_metrics_set_extra(m.metrics, render_key_metrics, &m);
   if (m.metrics == NULL) {
     fprintf(stderr, "sparkgate: out of memory\n");
     goto out;

@@ -118,6 +118,8 @@ struct sg_metrics_gen {
 
 struct sg_metrics {
   unsigned n_workers;
+  sg_metrics_extra_fn extra; /* more families, rendered by their owner */
+  void *extra_arg;
   pthread_mutex_t lock; /* the slot registry, current, render */
   reason_list tls;
   reason_list auth;
@@ -886,6 +888,20 @@ int sg_metrics_render(sg_metrics *m, struct evbuffer *out) {
   emit(&r, "sparkgate_config_reloads_total{result=\"failed\"} %llu\n",
        (unsigned long long)__atomic_load_n(&m->reloads_failed, __ATOMIC_RELAXED));
 
+  if (m->extra != NULL && m->extra(m->extra_arg, out) != 0)
+    r.failed = 1;
   pthread_mutex_unlock(&m->lock);
   return r.failed ? -1 : 0;
+}
+
+void sg_metrics_set_extra(sg_metrics *m, sg_metrics_extra_fn fn, void *arg) {
+  pthread_mutex_lock(&m->lock);
+  m->extra = fn;
+  m->extra_arg = arg;
+  pthread_mutex_unlock(&m->lock);
+}
+
+void sg_metrics_label_value(struct evbuffer *out, const char *s) {
+  render_ctx r = {out, 0};
+  label_value(&r, s);
 }

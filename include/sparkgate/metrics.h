@@ -168,6 +168,15 @@ void sg_metrics_reload(sg_metrics *m, bool ok);
  * 0, or -1 when out of memory (|out| then holds a partial page). */
 int sg_metrics_render(sg_metrics *m, struct evbuffer *out);
 
+/* Families kept by other modules (e.g. identity-provider fetches): |fn|
+ * appends them to |out| at the end of every render, on the rendering
+ * (main) thread, and returns 0 or -1. */
+typedef int (*sg_metrics_extra_fn)(void *arg, struct evbuffer *out);
+void sg_metrics_set_extra(sg_metrics *m, sg_metrics_extra_fn fn, void *arg);
+
+/* Appends |s| escaped as a label value. */
+void sg_metrics_label_value(struct evbuffer *out, const char *s);
+
 /* The Content-Type of what sg_metrics_render writes. */
 #define SG_METRICS_CONTENT_TYPE "text/plain; version=0.0.4; charset=utf-8"
 

@@ -56,6 +56,15 @@ def http_status(port, path):
         c.close()
 
 
+def http_body(port, path):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        c.request("GET", path)
+        return c.getresponse().read().decode()
+    finally:
+        c.close()
+
+
 def bearer(tok):
     return [("authorization", "Bearer " + tok)]
 
@@ -180,6 +189,13 @@ class DiscoveryAndRotationTest(FetchCase):
                              timeout=5, since=mark)
         self.assertEqual(idp.count("/certs"), 1)
         self.assert_no_tokens_logged(tok)
+        # /metrics: one good fetch, one key in force, one unknown kid refused.
+        page = http_body(self.admin, "/metrics")
+        for line in ('sparkgate_jwks_fetches_total{provider="corp",result="ok"} 1',
+                     'sparkgate_jwks_fetches_total{provider="corp",result="failed"} 0',
+                     'sparkgate_jwks_keys{provider="corp"} 1',
+                     'sparkgate_jwks_refetches_total{provider="corp",outcome="denied_fresh"} 1'):
+            self.assertIn(line, page.splitlines(), page)
 
     def test_rotation_one_fetch_for_concurrent_calls(self):
         idp = self.idp()
