@@ -103,6 +103,8 @@ void sg_grpc_timeout_format(uint64_t ms, char *out, size_t outlen) {
     snprintf(out, outlen, "%lluS", (unsigned long long)(ms / 1000u));
   else if (ms / 60000u <= 99999999u)
     snprintf(out, outlen, "%lluM", (unsigned long long)(ms / 60000u));
+  else if (ms / 3600000u <= 99999999u)
+    snprintf(out, outlen, "%lluH", (unsigned long long)(ms / 3600000u));
   else
     snprintf(out, outlen, "99999999H");
 }

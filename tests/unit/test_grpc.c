@@ -60,6 +60,9 @@ static void test_timeout(void) {
   CHECK(strcmp(buf, "250m") == 0);
   sg_grpc_timeout_format(100000000ull, buf, sizeof buf);
   CHECK(strcmp(buf, "100000S") == 0);
+  /* Found by fuzz_grpc_timeout: hours must not round up past the budget. */
+  sg_grpc_timeout_format(22228391ull * 3600000ull, buf, sizeof buf);
+  CHECK(strcmp(buf, "22228391H") == 0);
 }
 
 int main(void) {
