@@ -445,6 +445,10 @@ static char fold(uint8_t c) {
  * exactly. */
 static bool folded_match(const uint8_t *name, size_t len, const char *lit,
                          bool prefix) {
+  /* Every request header passes here several times: most differ from the
+   * first letter on, so look at that before measuring anything. */
+  if (len == 0 || lit[0] == '\0' || fold(name[0]) != fold((uint8_t)lit[0]))
+    return false;
   size_t n = strlen(lit);
   if (n == 0 || len < n || (!prefix && len != n))
     return false;
