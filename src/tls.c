@@ -106,6 +106,10 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
   SSL_CTX_set_session_id_context(ctx, (const unsigned char *)l->name,
                                  (unsigned)strnlen(l->name, SSL_MAX_SID_CTX_LENGTH));
   SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER);
+  /* One TLS 1.3 ticket per connection, not OpenSSL's two: a gRPC client
+   * keeps one connection and resumes at most once; the second ticket is a
+   * signature-free but real cost on every new connection. */
+  SSL_CTX_set_num_tickets(ctx, 1);
 
   if (l->client_cert_mode != SG_CLIENT_CERT_NONE) {
     if (SSL_CTX_load_verify_locations(ctx, l->client_ca_file, NULL) != 1) {
