@@ -503,7 +503,8 @@ static void load_root(loader *ld, json_t *root) {
   static const char *const keys[] = {
       "workers", "log_level", "drain_timeout_ms", "idle_timeout_ms",
       "tls_handshake_timeout_ms", "max_grpc_timeout_ms", "write_stall_timeout_ms",
-      "stream_idle_timeout_ms", "max_connections", "http2", "upstream", "allowed_path_prefixes",
+      "stream_idle_timeout_ms", "max_connections", "max_connections_per_client",
+      "http2", "upstream", "allowed_path_prefixes",
       "listeners", "tenants", "tenant_selectors", "routing_table", "auth",
       "identity_headers", "admin", "access_log", NULL};
   static const char *const http2_keys[] = {
@@ -537,6 +538,8 @@ static void load_root(loader *ld, json_t *root) {
                                          SG_DEFAULT_STREAM_IDLE_TIMEOUT_MS);
   cfg->max_connections = get_uint(ld, root, "", "max_connections", 0, 10000000,
                                   SG_DEFAULT_MAX_CONNECTIONS);
+  cfg->max_connections_per_client =
+      get_uint(ld, root, "", "max_connections_per_client", 0, 10000000, 0);
   cfg->tls_handshake_timeout_ms =
       get_uint(ld, root, "", "tls_handshake_timeout_ms", 100, 600000,
                SG_DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS);

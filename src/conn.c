@@ -613,11 +613,31 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
       return;
     }
   }
+  uint32_t per_client = rt->config->max_connections_per_client;
+  sg_client_key key = sg_client_key_of(addr);
+  if (per_client > 0) {
+    /* Each worker holds its share; SO_REUSEPORT spreads one client's
+     * connections over the workers, so the sum is close to the cap. */
+    uint32_t share = (per_client + rt->config->workers - 1) / rt->config->workers;
+    if (!sg_clientcount_take(w->clients, &key, share)) {
+      char peer[64];
+      format_peer(addr, peer, sizeof peer);
+      sg_warn("listener %s: refused connection from %s: "
+              "max_connections_per_client (%u) reached",
+              l->name, peer, per_client);
+      evutil_closesocket(fd);
+      return;
+    }
+  }
   sg_conn *c = calloc(1, sizeof *c);
   if (c == NULL) {
+    if (per_client > 0)
+      sg_clientcount_release(w->clients, &key);
     evutil_closesocket(fd);
     return;
   }
+  c->client = key;
+  c->client_counted = per_client > 0;
   c->worker = w;
   c->gen = gen;
   c->rt = rt;
@@ -653,6 +673,8 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
       event_free(c->send_ev);
     if (c->timer != NULL)
       event_free(c->timer);
+    if (c->client_counted)
+      sg_clientcount_release(w->clients, &c->client);
     free(c);
     return;
   }
@@ -720,6 +742,8 @@ static void conn_free(sg_conn *c) {
   event_free(c->timer);
   sg_worker *w = c->worker;
   sg_generation *gen = c->gen;
+  if (c->client_counted)
+    sg_clientcount_release(w->clients, &c->client);
   if (gen->metrics != NULL)
     sg_metrics_conn_closed(gen->metrics);
   free(c);

@@ -14,6 +14,7 @@
 #include <event2/thread.h>
 
 #include "sparkgate/affinity.h"
+#include "sparkgate/clientcount.h"
 #include "sparkgate/conn.h"
 #include "sparkgate/limits.h"
 #include "sparkgate/stream.h"
@@ -437,7 +438,10 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
     return NULL;
   }
   w->affinity = sg_affinity_new(SG_AFFINITY_DEFAULT_ENTRIES);
-  if (w->affinity == NULL) {
+  w->clients = sg_clientcount_new();
+  if (w->affinity == NULL || w->clients == NULL) {
+    sg_affinity_free(w->affinity);
+    sg_clientcount_free(w->clients);
     free(w->read_buf);
     free(w);
     snprintf(err, errlen, "out of memory");
@@ -573,5 +577,6 @@ void sg_worker_free(sg_worker *w) {
     event_base_free(w->base);
   free(w->read_buf);
   sg_affinity_free(w->affinity);
+  sg_clientcount_free(w->clients);
   free(w);
 }

@@ -69,6 +69,7 @@ typedef struct sg_config {
   uint32_t write_stall_timeout_ms;   /* a peer that reads nothing for this long */
   uint32_t stream_idle_timeout_ms;   /* a call with no bytes either way */
   uint32_t max_connections;          /* client connections, all workers; 0: no cap */
+  uint32_t max_connections_per_client; /* per client address; 0: no cap */
 
   /* upstream */
   uint32_t upstream_connect_timeout_ms;

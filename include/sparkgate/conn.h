@@ -12,6 +12,7 @@
 #include <nghttp2/nghttp2.h>
 #include <openssl/ssl.h>
 
+#include "sparkgate/clientcount.h"
 #include "sparkgate/config.h"
 #include "sparkgate/h2io.h"
 #include "sparkgate/list.h"
@@ -27,6 +28,8 @@ struct sg_conn {
   size_t listener_index;
   uint64_t id;
   char peer[64]; /* "addr:port", for logs */
+  sg_client_key client;  /* counted in worker->clients while open */
+  bool client_counted;
 
   struct bufferevent *bev;
   SSL *ssl; /* owned by bev; NULL for h2c */

@@ -1024,6 +1024,62 @@ class MaxConnectionsTest(AttackCase):
         self.assert_upstream_saw_nothing()
 
 
+
+class MaxConnectionsPerClientTest(AttackCase):
+    config_overrides = {"max_connections_per_client": 2, "workers": 1,
+                        "idle_timeout_ms": 60000}
+
+    def test_third_connection_from_one_address_closed(self):
+        with RssWatch(self.pid) as watch:
+            conns = []
+            try:
+                for _ in range(2):
+                    c = RawH2(self.h2c_port, tls=False)
+                    c.wait(lambda c=c: c.settings_acked, 5, "SETTINGS ACK")
+                    conns.append(c)
+                mark = self.sg.mark()
+                with RawH2(self.h2c_port, tls=False) as extra:
+                    self.assertTrue(extra.wait_closed(10), "3rd connection not closed")
+                    self.assertEqual(extra.frames_in, 0, "the 3rd connection got HTTP/2 frames")
+                self.sg.wait_for_log(r"refused connection from 127\.0\.0\.1:\d+: "
+                                     r"max_connections_per_client \(2\) reached",
+                                     timeout=5, since=mark)
+                # Another address is not affected: 127.0.0.2 gets SETTINGS.
+                other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                other.settimeout(5)
+                try:
+                    other.bind(("127.0.0.2", 0))
+                    other.connect(("127.0.0.1", self.h2c_port))
+                    other.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" +
+                                  b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+                    head = other.recv(9)
+                    self.assertEqual(len(head), 9, "no frame for another address")
+                    self.assertEqual(head[3], 0x4, "first frame is not SETTINGS")
+                finally:
+                    other.close()
+                # Closing one frees one slot for the first address.
+                conns.pop().close()
+                fresh = None
+                deadline = time.monotonic() + 10
+                while fresh is None and time.monotonic() < deadline:
+                    c = RawH2(self.h2c_port, tls=False)
+                    try:
+                        c.wait(lambda: c.settings_acked, 2, "SETTINGS ACK")
+                    except TimeoutError:
+                        pass
+                    if c.settings_acked and not c.closed:
+                        fresh = c
+                    else:
+                        c.close()
+                        time.sleep(0.05)
+                self.assertIsNotNone(fresh, "no new connection after closing one")
+                conns.append(fresh)
+            finally:
+                for c in conns:
+                    c.close()
+        self.assert_same_process(watch)
+        self.assert_upstream_saw_nothing()
+
 class UnauthenticatedFloodTest(AttackCase):
     def jwt_control(self, what):
         ch = H.tls_channel(self.sg.port("jwt"))
