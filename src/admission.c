@@ -228,14 +228,18 @@ static bool authenticate(sg_stream *s) {
 /* Identity headers a client could send to be taken for someone else are
  * never forwarded; a spelling with "_" that some servers fold into the
  * same name is refused outright. */
-static const char *spoofed_header(const sg_stream *s) {
+static const char *spoofed_header(sg_stream *s) {
   const sg_identity_header_names *own = &s->rt->config->identity_headers;
+  const char *problem = NULL;
   for (size_t i = 0; i < s->req_headers.count; i++) {
-    nghttp2_vec n = nghttp2_rcbuf_get_buf(s->req_headers.items[i].name);
-    if (sg_identity_header_classify(n.base, n.len, own) == SG_IDENTITY_HEADER_REJECT)
-      return "a header name with '_' aliases an identity header";
+    sg_header *h = &s->req_headers.items[i];
+    nghttp2_vec n = nghttp2_rcbuf_get_buf(h->name);
+    /* Kept with the header: forwarding reads it instead of asking again. */
+    h->identity_action = (uint8_t)sg_identity_header_classify(n.base, n.len, own);
+    if (h->identity_action == SG_IDENTITY_HEADER_REJECT)
+      problem = "a header name with '_' aliases an identity header";
   }
-  return NULL;
+  return problem;
 }
 
 /* ---- tenant ------------------------------------------------------------- */

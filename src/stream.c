@@ -44,6 +44,7 @@ int sg_header_list_add(sg_header_list *list, nghttp2_rcbuf *name,
   nghttp2_rcbuf_incref(value);
   list->items[list->count].name = name;
   list->items[list->count].value = value;
+  list->items[list->count].identity_action = SG_HEADER_UNCLASSIFIED;
   list->count++;
   list->bytes += cost;
   return 0;
@@ -741,7 +742,9 @@ size_t sg_stream_request_nv(sg_stream *s, bool upstream_tls, nghttp2_nv *nva) {
     if (sg_header_is_hop_by_hop(name.base, name.len) ||
         SG_HEADER_IS(name.base, name.len, "content-length") ||
         SG_HEADER_IS(name.base, name.len, "authorization") ||
-        sg_identity_header_classify(name.base, name.len, own) != SG_IDENTITY_HEADER_PASS)
+        (s->req_headers.items[i].identity_action == SG_HEADER_UNCLASSIFIED
+             ? sg_identity_header_classify(name.base, name.len, own)
+             : s->req_headers.items[i].identity_action) != SG_IDENTITY_HEADER_PASS)
       continue;
     if (SG_HEADER_IS(name.base, name.len, "grpc-timeout"))
       continue; /* replaced by what is left of the budget, below */

@@ -28,7 +28,12 @@
 typedef struct sg_header {
   nghttp2_rcbuf *name;
   nghttp2_rcbuf *value;
+  /* sg_identity_header_action of the name, worked out once by admission
+   * (SG_HEADER_UNCLASSIFIED before). */
+  uint8_t identity_action;
 } sg_header;
+
+#define SG_HEADER_UNCLASSIFIED 0xff
 
 typedef struct sg_header_list {
   sg_header *items;
