@@ -475,6 +475,23 @@ class AttackCase(H.SparkgateTestCase):
 
     config_overrides = {}
 
+    def accepted_h2c_connection(self, timeout=10):
+        """A new h2c connection the proxy accepts, once a slot has come free
+        (closing a connection is seen by the proxy a moment later): bounded
+        retries; None when none was accepted in time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            c = RawH2(self.h2c_port, tls=False)
+            try:
+                c.wait(lambda: c.settings_acked, 2, "SETTINGS ACK")
+            except TimeoutError:
+                pass
+            if c.settings_acked and not c.closed:
+                return c
+            c.close()
+            time.sleep(0.05)
+        return None
+
     def setUp(self):
         super().setUp()
         self.up = self.standin()
@@ -970,6 +987,8 @@ class FlowControlStallTest(AttackCase):
         self.control("after a flow-control stall")
 
 
+
+
 class MaxConnectionsTest(AttackCase):
     config_overrides = {"max_connections": 4, "workers": 1, "idle_timeout_ms": 60000}
 
@@ -998,19 +1017,7 @@ class MaxConnectionsTest(AttackCase):
                 # Closing two frees two slots: new connections work again.
                 for c in conns[:2]:
                     c.close()
-                fresh = None
-                deadline = time.monotonic() + 10
-                while fresh is None and time.monotonic() < deadline:
-                    c = RawH2(self.h2c_port, tls=False)
-                    try:
-                        c.wait(lambda: c.settings_acked, 2, "SETTINGS ACK")
-                    except TimeoutError:
-                        pass
-                    if c.settings_acked and not c.closed:
-                        fresh = c
-                    else:
-                        c.close()
-                        time.sleep(0.05)
+                fresh = self.accepted_h2c_connection()
                 self.assertIsNotNone(fresh, "no new connection accepted after closing two")
                 conns.append(fresh)
                 s = fresh.wait_stream(fresh.grpc_call(b"fresh", path=SERVICE + "Config",
@@ -1059,19 +1066,7 @@ class MaxConnectionsPerClientTest(AttackCase):
                     other.close()
                 # Closing one frees one slot for the first address.
                 conns.pop().close()
-                fresh = None
-                deadline = time.monotonic() + 10
-                while fresh is None and time.monotonic() < deadline:
-                    c = RawH2(self.h2c_port, tls=False)
-                    try:
-                        c.wait(lambda: c.settings_acked, 2, "SETTINGS ACK")
-                    except TimeoutError:
-                        pass
-                    if c.settings_acked and not c.closed:
-                        fresh = c
-                    else:
-                        c.close()
-                        time.sleep(0.05)
+                fresh = self.accepted_h2c_connection()
                 self.assertIsNotNone(fresh, "no new connection after closing one")
                 conns.append(fresh)
             finally:
