@@ -257,7 +257,7 @@ static int send_data(nghttp2_session *session, nghttp2_frame *frame,
                      nghttp2_data_source *source, void *user) {
   (void)session;
   sg_stream *s = source->ptr;
-  return sg_h2io_send_data(user, frame, framehd, length, s->resp_body);
+  return sg_h2io_send_data(user, frame, framehd, length, s->resp_body, NULL);
 }
 
 static int on_invalid_frame_recv(nghttp2_session *session,

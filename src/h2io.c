@@ -12,11 +12,37 @@ ssize_t sg_h2io_send(nghttp2_session *session, const uint8_t *data,
   return (ssize_t)length;
 }
 
+/* Appends the first |length| bytes of |from| to |to| (a copy). */
+static int copy_prefix(struct evbuffer *to, struct evbuffer *from, size_t length) {
+  struct evbuffer_ptr pos;
+  if (evbuffer_ptr_set(from, &pos, 0, EVBUFFER_PTR_SET) != 0)
+    return -1;
+  while (length > 0) {
+    struct evbuffer_iovec vec[4];
+    int n = evbuffer_peek(from, (ev_ssize_t)length, &pos, vec, 4);
+    if (n <= 0)
+      return -1;
+    size_t done = 0;
+    for (int i = 0; i < n && i < 4 && done < length; i++) {
+      size_t take = vec[i].iov_len < length - done ? vec[i].iov_len : length - done;
+      if (evbuffer_add(to, vec[i].iov_base, take) != 0)
+        return -1;
+      done += take;
+    }
+    length -= done;
+    if (length > 0 && evbuffer_ptr_set(from, &pos, done, EVBUFFER_PTR_ADD) != 0)
+      return -1;
+  }
+  return 0;
+}
+
 int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
                       const uint8_t *framehd, size_t length,
-                      struct evbuffer *payload) {
+                      struct evbuffer *payload, struct evbuffer *keep) {
   if (evbuffer_get_length(io->out) >= io->high_water)
     return NGHTTP2_ERR_WOULDBLOCK;
+  if (keep != NULL && length > 0 && copy_prefix(keep, payload, length) != 0)
+    return NGHTTP2_ERR_CALLBACK_FAILURE;
   size_t padlen = frame->data.padlen;
   if (evbuffer_add(io->out, framehd, 9) != 0)
     return NGHTTP2_ERR_CALLBACK_FAILURE;

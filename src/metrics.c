@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,6 +69,7 @@ typedef struct tenant_block {
   uint64_t bytes_in;
   uint64_t bytes_out;
   uint64_t sessions_rehomed;
+  uint64_t upstream_retries;
   uint64_t duration_buckets[SG_METHOD_COUNT][N_BUCKETS]; /* not cumulative */
   uint64_t duration_sum_ns[SG_METHOD_COUNT];
 } tenant_block;
@@ -556,6 +558,12 @@ void sg_metrics_session_rehomed(sg_metrics_worker *mw, size_t tenant_idx) {
   bump(&mw->gen->tenants[tenant_idx].slot->blocks[mw->index]->sessions_rehomed, 1);
 }
 
+void sg_metrics_upstream_retry(sg_metrics_worker *mw, size_t tenant_idx) {
+  if (mw == NULL || tenant_idx >= mw->gen->n_tenants)
+    return;
+  bump(&mw->gen->tenants[tenant_idx].slot->blocks[mw->index]->upstream_retries, 1);
+}
+
 void sg_metrics_rpc_done(sg_metrics_worker *mw, size_t tenant_idx,
                          sg_metrics_method method, int grpc_status,
                          double duration_s, uint64_t bytes_in,
@@ -743,16 +751,16 @@ static void render_tenant_bytes(render_ctx *r, const sg_metrics *m, tenant_slot 
   }
 }
 
-static void render_rehomed(render_ctx *r, const sg_metrics *m, tenant_slot *const *ts,
-                           size_t n_ts) {
-  const char *name = "sparkgate_sessions_rehomed_total";
-  family(r, name, "counter",
-         "Spark sessions sent to another backend than the one this worker last "
-         "saw them on (failover, backends added or removed), by tenant.");
+/* A per-tenant counter of tenant_block at |offset|, summed over workers. */
+static void render_tenant_counter(render_ctx *r, const sg_metrics *m,
+                                  tenant_slot *const *ts, size_t n_ts,
+                                  const char *name, const char *help,
+                                  size_t offset) {
+  family(r, name, "counter", help);
   for (size_t t = 0; t < n_ts; t++) {
     uint64_t v = 0;
     for (unsigned w = 0; w < m->n_workers; w++)
-      v += peek(&ts[t]->blocks[w]->sessions_rehomed);
+      v += peek((const uint64_t *)((const char *)ts[t]->blocks[w] + offset));
     emit(r, "%s{tenant=\"", name);
     label_value(r, ts[t]->name);
     emit(r, "\"} %llu\n", (unsigned long long)v);
@@ -875,7 +883,16 @@ int sg_metrics_render(sg_metrics *m, struct evbuffer *out) {
     render_durations(&r, m, ts, n_ts);
     render_tenant_bytes(&r, m, ts, n_ts, true);
     render_tenant_bytes(&r, m, ts, n_ts, false);
-    render_rehomed(&r, m, ts, n_ts);
+    render_tenant_counter(
+        &r, m, ts, n_ts, "sparkgate_sessions_rehomed_total",
+        "Spark sessions sent to another backend than the one this worker last "
+        "saw them on (failover, backends added or removed), by tenant.",
+        offsetof(tenant_block, sessions_rehomed));
+    render_tenant_counter(
+        &r, m, ts, n_ts, "sparkgate_upstream_retries_total",
+        "Calls a backend refused unprocessed (REFUSED_STREAM, GOAWAY) and "
+        "sparkgate sent once more on another connection, by tenant.",
+        offsetof(tenant_block, upstream_retries));
     free(ts);
   }
   render_upstreams(&r, m, false);

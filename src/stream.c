@@ -135,6 +135,8 @@ static void stream_free(sg_stream *s) {
   sg_header_list_clear(&s->resp_trailers);
   evbuffer_free(s->req_body);
   evbuffer_free(s->resp_body);
+  if (s->req_replay != NULL)
+    evbuffer_free(s->req_replay);
   free(s->identity);
   free(s->identity_provider);
   free(s->xfcc);
@@ -477,6 +479,46 @@ void sg_stream_request_bytes_sent(sg_stream *s) {
   credit_client(s, false);
 }
 
+/* A unary Spark call's request is a few hundred bytes; an upload bigger
+ * than this is not worth holding on to for a retry that rarely happens. */
+#define SG_STREAM_REPLAY_MAX_BYTES (64 * 1024)
+
+static void replay_stop(sg_stream *s) {
+  s->replay_off = true;
+  if (s->req_replay != NULL) {
+    evbuffer_free(s->req_replay);
+    s->req_replay = NULL;
+  }
+}
+
+struct evbuffer *sg_stream_replay_buffer(sg_stream *s, size_t length) {
+  if (s->replay_off)
+    return NULL;
+  if (s->req_replay == NULL) {
+    s->req_replay = evbuffer_new();
+    if (s->req_replay == NULL) {
+      replay_stop(s);
+      return NULL;
+    }
+  }
+  if (evbuffer_get_length(s->req_replay) + length > SG_STREAM_REPLAY_MAX_BYTES) {
+    replay_stop(s);
+    return NULL;
+  }
+  return s->req_replay;
+}
+
+bool sg_stream_prepare_retry(sg_stream *s) {
+  if (s->replay_off || s->conn == NULL || s->rejected || s->resp_started ||
+      s->resp_headers.count > 0)
+    return false;
+  if (s->req_replay != NULL &&
+      evbuffer_prepend_buffer(s->req_body, s->req_replay) != 0)
+    return false;
+  replay_stop(s); /* once only */
+  return true;
+}
+
 void sg_stream_check_idle(sg_stream *s, uint64_t now_ms) {
   uint32_t limit = s->rt->config->stream_idle_timeout_ms;
   if (s->rejected || s->resp_eof || now_ms - s->last_activity_ms < limit)
@@ -600,6 +642,7 @@ static void record_grpc_status(sg_stream *s, const sg_header_list *list) {
 }
 
 void sg_stream_on_response_headers(sg_stream *s, bool end_stream) {
+  replay_stop(s); /* the backend took the call: never send it twice */
   const sg_header *status = HEADER_FIND(&s->resp_headers, ":status");
   nghttp2_vec st = status != NULL ? header_value(status) : (nghttp2_vec){NULL, 0};
   if (st.len == 3 && st.base[0] == '1') {

@@ -86,6 +86,7 @@ struct sg_upstream {
 static void upstream_free(sg_upstream *up, const char *reason);
 static void upstream_flush(sg_upstream *up);
 static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err, size_t errlen);
+static void attach(sg_upstream_pool *pool, sg_stream *s, const sg_upstream *avoid);
 
 static void count_connect(sg_upstream_pool *pool, bool ok) {
   if (pool->metrics != NULL)
@@ -243,12 +244,28 @@ static int on_stream_close(nghttp2_session *session, int32_t stream_id,
   if (s == NULL || up->freeing)
     return 0;
   nghttp2_session_set_stream_user_data(session, stream_id, NULL);
-  const char *reason = NULL;
-  if (error_code == NGHTTP2_REFUSED_STREAM)
-    reason = "the backend refused the stream";
-  else if (error_code != NGHTTP2_NO_ERROR)
-    reason = nghttp2_http2_strerror(error_code);
-  leg_closed(up, s, error_code, reason);
+  if (error_code == NGHTTP2_REFUSED_STREAM && sg_stream_prepare_retry(s)) {
+    /* RFC 9113 8.7: a refused stream, or one above the last stream id of
+     * a GOAWAY, was not processed: sending it again cannot run it twice. */
+    sg_list_unlink(&s->up_link);
+    up->n_streams--;
+    s->up = NULL;
+    s->up_state = SG_UPSTREAM_LEG_NONE;
+    sg_info("conn=%llu stream=%d: backend %s did not process the call (%s): "
+            "sending it once more on another connection",
+            (unsigned long long)s->conn_id, s->id, up->pool->backend->name,
+            up->state == SG_UPSTREAM_GOAWAY ? "GOAWAY" : "REFUSED_STREAM");
+    if (up->pool->metrics != NULL)
+      sg_metrics_upstream_retry(up->pool->metrics, up->pool->tenant->index);
+    attach(up->pool, s, up);
+  } else {
+    const char *reason = NULL;
+    if (error_code == NGHTTP2_REFUSED_STREAM)
+      reason = "the backend refused the stream";
+    else if (error_code != NGHTTP2_NO_ERROR)
+      reason = nghttp2_http2_strerror(error_code);
+    leg_closed(up, s, error_code, reason);
+  }
   if (up->n_streams == 0) {
     if (up->state == SG_UPSTREAM_GOAWAY)
       event_active(up->send_ev, EV_WRITE, 0); /* flush, then close */
@@ -263,7 +280,8 @@ static int send_data(nghttp2_session *session, nghttp2_frame *frame,
                      nghttp2_data_source *source, void *user) {
   (void)session;
   sg_stream *s = source->ptr;
-  int rv = sg_h2io_send_data(user, frame, framehd, length, s->req_body);
+  int rv = sg_h2io_send_data(user, frame, framehd, length, s->req_body,
+                             sg_stream_replay_buffer(s, length));
   if (rv == 0)
     sg_stream_request_bytes_sent(s);
   return rv;
@@ -717,11 +735,12 @@ static unsigned capacity(const sg_upstream *up) {
   return remote < SG_UPSTREAM_STREAMS_PER_CONN ? remote : SG_UPSTREAM_STREAMS_PER_CONN;
 }
 
-void sg_upstream_attach(sg_upstream_pool *pool, sg_stream *s) {
+/* |avoid|: the connection that just refused the stream (may be NULL). */
+static void attach(sg_upstream_pool *pool, sg_stream *s, const sg_upstream *avoid) {
   sg_upstream *chosen = NULL;
   for (sg_list *n = pool->conns.next; n != &pool->conns; n = n->next) {
     sg_upstream *up = SG_CONTAINER_OF(n, sg_upstream, pool_link);
-    if (!up->freeing && up->n_streams < capacity(up)) {
+    if (up != avoid && !up->freeing && up->n_streams < capacity(up)) {
       chosen = up;
       break;
     }
@@ -747,6 +766,10 @@ void sg_upstream_attach(sg_upstream_pool *pool, sg_stream *s) {
     submit_stream(chosen, s);
     schedule_send(chosen);
   }
+}
+
+void sg_upstream_attach(sg_upstream_pool *pool, sg_stream *s) {
+  attach(pool, s, NULL);
 }
 
 void sg_upstream_cancel(sg_stream *s) {

@@ -23,11 +23,12 @@ ssize_t sg_h2io_send(nghttp2_session *session, const uint8_t *data,
                      size_t length, int flags, void *user);
 
 /* Appends one DATA frame (header, payload moved from |payload|, padding)
- * to the output. Returns 0, NGHTTP2_ERR_WOULDBLOCK, or
- * NGHTTP2_ERR_CALLBACK_FAILURE. */
+ * to the output. When |keep| is not NULL, a copy of the payload is also
+ * appended to it (only when the frame is written). Returns 0,
+ * NGHTTP2_ERR_WOULDBLOCK, or NGHTTP2_ERR_CALLBACK_FAILURE. */
 int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
                       const uint8_t *framehd, size_t length,
-                      struct evbuffer *payload);
+                      struct evbuffer *payload, struct evbuffer *keep);
 
 /* Runs nghttp2_session_send; returns its result. */
 int sg_h2io_flush(nghttp2_session *session);

@@ -149,6 +149,8 @@ void sg_metrics_upstream_connect(sg_metrics_worker *mw, size_t tenant_idx,
 /* A Spark session went to another backend than the one this worker last
  * sent it to. */
 void sg_metrics_session_rehomed(sg_metrics_worker *mw, size_t tenant_idx);
+/* A call the backend refused unprocessed was sent again. */
+void sg_metrics_upstream_retry(sg_metrics_worker *mw, size_t tenant_idx);
 
 /* One finished RPC (answered by the backend or rejected by the proxy).
  * |tenant_idx| may be SG_METRICS_TENANT_NONE; |bytes_in| is what the client

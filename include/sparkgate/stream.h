@@ -106,6 +106,12 @@ struct sg_stream {
   /* Bytes received on one leg and not yet taken by the other. */
   struct evbuffer *req_body;
   struct evbuffer *resp_body;
+  /* Request bytes already sent upstream, kept until the backend answers:
+   * a stream the backend refused unprocessed (REFUSED_STREAM, or above
+   * the last stream id of its GOAWAY) is sent once more on another
+   * connection. NULL while nothing is kept. */
+  struct evbuffer *req_replay;
+  bool replay_off;  /* too big, answered, or already retried */
 
   bool client_done;
   bool req_headers_done;
@@ -139,6 +145,16 @@ void sg_stream_end_request_early(sg_stream *s);
 
 /* Request bytes of |s| moved to its upstream connection's output. */
 void sg_stream_request_bytes_sent(sg_stream *s);
+
+/* Where to keep a copy of the next |length| request bytes sent upstream,
+ * or NULL when the call can no longer be retried (see req_replay). */
+struct evbuffer *sg_stream_replay_buffer(sg_stream *s, size_t length);
+
+/* The backend refused the upstream leg without processing it: if the call
+ * can be sent again (nothing answered, every byte sent still kept, not
+ * retried before), puts the kept bytes back in front of the request body
+ * and returns true; the caller then attaches the stream again. */
+bool sg_stream_prepare_retry(sg_stream *s);
 
 /* Called about once a second: ends the call with DEADLINE_EXCEEDED when no
  * byte moved either way for stream_idle_timeout_ms. */

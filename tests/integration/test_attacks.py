@@ -26,6 +26,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 import harness as H  # noqa: E402
+from raw_backend import RawBackend  # noqa: E402
 import grpc  # noqa: E402
 import hpack  # noqa: E402
 import jwt as pyjwt  # noqa: E402
@@ -1149,13 +1150,13 @@ class CancellationTest(AttackCase):
         self.control("after cancellations")
 
 
-class FailingBackendTest(H.SparkgateTestCase):
+class FailingBackendCase(H.SparkgateTestCase):
     """Tenant "default" is the stand-in; tenant "broken" (chosen with the
     x-spark-tenant header) is a backend that fails in one way or another."""
 
     def start(self, broken_port):
         self.up = self.standin()
-        cfg = attack_config(self.up.port)
+        cfg = attack_config(self.up.port, admin={"address": "127.0.0.1", "port": 0})
         cfg["tenant_selectors"] = ["header:x-spark-tenant", "authority"]
         cfg["tenants"] = [
             {"name": "default", "hosts": ["localhost", "127.0.0.1"],
@@ -1181,8 +1182,8 @@ class FailingBackendTest(H.SparkgateTestCase):
             ch.close()
         self.assertEqual((r.code, r.response), (grpc.StatusCode.OK, what.encode()), r)
 
-    def broken_call(self, method="AnalyzePlan", timeout=15):
-        return H.call_unary(self.ch, method, b"to the broken backend",
+    def broken_call(self, method="AnalyzePlan", timeout=15, payload=b"to the broken backend"):
+        return H.call_unary(self.ch, method, payload,
                             [("x-spark-tenant", "broken")], timeout=timeout)
 
     def assert_unavailable_naming_no_address(self, r):
@@ -1196,6 +1197,8 @@ class FailingBackendTest(H.SparkgateTestCase):
         self.assertLess(max(watch.peak, rss_mib(self.pid)), RSS_BOUND_MIB)
         self.control("after")
 
+
+class FailingBackendTest(FailingBackendCase):
     def test_backend_refuses_connections(self):
         self.start(H.free_port())
         with RssWatch(self.pid) as watch:
@@ -1256,6 +1259,116 @@ class FailingBackendTest(H.SparkgateTestCase):
             self.assertEqual(ok.grpc_status, 0, ok)
             self.assertFalse(c.closed or c.goaway is not None, c.goaway)
         self.finish(watch)
+
+class ScriptedBackendTest(FailingBackendCase):
+    """Tenant "broken" is a RawBackend (tests/lib/raw_backend.py) that
+    follows a plan, one behaviour per connection it accepts."""
+
+    def start_plan(self, *plan):
+        self.raw = RawBackend(plan)
+        self.addCleanup(self.raw.close)
+        self.start(self.raw.port)
+
+    def seen(self):
+        return self.raw.snapshot()
+
+    def metrics_text(self):
+        m = re.search(r"admin listening on 127\.0\.0\.1:(\d+)", self.sg.log_text())
+        s = socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=5)
+        try:
+            s.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            data = b""
+            for _ in range(1000):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            s.close()
+        return data.decode()
+
+    def test_goaway_before_processing_is_sent_again_once(self):
+        # The first connection answers the call with GOAWAY(last stream 0):
+        # the call was not processed, so it goes, body and all, to a new
+        # connection, and the client never knows.
+        self.start_plan("goaway", "ok")
+        payload = bytes(range(256)) * 40  # several DATA frames' worth
+        with RssWatch(self.pid) as watch:
+            r = self.broken_call(payload=payload)
+            self.assertEqual((r.code, r.response), (grpc.StatusCode.OK, H.spark_request(payload)), r)
+            reqs, conns = self.seen()
+            self.assertEqual(conns, 2)
+            self.assertEqual([q[0] for q in reqs], [0, 1], reqs)
+            self.assertEqual(reqs[1][3], H.grpc_frame(payload))
+            self.sg.wait_for_log(r"did not process the call \(GOAWAY\): sending it once more")
+            self.assertIn('sparkgate_upstream_retries_total{tenant="broken"} 1',
+                          self.metrics_text())
+        self.finish(watch)
+
+    def test_refused_stream_is_sent_again_once_then_unavailable(self):
+        self.start_plan("refuse")
+        with RssWatch(self.pid) as watch:
+            self.assert_unavailable_naming_no_address(self.broken_call())
+            reqs, conns = self.seen()
+            # Once more, on another connection, and no more than that.
+            self.assertEqual(len(reqs), 2, reqs)
+            self.assertEqual(conns, 2)
+        self.finish(watch)
+
+    def test_refused_after_a_large_body_is_not_sent_again(self):
+        # More request bytes were sent than the proxy keeps for a retry.
+        self.start_plan("refuse_after_body", "ok")
+        with RssWatch(self.pid) as watch:
+            r = self.broken_call(payload=b"x" * (200 * 1024))
+            self.assert_unavailable_naming_no_address(r)
+            reqs, _ = self.seen()
+            self.assertEqual(len(reqs), 1, reqs)
+        self.finish(watch)
+
+    def test_goaway_after_processing_is_not_sent_again(self):
+        # GOAWAY naming the call's stream as processed, then the connection
+        # drops before an answer: it may have run, so it is not repeated.
+        self.start_plan("goaway_processed", "ok")
+        with RssWatch(self.pid) as watch:
+            self.assert_unavailable_naming_no_address(self.broken_call())
+            reqs, _ = self.seen()
+            self.assertEqual(len(reqs), 1, reqs)
+        self.finish(watch)
+
+    def test_reset_before_response_headers_is_unavailable(self):
+        self.start_plan("rst")
+        with RssWatch(self.pid) as watch:
+            r = self.broken_call()
+            self.assert_unavailable_naming_no_address(r)
+            self.assertEqual(len(self.seen()[0]), 1)
+            self.sg.wait_for_log(r"backend spark-broken: .*INTERNAL_ERROR")
+        self.finish(watch)
+
+    def test_malformed_response_headers_are_unavailable(self):
+        self.start_plan("bad_headers")
+        with RssWatch(self.pid) as watch:
+            r = self.broken_call()
+            self.assert_unavailable_naming_no_address(r)
+            # Nothing of the malformed block reached the client.
+            self.assertNotIn(("connection", "close"), r.initial_metadata)
+        self.finish(watch)
+
+    def test_backend_that_stops_reading_an_upload(self):
+        # The backend takes the request headers, then never reads again: the
+        # upload fills the flow-control windows and stops; the client's
+        # deadline ends the call with DEADLINE_EXCEEDED, other calls go on.
+        self.start_plan("no_read")
+        chunk = b"u" * (256 * 1024)
+        with RssWatch(self.pid) as watch:
+            r = H.call_client_stream(self.ch, "AddArtifacts", [chunk] * 64,
+                                     [("x-spark-tenant", "broken")], timeout=3)
+            self.assertEqual(r.code, grpc.StatusCode.DEADLINE_EXCEEDED, r)
+            self.control("while a backend stops reading")
+        # The proxy dropped the call on its side too: no stream is left.
+        H.wait_until(lambda: "\nsparkgate_streams_open 0\n" in self.metrics_text(),
+                     10, what="no active stream left")
+        self.finish(watch)
+
 
 if __name__ == "__main__":
     H.main()
