@@ -18,6 +18,7 @@
 #include <openssl/x509.h>
 
 #include "sparkgate/h2io.h"
+#include "sparkgate/h2mem.h"
 #include "sparkgate/identity.h"
 #include "sparkgate/log.h"
 #include "sparkgate/metrics.h"
@@ -396,7 +397,8 @@ static int start_session(sg_conn *c) {
    * limits; make them explicit. */
   nghttp2_option_set_stream_reset_rate_limit(opt, 1000, 33);
   nghttp2_option_set_max_continuations(opt, 8);
-  int rv = nghttp2_session_server_new2(&c->session, server_callbacks(), c, opt);
+  int rv = nghttp2_session_server_new3(&c->session, server_callbacks(), c, opt,
+                                       sg_h2mem_nghttp2(c->worker->h2mem));
   nghttp2_option_del(opt);
   if (rv != 0)
     return -1;

@@ -471,6 +471,16 @@ bool sg_identity_header_is_spoofable(const uint8_t *name, size_t len,
                                      const sg_identity_header_names *own) {
   if (name == NULL || len == 0)
     return false;
+  /* Every request header comes through here: most are told apart by their
+   * first letter, before any list is walked. */
+  char first = fold(name[0]);
+  if (first != 'x' && first != 'c' && first != 'f' &&
+      (own == NULL ||
+       (first != fold((uint8_t)own->identity[0]) &&
+        first != fold((uint8_t)own->tenant[0]) &&
+        first != fold((uint8_t)own->auth_method[0]) &&
+        first != fold((uint8_t)own->provider[0]))))
+    return false;
   if (folded_match(name, len, "x-forwarded-", true))
     return true;
   for (size_t i = 0; i < sizeof fixed_spoofable / sizeof *fixed_spoofable;

@@ -1491,6 +1491,20 @@ size_t sg_route_rank_backends(const sg_route_tenant *t, const char *user_id,
 int sg_route_pick_backend(const sg_route_tenant *t, const char *user_id,
                           const char *session_id, const bool *backend_up,
                           size_t *out_index) {
+  /* One backend with a weight wins every ranking: no need to hash. */
+  size_t weighted = 0, only = 0;
+  for (size_t i = 0; i < t->n_backends && weighted < 2; i++)
+    if (t->backends[i].weight > 0) {
+      weighted++;
+      only = i;
+    }
+  if (weighted == 0)
+    return SG_ROUTE_PICK_NONE;
+  if (weighted == 1) {
+    *out_index = only;
+    return backend_up == NULL || backend_up[only] ? SG_ROUTE_PICK_OK
+                                                  : SG_ROUTE_PICK_DOWN;
+  }
   siphash_state st;
   session_state(&st, t, user_id, session_id);
   size_t best = SIZE_MAX, best_up = SIZE_MAX;

@@ -334,7 +334,8 @@ static void attach_upstream(sg_stream *s, const char *user_id,
     up[b] = sg_upstream_pool_is_up(pool_of(s, b));
   size_t backend = 0;
   int rv = sg_route_pick_backend(t, user_id, session_id, up, &backend);
-  if (session_id != NULL && rv != SG_ROUTE_PICK_NONE)
+  /* With a single backend there is nowhere else a session could go. */
+  if (session_id != NULL && rv != SG_ROUTE_PICK_NONE && t->n_backends > 1)
     rv = remember_session(s, user_id, session_id, up, rv, &backend);
   if (up != up_small)
     free(up);

@@ -19,6 +19,7 @@
 #include <openssl/x509v3.h>
 
 #include "sparkgate/h2io.h"
+#include "sparkgate/h2mem.h"
 #include "sparkgate/list.h"
 #include "sparkgate/log.h"
 #include "sparkgate/metrics.h"
@@ -433,7 +434,8 @@ static int start_session(sg_upstream *up) {
     return -1;
   nghttp2_option_set_no_auto_window_update(opt, 1);
   nghttp2_option_set_max_continuations(opt, 8);
-  int rv = nghttp2_session_client_new2(&up->session, client_cbs, up, opt);
+  int rv = nghttp2_session_client_new3(&up->session, client_cbs, up, opt,
+                                       sg_h2mem_nghttp2(up->pool->worker->h2mem));
   nghttp2_option_del(opt);
   if (rv != 0)
     return -1;

@@ -16,6 +16,7 @@
 #include "sparkgate/affinity.h"
 #include "sparkgate/clientcount.h"
 #include "sparkgate/conn.h"
+#include "sparkgate/h2mem.h"
 #include "sparkgate/limits.h"
 #include "sparkgate/stream.h"
 #include "sparkgate/log.h"
@@ -439,9 +440,11 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
   }
   w->affinity = sg_affinity_new(SG_AFFINITY_DEFAULT_ENTRIES);
   w->clients = sg_clientcount_new();
-  if (w->affinity == NULL || w->clients == NULL) {
+  w->h2mem = sg_h2mem_new();
+  if (w->affinity == NULL || w->clients == NULL || w->h2mem == NULL) {
     sg_affinity_free(w->affinity);
     sg_clientcount_free(w->clients);
+    sg_h2mem_free(w->h2mem);
     free(w->read_buf);
     free(w);
     snprintf(err, errlen, "out of memory");
@@ -578,5 +581,7 @@ void sg_worker_free(sg_worker *w) {
   free(w->read_buf);
   sg_affinity_free(w->affinity);
   sg_clientcount_free(w->clients);
+  /* Last: every nghttp2 session and header buffer of this worker is gone. */
+  sg_h2mem_free(w->h2mem);
   free(w);
 }

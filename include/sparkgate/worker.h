@@ -77,6 +77,7 @@ struct sg_worker {
   size_t read_buf_size;
 
   struct sg_affinity *affinity; /* where this worker sent each session */
+  struct sg_h2mem *h2mem;       /* nghttp2's allocations on this thread */
   struct sg_clientcount *clients; /* connections per client address */
 
   sg_list conns; /* sg_conn.worker_link */

@@ -1,0 +1,126 @@
+/* The per-worker nghttp2 allocator: blocks of every size come back intact,
+ * realloc keeps contents, freed blocks are reused and the cache is
+ * bounded; and a real nghttp2 session runs on it. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <nghttp2/nghttp2.h>
+
+#include "check.h"
+#include "sparkgate/h2mem.h"
+
+static void fill(uint8_t *p, size_t n, uint8_t seed) {
+  for (size_t i = 0; i < n; i++)
+    p[i] = (uint8_t)(seed + i);
+}
+
+static int same(const uint8_t *p, size_t n, uint8_t seed) {
+  for (size_t i = 0; i < n; i++)
+    if (p[i] != (uint8_t)(seed + i))
+      return 0;
+  return 1;
+}
+
+static void test_blocks(void) {
+  sg_h2mem *m = sg_h2mem_new();
+  CHECK(m != NULL);
+  nghttp2_mem *mem = sg_h2mem_nghttp2(m);
+  if (mem == NULL) { /* AddressSanitizer build: nghttp2's default */
+    sg_h2mem_free(m);
+    return;
+  }
+  static const size_t sizes[] = {0, 1, 15, 16, 17, 31, 32, 33, 100, 500,
+                                 1023, 1024, 1025, 4096, 70000};
+  enum { N = sizeof sizes / sizeof sizes[0] };
+  uint8_t *p[N];
+  for (size_t i = 0; i < N; i++) {
+    p[i] = mem->malloc(sizes[i], mem->mem_user_data);
+    CHECK(p[i] != NULL);
+    CHECK(((uintptr_t)p[i] % 16) == 0);
+    fill(p[i], sizes[i], (uint8_t)i);
+  }
+  for (size_t i = 0; i < N; i++)
+    CHECK(same(p[i], sizes[i], (uint8_t)i));
+  /* Grow and shrink across classes and into and out of large blocks. */
+  for (size_t i = 0; i < N; i++) {
+    size_t to = sizes[i] * 3 + 7;
+    uint8_t *q = mem->realloc(p[i], to, mem->mem_user_data);
+    CHECK(q != NULL);
+    CHECK(same(q, sizes[i], (uint8_t)i));
+    uint8_t *r = mem->realloc(q, sizes[i] / 2 + 1, mem->mem_user_data);
+    CHECK(r != NULL);
+    CHECK(same(r, sizes[i] / 2 + (sizes[i] > 0), (uint8_t)i) || sizes[i] == 0);
+    p[i] = r;
+  }
+  uint8_t *z = mem->calloc(10, 50, mem->mem_user_data);
+  CHECK(z != NULL);
+  int zero = 1;
+  for (size_t i = 0; i < 500; i++)
+    zero &= z[i] == 0;
+  CHECK(zero);
+  CHECK(mem->calloc(SIZE_MAX / 2, 4, mem->mem_user_data) == NULL);
+  mem->free(z, mem->mem_user_data);
+  for (size_t i = 0; i < N; i++)
+    mem->free(p[i], mem->mem_user_data);
+  mem->free(NULL, mem->mem_user_data);
+  CHECK(sg_h2mem_cached_bytes(m) > 0);
+  /* A freed small block is what the next allocation of its class gets. */
+  void *a = mem->malloc(40, mem->mem_user_data);
+  mem->free(a, mem->mem_user_data);
+  void *b = mem->malloc(50, mem->mem_user_data);
+  CHECK(a == b);
+  mem->free(b, mem->mem_user_data);
+  /* The cache is bounded, however much was freed at once. */
+  enum { MANY = 20000 };
+  void **many = malloc(MANY * sizeof *many);
+  for (size_t i = 0; i < MANY; i++)
+    many[i] = mem->malloc(1000, mem->mem_user_data);
+  for (size_t i = 0; i < MANY; i++)
+    mem->free(many[i], mem->mem_user_data);
+  free(many);
+  CHECK(sg_h2mem_cached_bytes(m) <= (2u << 20));
+  sg_h2mem_free(m);
+}
+
+static ssize_t to_buffer(nghttp2_session *s, const uint8_t *data, size_t len,
+                         int flags, void *user) {
+  (void)s;
+  (void)flags;
+  size_t *total = user;
+  *total += len;
+  (void)data;
+  return (ssize_t)len;
+}
+
+static void test_session(void) {
+  sg_h2mem *m = sg_h2mem_new();
+  nghttp2_session_callbacks *cbs;
+  CHECK(nghttp2_session_callbacks_new(&cbs) == 0);
+  nghttp2_session_callbacks_set_send_callback(cbs, to_buffer);
+  size_t total = 0;
+  nghttp2_session *s;
+  CHECK(nghttp2_session_client_new3(&s, cbs, &total, NULL, sg_h2mem_nghttp2(m)) == 0);
+  nghttp2_submit_settings(s, NGHTTP2_FLAG_NONE, NULL, 0);
+  for (int i = 0; i < 200; i++) {
+    nghttp2_nv nv[] = {
+        {(uint8_t *)":method", (uint8_t *)"POST", 7, 4, 0},
+        {(uint8_t *)":scheme", (uint8_t *)"http", 7, 4, 0},
+        {(uint8_t *)":path", (uint8_t *)"/a/b", 5, 4, 0},
+        {(uint8_t *)":authority", (uint8_t *)"x", 10, 1, 0},
+        {(uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16, 0},
+    };
+    CHECK(nghttp2_submit_request(s, NULL, nv, 5, NULL, NULL) > 0);
+  }
+  CHECK(nghttp2_session_send(s) == 0);
+  CHECK(total > 200 * 9);
+  nghttp2_session_del(s);
+  nghttp2_session_callbacks_del(cbs);
+  sg_h2mem_free(m);
+}
+
+int main(void) {
+  test_blocks();
+  test_session();
+  return check_report("h2mem");
+}
