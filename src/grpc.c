@@ -44,6 +44,19 @@ int sg_grpc_submit_error(nghttp2_session *session, int32_t stream_id,
                                  sizeof nva / sizeof nva[0], NULL);
 }
 
+int sg_grpc_submit_status_trailers(nghttp2_session *session, int32_t stream_id,
+                                   sg_grpc_status code, const char *message) {
+  char status[8];
+  char encoded[512];
+  snprintf(status, sizeof status, "%d", (int)code);
+  sg_grpc_message_encode(message, encoded, sizeof encoded);
+  nghttp2_nv nva[] = {
+      MAKE_NV("grpc-status", status, strlen(status)),
+      MAKE_NV("grpc-message", encoded, strlen(encoded)),
+  };
+  return nghttp2_submit_trailer(session, stream_id, nva, sizeof nva / sizeof nva[0]);
+}
+
 int sg_http_submit_status(nghttp2_session *session, int32_t stream_id,
                           int http_status) {
   char status[8];

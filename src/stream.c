@@ -215,6 +215,79 @@ static void discard_request_body(sg_stream *s) {
   credit_client(s, true);
 }
 
+/* Response bytes are parsed as gRPC messages (5-byte prefix, then the
+ * payload) only far enough to know where each one ends. */
+static void track_response_messages(sg_stream *s, const uint8_t *data, size_t len) {
+  uint64_t at = s->resp_in_bytes;
+  s->resp_in_bytes += len;
+  while (len > 0) {
+    if (s->resp_prefix_have < 5) {
+      s->resp_prefix[s->resp_prefix_have++] = *data;
+      data++;
+      len--;
+      at++;
+      if (s->resp_prefix_have == 5) {
+        s->resp_msg_left = (uint32_t)s->resp_prefix[1] << 24 |
+                           (uint32_t)s->resp_prefix[2] << 16 |
+                           (uint32_t)s->resp_prefix[3] << 8 | s->resp_prefix[4];
+        if (s->resp_msg_left == 0) {
+          s->resp_prefix_have = 0;
+          s->resp_boundary = at;
+        }
+      }
+      continue;
+    }
+    size_t take = len < s->resp_msg_left ? len : s->resp_msg_left;
+    s->resp_msg_left -= (uint32_t)take;
+    data += take;
+    len -= take;
+    at += take;
+    if (s->resp_msg_left == 0) {
+      s->resp_prefix_have = 0;
+      s->resp_boundary = at;
+    }
+  }
+}
+
+/* The response has started: if what the client got so far ends at or
+ * before a message boundary, drop what follows that boundary and end the
+ * call there with |code| in trailers. Returns false when the client is
+ * mid-message (only a reset can end the stream then). */
+static bool end_with_late_status(sg_stream *s, sg_grpc_status code, const char *message) {
+  if (!s->resp_streaming || s->resp_eof || s->late_status)
+    return false;
+  if (s->resp_boundary < s->bytes_out)
+    return false;
+  size_t held = evbuffer_get_length(s->resp_body);
+  size_t keep = (size_t)(s->resp_boundary - s->bytes_out);
+  if (keep > held)
+    return false;
+  /* A client that gives no window for the rest of the message would hold
+   * the stream open for ever. */
+  if (keep > 0 &&
+      nghttp2_session_get_stream_remote_window_size(s->conn->session, s->id) < (int32_t)keep)
+    return false;
+  if (keep < held) {
+    struct evbuffer *kept = evbuffer_new();
+    if (kept == NULL || evbuffer_remove_buffer(s->resp_body, kept, keep) != (int)keep) {
+      if (kept != NULL)
+        evbuffer_free(kept);
+      return false;
+    }
+    evbuffer_free(s->resp_body);
+    s->resp_body = kept;
+    /* The dropped bytes were counted against the backend's windows. */
+    sg_upstream_consumed(s, held - keep);
+  }
+  s->late_status = true;
+  s->late_code = code;
+  snprintf(s->late_message, sizeof s->late_message, "%s", message);
+  s->resp_eof = true;
+  s->last_activity_ms = sg_monotonic_ms(); /* stuck again: reset (check_idle) */
+  nghttp2_session_resume_data(s->conn->session, s->id);
+  return true;
+}
+
 void sg_stream_reject(sg_stream *s, sg_grpc_status code, const char *message,
                         const char *why) {
   char pathbuf[256];
@@ -233,7 +306,7 @@ void sg_stream_reject(sg_stream *s, sg_grpc_status code, const char *message,
       s->resp_eof = true;
       sg_grpc_submit_error(s->conn->session, s->id, code, message);
       end_request_early(s);
-    } else {
+    } else if (!end_with_late_status(s, code, message)) {
       nghttp2_submit_rst_stream(s->conn->session, NGHTTP2_FLAG_NONE, s->id,
                                 NGHTTP2_INTERNAL_ERROR);
     }
@@ -522,7 +595,16 @@ bool sg_stream_prepare_retry(sg_stream *s) {
 
 void sg_stream_check_idle(sg_stream *s, uint64_t now_ms) {
   uint32_t limit = s->rt->config->stream_idle_timeout_ms;
-  if (s->rejected || s->resp_eof || now_ms - s->last_activity_ms < limit)
+  if (now_ms - s->last_activity_ms < limit)
+    return;
+  if (s->late_status && s->conn != NULL) {
+    /* Its last bytes and trailers found no taker either. */
+    nghttp2_submit_rst_stream(s->conn->session, NGHTTP2_FLAG_NONE, s->id,
+                              NGHTTP2_INTERNAL_ERROR);
+    sg_conn_schedule_send(s->conn);
+    return;
+  }
+  if (s->rejected || s->resp_eof)
     return;
   char why[96];
   snprintf(why, sizeof why, "no bytes either way for %u ms", limit);
@@ -662,6 +744,7 @@ void sg_stream_on_response_headers(sg_stream *s, bool end_stream) {
   nghttp2_data_provider prd = {.source = {.ptr = s},
                                .read_callback = sg_stream_read_response_body};
   s->resp_started = true;
+  s->resp_streaming = !end_stream;
   if (end_stream) {
     s->resp_eof = true;
     record_grpc_status(s, &s->resp_headers);
@@ -689,6 +772,7 @@ void sg_stream_on_response_data(sg_stream *s, const uint8_t *data, size_t len) {
     sg_stream_fail(s, SG_GRPC_INTERNAL, "sparkgate: out of memory");
     return;
   }
+  track_response_messages(s, data, len);
   nghttp2_session_resume_data(s->conn->session, s->id);
   sg_conn_schedule_send(s->conn);
 }
@@ -868,7 +952,11 @@ ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
       return NGHTTP2_ERR_DEFERRED;
     *data_flags |= NGHTTP2_DATA_FLAG_EOF;
     end_request_early(s);
-    if (s->resp_trailers.count > 0) {
+    if (s->late_status) {
+      if (sg_grpc_submit_status_trailers(session, s->id, s->late_code,
+                                         s->late_message) == 0)
+        *data_flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
+    } else if (s->resp_trailers.count > 0) {
       record_grpc_status(s, &s->resp_trailers);
       nghttp2_nv *nva = malloc(s->resp_trailers.count * sizeof *nva);
       if (nva != NULL) {

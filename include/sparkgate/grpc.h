@@ -32,6 +32,12 @@ void sg_grpc_message_encode(const char *msg, char *out, size_t outlen);
 int sg_grpc_submit_error(nghttp2_session *session, int32_t stream_id,
                          sg_grpc_status code, const char *message);
 
+/* Submits trailers (grpc-status, grpc-message) that end a response the
+ * proxy cuts short at a message boundary; call from the data provider
+ * that returns EOF with NGHTTP2_DATA_FLAG_NO_END_STREAM. */
+int sg_grpc_submit_status_trailers(nghttp2_session *session, int32_t stream_id,
+                                   sg_grpc_status code, const char *message);
+
 /* Submits a plain HTTP response with no body, for requests that are not
  * gRPC at all (405, 415). */
 int sg_http_submit_status(nghttp2_session *session, int32_t stream_id,

@@ -113,6 +113,20 @@ struct sg_stream {
   struct evbuffer *req_replay;
   bool replay_off;  /* too big, answered, or already retried */
 
+  /* gRPC message boundaries of the response, so that a call the proxy
+   * ends after its response started (deadline, idle) can still end with
+   * a status in trailers, after the last whole message, instead of a
+   * reset. */
+  uint64_t resp_in_bytes;  /* response DATA payload received */
+  uint64_t resp_boundary;  /* offset just after the last whole message */
+  uint32_t resp_msg_left;  /* payload bytes left in the current message */
+  uint8_t resp_prefix_have; /* bytes of its 5-byte prefix seen */
+  uint8_t resp_prefix[5];
+  bool resp_streaming;     /* response HEADERS went out with a body to come */
+  bool late_status;        /* end with late_code in trailers at EOF */
+  sg_grpc_status late_code;
+  char late_message[128];
+
   bool client_done;
   bool req_headers_done;
   bool req_eof;         /* client sent END_STREAM */

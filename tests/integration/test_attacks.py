@@ -987,6 +987,23 @@ class FlowControlStallTest(AttackCase):
         self.assert_same_process(watch)
         self.control("after a flow-control stall")
 
+    def test_idle_after_whole_messages_ends_with_status_in_trailers(self):
+        # The backend sends two messages, then nothing: the call is ended
+        # after the second whole message with grpc-status 4 in trailers
+        # (a status the client can act on), not with a reset.
+        mark = self.sg.mark()
+        with RawH2(self.h2c_port, tls=False) as c:
+            sid = c.grpc_call(b"quiet", extra=H.standin_md("stall", count=2, stall_ms=30000))
+            rec = self.up.wait_for_call(SERVICE + "ExecutePlan", timeout=10)
+            st = c.wait_stream(sid, timeout=15)
+            self.assertEqual((st.reset, st.grpc_status), (None, 4), st)
+            self.assertEqual(H.grpc_unframe(st.data), [b"standin 0", b"standin 1"], st)
+            self.assertIn("idle", st.header("grpc-message") or "", st)
+            self.sg.wait_for_log(r"stream=%d .*grpc-status 4: sparkgate: the call was idle "
+                                 r"too long" % sid, timeout=5, since=mark)
+            self.up.wait_for(lambda _: rec.cancelled, timeout=10)
+        self.control("after an idle call")
+
 
 
 
