@@ -115,7 +115,10 @@ static uint64_t now_ms(void) {
 }
 
 void sg_conn_charge(sg_conn *c, unsigned cost, const char *what) {
-  if (c->freeing || c->closing || c->session == NULL)
+  /* nghttp2 may have queued a GOAWAY of its own (its rapid-reset limiter):
+   * a second one would raise the last stream id (RFC 9113 6.8). */
+  if (c->freeing || c->closing || c->session == NULL ||
+      !nghttp2_session_want_read(c->session))
     return;
   uint64_t now = now_ms();
   uint64_t cap = (uint64_t)SG_CONN_ABUSE_BURST * 1000u;
@@ -164,7 +167,9 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
     sg_conn_charge(c, 1, "PRIORITY frames");
     break;
   case NGHTTP2_RST_STREAM:
-    sg_conn_charge(c, 1, "stream resets (rapid reset)");
+    /* Two tokens: the budget (500 resets in a burst) runs out before
+     * nghttp2's own limiter (1000), so the client learns why. */
+    sg_conn_charge(c, 2, "stream resets (rapid reset)");
     break;
   case NGHTTP2_WINDOW_UPDATE:
     if (frame->window_update.window_size_increment < SG_CONN_MIN_WINDOW_UPDATE)
@@ -688,6 +693,7 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
 
   c->io.out = bufferevent_get_output(c->bev);
   c->io.high_water = SG_CONN_OUTPUT_HIGH_WATER;
+  c->io.copy_payload = c->ssl != NULL;
   bufferevent_setcb(c->bev, on_read, on_write, on_event, c);
   bufferevent_setwatermark(c->bev, EV_WRITE, SG_CONN_OUTPUT_LOW_WATER, 0);
   /* libevent reads and writes 16 KiB per syscall by default: at bulk rates

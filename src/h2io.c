@@ -51,9 +51,18 @@ int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
     if (evbuffer_add(io->out, &padlen_byte, 1) != 0)
       return NGHTTP2_ERR_CALLBACK_FAILURE;
   }
-  /* The zero-copy step: chains change hands. */
-  if (length > 0 && evbuffer_remove_buffer(payload, io->out, length) != (int)length)
+  if (length > 0 && io->copy_payload) {
+    struct evbuffer_iovec v;
+    if (evbuffer_reserve_space(io->out, (ev_ssize_t)length, &v, 1) != 1 ||
+        evbuffer_remove(payload, v.iov_base, length) != (int)length)
+      return NGHTTP2_ERR_CALLBACK_FAILURE;
+    v.iov_len = length;
+    if (evbuffer_commit_space(io->out, &v, 1) != 0)
+      return NGHTTP2_ERR_CALLBACK_FAILURE;
+  } else if (length > 0 && evbuffer_remove_buffer(payload, io->out, length) != (int)length) {
+    /* The zero-copy step: chains change hands. */
     return NGHTTP2_ERR_CALLBACK_FAILURE;
+  }
   if (padlen > 1) {
     static const uint8_t zeros[256];
     if (evbuffer_add(io->out, zeros, padlen - 1) != 0)

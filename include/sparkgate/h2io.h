@@ -6,6 +6,7 @@
 #ifndef SPARKGATE_H2IO_H
 #define SPARKGATE_H2IO_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -17,6 +18,10 @@
 typedef struct sg_h2io {
   struct evbuffer *out;
   size_t high_water;
+  /* Copy DATA payloads into the output instead of moving their chains:
+   * for TLS, where libevent makes one TLS record (and one write) per
+   * chain, so frame headers and small payloads must share chains. */
+  bool copy_payload;
 } sg_h2io;
 
 ssize_t sg_h2io_send(nghttp2_session *session, const uint8_t *data,

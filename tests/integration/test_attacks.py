@@ -246,6 +246,7 @@ class RawH2:
         self.buf = b""
         self.streams = {}
         self.goaway = None          # (last_stream_id, error_code, debug data)
+        self.goaways = []           # every GOAWAY, in order
         self.closed = False
         self.send_failed = False
         self.close_error = None
@@ -358,6 +359,7 @@ class RawH2:
         if ftype == GOAWAY:
             last, code = struct.unpack(">II", payload[:8])
             self.goaway = (last & 0x7FFFFFFF, code, payload[8:])
+            self.goaways.append(self.goaway)
             return b""
         if ftype == RST_STREAM:
             self._stream(sid).reset = struct.unpack(">I", payload[:4])[0]
@@ -535,6 +537,12 @@ class AttackCase(H.SparkgateTestCase):
         self.assertIsNotNone(c.goaway, "%s: no GOAWAY (closed=%s, error=%r); log:\n%s"
                              % (what, c.closed, c.close_error, self.sg.log_text(30)))
         self.assertEqual(c.goaway[1], code, "%s: GOAWAY %r" % (what, c.goaway))
+        # What the client acts on is the first one: same code, and a later
+        # GOAWAY never raises the last stream id (RFC 9113 section 6.8).
+        c.pump(0.2)
+        self.assertEqual(c.goaways[0][1], code, "%s: GOAWAYs %r" % (what, c.goaways))
+        for a, b in zip(c.goaways, c.goaways[1:]):
+            self.assertLessEqual(b[0], a[0], "%s: GOAWAYs %r" % (what, c.goaways))
         self.assertTrue(c.wait_closed(10), "%s: connection not closed after GOAWAY" % what)
 
 
