@@ -28,33 +28,38 @@ void sg_grpc_message_encode(const char *msg, char *out, size_t outlen) {
   out[o] = '\0';
 }
 
-int sg_grpc_submit_error(nghttp2_session *session, int32_t stream_id,
-                         sg_grpc_status code, const char *message) {
+/* grpc-status and grpc-message for |code| and |message|, into nva[0..1];
+ * the strings live in |f|. */
+typedef struct status_fields {
   char status[8];
   char encoded[512];
-  snprintf(status, sizeof status, "%d", (int)code);
-  sg_grpc_message_encode(message, encoded, sizeof encoded);
-  nghttp2_nv nva[] = {
+} status_fields;
+
+static void status_nv(status_fields *f, sg_grpc_status code, const char *message,
+                      nghttp2_nv *nva) {
+  snprintf(f->status, sizeof f->status, "%d", (int)code);
+  sg_grpc_message_encode(message, f->encoded, sizeof f->encoded);
+  nva[0] = (nghttp2_nv)MAKE_NV("grpc-status", f->status, strlen(f->status));
+  nva[1] = (nghttp2_nv)MAKE_NV("grpc-message", f->encoded, strlen(f->encoded));
+}
+
+int sg_grpc_submit_error(nghttp2_session *session, int32_t stream_id,
+                         sg_grpc_status code, const char *message) {
+  status_fields f;
+  nghttp2_nv nva[4] = {
       MAKE_NV(":status", "200", 3),
       MAKE_NV("content-type", "application/grpc", 16),
-      MAKE_NV("grpc-status", status, strlen(status)),
-      MAKE_NV("grpc-message", encoded, strlen(encoded)),
   };
-  return nghttp2_submit_response(session, stream_id, nva,
-                                 sizeof nva / sizeof nva[0], NULL);
+  status_nv(&f, code, message, nva + 2);
+  return nghttp2_submit_response(session, stream_id, nva, 4, NULL);
 }
 
 int sg_grpc_submit_status_trailers(nghttp2_session *session, int32_t stream_id,
                                    sg_grpc_status code, const char *message) {
-  char status[8];
-  char encoded[512];
-  snprintf(status, sizeof status, "%d", (int)code);
-  sg_grpc_message_encode(message, encoded, sizeof encoded);
-  nghttp2_nv nva[] = {
-      MAKE_NV("grpc-status", status, strlen(status)),
-      MAKE_NV("grpc-message", encoded, strlen(encoded)),
-  };
-  return nghttp2_submit_trailer(session, stream_id, nva, sizeof nva / sizeof nva[0]);
+  status_fields f;
+  nghttp2_nv nva[2];
+  status_nv(&f, code, message, nva);
+  return nghttp2_submit_trailer(session, stream_id, nva, 2);
 }
 
 int sg_http_submit_status(nghttp2_session *session, int32_t stream_id,
