@@ -25,7 +25,10 @@
 #include "sparkgate/token_cache.h"
 #include "sparkgate/upstream.h"
 
-#define SG_LISTEN_BACKLOG 1024
+/* A burst of new connections (a gateway restart, a notebook fleet) waits
+ * in the kernel rather than being dropped; the kernel caps it at
+ * net.core.somaxconn. */
+#define SG_LISTEN_BACKLOG 4096
 
 /* ---- runtime ------------------------------------------------------------ */
 
@@ -499,7 +502,7 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
     lc->index = i;
     w->listeners[i] = evconnlistener_new(w->base, on_accept, lc,
                                          LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC,
-                                         -1, fd);
+                                         0 /* listening already: keep its backlog */, fd);
     if (w->listeners[i] == NULL) {
       close(fd);
       snprintf(err, errlen, "listener %s: cannot create listener",
