@@ -237,6 +237,24 @@ static int on_stream_close(nghttp2_session *session, int32_t stream_id,
   return 0;
 }
 
+/* A GOAWAY written past a session that can no longer send (after a fatal
+ * nghttp2 error): nine bytes of frame header, last stream id, code. */
+static void write_final_goaway(sg_conn *c, uint32_t code) {
+  if (c->goaway_sent)
+    return;
+  uint32_t last = (uint32_t)nghttp2_session_get_last_proc_stream_id(c->session);
+  uint8_t f[17] = {0, 0, 8, NGHTTP2_GOAWAY, 0, 0, 0, 0, 0};
+  for (int i = 0; i < 4; i++) {
+    f[9 + i] = (uint8_t)(last >> (24 - 8 * i));
+    f[13 + i] = (uint8_t)(code >> (24 - 8 * i));
+  }
+  if (evbuffer_add(bufferevent_get_output(c->bev), f, sizeof f) == 0) {
+    c->goaway_sent = true;
+    sg_info("conn=%llu peer=%s: sent GOAWAY %s (last stream %u)",
+            (unsigned long long)c->id, c->peer, nghttp2_http2_strerror(code), last);
+  }
+}
+
 static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
                          void *user) {
   sg_conn *c = user;
@@ -363,6 +381,10 @@ static void on_read(struct bufferevent *bev, void *arg) {
         sg_info("conn=%llu peer=%s: closing: %s", (unsigned long long)c->id,
                 c->peer, nghttp2_strerror((int)rv));
         evbuffer_drain(in, total);
+        /* On these floods nghttp2 stops at once and says nothing: tell the
+         * client why before closing. */
+        if (rv == NGHTTP2_ERR_TOO_MANY_CONTINUATIONS || rv == NGHTTP2_ERR_FLOODED)
+          write_final_goaway(c, NGHTTP2_ENHANCE_YOUR_CALM);
         /* Let nghttp2 queue its GOAWAY for the protocol error, then go. */
         conn_flush(c);
         if (!c->freeing) {

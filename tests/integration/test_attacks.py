@@ -730,8 +730,8 @@ class HeaderAttackTest(AttackCase):
 
     def test_continuation_flood(self):
         # HEADERS without END_HEADERS, then CONTINUATION frames that never
-        # end the block: nghttp2's cap (8 CONTINUATIONs) closes the
-        # connection.
+        # end the block: nghttp2's cap (8 CONTINUATIONs) ends the connection,
+        # with GOAWAY(ENHANCE_YOUR_CALM).
         mark = self.sg.mark()
         with RssWatch(self.pid) as watch, RawH2(self.tls_port) as c:
             c.send(frame(HEADERS, 0, 1, hpack_block(c.request_headers())))
@@ -744,6 +744,8 @@ class HeaderAttackTest(AttackCase):
             self.assertTrue(c.wait_closed(10), "connection still open after %d "
                             "CONTINUATION frames" % n)
             self.assertNotIn(1, c.streams, "the unfinished header block got an answer")
+            # Told why before the close.
+            self.assertEqual([g[1] for g in c.goaways], [ENHANCE_YOUR_CALM], c.goaways)
         self.sg.wait_for_log(r"closing: Too many CONTINUATION frames", timeout=5, since=mark)
         self.assert_same_process(watch)
         self.control("after CONTINUATION flood")
