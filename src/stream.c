@@ -733,6 +733,7 @@ void sg_stream_on_response_headers(sg_stream *s, bool end_stream) {
     sg_header_list_clear(&s->resp_headers);
     return;
   }
+  s->resp_final = true;
   if (s->conn == NULL || s->rejected)
     return;
   nghttp2_nv *nva = malloc((s->resp_headers.count + 1) * sizeof *nva);

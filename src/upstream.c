@@ -153,7 +153,9 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
   sg_stream *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
   if (s == NULL)
     return 0;
-  sg_header_list *list = frame->headers.cat == NGHTTP2_HCAT_HEADERS
+  /* After a 1xx interim response, the final response comes as a HEADERS
+   * frame nghttp2 files under HCAT_HEADERS, like trailers. */
+  sg_header_list *list = frame->headers.cat == NGHTTP2_HCAT_HEADERS && s->resp_final
                              ? &s->resp_trailers
                              : &s->resp_headers;
   if (sg_header_list_add(list, name, value, SG_UPSTREAM_MAX_HEADER_LIST_BYTES) != 0)
@@ -170,7 +172,7 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
     s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
     if (s == NULL)
       return 0;
-    if (frame->headers.cat == NGHTTP2_HCAT_RESPONSE)
+    if (frame->headers.cat == NGHTTP2_HCAT_RESPONSE || !s->resp_final)
       sg_stream_on_response_headers(s, frame->hd.flags & NGHTTP2_FLAG_END_STREAM);
     else if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)
       sg_stream_on_response_end(s);

@@ -123,6 +123,7 @@ struct sg_stream {
   uint8_t resp_prefix_have; /* bytes of its 5-byte prefix seen */
   uint8_t resp_prefix[5];
   bool resp_streaming;     /* response HEADERS went out with a body to come */
+  bool resp_final;         /* the backend's final (non-1xx) headers came */
   bool late_status;        /* end with late_code in trailers at EOF */
   sg_grpc_status late_code;
   char late_message[128];

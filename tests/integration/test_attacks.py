@@ -1380,6 +1380,22 @@ class ScriptedBackendTest(FailingBackendCase):
             self.assertNotIn(("connection", "close"), r.initial_metadata)
         self.finish(watch)
 
+    def test_interim_response_before_the_answer(self):
+        # A 1xx interim response is dropped; the final response that follows
+        # it (nghttp2 files it like trailers) is the answer.
+        self.start_plan("interim")
+        with RssWatch(self.pid) as watch:
+            r = self.broken_call(payload=b"hello")
+            self.assertEqual((r.code, r.response), (grpc.StatusCode.OK, H.spark_request(b"hello")), r)
+        self.finish(watch)
+
+    def test_interim_response_before_a_trailers_only_answer(self):
+        self.start_plan("interim_only")
+        with RssWatch(self.pid) as watch:
+            r = self.broken_call()
+            self.assertEqual((r.code, r.details), (grpc.StatusCode.NOT_FOUND, "not here"), r)
+        self.finish(watch)
+
     def test_backend_that_stops_reading_an_upload(self):
         # The backend takes the request headers, then never reads again: the
         # upload fills the flow-control windows and stops; the client's

@@ -15,6 +15,9 @@ gets plan[N], and the last entry repeats. Behaviours:
   bad_headers        answer with a response header block HTTP/2 forbids
                      (an upper-case field name and a connection header)
   no_read            after a request's HEADERS, stop reading the socket
+  interim            like ok, with a 103 interim response before the answer
+  interim_only       a 103 interim response, then a trailers-only
+                     grpc-status 5
 
 Every request seen is recorded in `requests` as (connection index, stream
 id, headers dict, body bytes so far); `connections` counts accepts. Every
@@ -128,8 +131,16 @@ class RawBackend:
                         h2c.acknowledge_received_data(ev.flow_controlled_length, sid)
                     elif isinstance(ev, h2.events.StreamEnded):
                         sid = ev.stream_id
-                        if behaviour == "ok":
+                        if behaviour in ("interim", "interim_only"):
+                            h2c.send_headers(sid, [(":status", "103"), ("link", "</x>")])
+                        if behaviour in ("ok", "interim"):
                             self._answer(h2c, sid, bodies.get(sid, b""))
+                        elif behaviour == "interim_only":
+                            h2c.send_headers(sid, [(":status", "200"),
+                                                   ("content-type", "application/grpc"),
+                                                   ("grpc-status", "5"),
+                                                   ("grpc-message", "not here")],
+                                             end_stream=True)
                         elif behaviour == "refuse_after_body":
                             h2c.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
                         elif behaviour == "goaway_processed":
