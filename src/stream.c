@@ -682,8 +682,11 @@ void sg_stream_on_client_close(sg_stream *s, uint32_t error_code) {
 
 /* ---- upstream leg ------------------------------------------------------- */
 
+/* content-length goes too: HTTP/2 frames the body anyway, and a call the
+ * proxy ends early (late trailers) would contradict it. */
 static bool response_header_forwarded(const uint8_t *name, size_t len) {
-  return !sg_header_is_hop_by_hop(name, len) && !SG_HEADER_IS(name, len, "te");
+  return !sg_header_is_hop_by_hop(name, len) && !SG_HEADER_IS(name, len, "te") &&
+         !SG_HEADER_IS(name, len, "content-length");
 }
 
 /* |own| non-NULL: the list goes upstream (request trailers), so identity
