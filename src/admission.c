@@ -135,6 +135,8 @@ static bool authenticate(sg_stream *s) {
     s->identity = strdup("anonymous");
     s->authenticated = s->identity != NULL;
     s->auth_method = "none";
+    if (!s->authenticated)
+      sg_stream_fail(s, SG_GRPC_RESOURCE_EXHAUSTED, "sparkgate: out of memory");
     return s->authenticated;
   }
   const sg_header *authz = NULL;

@@ -10,6 +10,7 @@
 
 #include <arpa/inet.h>
 
+#include "sparkgate/jsonload.h"
 #include "sparkgate/jwt.h"
 #include "sparkgate/tls.h"
 
@@ -63,198 +64,38 @@ void sg_config_errors_clear(sg_config_errors *errs) {
 /* ---- loading context ---------------------------------------------------- */
 
 typedef struct loader {
-  const char *file;
+  sg_jsonload j;    /* counts every problem, stored or not */
+  const char *file; /* named by each message */
   sg_config *cfg;
   sg_config_errors *errs;
-  size_t errors_at_start;
 } loader;
 
-#define LOAD_ERR(ld, path, ...) load_error((ld), (path), __VA_ARGS__)
+#define LOAD_ERR(ld, path, ...) sg_jsonload_error(&(ld)->j, (path), __VA_ARGS__)
 
-__attribute__((format(printf, 3, 4))) static void
-load_error(loader *ld, const char *path, const char *fmt, ...) {
-  char what[512];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(what, sizeof what, fmt, ap);
-  va_end(ap);
-  sg_config_errors_add(ld->errs, "%s: %s: %s", ld->file, path, what);
-}
-
-static char *xstrdup(const char *s) {
-  char *d = strdup(s);
-  if (d == NULL)
-    abort(); /* a config that cannot be copied cannot be served either */
-  return d;
-}
-
-static const char *json_type_name(const json_t *v) {
-  switch (json_typeof(v)) {
-  case JSON_OBJECT: return "an object";
-  case JSON_ARRAY: return "an array";
-  case JSON_STRING: return "a string";
-  case JSON_INTEGER: return "an integer";
-  case JSON_REAL: return "a number with a fraction";
-  case JSON_TRUE:
-  case JSON_FALSE: return "a boolean";
-  case JSON_NULL: return "null";
-  }
-  return "?";
-}
-
-/* Every key the loader does not know is an error: a typo such as
- * "client_certificate" for "client_certificates" must not silently turn a
- * security feature off. */
-static void check_keys(loader *ld, json_t *obj, const char *path,
-                       const char *const *known) {
-  const char *key;
-  json_t *value;
-  json_object_foreach(obj, key, value) {
-    bool found = false;
-    for (size_t i = 0; known[i] != NULL; i++) {
-      if (strcmp(known[i], key) == 0) {
-        found = true;
-        break;
-      }
-    }
-    if (!found) {
-      if (path[0] == '\0')
-        LOAD_ERR(ld, key, "unknown key (check the spelling against docs/configuration.md)");
-      else {
-        char full[256];
-        snprintf(full, sizeof full, "%s.%s", path, key);
-        LOAD_ERR(ld, full, "unknown key (check the spelling against docs/configuration.md)");
-      }
-    }
-  }
-}
-
-static void key_path(char *out, size_t outlen, const char *path,
-                     const char *key) {
-  if (path[0] == '\0')
-    snprintf(out, outlen, "%s", key);
+static void add_error(loader *ld, const char *json_path, const char *msg) {
+  if (json_path == NULL || json_path[0] == '\0')
+    sg_config_errors_add(ld->errs, "%s: %s", ld->file, msg);
   else
-    snprintf(out, outlen, "%s.%s", path, key);
+    sg_config_errors_add(ld->errs, "%s: %s: %s", ld->file, json_path, msg);
 }
 
-/* Returns the string or NULL (absent, or wrong type: then an error is added
- * when |required| or when present with a wrong type). */
-static const char *get_string(loader *ld, json_t *obj, const char *path,
-                              const char *key, bool required) {
-  char kp[256];
-  key_path(kp, sizeof kp, path, key);
-  json_t *v = json_object_get(obj, key);
-  if (v == NULL) {
-    if (required)
-      LOAD_ERR(ld, kp, "missing (a string is required)");
-    return NULL;
-  }
-  if (!json_is_string(v)) {
-    LOAD_ERR(ld, kp, "must be a string, not %s", json_type_name(v));
-    return NULL;
-  }
-  if (json_string_length(v) == 0 || strlen(json_string_value(v)) != json_string_length(v)) {
-    LOAD_ERR(ld, kp, "must be a non-empty string without NUL bytes");
-    return NULL;
-  }
-  return json_string_value(v);
+/* The sg_jsonload report function: it already counted the problem. */
+static void report_counted(void *ctx, const char *json_path, const char *msg) {
+  add_error(ctx, json_path, msg);
 }
 
-static uint32_t get_uint(loader *ld, json_t *obj, const char *path,
-                         const char *key, uint32_t min, uint32_t max,
-                         uint32_t dflt) {
-  char kp[256];
-  key_path(kp, sizeof kp, path, key);
-  json_t *v = json_object_get(obj, key);
-  if (v == NULL)
-    return dflt;
-  if (!json_is_integer(v)) {
-    LOAD_ERR(ld, kp, "must be an integer, not %s", json_type_name(v));
-    return dflt;
-  }
-  json_int_t n = json_integer_value(v);
-  if (n < (json_int_t)min || n > (json_int_t)max) {
-    LOAD_ERR(ld, kp, "%lld is out of range (%u to %u)", (long long)n, min, max);
-    return dflt;
-  }
-  return (uint32_t)n;
+/* For the section parsers of other modules, which count on their own. */
+static void report_error(void *ctx, const char *json_path, const char *msg) {
+  loader *ld = ctx;
+  ld->j.errors++;
+  add_error(ld, json_path, msg);
 }
 
-static bool get_bool(loader *ld, json_t *obj, const char *path,
-                     const char *key, bool dflt) {
-  char kp[256];
-  key_path(kp, sizeof kp, path, key);
-  json_t *v = json_object_get(obj, key);
-  if (v == NULL)
-    return dflt;
-  if (!json_is_boolean(v)) {
-    LOAD_ERR(ld, kp, "must be true or false, not %s", json_type_name(v));
-    return dflt;
-  }
-  return json_is_true(v);
-}
-
-static json_t *get_object(loader *ld, json_t *obj, const char *path,
-                          const char *key) {
-  char kp[256];
-  key_path(kp, sizeof kp, path, key);
-  json_t *v = json_object_get(obj, key);
-  if (v == NULL)
-    return NULL;
-  if (!json_is_object(v)) {
-    LOAD_ERR(ld, kp, "must be an object, not %s", json_type_name(v));
-    return NULL;
-  }
-  return v;
-}
-
-static json_t *get_array(loader *ld, json_t *obj, const char *path,
-                         const char *key, bool required) {
-  char kp[256];
-  key_path(kp, sizeof kp, path, key);
-  json_t *v = json_object_get(obj, key);
-  if (v == NULL) {
-    if (required)
-      LOAD_ERR(ld, kp, "missing (an array is required)");
-    return NULL;
-  }
-  if (!json_is_array(v)) {
-    LOAD_ERR(ld, kp, "must be an array, not %s", json_type_name(v));
-    return NULL;
-  }
-  return v;
-}
-
-/* Resolves |name| against the config file's directory. */
-static char *resolve_path(const sg_config *cfg, const char *name) {
-  if (name[0] == '/' || cfg->base_dir == NULL)
-    return xstrdup(name);
-  char *out = NULL;
-  if (asprintf(&out, "%s/%s", cfg->base_dir, name) < 0)
-    abort();
-  return out;
-}
-
-/* A file named in the config must be readable now: finding out on the first
- * connection is too late. Returns the resolved name either way. */
-static char *readable_file(loader *ld, const char *kp, const char *name) {
-  char *resolved = resolve_path(ld->cfg, name);
-  FILE *f = fopen(resolved, "rb");
-  if (f == NULL)
-    LOAD_ERR(ld, kp, "cannot read '%s': %s", resolved, strerror(errno));
-  else
-    fclose(f);
-  return resolved;
-}
-
-static char *get_file(loader *ld, json_t *obj, const char *path,
-                      const char *key, bool required) {
-  const char *name = get_string(ld, obj, path, key, required);
-  if (name == NULL)
-    return NULL;
-  char kp[256];
-  key_path(kp, sizeof kp, path, key);
-  return readable_file(ld, kp, name);
+/* Every number in the main file fits 32 bits (milliseconds, counts, bytes). */
+static uint32_t get_u32(loader *ld, const json_t *obj, const char *path,
+                        const char *key, uint32_t min, uint32_t max,
+                        uint32_t dflt) {
+  return (uint32_t)sg_jsonload_uint(&ld->j, obj, path, key, min, max, dflt);
 }
 
 static bool is_numeric_address(const char *addr) {
@@ -264,16 +105,10 @@ static bool is_numeric_address(const char *addr) {
 
 /* ---- sections ----------------------------------------------------------- */
 
-static void report_identity_error(void *ctx, const char *json_path,
-                                  const char *msg) {
-  loader *ld = ctx;
-  sg_config_errors_add(ld->errs, "%s: %s: %s", ld->file, json_path, msg);
-}
-
 static void load_listener_auth(loader *ld, json_t *obj, const char *path,
                                sg_listener_config *l) {
   char apath[256];
-  key_path(apath, sizeof apath, path, "auth");
+  sg_jsonload_key_path(apath, sizeof apath, path, "auth");
   json_t *auth = json_object_get(obj, "auth");
   if (json_is_string(auth) && strcmp(json_string_value(auth), "none") == 0) {
     l->auth_none = true;
@@ -286,7 +121,7 @@ static void load_listener_auth(loader *ld, json_t *obj, const char *path,
     sg_listener_auth_default(&l->auth);
     return;
   }
-  sg_listener_auth_parse(auth, apath, &l->auth, report_identity_error, ld);
+  sg_listener_auth_parse(auth, apath, &l->auth, report_error, ld);
 }
 
 /* Checks that need the whole file: a listener may only ask for a method
@@ -322,34 +157,34 @@ static void load_listener(loader *ld, json_t *obj, const char *path,
                                      "insecure", "auth", NULL};
   static const char *const tls_keys[] = {"cert", "key", "client_certificates",
                                          "client_ca", "crl", NULL};
-  check_keys(ld, obj, path, keys);
+  sg_jsonload_check_keys(&ld->j, obj, path, keys);
 
-  const char *name = get_string(ld, obj, path, "name", false);
-  if (name != NULL) {
-    l->name = xstrdup(name);
-  } else if (asprintf(&l->name, "listener-%zu", index) < 0) {
-    abort();
-  }
-
-  const char *addr = get_string(ld, obj, path, "address", false);
-  l->address = xstrdup(addr != NULL ? addr : "127.0.0.1");
-  if (!is_numeric_address(l->address)) {
-    char kp[256];
-    key_path(kp, sizeof kp, path, "address");
-    LOAD_ERR(ld, kp, "'%s' is not a numeric IPv4 or IPv6 address", l->address);
-  }
+  const char *name = sg_jsonload_string(&ld->j, obj, path, "name", false);
   char kp[256];
-  key_path(kp, sizeof kp, path, "port");
+  sg_jsonload_key_path(kp, sizeof kp, path, "name");
+  if (name != NULL) {
+    l->name = sg_jsonload_strdup(&ld->j, kp, name);
+  } else if (asprintf(&l->name, "listener-%zu", index) < 0) {
+    l->name = NULL;
+    sg_jsonload_oom(&ld->j, kp);
+  }
+
+  const char *addr = sg_jsonload_string(&ld->j, obj, path, "address", false);
+  sg_jsonload_key_path(kp, sizeof kp, path, "address");
+  l->address = sg_jsonload_strdup(&ld->j, kp, addr != NULL ? addr : "127.0.0.1");
+  if (l->address != NULL && !is_numeric_address(l->address))
+    LOAD_ERR(ld, kp, "'%s' is not a numeric IPv4 or IPv6 address", l->address);
+  sg_jsonload_key_path(kp, sizeof kp, path, "port");
   if (json_object_get(obj, "port") == NULL)
     LOAD_ERR(ld, kp, "missing (an integer from 0 to 65535 is required)");
-  l->port = (uint16_t)get_uint(ld, obj, path, "port", 0, 65535, 0);
+  l->port = (uint16_t)sg_jsonload_uint(&ld->j, obj, path, "port", 0, 65535, 0);
 
-  l->insecure = get_bool(ld, obj, path, "insecure", false);
+  l->insecure = sg_jsonload_bool(&ld->j, obj, path, "insecure", false);
   load_listener_auth(ld, obj, path, l);
-  json_t *tls = get_object(ld, obj, path, "tls");
+  json_t *tls = sg_jsonload_object(&ld->j, obj, path, "tls", false);
   if (tls == NULL) {
     if (!l->insecure && json_object_get(obj, "tls") == NULL) {
-      key_path(kp, sizeof kp, path, "tls");
+      sg_jsonload_key_path(kp, sizeof kp, path, "tls");
       LOAD_ERR(ld, kp,
                "missing: a listener needs TLS (cert and key), or \"insecure\": "
                "true for a cleartext h2c listener (local development only)");
@@ -357,16 +192,17 @@ static void load_listener(loader *ld, json_t *obj, const char *path,
     return;
   }
   if (l->insecure) {
-    key_path(kp, sizeof kp, path, "insecure");
+    sg_jsonload_key_path(kp, sizeof kp, path, "insecure");
     LOAD_ERR(ld, kp, "cannot be true together with \"tls\": choose one");
   }
   char tpath[256];
-  key_path(tpath, sizeof tpath, path, "tls");
-  check_keys(ld, tls, tpath, tls_keys);
-  l->tls_cert_file = get_file(ld, tls, tpath, "cert", true);
-  l->tls_key_file = get_file(ld, tls, tpath, "key", true);
+  sg_jsonload_key_path(tpath, sizeof tpath, path, "tls");
+  sg_jsonload_check_keys(&ld->j, tls, tpath, tls_keys);
+  l->tls_cert_file = sg_jsonload_file(&ld->j, tls, tpath, "cert", true);
+  l->tls_key_file = sg_jsonload_file(&ld->j, tls, tpath, "key", true);
 
-  const char *mode = get_string(ld, tls, tpath, "client_certificates", false);
+  const char *mode =
+      sg_jsonload_string(&ld->j, tls, tpath, "client_certificates", false);
   l->client_cert_mode = SG_CLIENT_CERT_NONE;
   if (mode != NULL) {
     if (strcmp(mode, "none") == 0)
@@ -376,18 +212,22 @@ static void load_listener(loader *ld, json_t *obj, const char *path,
     else if (strcmp(mode, "required") == 0)
       l->client_cert_mode = SG_CLIENT_CERT_REQUIRED;
     else {
-      key_path(kp, sizeof kp, tpath, "client_certificates");
+      sg_jsonload_key_path(kp, sizeof kp, tpath, "client_certificates");
       LOAD_ERR(ld, kp, "'%s' is not one of none, optional, required", mode);
     }
   }
-  l->client_ca_file = get_file(ld, tls, tpath, "client_ca",
-                               l->client_cert_mode != SG_CLIENT_CERT_NONE);
-  json_t *crls = get_array(ld, tls, tpath, "crl", false);
+  l->client_ca_file = sg_jsonload_file(&ld->j, tls, tpath, "client_ca",
+                                       l->client_cert_mode != SG_CLIENT_CERT_NONE);
+  json_t *crls = sg_jsonload_array(&ld->j, tls, tpath, "crl", false);
   if (crls != NULL) {
-    l->n_crl_files = json_array_size(crls);
-    l->crl_files = calloc(l->n_crl_files ? l->n_crl_files : 1, sizeof(char *));
-    if (l->crl_files == NULL)
-      abort();
+    size_t n = json_array_size(crls);
+    l->crl_files = calloc(n ? n : 1, sizeof(char *));
+    if (l->crl_files == NULL) {
+      sg_jsonload_key_path(kp, sizeof kp, tpath, "crl");
+      sg_jsonload_oom(&ld->j, kp);
+    } else {
+      l->n_crl_files = n;
+    }
     for (size_t i = 0; i < l->n_crl_files; i++) {
       char cpath[256];
       snprintf(cpath, sizeof cpath, "%s.crl[%zu]", tpath, i);
@@ -396,14 +236,14 @@ static void load_listener(loader *ld, json_t *obj, const char *path,
         LOAD_ERR(ld, cpath, "must be a file name string");
         continue;
       }
-      l->crl_files[i] = readable_file(ld, cpath, json_string_value(item));
+      l->crl_files[i] =
+          sg_jsonload_readable(&ld->j, cpath, json_string_value(item));
     }
   }
 
   /* Build the TLS context once now so that a key that does not match its
    * certificate, or an unparsable CA, fails at load and not at accept. */
-  if (l->tls_cert_file != NULL && l->tls_key_file != NULL &&
-      ld->errs->count == ld->errors_at_start) {
+  if (l->tls_cert_file != NULL && l->tls_key_file != NULL && ld->j.errors == 0) {
     char err[512];
     SSL_CTX *ctx = sg_tls_server_ctx_new(l, err, sizeof err);
     if (ctx == NULL)
@@ -413,20 +253,12 @@ static void load_listener(loader *ld, json_t *obj, const char *path,
   }
 }
 
-static void report_route_error(void *ctx, const char *json_path,
-                               const char *msg) {
-  loader *ld = ctx;
-  if (json_path == NULL || json_path[0] == '\0')
-    sg_config_errors_add(ld->errs, "%s: %s", ld->file, msg);
-  else
-    sg_config_errors_add(ld->errs, "%s: %s: %s", ld->file, json_path, msg);
-}
-
 /* Tenants come from a separate routing table file, or inline from the
  * main file; the same loader validates both. */
 static void load_routes(loader *ld, json_t *root) {
   sg_config *cfg = ld->cfg;
-  const char *table = get_string(ld, root, "", "routing_table", false);
+  const char *table =
+      sg_jsonload_string(&ld->j, root, "", "routing_table", false);
   json_t *tenants = json_object_get(root, "tenants");
   json_t *selectors = json_object_get(root, "tenant_selectors");
   if (table != NULL && (tenants != NULL || selectors != NULL)) {
@@ -437,14 +269,18 @@ static void load_routes(loader *ld, json_t *root) {
   }
   if (table != NULL) {
     /* Problems inside the table name the table file, not this one. */
-    char *table_path = resolve_path(cfg, table);
-    loader table_ld = *ld;
-    table_ld.file = table_path;
-    size_t before = ld->errs->count;
-    cfg->routes = sg_route_table_load(table, cfg->base_dir, report_route_error,
-                                      &table_ld);
+    char *table_path = sg_jsonload_resolve(cfg->base_dir, table);
+    if (table_path == NULL) {
+      sg_jsonload_oom(&ld->j, "routing_table");
+      return;
+    }
+    const char *main_file = ld->file;
+    ld->file = table_path;
+    size_t before = ld->j.errors;
+    cfg->routes = sg_route_table_load(table, cfg->base_dir, report_error, ld);
+    ld->file = main_file;
     free(table_path);
-    if (cfg->routes == NULL && ld->errs->count == before)
+    if (cfg->routes == NULL && ld->j.errors == before)
       LOAD_ERR(ld, "routing_table", "cannot load '%s'", table);
   } else if (tenants == NULL) {
     LOAD_ERR(ld, "tenants", "missing: give \"tenants\" (an array) or "
@@ -452,14 +288,19 @@ static void load_routes(loader *ld, json_t *root) {
     return;
   } else {
     json_t *inline_table = json_object();
-    json_object_set(inline_table, "tenants", tenants);
-    if (selectors != NULL)
-      json_object_set(inline_table, "tenant_selectors", selectors);
-    size_t before = ld->errs->count;
+    if (inline_table == NULL ||
+        json_object_set(inline_table, "tenants", tenants) != 0 ||
+        (selectors != NULL &&
+         json_object_set(inline_table, "tenant_selectors", selectors) != 0)) {
+      json_decref(inline_table);
+      sg_jsonload_oom(&ld->j, "tenants");
+      return;
+    }
+    size_t before = ld->j.errors;
     cfg->routes = sg_route_table_from_json(inline_table, cfg->base_dir,
-                                           report_route_error, ld);
+                                           report_error, ld);
     json_decref(inline_table);
-    if (cfg->routes == NULL && ld->errs->count == before)
+    if (cfg->routes == NULL && ld->j.errors == before)
       LOAD_ERR(ld, "tenants", "invalid");
   }
   if (cfg->routes != NULL) {
@@ -469,8 +310,7 @@ static void load_routes(loader *ld, json_t *root) {
 }
 
 static void report_jwt_error(void *ctx, const char *msg) {
-  loader *ld = ctx;
-  sg_config_errors_add(ld->errs, "%s: %s", ld->file, msg);
+  report_error(ctx, NULL, msg);
 }
 
 static void load_auth(loader *ld, json_t *root) {
@@ -478,25 +318,24 @@ static void load_auth(loader *ld, json_t *root) {
                                      "token_cache_entries",
                                      "token_cache_max_ttl_s", NULL};
   sg_config *cfg = ld->cfg;
-  json_t *empty = json_object();
-  json_t *auth = get_object(ld, root, "", "auth");
-  if (auth == NULL)
-    auth = empty;
-  check_keys(ld, auth, "auth", keys);
-  uint32_t max_token = get_uint(ld, auth, "auth", "max_token_bytes", 256,
-                                1u << 20, SG_JWT_DEFAULT_MAX_TOKEN_BYTES);
-  cfg->token_cache_entries = get_uint(ld, auth, "auth", "token_cache_entries",
-                                      0, 10000000, 10000);
-  cfg->token_cache_max_ttl_s = get_uint(ld, auth, "auth", "token_cache_max_ttl_s",
-                                        1, 86400, 300);
-  json_t *providers = get_array(ld, auth, "auth", "jwt_providers", false);
+  /* Absent (NULL) reads as an empty object. */
+  json_t *auth = sg_jsonload_object(&ld->j, root, "", "auth", false);
+  sg_jsonload_check_keys(&ld->j, auth, "auth", keys);
+  uint32_t max_token =
+      sg_jsonload_uint(&ld->j, auth, "auth", "max_token_bytes", 256, 1u << 20,
+                       SG_JWT_DEFAULT_MAX_TOKEN_BYTES);
+  cfg->token_cache_entries = sg_jsonload_uint(
+      &ld->j, auth, "auth", "token_cache_entries", 0, 10000000, 10000);
+  cfg->token_cache_max_ttl_s = sg_jsonload_uint(
+      &ld->j, auth, "auth", "token_cache_max_ttl_s", 1, 86400, 300);
+  json_t *providers =
+      sg_jsonload_array(&ld->j, auth, "auth", "jwt_providers", false);
   if (providers != NULL && json_array_size(providers) > 0) {
     sg_jwt_options opts = {.max_token_bytes = max_token};
     if (sg_jwt_providers_load(providers, cfg->base_dir, "auth.jwt_providers",
                               &opts, &cfg->jwt, report_jwt_error, ld) != 0)
       cfg->jwt = NULL;
   }
-  json_decref(empty);
 }
 
 static void load_root(loader *ld, json_t *root) {
@@ -513,121 +352,118 @@ static void load_root(loader *ld, json_t *root) {
   static const char *const upstream_keys[] = {"connect_timeout_ms",
                                                "idle_timeout_ms", NULL};
   sg_config *cfg = ld->cfg;
-  check_keys(ld, root, "", keys);
+  sg_jsonload_check_keys(&ld->j, root, "", keys);
 
-  cfg->workers = get_uint(ld, root, "", "workers", 0, 256, 0);
+  cfg->workers = get_u32(ld, root, "", "workers", 0, 256, 0);
   if (cfg->workers == 0) {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     cfg->workers = n > 0 ? (unsigned)n : 1;
   }
   cfg->log_level = SG_LOG_INFO;
-  const char *level = get_string(ld, root, "", "log_level", false);
+  const char *level = sg_jsonload_string(&ld->j, root, "", "log_level", false);
   if (level != NULL && sg_log_level_parse(level, &cfg->log_level) != 0)
     LOAD_ERR(ld, "log_level", "'%s' is not one of debug, info, warn, error", level);
 
-  cfg->drain_timeout_ms = get_uint(ld, root, "", "drain_timeout_ms", 0,
-                                   3600000, SG_DEFAULT_DRAIN_TIMEOUT_MS);
-  cfg->idle_timeout_ms = get_uint(ld, root, "", "idle_timeout_ms", 1000,
-                                  86400000, SG_DEFAULT_IDLE_TIMEOUT_MS);
-  cfg->max_grpc_timeout_ms = get_uint(ld, root, "", "max_grpc_timeout_ms", 1,
-                                      0xffffffffu, SG_DEFAULT_MAX_GRPC_TIMEOUT_MS);
-  cfg->write_stall_timeout_ms = get_uint(ld, root, "", "write_stall_timeout_ms",
-                                         100, 3600000, SG_DEFAULT_WRITE_STALL_TIMEOUT_MS);
-  cfg->stream_idle_timeout_ms = get_uint(ld, root, "", "stream_idle_timeout_ms",
-                                         1000, 0xffffffffu,
-                                         SG_DEFAULT_STREAM_IDLE_TIMEOUT_MS);
-  cfg->max_connections = get_uint(ld, root, "", "max_connections", 0, 10000000,
-                                  SG_DEFAULT_MAX_CONNECTIONS);
+  cfg->drain_timeout_ms = get_u32(ld, root, "", "drain_timeout_ms", 0, 3600000,
+                                  SG_DEFAULT_DRAIN_TIMEOUT_MS);
+  cfg->idle_timeout_ms = get_u32(ld, root, "", "idle_timeout_ms", 1000, 86400000,
+                                 SG_DEFAULT_IDLE_TIMEOUT_MS);
+  cfg->max_grpc_timeout_ms = get_u32(ld, root, "", "max_grpc_timeout_ms", 1,
+                                     0xffffffffu, SG_DEFAULT_MAX_GRPC_TIMEOUT_MS);
+  cfg->write_stall_timeout_ms =
+      get_u32(ld, root, "", "write_stall_timeout_ms", 100, 3600000,
+              SG_DEFAULT_WRITE_STALL_TIMEOUT_MS);
+  cfg->stream_idle_timeout_ms =
+      get_u32(ld, root, "", "stream_idle_timeout_ms", 1000, 0xffffffffu,
+              SG_DEFAULT_STREAM_IDLE_TIMEOUT_MS);
+  cfg->max_connections = get_u32(ld, root, "", "max_connections", 0, 10000000,
+                                 SG_DEFAULT_MAX_CONNECTIONS);
   cfg->max_connections_per_client =
-      get_uint(ld, root, "", "max_connections_per_client", 0, 10000000, 0);
+      get_u32(ld, root, "", "max_connections_per_client", 0, 10000000, 0);
   cfg->tls_handshake_timeout_ms =
-      get_uint(ld, root, "", "tls_handshake_timeout_ms", 100, 600000,
-               SG_DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS);
+      get_u32(ld, root, "", "tls_handshake_timeout_ms", 100, 600000,
+              SG_DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS);
 
-  json_t *http2 = get_object(ld, root, "", "http2");
-  json_t *empty = json_object();
-  if (http2 == NULL)
-    http2 = empty;
-  check_keys(ld, http2, "http2", http2_keys);
+  /* An absent section (NULL) reads as an empty object. */
+  json_t *http2 = sg_jsonload_object(&ld->j, root, "", "http2", false);
+  sg_jsonload_check_keys(&ld->j, http2, "http2", http2_keys);
   cfg->max_concurrent_streams =
-      get_uint(ld, http2, "http2", "max_concurrent_streams", 1, 10000,
-               SG_DEFAULT_MAX_CONCURRENT_STREAMS);
+      get_u32(ld, http2, "http2", "max_concurrent_streams", 1, 10000,
+              SG_DEFAULT_MAX_CONCURRENT_STREAMS);
   cfg->stream_window_bytes =
-      get_uint(ld, http2, "http2", "stream_window_bytes", 65535,
-               SG_MAX_WINDOW_BYTES, SG_DEFAULT_STREAM_WINDOW_BYTES);
+      get_u32(ld, http2, "http2", "stream_window_bytes", 65535,
+              SG_MAX_WINDOW_BYTES, SG_DEFAULT_STREAM_WINDOW_BYTES);
   cfg->connection_window_bytes =
-      get_uint(ld, http2, "http2", "connection_window_bytes", 65535,
-               SG_MAX_WINDOW_BYTES, SG_DEFAULT_CONNECTION_WINDOW_BYTES);
+      get_u32(ld, http2, "http2", "connection_window_bytes", 65535,
+              SG_MAX_WINDOW_BYTES, SG_DEFAULT_CONNECTION_WINDOW_BYTES);
   cfg->max_header_list_bytes =
-      get_uint(ld, http2, "http2", "max_header_list_bytes", 1024, 1u << 20,
-               SG_DEFAULT_MAX_HEADER_LIST_BYTES);
+      get_u32(ld, http2, "http2", "max_header_list_bytes", 1024, 1u << 20,
+              SG_DEFAULT_MAX_HEADER_LIST_BYTES);
 
-  json_t *upstream = get_object(ld, root, "", "upstream");
-  if (upstream == NULL)
-    upstream = empty;
-  check_keys(ld, upstream, "upstream", upstream_keys);
+  json_t *upstream = sg_jsonload_object(&ld->j, root, "", "upstream", false);
+  sg_jsonload_check_keys(&ld->j, upstream, "upstream", upstream_keys);
   cfg->upstream_connect_timeout_ms =
-      get_uint(ld, upstream, "upstream", "connect_timeout_ms", 10, 600000,
-               SG_DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS);
+      get_u32(ld, upstream, "upstream", "connect_timeout_ms", 10, 600000,
+              SG_DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS);
   cfg->upstream_idle_timeout_ms =
-      get_uint(ld, upstream, "upstream", "idle_timeout_ms", 100, 86400000,
-               SG_DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS);
-  json_decref(empty);
+      get_u32(ld, upstream, "upstream", "idle_timeout_ms", 100, 86400000,
+              SG_DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS);
 
-  json_t *prefixes = get_array(ld, root, "", "allowed_path_prefixes", false);
-  if (prefixes != NULL) {
-    cfg->n_allowed_path_prefixes = json_array_size(prefixes);
-    cfg->allowed_path_prefixes =
-        calloc(cfg->n_allowed_path_prefixes + 1, sizeof(char *));
-    if (cfg->allowed_path_prefixes == NULL)
-      abort();
-    for (size_t i = 0; i < cfg->n_allowed_path_prefixes; i++) {
+  json_t *prefixes =
+      sg_jsonload_array(&ld->j, root, "", "allowed_path_prefixes", false);
+  size_t n_prefixes = prefixes != NULL ? json_array_size(prefixes) : 1;
+  cfg->allowed_path_prefixes = calloc(n_prefixes + 1, sizeof(char *));
+  if (cfg->allowed_path_prefixes == NULL) {
+    sg_jsonload_oom(&ld->j, "allowed_path_prefixes");
+  } else if (prefixes == NULL) {
+    cfg->n_allowed_path_prefixes = 1;
+    cfg->allowed_path_prefixes[0] = sg_jsonload_strdup(
+        &ld->j, "allowed_path_prefixes", SG_DEFAULT_PATH_PREFIX);
+  } else {
+    cfg->n_allowed_path_prefixes = n_prefixes;
+    for (size_t i = 0; i < n_prefixes; i++) {
       json_t *p = json_array_get(prefixes, i);
       char ppath[64];
       snprintf(ppath, sizeof ppath, "allowed_path_prefixes[%zu]", i);
       if (!json_is_string(p) || json_string_value(p)[0] != '/') {
         LOAD_ERR(ld, ppath, "must be a string starting with '/'");
-        cfg->allowed_path_prefixes[i] = xstrdup("/");
         continue;
       }
-      cfg->allowed_path_prefixes[i] = xstrdup(json_string_value(p));
+      cfg->allowed_path_prefixes[i] =
+          sg_jsonload_strdup(&ld->j, ppath, json_string_value(p));
     }
-  } else {
-    cfg->n_allowed_path_prefixes = 1;
-    cfg->allowed_path_prefixes = calloc(2, sizeof(char *));
-    if (cfg->allowed_path_prefixes == NULL)
-      abort();
-    cfg->allowed_path_prefixes[0] = xstrdup(SG_DEFAULT_PATH_PREFIX);
   }
 
-  json_t *listeners = get_array(ld, root, "", "listeners", true);
+  json_t *listeners = sg_jsonload_array(&ld->j, root, "", "listeners", true);
   if (listeners != NULL) {
-    cfg->n_listeners = json_array_size(listeners);
-    if (cfg->n_listeners == 0)
+    size_t n = json_array_size(listeners);
+    if (n == 0)
       LOAD_ERR(ld, "listeners", "needs at least one listener");
-    cfg->listeners = calloc(cfg->n_listeners + 1, sizeof *cfg->listeners);
-    if (cfg->listeners == NULL)
-      abort();
+    cfg->listeners = calloc(n + 1, sizeof *cfg->listeners);
+    if (cfg->listeners == NULL) {
+      sg_jsonload_oom(&ld->j, "listeners");
+      n = 0;
+    }
+    cfg->n_listeners = n;
     for (size_t i = 0; i < cfg->n_listeners; i++) {
       char lpath[64];
       snprintf(lpath, sizeof lpath, "listeners[%zu]", i);
       json_t *l = json_array_get(listeners, i);
       if (!json_is_object(l)) {
-        LOAD_ERR(ld, lpath, "must be an object, not %s", json_type_name(l));
+        LOAD_ERR(ld, lpath, "must be an object, not %s", sg_jsonload_type_name(l));
         continue;
       }
+      const sg_listener_config *li = &cfg->listeners[i];
       load_listener(ld, l, lpath, &cfg->listeners[i], i);
       for (size_t j = 0; j < i; j++) {
-        if (cfg->listeners[j].name != NULL &&
-            strcmp(cfg->listeners[j].name, cfg->listeners[i].name) == 0)
+        const sg_listener_config *lj = &cfg->listeners[j];
+        if (lj->name != NULL && li->name != NULL && strcmp(lj->name, li->name) == 0)
           LOAD_ERR(ld, lpath, "duplicate listener name '%s' (also listeners[%zu])",
-                   cfg->listeners[i].name, j);
-        else if (cfg->listeners[i].port != 0 &&
-                 cfg->listeners[j].port == cfg->listeners[i].port &&
-                 cfg->listeners[j].address != NULL &&
-                 strcmp(cfg->listeners[j].address, cfg->listeners[i].address) == 0)
+                   li->name, j);
+        else if (li->port != 0 && lj->port == li->port && lj->address != NULL &&
+                 li->address != NULL && strcmp(lj->address, li->address) == 0)
           LOAD_ERR(ld, lpath, "%s:%u is already used by listeners[%zu]",
-                   cfg->listeners[i].address, cfg->listeners[i].port, j);
+                   li->address, li->port, j);
       }
     }
   }
@@ -635,19 +471,19 @@ static void load_root(loader *ld, json_t *root) {
   load_auth(ld, root);
   sg_identity_headers_parse(json_object_get(root, "identity_headers"),
                             "identity_headers", &cfg->identity_headers,
-                            report_identity_error, ld);
+                            report_error, ld);
   check_listener_auth(ld);
 
   load_routes(ld, root);
 
   sg_admin_config_parse(json_object_get(root, "admin"), "admin", &cfg->admin,
-                        report_identity_error, ld);
+                        report_error, ld);
   if (cfg->admin.enabled && cfg->listeners != NULL)
     sg_admin_config_check_listeners(&cfg->admin, cfg->listeners, cfg->n_listeners,
-                                    "admin", report_identity_error, ld);
+                                    "admin", report_error, ld);
   sg_accesslog_config_parse(json_object_get(root, "access_log"), "access_log",
                             cfg->base_dir, &cfg->access_log,
-                            report_identity_error, ld);
+                            report_error, ld);
 }
 
 static void config_free(sg_config *cfg) {
@@ -680,27 +516,37 @@ static void config_free(sg_config *cfg) {
 
 static int load_json(const char *path, json_t *root, sg_config **out,
                      sg_config_errors *errs) {
+  loader ld = {
+      .j = {.report = report_counted, .what = "the configuration"},
+      .file = path,
+      .errs = errs,
+  };
+  ld.j.ctx = &ld;
   sg_config *cfg = calloc(1, sizeof *cfg);
-  if (cfg == NULL)
-    abort();
-  cfg->refcount_ = 1;
-  cfg->path = xstrdup(path);
-  const char *slash = strrchr(path, '/');
-  cfg->base_dir = slash != NULL ? strndup(path, (size_t)(slash - path))
-                                : xstrdup(".");
-  if (slash == path) {
-    free(cfg->base_dir);
-    cfg->base_dir = xstrdup("/");
+  if (cfg == NULL) {
+    sg_jsonload_oom(&ld.j, "");
+    return -1;
   }
+  ld.cfg = cfg;
+  cfg->refcount_ = 1;
+  cfg->path = sg_jsonload_strdup(&ld.j, "", path);
+  const char *slash = strrchr(path, '/');
+  if (slash == NULL)
+    cfg->base_dir = sg_jsonload_strdup(&ld.j, "", ".");
+  else if (slash == path)
+    cfg->base_dir = sg_jsonload_strdup(&ld.j, "", "/");
+  else if ((cfg->base_dir = strndup(path, (size_t)(slash - path))) == NULL)
+    sg_jsonload_oom(&ld.j, "");
+  ld.j.base_dir = cfg->base_dir;
 
-  loader ld = {.file = path, .cfg = cfg, .errs = errs,
-               .errors_at_start = errs->count};
-  if (!json_is_object(root)) {
-    sg_config_errors_add(errs, "%s: the top level must be a JSON object", path);
+  if (ld.j.errors > 0) {
+    /* Nothing to resolve file names against: stop here. */
+  } else if (!json_is_object(root)) {
+    LOAD_ERR(&ld, "", "the top level must be a JSON object");
   } else {
     load_root(&ld, root);
   }
-  if (errs->count > ld.errors_at_start) {
+  if (ld.j.errors > 0) {
     config_free(cfg);
     return -1;
   }
@@ -708,15 +554,23 @@ static int load_json(const char *path, json_t *root, sg_config **out,
   return 0;
 }
 
+static void parse_error(const char *path, const json_error_t *jerr, bool oom,
+                        sg_config_errors *errs) {
+  if (oom)
+    sg_config_errors_add(errs, "%s: out of memory while loading the "
+                         "configuration", path);
+  else
+    sg_config_errors_add(errs, "%s:%d:%d: invalid JSON: %s", path, jerr->line,
+                         jerr->column, jerr->text);
+}
+
 int sg_config_load_string(const char *path, const char *json, sg_config **out,
                           sg_config_errors *errs) {
   json_error_t jerr;
-  /* Duplicate keys are rejected: with "last one wins" a reviewer can read a
-   * setting that is not the one in force. */
-  json_t *root = json_loads(json, JSON_REJECT_DUPLICATES, &jerr);
+  bool oom;
+  json_t *root = sg_jsonload_parse(json, strlen(json), &jerr, &oom);
   if (root == NULL) {
-    sg_config_errors_add(errs, "%s:%d:%d: invalid JSON: %s", path, jerr.line,
-                         jerr.column, jerr.text);
+    parse_error(path, &jerr, oom, errs);
     return -1;
   }
   int rv = load_json(path, root, out, errs);
@@ -728,14 +582,15 @@ int sg_config_load(const char *path, sg_config **out, sg_config_errors *errs) {
   json_error_t jerr;
   FILE *f = fopen(path, "rb");
   if (f == NULL) {
-    sg_config_errors_add(errs, "%s: cannot open: %s", path, strerror(errno));
+    sg_config_errors_add(errs, "%s: cannot open: %s", path,
+                         sg_jsonload_strerror(errno));
     return -1;
   }
-  json_t *root = json_loadf(f, JSON_REJECT_DUPLICATES, &jerr);
+  bool oom;
+  json_t *root = sg_jsonload_parse_file(f, &jerr, &oom);
   fclose(f);
   if (root == NULL) {
-    sg_config_errors_add(errs, "%s:%d:%d: invalid JSON: %s", path, jerr.line,
-                         jerr.column, jerr.text);
+    parse_error(path, &jerr, oom, errs);
     return -1;
   }
   int rv = load_json(path, root, out, errs);

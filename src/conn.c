@@ -722,7 +722,12 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
    * that is tens of thousands of syscalls per second for nothing. */
   bufferevent_set_max_single_read(c->bev, SG_IO_CHUNK_BYTES);
   bufferevent_set_max_single_write(c->bev, SG_IO_CHUNK_BYTES);
-  bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+  if (bufferevent_enable(c->bev, EV_READ | EV_WRITE) != 0) {
+    /* Not polled, the socket would sit until a timeout. */
+    sg_error("conn peer=%s: cannot set up connection (out of memory)", c->peer);
+    conn_free(c);
+    return;
+  }
   if (l->insecure) {
     on_established(c);
   } else {

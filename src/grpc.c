@@ -51,7 +51,13 @@ int sg_grpc_submit_error(nghttp2_session *session, int32_t stream_id,
       MAKE_NV("content-type", "application/grpc", 16),
   };
   status_nv(&f, code, message, nva + 2);
-  return nghttp2_submit_response(session, stream_id, nva, 4, NULL);
+  int rv = nghttp2_submit_response(session, stream_id, nva, 4, NULL);
+  if (rv != 0)
+    /* Out of memory: a reset still ends the call, where nothing would
+     * leave the client waiting. */
+    nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, stream_id,
+                              NGHTTP2_INTERNAL_ERROR);
+  return rv;
 }
 
 int sg_grpc_submit_status_trailers(nghttp2_session *session, int32_t stream_id,

@@ -5,6 +5,7 @@
  * them. */
 #include "sparkgate/jwks.h"
 
+#include "sparkgate/jsonload.h"
 #include "sparkgate/log.h"
 
 #include <errno.h>
@@ -126,6 +127,10 @@ static int read_file(const char *path, size_t max, unsigned char **buf,
   *buf = NULL;
   *len = 0;
   FILE *f = fopen(path, "rb");
+  if (f == NULL && errno == ENOMEM) {
+    snprintf(err, errlen, "out of memory while opening %s", path);
+    return -1;
+  }
   if (f == NULL) {
     snprintf(err, errlen, "cannot open %s: %s; point it at a readable file",
              path, strerror(errno));
@@ -162,8 +167,13 @@ static int read_file(const char *path, size_t max, unsigned char **buf,
         break;
       size_t ncap = cap * 2 > max + 1 ? max + 1 : cap * 2;
       unsigned char *nb = realloc(b, ncap + 1);
-      if (nb == NULL)
-        break;
+      if (nb == NULL) {
+        snprintf(err, errlen, "out of memory reading %s", path);
+        fclose(f);
+        OPENSSL_cleanse(b, n);
+        free(b);
+        return -1;
+      }
       b = nb;
       cap = ncap;
     }
@@ -296,7 +306,22 @@ static EVP_PKEY *pem_to_pkey(const unsigned char *buf, size_t len) {
   return pk;
 }
 
-int sg_jwk_from_pem_file(const char *path, const char *alg, sg_jwk *out,
+/* OpenSSL and allocation failures inside the decoding of a key surface
+ * as odd keys ("not a point on P-256", "RSA key has 0 bits"): malloc's
+ * ENOMEM in errno, cleared at each entry point, tells the truth. */
+static int oom_aware(int rc, const char *path, char *err, size_t errlen) {
+  if (rc != 0 && errno == ENOMEM) {
+    ERR_clear_error();
+    if (path != NULL)
+      snprintf(err, errlen, "out of memory while reading %s", path);
+    else
+      snprintf(err, errlen, "out of memory");
+    return -1;
+  }
+  return rc;
+}
+
+static int from_pem_file(const char *path, const char *alg, sg_jwk *out,
                          char *err, size_t errlen) {
   memset(out, 0, sizeof *out);
   const struct alg_info *ai = alg_lookup(alg);
@@ -343,7 +368,14 @@ int sg_jwk_from_pem_file(const char *path, const char *alg, sg_jwk *out,
   return 0;
 }
 
-int sg_jwk_from_secret_file(const char *path, const char *alg, sg_jwk *out,
+int sg_jwk_from_pem_file(const char *path, const char *alg, sg_jwk *out,
+                         char *err, size_t errlen) {
+  errno = 0;
+  return oom_aware(from_pem_file(path, alg, out, err, errlen), path, err,
+                   errlen);
+}
+
+static int from_secret_file(const char *path, const char *alg, sg_jwk *out,
                             char *err, size_t errlen) {
   memset(out, 0, sizeof *out);
   const struct alg_info *ai = alg_lookup(alg);
@@ -379,6 +411,13 @@ int sg_jwk_from_secret_file(const char *path, const char *alg, sg_jwk *out,
   out->sig_len = ai->hash_len;
   snprintf(out->alg, sizeof out->alg, "%s", ai->name);
   return 0;
+}
+
+int sg_jwk_from_secret_file(const char *path, const char *alg, sg_jwk *out,
+                            char *err, size_t errlen) {
+  errno = 0;
+  return oom_aware(from_secret_file(path, alg, out, err, errlen), path, err,
+                   errlen);
 }
 
 /* ---- JWK ----------------------------------------------------------------- */
@@ -499,7 +538,7 @@ done:
   return pk;
 }
 
-int sg_jwk_from_json(const json_t *jwk, sg_jwk *out, char *err, size_t errlen) {
+static int from_json(const json_t *jwk, sg_jwk *out, char *err, size_t errlen) {
   memset(out, 0, sizeof *out);
   if (!json_is_object(jwk)) {
     snprintf(err, errlen, "must be a JSON object");
@@ -599,6 +638,11 @@ int sg_jwk_from_json(const json_t *jwk, sg_jwk *out, char *err, size_t errlen) {
   return 0;
 }
 
+int sg_jwk_from_json(const json_t *jwk, sg_jwk *out, char *err, size_t errlen) {
+  errno = 0;
+  return oom_aware(from_json(jwk, out, err, errlen), NULL, err, errlen);
+}
+
 /* ---- JWKS file ----------------------------------------------------------- */
 
 static void reportf(sg_jwks_report_fn report, void *ctx, const char *fmt, ...)
@@ -628,9 +672,14 @@ int sg_jwks_load_file(const char *file, const char *path_for_errors,
     return -1;
   }
   json_error_t jerr;
-  json_t *root =
-      json_loadb((const char *)buf, len, JSON_REJECT_DUPLICATES, &jerr);
+  bool oom;
+  json_t *root = sg_jsonload_parse((const char *)buf, len, &jerr, &oom);
   free(buf);
+  if (oom) {
+    reportf(report, report_ctx, "%s: out of memory while loading %s",
+            path_for_errors, file);
+    return -1;
+  }
   if (root == NULL) {
     reportf(report, report_ctx, "%s: %s:%d:%d: %s", path_for_errors, file,
             jerr.line, jerr.column, jerr.text);
@@ -715,13 +764,9 @@ int sg_jwks_parse_fetched(const char *buf, size_t len, unsigned alg_mask,
     *n_ignored = 0;
   if (label == NULL)
     label = "jwks";
-  json_error_t jerr;
-  json_t *root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
-  if (root == NULL) {
-    snprintf(err, errlen, "not valid JSON (line %d, column %d: %s)", jerr.line,
-             jerr.column, jerr.text);
+  json_t *root = sg_jsonload_parse_doc(buf, len, err, errlen);
+  if (root == NULL)
     return -1;
-  }
   const json_t *arr = json_object_get(root, "keys");
   if (!json_is_array(arr)) {
     snprintf(err, errlen, "not a JWKS document (no \"keys\" list)");

@@ -3,10 +3,12 @@
  * for everything but the signature bytes, so we decide everything else. */
 #include "sparkgate/jwt.h"
 
+#include "sparkgate/jsonload.h"
 #include "sparkgate/jwks.h"
 #include "sparkgate/keyfetch.h"
 
 #include <jwt.h>
+#include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -568,65 +570,57 @@ static void jwks_report(void *ctx, const char *msg) {
     L->report(L->ctx, msg);
 }
 
+static void lerr_oom(struct loader *L, const char *path) {
+  lerr(L, "%s: out of memory while loading the JWT providers", path);
+}
+
+static void lerr_oom_at(struct loader *L, const char *path, const char *key) {
+  lerr(L, "%s.%s: out of memory while loading the JWT providers", path, key);
+}
+
 static char *resolve_path(const struct loader *L, const char *name) {
-  if (name[0] == '/' || L->base_dir == NULL || L->base_dir[0] == '\0')
-    return strdup(name);
-  size_t bl = strlen(L->base_dir), nl = strlen(name);
-  char *p = malloc(bl + 1 + nl + 1);
-  if (p == NULL)
-    return NULL;
-  memcpy(p, L->base_dir, bl);
-  size_t o = bl;
-  if (L->base_dir[bl - 1] != '/')
-    p[o++] = '/';
-  memcpy(p + o, name, nl + 1);
-  return p;
+  return sg_jsonload_resolve(L->base_dir, name);
 }
 
 /* Reports keys of `obj` not in `known` (NULL-terminated). */
 static void check_keys(struct loader *L, const char *path, json_t *obj,
                        const char *const *known, const char *known_list) {
+  void *iter = NULL;
   const char *k;
-  json_t *val;
-  json_object_foreach(obj, k, val) {
-    bool ok = false;
-    for (size_t i = 0; known[i] != NULL && !ok; i++)
-      ok = strcmp(k, known[i]) == 0;
-    if (!ok)
-      lerr(L, "%s: unknown key \"%s\"; known keys are %s", path, k, known_list);
-  }
+  while ((k = sg_jsonload_next_unknown_key(obj, known, &iter)) != NULL)
+    lerr(L, "%s: unknown key \"%s\"; known keys are %s", path, k, known_list);
 }
 
 static const char *get_string(struct loader *L, const char *path, json_t *obj,
                               const char *key, bool required) {
   json_t *v = json_object_get(obj, key);
-  if (v == NULL) {
+  switch (sg_jsonload_check_string(v)) {
+  case SG_JSONLOAD_OK:
+    return json_string_value(v);
+  case SG_JSONLOAD_ABSENT:
     if (required)
       lerr(L, "%s.%s: missing; it is required", path, key);
-    return NULL;
-  }
-  if (!json_is_string(v) || json_string_length(v) == 0 ||
-      strlen(json_string_value(v)) != json_string_length(v)) {
+    break;
+  default:
     lerr(L, "%s.%s: must be a non-empty string", path, key);
-    return NULL;
+    break;
   }
-  return json_string_value(v);
+  return NULL;
 }
 
 /* Returns 1 when present and valid, 0 when absent, -1 on error. */
 static int get_int(struct loader *L, const char *path, json_t *obj,
                    const char *key, int64_t min, int64_t max, int64_t *out) {
-  json_t *v = json_object_get(obj, key);
-  if (v == NULL)
+  switch (sg_jsonload_check_int(json_object_get(obj, key), min, max, out)) {
+  case SG_JSONLOAD_OK:
+    return 1;
+  case SG_JSONLOAD_ABSENT:
     return 0;
-  if (!json_is_integer(v) || json_integer_value(v) < min ||
-      json_integer_value(v) > max) {
+  default:
     lerr(L, "%s.%s: must be an integer from %lld to %lld", path, key,
          (long long)min, (long long)max);
     return -1;
   }
-  *out = json_integer_value(v);
-  return 1;
 }
 
 static const char alg_list[] =
@@ -701,7 +695,7 @@ static void load_static_key(struct loader *L, struct provider *p, size_t *cap,
     return;
   char *file = resolve_path(L, fname);
   if (file == NULL) {
-    lerr(L, "%s.%s: out of memory", kpath, fkey);
+    lerr_oom_at(L, kpath, fkey);
     return;
   }
   char err[512];
@@ -715,12 +709,12 @@ static void load_static_key(struct loader *L, struct provider *p, size_t *cap,
   }
   if (kid != NULL && (k.kid = strdup(kid)) == NULL) {
     sg_jwk_clear(&k);
-    lerr(L, "%s: out of memory", kpath);
+    lerr_oom(L, kpath);
     return;
   }
   if (push_key(p, cap, &k) != 0) {
     sg_jwk_clear(&k);
-    lerr(L, "%s: out of memory", kpath);
+    lerr_oom(L, kpath);
   }
 }
 
@@ -736,7 +730,7 @@ static void load_rules(struct loader *L, struct provider *p, const char *path,
   size_t n = json_object_size(rc);
   p->rules = calloc(n ? n : 1, sizeof *p->rules);
   if (p->rules == NULL) {
-    lerr(L, "%s.required_claims: out of memory", path);
+    lerr_oom_at(L, path, "required_claims");
     return;
   }
   const char *name;
@@ -758,7 +752,7 @@ static void load_rules(struct loader *L, struct provider *p, const char *path,
       free(r->values);
       free(r->name);
       memset(r, 0, sizeof *r);
-      lerr(L, "%s.required_claims: out of memory", path);
+      lerr_oom_at(L, path, "required_claims");
       continue;
     }
     p->n_rules++;
@@ -774,9 +768,9 @@ static void load_rules(struct loader *L, struct provider *p, const char *path,
       }
       /* A private copy: the caller's JSON tree may be freed or changed
        * after loading, and the verifier must not share it. */
-      json_t *c = json_deep_copy(e);
+      json_t *c = sg_jsonload_copy(e);
       if (c == NULL) {
-        lerr(L, "%s.required_claims: out of memory", path);
+        lerr_oom_at(L, path, "required_claims");
         continue;
       }
       r->values[r->n_values++] = c;
@@ -855,7 +849,7 @@ static bool load_network(struct loader *L, struct provider *p,
 
   sg_jwt_fetch_config *f = calloc(1, sizeof *f);
   if (f == NULL) {
-    lerr(L, "%s: out of memory", path);
+    lerr_oom(L, path);
     return true;
   }
   p->fetch = f;
@@ -931,7 +925,7 @@ static bool load_network(struct loader *L, struct provider *p,
     free(file);
   }
   if (oom)
-    lerr(L, "%s: out of memory", path);
+    lerr_oom(L, path);
   return true;
 }
 
@@ -1100,7 +1094,7 @@ static void load_provider(struct loader *L, struct provider *p,
          "or \"discovery\"",
          path);
   if (oom)
-    lerr(L, "%s: out of memory", path);
+    lerr_oom(L, path);
   if (L->errors != errors_before || p->name == NULL)
     return;
   /* The keys read so far become the provider's fixed set, or the first
@@ -1110,12 +1104,12 @@ static void load_provider(struct loader *L, struct provider *p,
     p->keys = NULL;
     p->n_keys = 0;
     if (p->fixed == NULL)
-      lerr(L, "%s: out of memory", path);
+      lerr_oom(L, path);
     return;
   }
   p->src = keysource_new(p->name, p->alg_mask, p->fetch->min_refetch_interval_s);
   if (p->src == NULL) {
-    lerr(L, "%s: out of memory", path);
+    lerr_oom(L, path);
     return;
   }
   if (p->n_keys > 0) {
@@ -1123,7 +1117,7 @@ static void load_provider(struct loader *L, struct provider *p,
     p->keys = NULL;
     p->n_keys = 0;
     if (k == NULL)
-      lerr(L, "%s: out of memory", path);
+      lerr_oom(L, path);
     else
       keysource_install(p->src, k);
   }
@@ -1144,7 +1138,7 @@ int sg_jwt_providers_load(json_t *providers, const char *base_dir,
   size_t n = json_array_size(providers);
   if (v == NULL || (v->providers = calloc(n, sizeof *v->providers)) == NULL) {
     free(v);
-    lerr(&L, "%s: out of memory", prefix);
+    lerr_oom(&L, prefix);
     return -1;
   }
   atomic_init(&v->refs, 1);
@@ -1317,17 +1311,21 @@ static int check_claims(const struct provider *p, const json_t *payload,
   return SG_JWT_OK;
 }
 
+/* NULL with *reason SG_JWT_MALFORMED (not a JSON object) or
+ * SG_JWT_INTERNAL (out of memory); *reason is left alone otherwise. */
 static json_t *decode_json_part(const char *b64, size_t len,
-                                unsigned char *buf) {
+                                unsigned char *buf, int *reason) {
   long n = sg_b64url_decode(b64, len, buf);
-  if (n <= 0)
-    return NULL;
-  /* JSON_REJECT_DUPLICATES: with {"sub":"a","sub":"b"} two parsers may
-   * disagree on the value; refusing the token settles it. */
-  json_t *j =
-      json_loadb((const char *)buf, (size_t)n, JSON_REJECT_DUPLICATES, NULL);
-  if (j != NULL && !json_is_object(j)) {
+  /* Duplicate keys are refused: with {"sub":"a","sub":"b"} two parsers
+   * may disagree on the value; refusing the token settles it. And a claim
+   * jansson shortened when memory ran out must never be read. */
+  json_error_t e;
+  bool oom = false;
+  json_t *j = n > 0 ? sg_jsonload_parse((const char *)buf, (size_t)n, &e, &oom)
+                    : NULL;
+  if (j == NULL || !json_is_object(j)) {
     json_decref(j);
+    *reason = oom ? SG_JWT_INTERNAL : SG_JWT_MALFORMED;
     return NULL;
   }
   return j;
@@ -1372,6 +1370,11 @@ static bool libjwt_signature_ok(const sg_jwk *k, const char *token,
   bool ok = rc == 0 && jwt != NULL && (int)jwt_get_alg(jwt) == k->jwt_alg;
   jwt_free(jwt);
   free(copy);
+  /* What OpenSSL queued under libjwt (memory ran out) is nobody's to read:
+   * left on this worker thread, it would be taken for the cause of the
+   * next TLS error reported here. */
+  if (!ok)
+    ERR_clear_error();
   return ok;
 }
 
@@ -1409,11 +1412,12 @@ int sg_jwt_verify(const sg_jwt_verifier *v, const char *token, size_t len,
   keyset *ks = NULL; /* a reference when p->src: released at done */
   uint64_t key_gen = 0;
 
-  header = decode_json_part(token, hlen, buf);
+  header = decode_json_part(token, hlen, buf, &reason);
   if (header == NULL) {
-    reason = SG_JWT_MALFORMED;
-    detail = "header is not canonical base64url of a JSON object without "
-             "duplicate keys";
+    detail = reason == SG_JWT_INTERNAL
+                 ? "out of memory"
+                 : "header is not canonical base64url of a JSON object "
+                   "without duplicate keys";
     goto done;
   }
   const json_t *alg = json_object_get(header, "alg");
@@ -1459,11 +1463,12 @@ int sg_jwt_verify(const sg_jwt_verifier *v, const char *token, size_t len,
     goto done;
   }
 
-  payload = decode_json_part(d1 + 1, plen, buf);
+  payload = decode_json_part(d1 + 1, plen, buf, &reason);
   if (payload == NULL) {
-    reason = SG_JWT_MALFORMED;
-    detail = "payload is not canonical base64url of a JSON object without "
-             "duplicate keys";
+    detail = reason == SG_JWT_INTERNAL
+                 ? "out of memory"
+                 : "payload is not canonical base64url of a JSON object "
+                   "without duplicate keys";
     goto done;
   }
   const json_t *iss = json_object_get(payload, "iss");

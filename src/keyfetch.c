@@ -33,7 +33,9 @@
 #include <openssl/x509_vfy.h>
 
 #include "sg_build_config.h"
+#include "sparkgate/jsonload.h"
 #include "sparkgate/log.h"
+#include "sparkgate/tls.h"
 
 #define MAX_HEADERS_BYTES (64 * 1024)
 #define MAX_BACKOFF_S 300u
@@ -101,7 +103,12 @@ struct sg_keyfetch {
 /* ---- pure helpers ------------------------------------------------------- */
 
 int sg_keyfetch_check_url(const char *url, char *err, size_t errlen) {
+  errno = 0;
   struct evhttp_uri *u = evhttp_uri_parse_with_flags(url, 0);
+  if (u == NULL && errno == ENOMEM) {
+    snprintf(err, errlen, "out of memory while checking \"%s\"", url);
+    return -1;
+  }
   if (u == NULL) {
     snprintf(err, errlen,
              "\"%s\" is not a valid URL; give an absolute https:// URL", url);
@@ -134,21 +141,31 @@ int sg_keyfetch_check_url(const char *url, char *err, size_t errlen) {
 
 struct ssl_ctx_st *sg_keyfetch_tls_ctx_new(const char *ca_file, char *err,
                                            size_t errlen) {
+  errno = 0;
   SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
-  if (ctx == NULL) {
-    snprintf(err, errlen, "cannot create a TLS context");
+  if (ctx == NULL || SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1) {
+    char buf[160];
+    snprintf(err, errlen, "cannot create a TLS context: %s",
+             sg_tls_last_error(buf, sizeof buf));
+    SSL_CTX_free(ctx);
     return NULL;
   }
-  SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
   SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
   int ok = ca_file != NULL ? SSL_CTX_load_verify_locations(ctx, ca_file, NULL)
                            : SSL_CTX_set_default_verify_paths(ctx);
   if (ok != 1) {
-    unsigned long e = ERR_peek_last_error();
+    /* The last error says most about a file; memory may have run out
+     * anywhere (see sg_tls_last_error). */
+    bool oom = errno == ENOMEM;
+    unsigned long last = ERR_peek_last_error(), e;
     char buf[160] = "";
-    if (e != 0)
-      ERR_error_string_n(e, buf, sizeof buf);
-    ERR_clear_error();
+    if (last != 0)
+      ERR_error_string_n(last, buf, sizeof buf);
+    while ((e = ERR_get_error()) != 0)
+      if (ERR_GET_REASON(e) == ERR_R_MALLOC_FAILURE)
+        oom = true;
+    if (oom)
+      snprintf(buf, sizeof buf, "out of memory");
     if (ca_file != NULL)
       snprintf(err, errlen,
                "cannot load CA certificates from %s (%s); give a readable "
@@ -248,13 +265,9 @@ int sg_keyfetch_parse_discovery(const char *body, size_t len,
                                 const char *issuer, char **jwks_uri,
                                 char *err, size_t errlen) {
   *jwks_uri = NULL;
-  json_error_t jerr;
-  json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
-  if (root == NULL) {
-    snprintf(err, errlen, "not valid JSON (line %d, column %d: %s)", jerr.line,
-             jerr.column, jerr.text);
+  json_t *root = sg_jsonload_parse_doc(body, len, err, errlen);
+  if (root == NULL)
     return -1;
-  }
   int rc = -1;
   const json_t *iss = json_object_get(root, "issuer");
   const json_t *uri = json_object_get(root, "jwks_uri");

@@ -2,10 +2,10 @@
 
 #include <ctype.h>
 #include <errno.h>
-#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "sparkgate/jsonload.h"
 #include "sparkgate/tls.h"
 
 /* Sorted (key, tenant) pairs: tenant names and hosts are looked up on every
@@ -155,205 +155,45 @@ static const uint8_t route_hash_key[16] = {0, 1, 2,  3,  4,  5,  6,  7,
 
 /* ---- loading --------------------------------------------------------------*/
 
-typedef struct loader {
-  sg_route_report_fn report;
-  void *ctx;
-  size_t errors;
-  const char *base_dir;
-} loader;
+/* The shared loader (jsonload.h): errors name the JSON path, unknown
+ * keys list the keys of their object and point to docs/routing.md. */
+typedef sg_jsonload loader;
 
-__attribute__((format(printf, 3, 4))) static void
-lerr(loader *ld, const char *path, const char *fmt, ...) {
-  char msg[768];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(msg, sizeof msg, fmt, ap);
-  va_end(ap);
-  ld->errors++;
-  if (ld->report != NULL)
-    ld->report(ld->ctx, path, msg);
-}
+#define lerr(ld, path, ...) sg_jsonload_error((ld), (path), __VA_ARGS__)
 
-static void *xcalloc(size_t n, size_t size) {
-  void *p = calloc(n ? n : 1, size);
-  if (p == NULL)
-    abort(); /* a table that cannot be copied cannot be served either */
-  return p;
-}
-
-static char *xstrdup(const char *s) {
-  char *d = strdup(s);
-  if (d == NULL)
-    abort();
-  return d;
-}
-
-static void kpath(char *out, size_t outlen, const char *path, const char *key) {
-  if (path[0] == '\0')
-    snprintf(out, outlen, "%s", key);
-  else
-    snprintf(out, outlen, "%s.%s", path, key);
-}
-
-static const char *type_name(const json_t *v) {
-  switch (json_typeof(v)) {
-  case JSON_OBJECT: return "an object";
-  case JSON_ARRAY: return "an array";
-  case JSON_STRING: return "a string";
-  case JSON_INTEGER: return "an integer";
-  case JSON_REAL: return "a number with a fraction";
-  case JSON_TRUE:
-  case JSON_FALSE: return "a boolean";
-  case JSON_NULL: return "null";
-  }
-  return "?";
-}
-
-/* An unknown key is an error: a misspelt "identity_prefix" must not quietly
- * leave a tenant admitting no one, or a misspelt limit unenforced. */
-static void check_keys(loader *ld, const json_t *obj, const char *path,
-                       const char *const *known) {
-  const char *key;
-  json_t *value;
-  json_object_foreach((json_t *)obj, key, value) {
-    bool found = false;
-    for (size_t i = 0; known[i] != NULL; i++)
-      if (strcmp(known[i], key) == 0)
-        found = true;
-    if (found)
-      continue;
-    char list[256] = "";
-    size_t used = 0;
-    for (size_t i = 0; known[i] != NULL && used < sizeof list; i++)
-      used += (size_t)snprintf(list + used, sizeof list - used, "%s%s",
-                               i ? ", " : "", known[i]);
-    char kp[256];
-    kpath(kp, sizeof kp, path, key);
-    lerr(ld, kp, "unknown key (the keys here are: %s; see docs/routing.md)", list);
-  }
-}
-
-static bool valid_string(loader *ld, const json_t *v, const char *kp) {
-  if (!json_is_string(v)) {
-    lerr(ld, kp, "must be a string, not %s", type_name(v));
-    return false;
-  }
-  if (json_string_length(v) == 0 ||
-      strlen(json_string_value(v)) != json_string_length(v)) {
-    lerr(ld, kp, "must be a non-empty string without NUL bytes");
-    return false;
-  }
-  return true;
-}
-
-static const char *get_string(loader *ld, const json_t *obj, const char *path,
-                              const char *key, bool required) {
-  char kp[256];
-  kpath(kp, sizeof kp, path, key);
-  json_t *v = json_object_get(obj, key);
-  if (v == NULL) {
-    if (required)
-      lerr(ld, kp, "missing (a string is required)");
-    return NULL;
-  }
-  return valid_string(ld, v, kp) ? json_string_value(v) : NULL;
-}
-
-static uint64_t get_uint(loader *ld, const json_t *obj, const char *path,
-                         const char *key, uint64_t max, uint64_t dflt) {
-  char kp[256];
-  kpath(kp, sizeof kp, path, key);
-  json_t *v = json_object_get(obj, key);
-  if (v == NULL)
-    return dflt;
-  if (!json_is_integer(v)) {
-    lerr(ld, kp, "must be an integer, not %s", type_name(v));
-    return dflt;
-  }
-  json_int_t n = json_integer_value(v);
-  if (n < 0 || (uint64_t)n > max) {
-    lerr(ld, kp, "%lld is out of range (0 to %llu)", (long long)n,
-         (unsigned long long)max);
-    return dflt;
-  }
-  return (uint64_t)n;
-}
-
-static bool get_bool(loader *ld, const json_t *obj, const char *path,
-                     const char *key, bool dflt) {
-  char kp[256];
-  kpath(kp, sizeof kp, path, key);
-  json_t *v = json_object_get(obj, key);
-  if (v == NULL)
-    return dflt;
-  if (!json_is_boolean(v)) {
-    lerr(ld, kp, "must be true or false, not %s", type_name(v));
-    return dflt;
-  }
-  return json_is_true(v);
-}
-
-static json_t *get_typed(loader *ld, const json_t *obj, const char *path,
-                         const char *key, json_type type, bool required) {
-  char kp[256];
-  kpath(kp, sizeof kp, path, key);
-  json_t *v = json_object_get(obj, key);
-  const char *want = type == JSON_OBJECT ? "an object" : "an array";
-  if (v == NULL) {
-    if (required)
-      lerr(ld, kp, "missing (%s is required)", want);
-    return NULL;
-  }
-  if (json_typeof(v) != type) {
-    lerr(ld, kp, "must be %s, not %s", want, type_name(v));
-    return NULL;
-  }
-  return v;
-}
+#define LOADER(report_fn, report_ctx, dir)                                     \
+  ((loader){.report = (report_fn),                                             \
+            .ctx = (report_ctx),                                               \
+            .base_dir = (dir),                                                 \
+            .doc = "docs/routing.md",                                          \
+            .list_known_keys = true,                                           \
+            .what = "the routing table"})
 
 /* Reads an array of non-empty strings; NULL entries stay where an element
  * was invalid (already reported). */
 static char **get_strings(loader *ld, const json_t *obj, const char *path,
                           const char *key, size_t *n) {
   *n = 0;
-  json_t *arr = get_typed(ld, obj, path, key, JSON_ARRAY, false);
+  json_t *arr = sg_jsonload_array(ld, obj, path, key, false);
   if (arr == NULL)
     return NULL;
-  *n = json_array_size(arr);
-  char **out = xcalloc(*n, sizeof *out);
-  for (size_t i = 0; i < *n; i++) {
+  size_t count = json_array_size(arr);
+  char **out = calloc(count ? count : 1, sizeof *out);
+  if (out == NULL) {
+    char kp[256];
+    sg_jsonload_key_path(kp, sizeof kp, path, key);
+    sg_jsonload_oom(ld, kp);
+    return NULL;
+  }
+  *n = count;
+  for (size_t i = 0; i < count; i++) {
     char ep[256];
     snprintf(ep, sizeof ep, "%s%s%s[%zu]", path, path[0] ? "." : "", key, i);
-    json_t *v = json_array_get(arr, i);
-    if (valid_string(ld, v, ep))
-      out[i] = xstrdup(json_string_value(v));
+    const char *v = sg_jsonload_string_value(ld, json_array_get(arr, i), ep);
+    if (v != NULL)
+      out[i] = sg_jsonload_strdup(ld, ep, v);
   }
   return out;
-}
-
-static char *resolve(const char *base_dir, const char *name) {
-  if (name[0] == '/' || base_dir == NULL)
-    return xstrdup(name);
-  char *out = NULL;
-  if (asprintf(&out, "%s/%s", base_dir, name) < 0)
-    abort();
-  return out;
-}
-
-static char *get_file(loader *ld, const json_t *obj, const char *path,
-                      const char *key) {
-  const char *name = get_string(ld, obj, path, key, false);
-  if (name == NULL)
-    return NULL;
-  char kp[256];
-  kpath(kp, sizeof kp, path, key);
-  char *resolved = resolve(ld->base_dir, name);
-  FILE *f = fopen(resolved, "rb");
-  if (f == NULL)
-    lerr(ld, kp, "cannot read '%s': %s", resolved, strerror(errno));
-  else
-    fclose(f);
-  return resolved;
 }
 
 static void str_lower(char *s) {
@@ -370,40 +210,45 @@ static void load_backend(loader *ld, const json_t *obj, const char *path,
   static const char *const tls_keys[] = {"ca", "sni", "cert", "key", "verify",
                                          NULL};
   size_t errors_before = ld->errors;
-  check_keys(ld, obj, path, keys);
-  const char *addr = get_string(ld, obj, path, "address", true);
-  b->address = xstrdup(addr != NULL ? addr : "");
+  sg_jsonload_check_keys(ld, obj, path, keys);
+  const char *addr = sg_jsonload_string(ld, obj, path, "address", true);
   char kp[256];
-  kpath(kp, sizeof kp, path, "port");
+  sg_jsonload_key_path(kp, sizeof kp, path, "address");
+  b->address = sg_jsonload_strdup(ld, kp, addr != NULL ? addr : "");
+  sg_jsonload_key_path(kp, sizeof kp, path, "port");
   if (json_object_get(obj, "port") == NULL)
     lerr(ld, kp, "missing (an integer from 1 to 65535 is required)");
-  b->port = (uint16_t)get_uint(ld, obj, path, "port", 65535, 15002);
+  b->port = (uint16_t)sg_jsonload_uint(ld, obj, path, "port", 0, 65535, 15002);
   if (b->port == 0)
     lerr(ld, kp, "0 is not a backend port (1 to 65535)");
-  b->weight = (uint32_t)get_uint(ld, obj, path, "weight", 1000000, 1);
-  const char *name = get_string(ld, obj, path, "name", false);
-  if (name != NULL)
-    b->name = xstrdup(name);
-  else if (asprintf(&b->name, "%s:%u", b->address, b->port) < 0)
-    abort();
+  b->weight = (uint32_t)sg_jsonload_uint(ld, obj, path, "weight", 0, 1000000, 1);
+  const char *name = sg_jsonload_string(ld, obj, path, "name", false);
+  sg_jsonload_key_path(kp, sizeof kp, path, "name");
+  if (name != NULL) {
+    b->name = sg_jsonload_strdup(ld, kp, name);
+  } else if (b->address != NULL &&
+             asprintf(&b->name, "%s:%u", b->address, b->port) < 0) {
+    b->name = NULL;
+    sg_jsonload_oom(ld, kp);
+  }
 
   b->tls_verify = true;
-  json_t *tls = get_typed(ld, obj, path, "tls", JSON_OBJECT, false);
+  json_t *tls = sg_jsonload_object(ld, obj, path, "tls", false);
   if (tls == NULL)
     return;
   b->tls = true;
   char tpath[256];
-  kpath(tpath, sizeof tpath, path, "tls");
-  check_keys(ld, tls, tpath, tls_keys);
-  b->tls_ca_file = get_file(ld, tls, tpath, "ca");
-  const char *sni = get_string(ld, tls, tpath, "sni", false);
-  if (sni != NULL)
-    b->tls_sni = xstrdup(sni);
-  b->tls_cert_file = get_file(ld, tls, tpath, "cert");
-  b->tls_key_file = get_file(ld, tls, tpath, "key");
+  sg_jsonload_key_path(tpath, sizeof tpath, path, "tls");
+  sg_jsonload_check_keys(ld, tls, tpath, tls_keys);
+  b->tls_ca_file = sg_jsonload_file(ld, tls, tpath, "ca", false);
+  const char *sni = sg_jsonload_string(ld, tls, tpath, "sni", false);
+  sg_jsonload_key_path(kp, sizeof kp, tpath, "sni");
+  b->tls_sni = sg_jsonload_strdup(ld, kp, sni);
+  b->tls_cert_file = sg_jsonload_file(ld, tls, tpath, "cert", false);
+  b->tls_key_file = sg_jsonload_file(ld, tls, tpath, "key", false);
   if ((b->tls_cert_file == NULL) != (b->tls_key_file == NULL))
     lerr(ld, tpath, "\"cert\" and \"key\" go together: give both or neither");
-  b->tls_verify = get_bool(ld, tls, tpath, "verify", true);
+  b->tls_verify = sg_jsonload_bool(ld, tls, tpath, "verify", true);
   /* Build the context once so a bad CA or a key that does not match its
    * certificate fails the load, not the first call to this backend. */
   if (ld->errors == errors_before) {
@@ -475,7 +320,7 @@ static bool normalize_host_entry(char *h, const char **why) {
 }
 
 static void load_selectors(loader *ld, const json_t *root, sg_route_table *t) {
-  json_t *arr = get_typed(ld, root, "", "tenant_selectors", JSON_ARRAY, false);
+  json_t *arr = sg_jsonload_array(ld, root, "", "tenant_selectors", false);
   size_t n = 0;
   if (arr != NULL) {
     n = json_array_size(arr);
@@ -487,14 +332,18 @@ static void load_selectors(loader *ld, const json_t *root, sg_route_table *t) {
     while (default_selectors[n] != NULL)
       n++;
   }
-  t->selectors = xcalloc(n, sizeof *t->selectors);
+  t->selectors = calloc(n ? n : 1, sizeof *t->selectors);
+  if (t->selectors == NULL) {
+    sg_jsonload_oom(ld, "tenant_selectors");
+    return;
+  }
   for (size_t i = 0; i < n; i++) {
     char sp[64];
     snprintf(sp, sizeof sp, "tenant_selectors[%zu]", i);
     const char *text;
     if (arr != NULL) {
       json_t *v = json_array_get(arr, i);
-      if (!valid_string(ld, v, sp))
+      if (sg_jsonload_string_value(ld, v, sp) == NULL)
         continue;
       text = json_string_value(v);
     } else {
@@ -507,7 +356,8 @@ static void load_selectors(loader *ld, const json_t *root, sg_route_table *t) {
       sel.kind = SG_ROUTE_SEL_IDENTITY;
     } else if (strncmp(text, "jwt_claim:", 10) == 0 && text[10] != '\0') {
       sel.kind = SG_ROUTE_SEL_JWT_CLAIM;
-      sel.arg = xstrdup(text + 10);
+      if ((sel.arg = sg_jsonload_strdup(ld, sp, text + 10)) == NULL)
+        continue;
     } else if (strncmp(text, "header:", 7) == 0 && text[7] != '\0') {
       sel.kind = SG_ROUTE_SEL_HEADER;
       const char *h = text + 7;
@@ -520,14 +370,18 @@ static void load_selectors(loader *ld, const json_t *root, sg_route_table *t) {
                      "as :authority are selected with \"authority\")", h);
         continue;
       }
-      sel.arg = xstrdup(h);
+      if ((sel.arg = sg_jsonload_strdup(ld, sp, h)) == NULL)
+        continue;
       str_lower(sel.arg);
     } else {
       lerr(ld, sp, "unknown selector '%s': use jwt_claim:CLAIM, header:NAME, "
                    "authority or identity", text);
       continue;
     }
-    sel.text = xstrdup(text);
+    if ((sel.text = sg_jsonload_strdup(ld, sp, text)) == NULL) {
+      free(sel.arg);
+      continue;
+    }
     bool dup = false;
     for (size_t j = 0; j < t->n_selectors; j++) {
       const sg_route_selector *o = &t->selectors[j];
@@ -552,8 +406,8 @@ static void load_allow(loader *ld, const json_t *obj, const char *path,
   static const char *const keys[] = {"any_identity", "identities",
                                      "identity_prefixes", "claims", NULL};
   char ap[256];
-  kpath(ap, sizeof ap, path, "allow");
-  json_t *allow = get_typed(ld, obj, path, "allow", JSON_OBJECT, false);
+  sg_jsonload_key_path(ap, sizeof ap, path, "allow");
+  json_t *allow = sg_jsonload_object(ld, obj, path, "allow", false);
   if (allow == NULL) {
     if (json_object_get(obj, "allow") == NULL)
       lerr(ld, ap, "missing: a tenant without \"allow\" admits no one (give "
@@ -561,14 +415,21 @@ static void load_allow(loader *ld, const json_t *obj, const char *path,
     return;
   }
   size_t errors_before = ld->errors;
-  check_keys(ld, allow, ap, keys);
-  a->any_identity = get_bool(ld, allow, ap, "any_identity", false);
+  sg_jsonload_check_keys(ld, allow, ap, keys);
+  a->any_identity = sg_jsonload_bool(ld, allow, ap, "any_identity", false);
   a->identities = get_strings(ld, allow, ap, "identities", &a->n_identities);
   a->identity_prefixes =
       get_strings(ld, allow, ap, "identity_prefixes", &a->n_identity_prefixes);
-  json_t *claims = get_typed(ld, allow, ap, "claims", JSON_OBJECT, false);
+  json_t *claims = sg_jsonload_object(ld, allow, ap, "claims", false);
   if (claims != NULL) {
-    a->claims = xcalloc(json_object_size(claims), sizeof *a->claims);
+    size_t n = json_object_size(claims);
+    a->claims = calloc(n ? n : 1, sizeof *a->claims);
+    if (a->claims == NULL) {
+      char cp[300];
+      sg_jsonload_key_path(cp, sizeof cp, ap, "claims");
+      sg_jsonload_oom(ld, cp);
+      return;
+    }
     const char *name;
     json_t *vals;
     json_object_foreach(claims, name, vals) {
@@ -586,11 +447,18 @@ static void load_allow(loader *ld, const json_t *obj, const char *path,
                      "integers or booleans), e.g. [\"analysts\"]");
         continue;
       }
-      sg_route_claim_rule *r = &a->claims[a->n_claims++];
-      r->name = xstrdup(name);
-      r->values = json_deep_copy(vals);
-      if (r->values == NULL)
-        abort();
+      sg_route_claim_rule *r = &a->claims[a->n_claims];
+      r->name = sg_jsonload_strdup(ld, cp, name);
+      /* A private copy: the table outlives the JSON it came from. */
+      r->values = r->name != NULL ? sg_jsonload_copy(vals) : NULL;
+      if (r->values == NULL) {
+        if (r->name != NULL)
+          sg_jsonload_oom(ld, cp);
+        free(r->name);
+        r->name = NULL;
+        continue;
+      }
+      a->n_claims++;
     }
   }
   if (ld->errors == errors_before && !a->any_identity && a->n_identities == 0 &&
@@ -603,13 +471,13 @@ static void load_credential(loader *ld, const json_t *obj, const char *path,
                             sg_route_tenant *t) {
   static const char *const keys[] = {"file", "env", NULL};
   char cp[256];
-  kpath(cp, sizeof cp, path, "upstream_credential");
-  json_t *c = get_typed(ld, obj, path, "upstream_credential", JSON_OBJECT, false);
+  sg_jsonload_key_path(cp, sizeof cp, path, "upstream_credential");
+  json_t *c = sg_jsonload_object(ld, obj, path, "upstream_credential", false);
   if (c == NULL)
     return;
-  check_keys(ld, c, cp, keys);
-  const char *file = get_string(ld, c, cp, "file", false);
-  const char *env = get_string(ld, c, cp, "env", false);
+  sg_jsonload_check_keys(ld, c, cp, keys);
+  const char *file = sg_jsonload_string(ld, c, cp, "file", false);
+  const char *env = sg_jsonload_string(ld, c, cp, "env", false);
   if ((file != NULL) == (env != NULL)) {
     if (json_object_get(c, "file") == NULL && json_object_get(c, "env") == NULL)
       lerr(ld, cp, "give either \"file\" (a file holding the token) or \"env\" "
@@ -622,16 +490,26 @@ static void load_credential(loader *ld, const json_t *obj, const char *path,
   size_t len = 0, secret_size = 0;
   char vp[256];
   if (file != NULL) {
-    kpath(vp, sizeof vp, cp, "file");
+    sg_jsonload_key_path(vp, sizeof vp, cp, "file");
     t->credential_source = SG_ROUTE_CREDENTIAL_FILE;
-    t->credential_origin = resolve(ld->base_dir, file);
+    t->credential_origin = sg_jsonload_resolve(ld->base_dir, file);
+    if (t->credential_origin == NULL) {
+      sg_jsonload_oom(ld, vp);
+      return;
+    }
     FILE *f = fopen(t->credential_origin, "rb");
     if (f == NULL) {
-      lerr(ld, vp, "cannot read '%s': %s", t->credential_origin, strerror(errno));
+      lerr(ld, vp, "cannot read '%s': %s", t->credential_origin,
+           sg_jsonload_strerror(errno));
       return;
     }
     secret_size = SG_ROUTE_MAX_CREDENTIAL_BYTES + 1;
-    secret = xcalloc(secret_size, 1);
+    secret = calloc(secret_size, 1);
+    if (secret == NULL) {
+      fclose(f);
+      sg_jsonload_oom(ld, vp);
+      return;
+    }
     len = fread(secret, 1, SG_ROUTE_MAX_CREDENTIAL_BYTES + 1, f);
     bool failed = ferror(f) != 0;
     fclose(f);
@@ -644,9 +522,11 @@ static void load_credential(loader *ld, const json_t *obj, const char *path,
       return;
     }
   } else {
-    kpath(vp, sizeof vp, cp, "env");
+    sg_jsonload_key_path(vp, sizeof vp, cp, "env");
     t->credential_source = SG_ROUTE_CREDENTIAL_ENV;
-    t->credential_origin = xstrdup(env);
+    t->credential_origin = sg_jsonload_strdup(ld, vp, env);
+    if (t->credential_origin == NULL)
+      return;
     const char *value = getenv(env);
     if (value == NULL || value[0] == '\0') {
       lerr(ld, vp, "environment variable %s is %s: export it to the sparkgate "
@@ -656,7 +536,11 @@ static void load_credential(loader *ld, const json_t *obj, const char *path,
     }
     len = strlen(value);
     secret_size = len + 1;
-    secret = xcalloc(secret_size, 1);
+    secret = calloc(secret_size, 1);
+    if (secret == NULL) {
+      sg_jsonload_oom(ld, vp);
+      return;
+    }
     memcpy(secret, value, len);
   }
   /* Files end in a newline more often than not; the token does not. */
@@ -681,8 +565,13 @@ static void load_credential(loader *ld, const json_t *obj, const char *path,
          what, t->credential_origin);
   else {
     t->credential_len = len - start;
-    t->credential = xcalloc(t->credential_len + 1, 1);
-    memcpy(t->credential, secret + start, t->credential_len);
+    t->credential = calloc(t->credential_len + 1, 1);
+    if (t->credential == NULL) {
+      t->credential_len = 0;
+      sg_jsonload_oom(ld, vp);
+    } else {
+      memcpy(t->credential, secret + start, t->credential_len);
+    }
   }
   explicit_bzero(secret, secret_size);
   free(secret);
@@ -696,37 +585,37 @@ static void load_limits(loader *ld, const json_t *obj, const char *path,
       "max_message_bytes", NULL};
   l->over_limit_status = 8;
   l->max_message_bytes = SG_ROUTE_DEFAULT_MAX_MESSAGE_BYTES;
-  json_t *lim = get_typed(ld, obj, path, "limits", JSON_OBJECT, false);
+  json_t *lim = sg_jsonload_object(ld, obj, path, "limits", false);
   if (lim == NULL)
     return;
   char lp[256];
-  kpath(lp, sizeof lp, path, "limits");
-  check_keys(ld, lim, lp, keys);
-  l->max_concurrent_rpcs =
-      (uint32_t)get_uint(ld, lim, lp, "max_concurrent_rpcs", 10000000, 0);
-  l->max_concurrent_executions =
-      (uint32_t)get_uint(ld, lim, lp, "max_concurrent_executions", 10000000, 0);
-  l->requests_per_second =
-      (uint32_t)get_uint(ld, lim, lp, "requests_per_second", 10000000, 0);
-  l->burst = (uint32_t)get_uint(ld, lim, lp, "burst", 100000000, 0);
-  l->upload_bytes_per_minute = get_uint(ld, lim, lp, "upload_bytes_per_minute",
-                                        (uint64_t)1 << 50, 0);
-  l->max_message_bytes = (uint32_t)get_uint(ld, lim, lp, "max_message_bytes",
-                                            (uint64_t)1 << 31,
-                                            SG_ROUTE_DEFAULT_MAX_MESSAGE_BYTES);
+  sg_jsonload_key_path(lp, sizeof lp, path, "limits");
+  sg_jsonload_check_keys(ld, lim, lp, keys);
+  l->max_concurrent_rpcs = (uint32_t)sg_jsonload_uint(
+      ld, lim, lp, "max_concurrent_rpcs", 0, 10000000, 0);
+  l->max_concurrent_executions = (uint32_t)sg_jsonload_uint(
+      ld, lim, lp, "max_concurrent_executions", 0, 10000000, 0);
+  l->requests_per_second = (uint32_t)sg_jsonload_uint(
+      ld, lim, lp, "requests_per_second", 0, 10000000, 0);
+  l->burst = (uint32_t)sg_jsonload_uint(ld, lim, lp, "burst", 0, 100000000, 0);
+  l->upload_bytes_per_minute = sg_jsonload_uint(
+      ld, lim, lp, "upload_bytes_per_minute", 0, (uint64_t)1 << 50, 0);
+  l->max_message_bytes = (uint32_t)sg_jsonload_uint(
+      ld, lim, lp, "max_message_bytes", 0, (uint64_t)1 << 31,
+      SG_ROUTE_DEFAULT_MAX_MESSAGE_BYTES);
   if (l->max_message_bytes < 1024) {
     char mp[256];
-    kpath(mp, sizeof mp, lp, "max_message_bytes");
+    sg_jsonload_key_path(mp, sizeof mp, lp, "max_message_bytes");
     lerr(ld, mp, "must be at least 1024 bytes");
   }
   if (l->burst != 0 && l->requests_per_second == 0) {
     char bp[256];
-    kpath(bp, sizeof bp, lp, "burst");
+    sg_jsonload_key_path(bp, sizeof bp, lp, "burst");
     lerr(ld, bp, "needs \"requests_per_second\" (burst is the size of its bucket)");
   }
   if (l->burst == 0)
     l->burst = l->requests_per_second;
-  const char *st = get_string(ld, lim, lp, "over_limit_status", false);
+  const char *st = sg_jsonload_string(ld, lim, lp, "over_limit_status", false);
   if (st != NULL) {
     if (strcmp(st, "resource_exhausted") == 0)
       l->over_limit_status = 8;
@@ -734,7 +623,7 @@ static void load_limits(loader *ld, const json_t *obj, const char *path,
       l->over_limit_status = 14;
     else {
       char sp[256];
-      kpath(sp, sizeof sp, lp, "over_limit_status");
+      sg_jsonload_key_path(sp, sizeof sp, lp, "over_limit_status");
       lerr(ld, sp, "'%s' is not one of resource_exhausted, unavailable", st);
     }
   }
@@ -745,13 +634,13 @@ static void load_tenant(loader *ld, const json_t *obj, const char *path,
   static const char *const keys[] = {
       "name", "hosts", "backends", "allow", "user_id", "failover",
       "upstream_credential", "methods", "limits", NULL};
-  check_keys(ld, obj, path, keys);
+  sg_jsonload_check_keys(ld, obj, path, keys);
   char kp[256];
 
-  const char *name = get_string(ld, obj, path, "name", true);
-  t->name = xstrdup(name != NULL ? name : "");
+  const char *name = sg_jsonload_string(ld, obj, path, "name", true);
+  sg_jsonload_key_path(kp, sizeof kp, path, "name");
+  t->name = sg_jsonload_strdup(ld, kp, name != NULL ? name : "");
   if (name != NULL && !valid_tenant_name(name)) {
-    kpath(kp, sizeof kp, path, "name");
     lerr(ld, kp, "'%s' is not a valid tenant name: 1 to 64 letters, digits, "
                  "'.', '_' or '-', starting with a letter or digit", name);
   }
@@ -762,7 +651,9 @@ static void load_tenant(loader *ld, const json_t *obj, const char *path,
       continue;
     snprintf(kp, sizeof kp, "%s.hosts[%zu]", path, i);
     const char *why = NULL;
-    char *orig = xstrdup(t->hosts[i]);
+    char *orig = sg_jsonload_strdup(ld, kp, t->hosts[i]);
+    if (orig == NULL)
+      continue;
     if (!normalize_host_entry(t->hosts[i], &why)) {
       lerr(ld, kp, "'%s': %s", orig, why);
       free(t->hosts[i]);
@@ -775,27 +666,31 @@ static void load_tenant(loader *ld, const json_t *obj, const char *path,
     free(orig);
   }
 
-  json_t *backends = get_typed(ld, obj, path, "backends", JSON_ARRAY, true);
+  json_t *backends = sg_jsonload_array(ld, obj, path, "backends", true);
   if (backends != NULL) {
-    t->n_backends = json_array_size(backends);
-    kpath(kp, sizeof kp, path, "backends");
-    if (t->n_backends == 0)
+    size_t n = json_array_size(backends);
+    sg_jsonload_key_path(kp, sizeof kp, path, "backends");
+    if (n == 0)
       lerr(ld, kp, "needs at least one backend");
-    t->backends = xcalloc(t->n_backends, sizeof *t->backends);
+    t->backends = calloc(n ? n : 1, sizeof *t->backends);
+    if (t->backends == NULL)
+      sg_jsonload_oom(ld, kp);
+    else
+      t->n_backends = n;
     bool any_weight = false;
     for (size_t i = 0; i < t->n_backends; i++) {
       char bp[256];
       snprintf(bp, sizeof bp, "%s.backends[%zu]", path, i);
       json_t *b = json_array_get(backends, i);
       if (!json_is_object(b)) {
-        lerr(ld, bp, "must be an object, not %s", type_name(b));
+        lerr(ld, bp, "must be an object, not %s", sg_jsonload_type_name(b));
         continue;
       }
       load_backend(ld, b, bp, &t->backends[i]);
       if (t->backends[i].weight > 0)
         any_weight = true;
       for (size_t j = 0; j < i; j++)
-        if (t->backends[j].name != NULL &&
+        if (t->backends[j].name != NULL && t->backends[i].name != NULL &&
             strcmp(t->backends[j].name, t->backends[i].name) == 0) {
           char np[300];
           snprintf(np, sizeof np, "%s.name", bp);
@@ -812,7 +707,7 @@ static void load_tenant(loader *ld, const json_t *obj, const char *path,
   load_allow(ld, obj, path, &t->allow);
 
   t->user_id = SG_ROUTE_USER_ID_REWRITE;
-  const char *uid = get_string(ld, obj, path, "user_id", false);
+  const char *uid = sg_jsonload_string(ld, obj, path, "user_id", false);
   if (uid != NULL) {
     if (strcmp(uid, "rewrite") == 0)
       t->user_id = SG_ROUTE_USER_ID_REWRITE;
@@ -821,17 +716,17 @@ static void load_tenant(loader *ld, const json_t *obj, const char *path,
     else if (strcmp(uid, "off") == 0)
       t->user_id = SG_ROUTE_USER_ID_OFF;
     else {
-      kpath(kp, sizeof kp, path, "user_id");
+      sg_jsonload_key_path(kp, sizeof kp, path, "user_id");
       lerr(ld, kp, "'%s' is not one of rewrite, enforce, off", uid);
     }
   }
-  t->failover = get_bool(ld, obj, path, "failover", false);
+  t->failover = sg_jsonload_bool(ld, obj, path, "failover", false);
 
   t->methods = SG_SPARK_ALL_METHODS;
-  json_t *methods = get_typed(ld, obj, path, "methods", JSON_ARRAY, false);
+  json_t *methods = sg_jsonload_array(ld, obj, path, "methods", false);
   if (methods != NULL) {
     t->methods = 0;
-    kpath(kp, sizeof kp, path, "methods");
+    sg_jsonload_key_path(kp, sizeof kp, path, "methods");
     if (json_array_size(methods) == 0)
       lerr(ld, kp, "is empty and would refuse every call: leave it out to "
                    "allow every method");
@@ -840,7 +735,7 @@ static void load_tenant(loader *ld, const json_t *obj, const char *path,
     json_array_foreach(methods, i, m) {
       char mp[300];
       snprintf(mp, sizeof mp, "%s[%zu]", kp, i);
-      if (!valid_string(ld, m, mp))
+      if (sg_jsonload_string_value(ld, m, mp) == NULL)
         continue;
       int idx = method_lookup(json_string_value(m), json_string_length(m));
       if (idx < 0) {
@@ -1052,16 +947,19 @@ static int ix_cmp(const void *x, const void *y) {
   return strcmp(a->key, b->key);
 }
 
-static void build_indexes(sg_route_table *t) {
-  t->by_name_ = xcalloc(t->n_tenants, sizeof *t->by_name_);
+static int build_indexes(sg_route_table *t) {
   size_t nh = 0;
+  for (size_t i = 0; i < t->n_tenants; i++)
+    nh += t->tenants[i].n_hosts;
+  t->by_name_ = calloc(t->n_tenants ? t->n_tenants : 1, sizeof *t->by_name_);
+  t->by_host_ = calloc(nh ? nh : 1, sizeof *t->by_host_);
+  if (t->by_name_ == NULL || t->by_host_ == NULL)
+    return -1;
   for (size_t i = 0; i < t->n_tenants; i++) {
     t->by_name_[i].key = t->tenants[i].name;
     t->by_name_[i].tenant = i;
-    nh += t->tenants[i].n_hosts;
   }
   qsort(t->by_name_, t->n_tenants, sizeof *t->by_name_, ix_cmp);
-  t->by_host_ = xcalloc(nh, sizeof *t->by_host_);
   for (size_t i = 0; i < t->n_tenants; i++)
     for (size_t h = 0; h < t->tenants[i].n_hosts; h++) {
       t->by_host_[t->n_hosts_].key = t->tenants[i].hosts[h];
@@ -1069,34 +967,43 @@ static void build_indexes(sg_route_table *t) {
       t->n_hosts_++;
     }
   qsort(t->by_host_, t->n_hosts_, sizeof *t->by_host_, ix_cmp);
+  return 0;
 }
 
 sg_route_table *sg_route_table_from_json(const json_t *root,
                                          const char *base_dir,
                                          sg_route_report_fn report, void *ctx) {
-  loader ld = {.report = report, .ctx = ctx, .base_dir = base_dir ? base_dir : "."};
+  loader ld = LOADER(report, ctx, base_dir ? base_dir : ".");
   if (!json_is_object(root)) {
     lerr(&ld, "", "the routing table must be a JSON object with \"tenants\"");
     return NULL;
   }
   static const char *const keys[] = {"tenant_selectors", "tenants", NULL};
-  sg_route_table *t = xcalloc(1, sizeof *t);
+  sg_route_table *t = calloc(1, sizeof *t);
+  if (t == NULL) {
+    sg_jsonload_oom(&ld, "");
+    return NULL;
+  }
   t->refcount_ = 1;
-  check_keys(&ld, root, "", keys);
+  sg_jsonload_check_keys(&ld, root, "", keys);
   load_selectors(&ld, root, t);
 
-  json_t *tenants = get_typed(&ld, root, "", "tenants", JSON_ARRAY, true);
+  json_t *tenants = sg_jsonload_array(&ld, root, "", "tenants", true);
   if (tenants != NULL) {
     size_t n = json_array_size(tenants);
     if (n == 0)
       lerr(&ld, "tenants", "needs at least one tenant");
-    t->tenants = xcalloc(n, sizeof *t->tenants);
+    t->tenants = calloc(n ? n : 1, sizeof *t->tenants);
+    if (t->tenants == NULL) {
+      sg_jsonload_oom(&ld, "tenants");
+      n = 0;
+    }
     for (size_t i = 0; i < n; i++) {
       char tp[64];
       snprintf(tp, sizeof tp, "tenants[%zu]", i);
       json_t *o = json_array_get(tenants, i);
       if (!json_is_object(o)) {
-        lerr(&ld, tp, "must be an object, not %s", type_name(o));
+        lerr(&ld, tp, "must be an object, not %s", sg_jsonload_type_name(o));
         continue;
       }
       sg_route_tenant *ten = &t->tenants[t->n_tenants];
@@ -1106,29 +1013,39 @@ sg_route_table *sg_route_table_from_json(const json_t *root,
   }
   if (ld.errors == 0)
     check_table(&ld, t);
+  if (ld.errors == 0 && build_indexes(t) != 0)
+    sg_jsonload_oom(&ld, "tenants");
   if (ld.errors > 0) {
     table_free(t);
     return NULL;
   }
-  build_indexes(t);
   return t;
 }
 
 sg_route_table *sg_route_table_load(const char *path, const char *base_dir,
                                     sg_route_report_fn report, void *ctx) {
-  loader ld = {.report = report, .ctx = ctx};
-  char *resolved = resolve(base_dir, path);
+  loader ld = LOADER(report, ctx, base_dir);
+  char *resolved = sg_jsonload_resolve(base_dir, path);
+  if (resolved == NULL) {
+    sg_jsonload_oom(&ld, "");
+    return NULL;
+  }
   FILE *f = fopen(resolved, "rb");
   if (f == NULL) {
-    lerr(&ld, "", "cannot open routing table '%s': %s", resolved, strerror(errno));
+    lerr(&ld, "", "cannot open routing table '%s': %s", resolved,
+         sg_jsonload_strerror(errno));
     free(resolved);
     return NULL;
   }
   json_error_t jerr;
-  /* Duplicate keys are rejected: with "last one wins" a reviewer can read a
-   * rule that is not the one in force. */
-  json_t *root = json_loadf(f, JSON_REJECT_DUPLICATES, &jerr);
+  bool oom;
+  json_t *root = sg_jsonload_parse_file(f, &jerr, &oom);
   fclose(f);
+  if (oom) {
+    sg_jsonload_oom(&ld, "");
+    free(resolved);
+    return NULL;
+  }
   if (root == NULL) {
     lerr(&ld, "", "%s:%d:%d: invalid JSON: %s", resolved, jerr.line,
          jerr.column, jerr.text);
@@ -1138,13 +1055,17 @@ sg_route_table *sg_route_table_load(const char *path, const char *base_dir,
   char *dir;
   const char *slash = strrchr(resolved, '/');
   if (slash == NULL)
-    dir = xstrdup(".");
+    dir = strdup(".");
   else if (slash == resolved)
-    dir = xstrdup("/");
+    dir = strdup("/");
   else
     dir = strndup(resolved, (size_t)(slash - resolved));
-  if (dir == NULL)
-    abort();
+  if (dir == NULL) {
+    sg_jsonload_oom(&ld, "");
+    json_decref(root);
+    free(resolved);
+    return NULL;
+  }
   sg_route_table *t = sg_route_table_from_json(root, dir, report, ctx);
   json_decref(root);
   free(dir);

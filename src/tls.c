@@ -1,5 +1,7 @@
 #include "sparkgate/tls.h"
 
+#include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -16,14 +18,22 @@ static const char sg_tls12_ciphers[] =
 
 static const unsigned char sg_alpn_h2[] = {2, 'h', '2'};
 
+/* OpenSSL 3.0 queues ERR_R_MALLOC_FAILURE for most allocation failures,
+ * but not for all: its decoders drop the errors of the attempts they
+ * retry, and some paths return failure without a word. malloc's ENOMEM in
+ * errno tells those apart, so the context builders clear errno first. */
 const char *sg_tls_last_error(char *buf, size_t buflen) {
-  unsigned long e = ERR_get_error();
-  if (e == 0) {
+  unsigned long first = ERR_peek_error(), e;
+  bool oom = errno == ENOMEM;
+  while ((e = ERR_get_error()) != 0)
+    if (ERR_GET_REASON(e) == ERR_R_MALLOC_FAILURE)
+      oom = true;
+  if (oom)
+    snprintf(buf, buflen, "out of memory");
+  else if (first == 0)
     snprintf(buf, buflen, "unknown TLS error");
-  } else {
-    ERR_error_string_n(e, buf, buflen);
-  }
-  ERR_clear_error();
+  else
+    ERR_error_string_n(first, buf, buflen);
   return buf;
 }
 
@@ -32,6 +42,12 @@ static void set_error(char *err, size_t errlen, const char *what,
   char ossl[256];
   sg_tls_last_error(ossl, sizeof ossl);
   snprintf(err, errlen, "%s '%s': %s", what, file, ossl);
+}
+
+static void set_ctx_error(char *err, size_t errlen, const char *what) {
+  char ossl[256];
+  sg_tls_last_error(ossl, sizeof ossl);
+  snprintf(err, errlen, "%s: %s", what, ossl);
 }
 
 /* Only h2: a client that cannot speak HTTP/2 cannot speak gRPC, and
@@ -55,35 +71,48 @@ static int alpn_select_cb(SSL *ssl, const unsigned char **out,
   return SSL_TLSEXT_ERR_ALERT_FATAL;
 }
 
-static void set_common_options(SSL_CTX *ctx) {
-  SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+/* A new context with the settings of both legs, or NULL with err set.
+ * Each setting is checked: a cipher list that did not take (memory) would
+ * leave OpenSSL's defaults in force, weaker than ours. */
+static SSL_CTX *ctx_new(const SSL_METHOD *method, char *err, size_t errlen) {
+  errno = 0;
+  SSL_CTX *ctx = SSL_CTX_new(method);
+  if (ctx == NULL) {
+    set_ctx_error(err, errlen, "cannot create a TLS context");
+    return NULL;
+  }
   /* No renegotiation (a DoS and a confusion vector), no compression
    * (CRIME), a fresh ECDHE key per handshake. */
   SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION |
                                SSL_OP_CIPHER_SERVER_PREFERENCE |
                                SSL_OP_SINGLE_ECDH_USE);
-  SSL_CTX_set_cipher_list(ctx, sg_tls12_ciphers);
+  SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
   /* AES-128-GCM first: as safe in practice and a third cheaper per byte,
    * which is what a proxy of Arrow batches spends its time on. */
-  SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:"
-                                "TLS_AES_256_GCM_SHA384");
-  SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+  if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1 ||
+      SSL_CTX_set_cipher_list(ctx, sg_tls12_ciphers) != 1 ||
+      SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:"
+                                    "TLS_CHACHA20_POLY1305_SHA256:"
+                                    "TLS_AES_256_GCM_SHA384") != 1) {
+    set_ctx_error(err, errlen, "cannot set the TLS versions and ciphers");
+    SSL_CTX_free(ctx);
+    return NULL;
+  }
+  return ctx;
 }
 
 SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
                                size_t errlen) {
-  SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
-  if (ctx == NULL) {
-    snprintf(err, errlen, "cannot create a TLS context");
+  SSL_CTX *ctx = ctx_new(TLS_server_method(), err, errlen);
+  if (ctx == NULL)
     return NULL;
-  }
-  set_common_options(ctx);
   if (SSL_CTX_use_certificate_chain_file(ctx, l->tls_cert_file) != 1) {
     set_error(err, errlen, "cannot load certificate chain", l->tls_cert_file);
     goto fail;
   }
   if (SSL_CTX_use_PrivateKey_file(ctx, l->tls_key_file, SSL_FILETYPE_PEM) != 1) {
-    if (ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH) {
+    if (ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH &&
+        errno != ENOMEM) {
       snprintf(err, errlen, "private key '%s' does not match certificate '%s'",
                l->tls_key_file, l->tls_cert_file);
       ERR_clear_error();
@@ -93,8 +122,11 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
     goto fail;
   }
   if (SSL_CTX_check_private_key(ctx) != 1) {
-    snprintf(err, errlen, "private key '%s' does not match certificate '%s'",
-             l->tls_key_file, l->tls_cert_file);
+    if (errno == ENOMEM)
+      set_error(err, errlen, "cannot check private key", l->tls_key_file);
+    else
+      snprintf(err, errlen, "private key '%s' does not match certificate '%s'",
+               l->tls_key_file, l->tls_cert_file);
     ERR_clear_error();
     goto fail;
   }
@@ -116,9 +148,14 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
       set_error(err, errlen, "cannot load client CA bundle", l->client_ca_file);
       goto fail;
     }
+    /* The names a client picks its certificate by: the file loaded just
+     * above, so NULL here is memory. */
     STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(l->client_ca_file);
-    if (names != NULL)
-      SSL_CTX_set_client_CA_list(ctx, names);
+    if (names == NULL) {
+      set_error(err, errlen, "cannot load client CA names", l->client_ca_file);
+      goto fail;
+    }
+    SSL_CTX_set_client_CA_list(ctx, names);
     X509_STORE *store = SSL_CTX_get_cert_store(ctx);
     for (size_t i = 0; i < l->n_crl_files; i++) {
       if (X509_STORE_load_file(store, l->crl_files[i]) != 1) {
@@ -143,13 +180,14 @@ fail:
 
 SSL_CTX *sg_tls_client_ctx_new(const sg_backend_config *b, char *err,
                                size_t errlen) {
-  SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
-  if (ctx == NULL) {
-    snprintf(err, errlen, "cannot create a TLS context");
+  SSL_CTX *ctx = ctx_new(TLS_client_method(), err, errlen);
+  if (ctx == NULL)
     return NULL;
+  /* 0 is success here. */
+  if (SSL_CTX_set_alpn_protos(ctx, sg_alpn_h2, sizeof sg_alpn_h2) != 0) {
+    set_ctx_error(err, errlen, "cannot offer ALPN h2");
+    goto fail;
   }
-  set_common_options(ctx);
-  SSL_CTX_set_alpn_protos(ctx, sg_alpn_h2, sizeof sg_alpn_h2);
   if (b->tls_verify) {
     if (b->tls_ca_file != NULL) {
       if (SSL_CTX_load_verify_locations(ctx, b->tls_ca_file, NULL) != 1) {

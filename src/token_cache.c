@@ -5,6 +5,7 @@
  * cache never degrades. */
 #include "sparkgate/token_cache.h"
 
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -168,6 +169,9 @@ static int digest_token(sg_token_cache *c, const char *token, size_t len,
       EVP_DigestUpdate(c->mdctx, token, len) != 1 ||
       EVP_DigestFinal_ex(c->mdctx, out, &n) != 1 || n != DIGEST_LEN) {
     c->last_len = 0;
+    /* Out of memory, most likely: what OpenSSL queued about it must not
+     * be read later as the cause of a TLS error on this thread. */
+    ERR_clear_error();
     return -1;
   }
   if (len <= LAST_TOKEN_MAX) {

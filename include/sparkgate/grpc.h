@@ -28,7 +28,9 @@ typedef enum sg_grpc_status {
 void sg_grpc_message_encode(const char *msg, char *out, size_t outlen);
 
 /* Submits a trailers-only gRPC response (one HEADERS frame with
- * END_STREAM): :status 200, content-type, grpc-status, grpc-message. */
+ * END_STREAM): :status 200, content-type, grpc-status, grpc-message.
+ * When that fails (nghttp2's error code is returned), the stream is reset
+ * instead. */
 int sg_grpc_submit_error(nghttp2_session *session, int32_t stream_id,
                          sg_grpc_status code, const char *message);
 
