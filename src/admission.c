@@ -173,6 +173,15 @@ static bool authenticate(sg_stream *s) {
                    ? SG_JWT_UNKNOWN_ISSUER
                    : sg_token_cache_verify(c->gen->token_cache, cfg->jwt, p,
                                            len, (int64_t)time(NULL), &jwt);
+      if (rv == SG_JWT_INTERNAL) {
+        /* Out of memory while verifying: no verdict on the token, so not
+         * a denial (16 would make PySpark give up). */
+        sg_stream_reject(s, SG_GRPC_RESOURCE_EXHAUSTED,
+                         "sparkgate: out of resources, retry later",
+                         jwt.detail != NULL ? jwt.detail : "jwt: internal error");
+        sg_jwt_result_clear(&jwt);
+        return false;
+      }
       if (rv == SG_JWT_KEYS_UNAVAILABLE || rv == SG_JWT_KID_REFETCHING) {
         /* The token cannot be judged yet (the provider's keys are not
          * fetched, or are being refetched for this kid): not a denial. A
@@ -219,7 +228,9 @@ static bool authenticate(sg_stream *s) {
   if (c->xfcc != NULL)
     s->xfcc = strdup(c->xfcc);
   sg_jwt_result_clear(&jwt);
-  if (s->identity == NULL) {
+  /* Every identity header the backend is told must be there, or none. */
+  if (s->identity == NULL || (d.provider != NULL && s->identity_provider == NULL) ||
+      (c->xfcc != NULL && s->xfcc == NULL)) {
     sg_stream_fail(s, SG_GRPC_RESOURCE_EXHAUSTED, "sparkgate: out of memory");
     return false;
   }
