@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fuzz_support.h"
 #include "sparkgate/config.h"
 #include "sparkgate/jwt.h"
 #include "sparkgate/log.h"
@@ -25,14 +26,6 @@
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define FUZZ_CHECK(cond)                                                       \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      fprintf(stderr, "%s:%d: property violated: %s\n", __FILE__, __LINE__,    \
-              #cond);                                                          \
-      abort();                                                                 \
-    }                                                                          \
-  } while (0)
 
 #define CONFIG_PATH SG_SOURCE_ROOT "/tests/fixtures/fuzz-config.json"
 

@@ -13,18 +13,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fuzz_support.h"
 #include "sparkgate/grpc.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define FUZZ_CHECK(cond)                                                       \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      fprintf(stderr, "%s:%d: property violated: %s\n", __FILE__, __LINE__,    \
-              #cond);                                                          \
-      abort();                                                                 \
-    }                                                                          \
-  } while (0)
 
 static int hexval(char c) {
   if (c >= '0' && c <= '9')

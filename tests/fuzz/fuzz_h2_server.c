@@ -38,6 +38,7 @@
 
 #include <event2/event.h>
 
+#include "fuzz_support.h"
 #include "sparkgate/accesslog.h"
 #include "sparkgate/config.h"
 #include "sparkgate/conn.h"
@@ -47,14 +48,6 @@
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define FUZZ_CHECK(cond)                                                       \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      fprintf(stderr, "%s:%d: property violated: %s\n", __FILE__, __LINE__,    \
-              #cond);                                                          \
-      abort();                                                                 \
-    }                                                                          \
-  } while (0)
 
 /* Loop iterations after the last piece of input was written. Each one runs
  * what is ready; deferred bufferevent callbacks and the flushes they
@@ -85,31 +78,7 @@ static const char config_json[] =
 
 static sg_runtime *runtime;
 
-static int count_fds(void) {
-  DIR *d = opendir("/proc/self/fd");
-  if (d == NULL)
-    return -1;
-  int n = 0;
-  while (readdir(d) != NULL)
-    n++;
-  closedir(d);
-  return n;
-}
 
-static void list_fds(void) {
-  DIR *d = opendir("/proc/self/fd");
-  if (d == NULL)
-    return;
-  struct dirent *e;
-  while ((e = readdir(d)) != NULL) {
-    char link[300], target[256];
-    snprintf(link, sizeof link, "/proc/self/fd/%s", e->d_name);
-    ssize_t n = readlink(link, target, sizeof target - 1);
-    target[n > 0 ? n : 0] = '\0';
-    fprintf(stderr, "fuzz_h2_server: fd %s -> %s\n", e->d_name, target);
-  }
-  closedir(d);
-}
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
   (void)argc;
@@ -198,7 +167,7 @@ static ssize_t write_some(int fd, const uint8_t *p, size_t n) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   /* Counted per input: libFuzzer itself opens descriptors between inputs
    * (the symbolizer it starts to print NEW_FUNC lines). */
-  int baseline_fds = count_fds();
+  int baseline_fds = fuzz_count_fds();
   /* The client's bytes: the preface unless the input brings it. */
   bool has_preface = size >= PREFACE_LEN && memcmp(data, preface, PREFACE_LEN) == 0;
   size_t total = has_preface ? size : PREFACE_LEN + size;
@@ -276,11 +245,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   close(sv[1]);
   free(stream);
   /* Every socket, timer and event fd went with the worker. */
-  if (baseline_fds >= 0 && count_fds() != baseline_fds) {
+  if (baseline_fds >= 0 && fuzz_count_fds() != baseline_fds) {
     fprintf(stderr, "fuzz_h2_server: %d open descriptors, %d before the input\n",
-            count_fds(), baseline_fds);
-    list_fds();
-    FUZZ_CHECK(count_fds() == baseline_fds);
+            fuzz_count_fds(), baseline_fds);
+    fuzz_list_fds("fuzz_h2_server");
+    FUZZ_CHECK(fuzz_count_fds() == baseline_fds);
   }
   return 0;
 }

@@ -56,6 +56,7 @@
 #include <event2/event.h>
 #include <nghttp2/nghttp2.h>
 
+#include "fuzz_support.h"
 #include "sparkgate/accesslog.h"
 #include "sparkgate/config.h"
 #include "sparkgate/conn.h"
@@ -67,14 +68,6 @@
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define FUZZ_CHECK(cond)                                                       \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      fprintf(stderr, "%s:%d: property violated: %s\n", __FILE__, __LINE__,    \
-              #cond);                                                          \
-      abort();                                                                 \
-    }                                                                          \
-  } while (0)
 
 /* Rounds of the loop at most, per input. */
 #define MAX_ITERATIONS 96
@@ -128,31 +121,7 @@ static int backend_listener = -1; /* the process's backend, never closed */
 static bool verbose;
 static nghttp2_session_callbacks *client_cbs;
 
-static int count_fds(void) {
-  DIR *d = opendir("/proc/self/fd");
-  if (d == NULL)
-    return -1;
-  int n = 0;
-  while (readdir(d) != NULL)
-    n++;
-  closedir(d);
-  return n;
-}
 
-static void list_fds(void) {
-  DIR *d = opendir("/proc/self/fd");
-  if (d == NULL)
-    return;
-  struct dirent *e;
-  while ((e = readdir(d)) != NULL) {
-    char link[300], target[256];
-    snprintf(link, sizeof link, "/proc/self/fd/%s", e->d_name);
-    ssize_t n = readlink(link, target, sizeof target - 1);
-    target[n > 0 ? n : 0] = '\0';
-    fprintf(stderr, "fuzz_h2_upstream: fd %s -> %s\n", e->d_name, target);
-  }
-  closedir(d);
-}
 
 /* ---- the harness's client ------------------------------------------------ */
 
@@ -587,7 +556,7 @@ static uint64_t fnv1a(const uint8_t *p, size_t n) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   /* Counted per input: libFuzzer itself opens descriptors between inputs
    * (the symbolizer it starts to print NEW_FUNC lines). */
-  int baseline_fds = count_fds();
+  int baseline_fds = fuzz_count_fds();
   drain_backlog();
 
   /* The backend's bytes: the preface, then the input. */
@@ -767,11 +736,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   drain_backlog();
   free(stream);
   /* Every socket, timer and event fd went with the worker. */
-  if (baseline_fds >= 0 && count_fds() != baseline_fds) {
+  if (baseline_fds >= 0 && fuzz_count_fds() != baseline_fds) {
     fprintf(stderr, "fuzz_h2_upstream: %d open descriptors, %d before the input\n",
-            count_fds(), baseline_fds);
-    list_fds();
-    FUZZ_CHECK(count_fds() == baseline_fds);
+            fuzz_count_fds(), baseline_fds);
+    fuzz_list_fds("fuzz_h2_upstream");
+    FUZZ_CHECK(fuzz_count_fds() == baseline_fds);
   }
   return 0;
 }

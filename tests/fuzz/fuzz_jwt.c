@@ -26,6 +26,7 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 
+#include "fuzz_support.h"
 #include "sparkgate/jwt.h"
 #include "sparkgate/log.h"
 #include "sparkgate/token_cache.h"
@@ -33,14 +34,6 @@
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define FUZZ_CHECK(cond)                                                       \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      fprintf(stderr, "%s:%d: property violated: %s\n", __FILE__, __LINE__,    \
-              #cond);                                                          \
-      abort();                                                                 \
-    }                                                                          \
-  } while (0)
 
 #define FIXTURES SG_SOURCE_ROOT "/tests/fixtures/jwt"
 

@@ -21,20 +21,13 @@
 
 #include <jansson.h>
 
+#include "fuzz_support.h"
 #include "sparkgate/log.h"
 #include "sparkgate/route.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define FUZZ_CHECK(cond)                                                       \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      fprintf(stderr, "%s:%d: property violated: %s\n", __FILE__, __LINE__,    \
-              #cond);                                                          \
-      abort();                                                                 \
-    }                                                                          \
-  } while (0)
 
 #define BASE_DIR SG_SOURCE_ROOT "/tests/fixtures/route"
 
