@@ -739,7 +739,8 @@ void sg_stream_on_response_headers(sg_stream *s, bool end_stream) {
   s->resp_final = true;
   if (s->conn == NULL || s->rejected)
     return;
-  nghttp2_nv *nva = malloc((s->resp_headers.count + 1) * sizeof *nva);
+  nghttp2_nv stack_nv[SG_NV_STACK];
+  nghttp2_nv *nva = sg_nv_array(stack_nv, s->resp_headers.count + 1);
   if (nva == NULL) {
     sg_stream_fail(s, SG_GRPC_INTERNAL, "sparkgate: out of memory");
     return;
@@ -757,7 +758,7 @@ void sg_stream_on_response_headers(sg_stream *s, bool end_stream) {
    * END_STREAM, as gRPC clients expect for immediate errors. */
   int rv = nghttp2_submit_response(s->conn->session, s->id, nva, n,
                                    end_stream ? NULL : &prd);
-  free(nva);
+  sg_nv_array_free(stack_nv, nva);
   sg_header_list_clear(&s->resp_headers);
   if (rv != 0) {
     nghttp2_submit_rst_stream(s->conn->session, NGHTTP2_FLAG_NONE, s->id,
@@ -926,12 +927,13 @@ ssize_t sg_stream_read_request_body(nghttp2_session *session, int32_t id,
       return NGHTTP2_ERR_DEFERRED;
     *data_flags |= NGHTTP2_DATA_FLAG_EOF;
     if (s->req_trailers.count > 0) {
-      nghttp2_nv *nva = malloc(s->req_trailers.count * sizeof *nva);
+      nghttp2_nv stack_nv[SG_NV_STACK];
+      nghttp2_nv *nva = sg_nv_array(stack_nv, s->req_trailers.count);
       if (nva != NULL) {
         size_t n = build_nv(&s->req_trailers, nva, &s->rt->config->identity_headers);
         if (n > 0 && nghttp2_submit_trailer(session, s->up_id, nva, n) == 0)
           *data_flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
-        free(nva);
+        sg_nv_array_free(stack_nv, nva);
       }
     }
     return 0;
@@ -962,12 +964,13 @@ ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
         *data_flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
     } else if (s->resp_trailers.count > 0) {
       record_grpc_status(s, &s->resp_trailers);
-      nghttp2_nv *nva = malloc(s->resp_trailers.count * sizeof *nva);
+      nghttp2_nv stack_nv[SG_NV_STACK];
+      nghttp2_nv *nva = sg_nv_array(stack_nv, s->resp_trailers.count);
       if (nva != NULL) {
         size_t n = build_nv(&s->resp_trailers, nva, NULL);
         if (n > 0 && nghttp2_submit_trailer(session, s->id, nva, n) == 0)
           *data_flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
-        free(nva);
+        sg_nv_array_free(stack_nv, nva);
       }
       sg_header_list_clear(&s->resp_trailers);
     }

@@ -405,14 +405,15 @@ static void on_socket_readable(evutil_socket_t fd, short what, void *arg) {
 }
 
 static void submit_stream(sg_upstream *up, sg_stream *s) {
-  nghttp2_nv *nva = malloc((s->req_headers.count + SG_STREAM_EXTRA_UPSTREAM_HEADERS) * sizeof *nva);
+  nghttp2_nv stack_nv[SG_NV_STACK];
+  nghttp2_nv *nva = sg_nv_array(stack_nv, s->req_headers.count + SG_STREAM_EXTRA_UPSTREAM_HEADERS);
   int32_t id = NGHTTP2_ERR_NOMEM;
   if (nva != NULL) {
     size_t n = sg_stream_request_nv(s, up->pool->tls_ctx != NULL, nva);
     nghttp2_data_provider prd = {.source = {.ptr = s},
                                  .read_callback = sg_stream_read_request_body};
     id = nghttp2_submit_request(up->session, NULL, nva, n, &prd, s);
-    free(nva);
+    sg_nv_array_free(stack_nv, nva);
   }
   sg_list_unlink(&s->up_link);
   if (id < 0) {

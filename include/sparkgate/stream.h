@@ -16,6 +16,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include <event2/buffer.h>
 #include <nghttp2/nghttp2.h>
@@ -205,6 +206,17 @@ void sg_stream_on_upstream_close(sg_stream *s, uint32_t error_code,
                                  const char *reason);
 
 #define SG_STREAM_EXTRA_UPSTREAM_HEADERS 10
+
+/* Header arrays handed to nghttp2's submit calls (which copy them): on the
+ * caller's stack when they fit, as they nearly always do. */
+#define SG_NV_STACK 32
+static inline nghttp2_nv *sg_nv_array(nghttp2_nv *stack, size_t n) {
+  return n <= SG_NV_STACK ? stack : (nghttp2_nv *)malloc(n * sizeof(nghttp2_nv));
+}
+static inline void sg_nv_array_free(nghttp2_nv *stack, nghttp2_nv *nva) {
+  if (nva != stack)
+    free(nva);
+}
 
 /* Builds the request header block for the upstream into |nva| (room for
  * req_headers.count + SG_STREAM_EXTRA_UPSTREAM_HEADERS entries); the strings point into |s|. Returns the
