@@ -233,8 +233,11 @@ static bool reload_config(sg_main *m) {
   if (sg_config_load(path, &cfg, &errs) != 0) {
     for (size_t i = 0; i < errs.count; i++)
       sg_error("reload: config error: %s", errs.messages[i]);
-    sg_error("reload failed (%zu error%s): keeping the configuration in force",
-             errs.count, errs.count == 1 ? "" : "s");
+    if (errs.count == 0)
+      sg_error("reload failed (out of memory): keeping the configuration in force");
+    else
+      sg_error("reload failed (%zu error%s): keeping the configuration in force",
+               errs.count, errs.count == 1 ? "" : "s");
     sg_config_errors_clear(&errs);
     return false;
   }
@@ -524,8 +527,12 @@ int main(int argc, char **argv) {
   sg_config_errors errs = {0};
   if (sg_config_load(config_path, &cfg, &errs) != 0) {
     print_errors(&errs);
-    fprintf(stderr, "sparkgate: %zu error%s in %s; not starting\n", errs.count,
-            errs.count == 1 ? "" : "s", config_path);
+    if (errs.count == 0) /* even the message could not be kept */
+      fprintf(stderr, "sparkgate: out of memory while loading %s; not starting\n",
+              config_path);
+    else
+      fprintf(stderr, "sparkgate: %zu error%s in %s; not starting\n", errs.count,
+              errs.count == 1 ? "" : "s", config_path);
     sg_config_errors_clear(&errs);
     return 1;
   }
