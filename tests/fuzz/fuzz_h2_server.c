@@ -38,6 +38,7 @@
 
 #include <event2/event.h>
 
+#include "fuzz_conn.h"
 #include "fuzz_support.h"
 #include "sparkgate/accesslog.h"
 #include "sparkgate/config.h"
@@ -194,23 +195,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   }
   cuts[n_pieces] = total;
 
-  char err[256];
-  uint16_t ports[1] = {0};
-  sg_worker *w = sg_worker_new(0, runtime, ports, err, sizeof err);
-  if (w == NULL) {
-    fprintf(stderr, "fuzz_h2_server: worker: %s\n", err);
-    abort();
-  }
-  int sv[2];
-  FUZZ_CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) == 0);
-  /* A made-up TCP peer, for the log lines. */
-  struct sockaddr_in peer;
-  memset(&peer, 0, sizeof peer);
-  peer.sin_family = AF_INET;
-  peer.sin_port = htons(40000);
-  peer.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  sg_conn_accept(w, 0, sv[0], (const struct sockaddr *)&peer, (int)sizeof peer);
-  FUZZ_CHECK(w->n_conns == 1);
+  int client_fd;
+  sg_worker *w = fuzz_worker_with_client(runtime, "fuzz_h2_server", &client_fd);
 
   uint8_t head[64];
   size_t head_len = 0;
@@ -219,7 +205,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   for (int iter = 0; iter < 4 * MAX_PIECES + SETTLE_ITERATIONS; iter++) {
     if (open && piece < n_pieces) {
       size_t end = cuts[piece + 1];
-      ssize_t wr = write_some(sv[1], stream + off, end - off);
+      ssize_t wr = write_some(client_fd, stream + off, end - off);
       if (wr < 0) {
         open = false;
       } else {
@@ -229,7 +215,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       }
     }
     event_base_loop(w->base, EVLOOP_NONBLOCK);
-    if (!drain(sv[1], head, &head_len, sizeof head))
+    if (!drain(client_fd, head, &head_len, sizeof head))
       open = false;
     if (w->n_conns == 0 && (!open || piece == n_pieces))
       break;
@@ -242,7 +228,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   }
 
   sg_worker_free(w);
-  close(sv[1]);
+  close(client_fd);
   free(stream);
   /* Every socket, timer and event fd went with the worker. */
   if (baseline_fds >= 0 && fuzz_count_fds() != baseline_fds) {

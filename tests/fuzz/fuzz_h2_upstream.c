@@ -56,6 +56,7 @@
 #include <event2/event.h>
 #include <nghttp2/nghttp2.h>
 
+#include "fuzz_conn.h"
 #include "fuzz_support.h"
 #include "sparkgate/accesslog.h"
 #include "sparkgate/config.h"
@@ -586,23 +587,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   h = h * 6364136223846793005ull + 1442695040888963407ull;
   unsigned retry_modes = (unsigned)(h >> 40);
 
-  char err[256];
-  uint16_t ports[1] = {0};
-  sg_worker *w = sg_worker_new(0, runtime, ports, err, sizeof err);
-  if (w == NULL) {
-    fprintf(stderr, "fuzz_h2_upstream: worker: %s\n", err);
-    abort();
-  }
-  int sv[2];
-  FUZZ_CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) == 0);
-  /* A made-up TCP peer, for the log lines. */
-  struct sockaddr_in peer;
-  memset(&peer, 0, sizeof peer);
-  peer.sin_family = AF_INET;
-  peer.sin_port = htons(40000);
-  peer.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  sg_conn_accept(w, 0, sv[0], (const struct sockaddr *)&peer, (int)sizeof peer);
-  FUZZ_CHECK(w->n_conns == 1);
+  int client_fd;
+  sg_worker *w = fuzz_worker_with_client(runtime, "fuzz_h2_upstream", &client_fd);
 
   client cl;
   client_start(&cl, false);
@@ -614,7 +600,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   size_t n_ups = 0;
   int quiet = 0;
   for (int iter = 0; iter < MAX_ITERATIONS; iter++) {
-    bool moved = client_send(&cl, sv[1], &client_open);
+    bool moved = client_send(&cl, client_fd, &client_open);
     event_base_loop(w->base, EVLOOP_NONBLOCK);
     if (n_ups < MAX_UPSTREAMS) {
       int fd = accept_backend();
@@ -656,7 +642,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         b->piece++;
     }
     event_base_loop(w->base, EVLOOP_NONBLOCK);
-    moved |= client_recv(&cl, sv[1], &client_open, head, &head_len, sizeof head);
+    moved |= client_recv(&cl, client_fd, &client_open, head, &head_len, sizeof head);
     for (size_t i = 0; i < n_ups; i++)
       moved |= backend_recv(&ups[i]);
 
@@ -734,7 +720,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
   client_free(&cl);
   sg_worker_free(w);
-  close(sv[1]);
+  close(client_fd);
   for (size_t i = 0; i < n_ups; i++)
     if (ups[i].fd >= 0)
       close_reset(ups[i].fd);
