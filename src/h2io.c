@@ -12,28 +12,15 @@ ssize_t sg_h2io_send(nghttp2_session *session, const uint8_t *data,
   return (ssize_t)length;
 }
 
-/* Appends the first |length| bytes of |from| to |to| (a copy). */
+/* Appends a copy of the first |length| bytes of |from| to |to|, which
+ * stay in |from|. */
 static int copy_prefix(struct evbuffer *to, struct evbuffer *from, size_t length) {
-  struct evbuffer_ptr pos;
-  if (evbuffer_ptr_set(from, &pos, 0, EVBUFFER_PTR_SET) != 0)
+  struct evbuffer_iovec v;
+  if (evbuffer_reserve_space(to, (ev_ssize_t)length, &v, 1) != 1 ||
+      evbuffer_copyout(from, v.iov_base, length) != (ev_ssize_t)length)
     return -1;
-  while (length > 0) {
-    struct evbuffer_iovec vec[4];
-    int n = evbuffer_peek(from, (ev_ssize_t)length, &pos, vec, 4);
-    if (n <= 0)
-      return -1;
-    size_t done = 0;
-    for (int i = 0; i < n && i < 4 && done < length; i++) {
-      size_t take = vec[i].iov_len < length - done ? vec[i].iov_len : length - done;
-      if (evbuffer_add(to, vec[i].iov_base, take) != 0)
-        return -1;
-      done += take;
-    }
-    length -= done;
-    if (length > 0 && evbuffer_ptr_set(from, &pos, done, EVBUFFER_PTR_ADD) != 0)
-      return -1;
-  }
-  return 0;
+  v.iov_len = length;
+  return evbuffer_commit_space(to, &v, 1);
 }
 
 int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
