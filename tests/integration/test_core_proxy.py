@@ -323,6 +323,34 @@ class ProxyTest(H.SparkgateTestCase):
         p = H.tls_probe(self.port, try_h2=False, **tls11)
         self.assertFalse(p.ok, p)
 
+    def _s_client(self, args, stdin=b""):
+        return subprocess.run(
+            ["openssl", "s_client", "-connect", "127.0.0.1:%d" % self.port,
+             "-servername", "localhost", "-alpn", "h2", "-CAfile", H.pki().ca_cert] + args,
+            input=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            timeout=20).stdout.decode(errors="replace")
+
+    def test_tls12_renegotiation_refused(self):
+        # "R" on s_client's stdin asks for a renegotiation: the proxy
+        # answers with a no_renegotiation alert, and keeps serving.
+        out = self._s_client(["-tls1_2"], b"R\n")
+        self.assertIn("RENEGOTIATING", out)
+        self.assertIn("no renegotiation", out)
+        r = H.call_unary(self.ch, "Config", b"after renegotiation", timeout=15)
+        self.assertEqual((r.code, r.response), (grpc.StatusCode.OK, b"after renegotiation"), r)
+
+    def test_session_resumption(self):
+        # TLS 1.2 (session cache) and TLS 1.3 (ticket): a second connection
+        # resumes the first one's session and still negotiates h2.
+        d = H.tempdir("sg-resume-")
+        for version in ("-tls1_2", "-tls1_3"):
+            sess = os.path.join(d, "session" + version)
+            first = self._s_client([version, "-sess_out", sess])
+            self.assertRegex(first, r"New, TLSv1\.[23]", first)
+            again = self._s_client([version, "-sess_in", sess])
+            self.assertRegex(again, r"Reused, TLSv1\.[23]", again)
+            self.assertIn("ALPN protocol: h2", again)
+
     def test_tls12_accepted(self):
         p = H.tls_probe(self.port, min_version=ssl.TLSVersion.TLSv1_2,
                         max_version=ssl.TLSVersion.TLSv1_2)
