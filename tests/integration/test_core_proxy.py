@@ -333,7 +333,40 @@ class ProxyTest(H.SparkgateTestCase):
     def test_tls12_renegotiation_refused(self):
         # "R" on s_client's stdin asks for a renegotiation: the proxy
         # answers with a no_renegotiation alert, and keeps serving.
-        out = self._s_client(["-tls1_2"], b"R\n")
+        # "R" goes only once the proxy's SETTINGS frame has been read (it
+        # follows the handshake), so that the answer to the new ClientHello
+        # is the only record in flight.
+        proc = subprocess.Popen(
+            ["openssl", "s_client", "-connect", "127.0.0.1:%d" % self.port,
+             "-servername", "localhost", "-alpn", "h2", "-CAfile", H.pki().ca_cert,
+             "-tls1_2"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        got = bytearray()
+
+        def read_all():
+            for _ in range(1 << 20):  # bounded: s_client's output is a few KiB
+                chunk = proc.stdout.read1(4096)
+                if not chunk:
+                    return
+                got.extend(chunk)
+
+        reader = threading.Thread(target=read_all, daemon=True)
+        reader.start()
+        try:
+            # SETTINGS: a 9-byte frame header of type 4 on stream 0, after
+            # the session summary's last "---".
+            H.wait_until(lambda: b"\x04\x00\x00\x00\x00\x00" in bytes(got).rsplit(b"---", 1)[-1],
+                         10, what="the proxy's SETTINGS frame")
+            proc.stdin.write(b"R\n")
+            proc.stdin.close()
+            proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        reader.join(timeout=10)
+        proc.stdout.close()
+        out = bytes(got).decode(errors="replace")
         self.assertIn("RENEGOTIATING", out)
         self.assertIn("no renegotiation", out)
         r = H.call_unary(self.ch, "Config", b"after renegotiation", timeout=15)
@@ -345,7 +378,18 @@ class ProxyTest(H.SparkgateTestCase):
         d = H.tempdir("sg-resume-")
         for version in ("-tls1_2", "-tls1_3"):
             sess = os.path.join(d, "session" + version)
-            first = self._s_client([version, "-sess_out", sess])
+            # Kept open until the session is saved: a TLS 1.3 ticket comes
+            # after the handshake, and s_client quits at stdin's end.
+            proc = subprocess.Popen(
+                ["openssl", "s_client", "-connect", "127.0.0.1:%d" % self.port,
+                 "-servername", "localhost", "-alpn", "h2", "-CAfile", H.pki().ca_cert,
+                 version, "-sess_out", sess],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            try:
+                H.wait_until(lambda: os.path.exists(sess) and os.path.getsize(sess) > 0,
+                             10, what="s_client saved the session")
+            finally:
+                first = proc.communicate(b"", timeout=20)[0].decode(errors="replace")
             self.assertRegex(first, r"New, TLSv1\.[23]", first)
             again = self._s_client([version, "-sess_in", sess])
             self.assertRegex(again, r"Reused, TLSv1\.[23]", again)
