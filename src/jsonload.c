@@ -17,8 +17,13 @@ static pthread_once_t hook_once = PTHREAD_ONCE_INIT;
 
 static void *hooked_malloc(size_t size) {
   void *p = malloc(size);
-  if (p == NULL)
+  if (p == NULL) {
     jansson_failed = true;
+    /* The result is refused anyway; memory to finish with keeps jansson
+     * 2.14 off its own broken paths (its string lexer asserts when a
+     * buffer it grew short of a byte is scanned again). */
+    p = malloc(size);
+  }
   return p;
 }
 
