@@ -3,6 +3,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #if defined(__SANITIZE_ADDRESS__)
 #define SG_H2MEM_PASSTHROUGH 1
@@ -23,10 +24,21 @@
 #define MAX_SMALL (CLASS_BYTES * N_CLASSES)
 #define MAX_CACHED_BYTES (2u << 20)
 #define LARGE 0xffu
+#define MAPPED 0xfeu
+/* nghttp2's outbound frame buffer, 16 KiB and a frame header, is the one
+ * block of this size a session holds all its life. Frames seldom fill it
+ * (DATA payloads are not copied into it), so on fresh pages of its own
+ * an idle connection has one of them resident, where from the heap it
+ * would reuse pages other buffers (TLS handshakes) already touched. */
+#define MAP_MIN (16u << 10)
 
-/* Before each block: its class, padded so the block stays 16-aligned. */
+/* Before each block: its class (and for large and mapped blocks the size
+ * asked for), padded so the block stays 16-aligned. */
 typedef union block_head {
-  unsigned cls;
+  struct {
+    unsigned cls;
+    size_t size;
+  } h;
   max_align_t align;
 } block_head;
 
@@ -45,11 +57,22 @@ static inline size_t class_size(unsigned cls) { return (size_t)(cls + 1) * CLASS
 static void *take(sg_h2mem *m, size_t size) {
   if (size == 0)
     size = 1;
+  if (size >= MAP_MIN) {
+    size_t len = sizeof(block_head) + size;
+    void *map = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (map == MAP_FAILED)
+      return NULL;
+    block_head *h = map;
+    h->h.cls = MAPPED;
+    h->h.size = size;
+    return h + 1;
+  }
   if (size > MAX_SMALL) {
     block_head *h = malloc(sizeof *h + size);
     if (h == NULL)
       return NULL;
-    h->cls = LARGE;
+    h->h.cls = LARGE;
+    h->h.size = size;
     return h + 1;
   }
   unsigned cls = (unsigned)((size - 1) / CLASS_BYTES);
@@ -58,13 +81,13 @@ static void *take(sg_h2mem *m, size_t size) {
     m->free[cls] = b->next;
     m->cached_bytes -= class_size(cls);
     block_head *h = (block_head *)b;
-    h->cls = cls;
+    h->h.cls = cls;
     return h + 1;
   }
   block_head *h = malloc(sizeof *h + class_size(cls));
   if (h == NULL)
     return NULL;
-  h->cls = cls;
+  h->h.cls = cls;
   return h + 1;
 }
 
@@ -72,7 +95,11 @@ static void give(sg_h2mem *m, void *p) {
   if (p == NULL)
     return;
   block_head *h = (block_head *)p - 1;
-  unsigned cls = h->cls;
+  unsigned cls = h->h.cls;
+  if (cls == MAPPED) {
+    munmap(h, sizeof *h + h->h.size);
+    return;
+  }
   if (cls == LARGE || m->cached_bytes + class_size(cls) > MAX_CACHED_BYTES) {
     free(h);
     return;
@@ -91,7 +118,7 @@ static void *mem_calloc(size_t n, size_t size, void *user) {
   if (size != 0 && n > SIZE_MAX / size)
     return NULL;
   void *p = take(user, n * size);
-  if (p != NULL)
+  if (p != NULL && n * size < MAP_MIN) /* fresh mappings are zero */
     memset(p, 0, n * size);
   return p;
 }
@@ -101,18 +128,24 @@ static void *mem_realloc(void *p, size_t size, void *user) {
   if (p == NULL)
     return take(m, size);
   block_head *h = (block_head *)p - 1;
-  if (h->cls == LARGE) {
-    if (size > MAX_SMALL) {
+  if (h->h.cls == LARGE) {
+    if (size > MAX_SMALL && size < MAP_MIN) {
       block_head *nh = realloc(h, sizeof *h + size);
-      return nh != NULL ? nh + 1 : NULL;
+      if (nh == NULL)
+        return NULL;
+      nh->h.size = size;
+      return nh + 1;
     }
-  } else if (size <= class_size(h->cls) && size > 0) {
+  } else if (h->h.cls == MAPPED) {
+    if (size >= MAP_MIN && size <= h->h.size)
+      return p;
+  } else if (size <= class_size(h->h.cls) && size > 0) {
     return p;
   }
   void *q = take(m, size);
   if (q == NULL)
     return NULL;
-  size_t old = h->cls == LARGE ? size : class_size(h->cls);
+  size_t old = h->h.cls == LARGE || h->h.cls == MAPPED ? h->h.size : class_size(h->h.cls);
   memcpy(q, p, old < size ? old : size);
   give(m, p);
   return q;

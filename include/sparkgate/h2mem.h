@@ -1,7 +1,10 @@
 /* A per-worker allocator for nghttp2 (nghttp2_mem): small blocks come from
  * free lists kept by size class, so the dozens of allocations nghttp2 makes
  * per call (header buffers, stream objects, outbound frames) seldom reach
- * malloc. One worker thread uses it: no locks. Larger blocks go to malloc.
+ * malloc. One worker thread uses it: no locks. Larger blocks go to malloc,
+ * and blocks of 16 KiB and more (nghttp2's outbound frame buffer, one per
+ * session) to mappings of their own, so that an idle connection keeps
+ * resident only the pages its frames touched.
  * Under AddressSanitizer it is plain malloc, so that use-after-free stays
  * visible. */
 #ifndef SPARKGATE_H2MEM_H

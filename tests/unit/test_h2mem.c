@@ -31,7 +31,8 @@ static void test_blocks(void) {
     return;
   }
   static const size_t sizes[] = {0, 1, 15, 16, 17, 31, 32, 33, 100, 500,
-                                 1023, 1024, 1025, 4096, 70000};
+                                 1023, 1024, 1025, 4096, 5500, 16384,
+                                 20000, 70000};
   enum { N = sizeof sizes / sizeof sizes[0] };
   uint8_t *p[N];
   for (size_t i = 0; i < N; i++) {
@@ -42,7 +43,9 @@ static void test_blocks(void) {
   }
   for (size_t i = 0; i < N; i++)
     CHECK(same(p[i], sizes[i], (uint8_t)i));
-  /* Grow and shrink across classes and into and out of large blocks. */
+  /* Grow and shrink across classes and into and out of large and mapped
+   * (16 KiB and up) blocks: 5500 grows from the heap into a mapping,
+   * 20000 shrinks from a mapping into the heap. */
   for (size_t i = 0; i < N; i++) {
     size_t to = sizes[i] * 3 + 7;
     uint8_t *q = mem->realloc(p[i], to, mem->mem_user_data);
@@ -59,6 +62,12 @@ static void test_blocks(void) {
   for (size_t i = 0; i < 500; i++)
     zero &= z[i] == 0;
   CHECK(zero);
+  uint8_t *zm = mem->calloc(2, 40000, mem->mem_user_data);
+  CHECK(zm != NULL);
+  for (size_t i = 0; i < 80000; i++)
+    zero &= zm[i] == 0;
+  CHECK(zero);
+  mem->free(zm, mem->mem_user_data);
   CHECK(mem->calloc(SIZE_MAX / 2, 4, mem->mem_user_data) == NULL);
   mem->free(z, mem->mem_user_data);
   for (size_t i = 0; i < N; i++)
