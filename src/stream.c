@@ -503,7 +503,9 @@ void sg_stream_on_request_data(sg_stream *s, const uint8_t *data, size_t len) {
     if (s->up_state == SG_UPSTREAM_LEG_NONE && sg_sparkmsg_header_known(s->scanner, &h)) {
       /* In rewrite and enforce modes the session belongs to the
        * authenticated identity, whatever the client wrote. */
-      snprintf(s->session_id, sizeof s->session_id, "%s", h.session_id);
+      size_t n = strnlen(h.session_id, sizeof s->session_id - 1);
+      memcpy(s->session_id, h.session_id, n);
+      s->session_id[n] = '\0';
       const char *user = s->tenant->user_id == SG_ROUTE_USER_ID_OFF
                              ? (h.user_id_present ? h.user_id : "")
                              : s->identity;
@@ -620,8 +622,6 @@ static void report_call(sg_stream *s, const sg_conn *c, uint32_t error_code) {
   double ms = (double)(monotonic_us() - s->started_us) / 1000.0;
   const sg_header *path = HEADER_FIND(&s->req_headers, ":path");
   nghttp2_vec p = path != NULL ? header_value(path) : (nghttp2_vec){(uint8_t *)"", 0};
-  char pathbuf[256];
-  snprintf(pathbuf, sizeof pathbuf, "%.*s", (int)(p.len < 255 ? p.len : 255), p.base);
   if (s->gen->metrics != NULL)
     sg_metrics_rpc_done(s->gen->metrics,
                         s->tenant != NULL ? s->tenant->index : SG_METRICS_TENANT_NONE,
@@ -629,6 +629,8 @@ static void report_call(sg_stream *s, const sg_conn *c, uint32_t error_code) {
                         s->grpc_status, ms / 1000.0, s->bytes_in, s->bytes_out);
   if (!s->rt->config->access_log.enabled)
     return;
+  char pathbuf[256];
+  snprintf(pathbuf, sizeof pathbuf, "%.*s", (int)(p.len < 255 ? p.len : 255), p.base);
   sg_access_record r = {
       .conn_id = s->conn_id,
       .stream_id = s->id,
