@@ -340,7 +340,7 @@ static void conn_flush(sg_conn *c) {
   if (c->session == NULL || c->freeing)
     return;
   struct evbuffer *out = bufferevent_get_output(c->bev);
-  int rv = sg_h2io_flush(c->session);
+  int rv = sg_h2io_flush(&c->io, c->session);
   if (rv != 0) {
     sg_conn_close_now(c, nghttp2_strerror(rv));
     return;

@@ -58,4 +58,17 @@ int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
   return 0;
 }
 
-int sg_h2io_flush(nghttp2_session *session) { return nghttp2_session_send(session); }
+/* TLS's largest record payload. */
+#define RECORD_MAX 16384
+
+int sg_h2io_flush(sg_h2io *io, nghttp2_session *session) {
+  int rv = nghttp2_session_send(session);
+  if (rv != 0 || !io->copy_payload)
+    return rv;
+  size_t n = evbuffer_get_length(io->out);
+  /* The copy is at most 16 KiB; the write and the record it saves cost
+   * more. A failed pullup leaves the output as it was. */
+  if (n > 1 && n <= RECORD_MAX && evbuffer_peek(io->out, -1, NULL, NULL, 0) > 1)
+    evbuffer_pullup(io->out, -1);
+  return 0;
+}

@@ -312,7 +312,7 @@ static void upstream_flush(sg_upstream *up) {
   if (up->session == NULL || up->freeing)
     return;
   struct evbuffer *out = bufferevent_get_output(up->bev);
-  int rv = sg_h2io_flush(up->session);
+  int rv = sg_h2io_flush(&up->io, up->session);
   if (rv != 0) {
     upstream_free(up, nghttp2_strerror(rv));
     return;
@@ -613,6 +613,7 @@ static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err,
     goto fail;
   up->io.out = bufferevent_get_output(up->bev);
   up->io.high_water = SG_UPSTREAM_OUTPUT_HIGH_WATER;
+  up->io.copy_payload = up->ssl != NULL;
   bufferevent_setcb(up->bev, on_read, on_write, on_event, up);
   bufferevent_setwatermark(up->bev, EV_WRITE, SG_UPSTREAM_OUTPUT_LOW_WATER, 0);
   /* libevent reads and writes 16 KiB per syscall by default: at bulk rates

@@ -1,8 +1,8 @@
 /* Writing an nghttp2 session's frames into a libevent output buffer.
- * Frames are serialized by nghttp2; DATA payloads are moved from the
- * other leg's buffer into the output by reference (evbuffer chains), not
- * copied, and a high-water mark on the output makes nghttp2 wait
- * (NGHTTP2_ERR_WOULDBLOCK) for a slow peer. */
+ * Frames are serialized by nghttp2; on cleartext connections DATA payloads
+ * are moved from the other leg's buffer into the output by reference
+ * (evbuffer chains), not copied, and a high-water mark on the output makes
+ * nghttp2 wait (NGHTTP2_ERR_WOULDBLOCK) for a slow peer. */
 #ifndef SPARKGATE_H2IO_H
 #define SPARKGATE_H2IO_H
 
@@ -18,9 +18,10 @@
 typedef struct sg_h2io {
   struct evbuffer *out;
   size_t high_water;
-  /* Copy DATA payloads into the output instead of moving their chains:
-   * for TLS, where libevent makes one TLS record (and one write) per
-   * chain, so frame headers and small payloads must share chains. */
+  /* For TLS, where libevent makes one TLS record (and one write) per
+   * chain of the output: DATA payloads are copied in instead of moving
+   * their chains, so that frame headers and payloads share chains, and
+   * each flush leaves small output in a single chain. */
   bool copy_payload;
 } sg_h2io;
 
@@ -35,7 +36,10 @@ int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
                       const uint8_t *framehd, size_t length,
                       struct evbuffer *payload, struct evbuffer *keep);
 
-/* Runs nghttp2_session_send; returns its result. */
-int sg_h2io_flush(nghttp2_session *session);
+/* Runs nghttp2_session_send; returns its result. With |io->copy_payload|,
+ * output of up to one TLS record's worth (16 KiB) spread over chains is
+ * then gathered into one: the calls answered in one event loop iteration
+ * reach the peer in one record and one write(), not one per chain. */
+int sg_h2io_flush(sg_h2io *io, nghttp2_session *session);
 
 #endif
