@@ -20,6 +20,7 @@
 #include "sparkgate/jwt.h"
 #include "sparkgate/keyfetch.h"
 #include "sparkgate/log.h"
+#include "sparkgate/memcache.h"
 #include "sparkgate/metrics.h"
 #include "sparkgate/notify.h"
 #include "sparkgate/observe.h"
@@ -517,6 +518,9 @@ int main(int argc, char **argv) {
   mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024);
   mallopt(M_TOP_PAD, 4 * 1024 * 1024);
 #endif
+  /* Before libevent allocates anything: its buffers' chains come and go
+   * with every call (see memcache.h). */
+  event_set_mem_functions(sg_memcache_malloc, sg_memcache_realloc, sg_memcache_free);
   /* Cross-thread event_active (drain requests) needs libevent's locks. */
   if (evthread_use_pthreads() != 0) {
     fprintf(stderr, "sparkgate: libevent has no pthreads support\n");
@@ -543,5 +547,6 @@ int main(int argc, char **argv) {
   }
   int status = run(cfg);
   sg_config_unref(cfg);
+  sg_memcache_release();
   return status;
 }

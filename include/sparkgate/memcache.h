@@ -1,0 +1,28 @@
+/* A thread's cache of freed blocks, by size class, for the buffers that
+ * come and go with every call: libevent's evbuffer chains (1 KiB and a
+ * header, just past glibc's per-thread cache, so each one took glibc's
+ * slower path with its bin searches and coalescing) and the per-call
+ * Spark message scanner (6 KiB). Blocks up to 16 KiB and a little are
+ * kept in per-thread free lists, at most 2 MiB per thread; larger ones,
+ * and whatever is over the bound, go to malloc and free. No locks: a
+ * block freed by another thread joins that thread's lists. Under
+ * AddressSanitizer it is plain malloc, so that use-after-free stays
+ * visible. */
+#ifndef SPARKGATE_MEMCACHE_H
+#define SPARKGATE_MEMCACHE_H
+
+#include <stddef.h>
+
+void *sg_memcache_malloc(size_t size);
+void *sg_memcache_calloc(size_t n, size_t size);
+void *sg_memcache_realloc(void *p, size_t size);
+/* Only for blocks from these functions. */
+void sg_memcache_free(void *p);
+
+/* Bytes kept in this thread's lists (tests). */
+size_t sg_memcache_cached_bytes(void);
+/* Gives this thread's cached blocks back to malloc (also done when a
+ * thread exits). */
+void sg_memcache_release(void);
+
+#endif
