@@ -424,10 +424,6 @@ static int start_session(sg_conn *c) {
    * limits; make them explicit. */
   nghttp2_option_set_stream_reset_rate_limit(opt, 1000, 33);
   nghttp2_option_set_max_continuations(opt, 8);
-  /* Closed streams are kept only for RFC 7540's priority tree, which a
-   * proxy of gRPC calls does not use: every call would leave one behind
-   * to be walked and freed later. */
-  nghttp2_option_set_no_closed_streams(opt, 1);
   int rv = nghttp2_session_server_new3(&c->session, server_callbacks(), c, opt,
                                        sg_h2mem_nghttp2(c->worker->h2mem));
   nghttp2_option_del(opt);
@@ -438,7 +434,6 @@ static int start_session(sg_conn *c) {
       {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, cfg->stream_window_bytes},
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, cfg->max_header_list_bytes},
       {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
-      {NGHTTP2_SETTINGS_NO_RFC7540_PRIORITIES, 1},
   };
   if (nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, iv,
                               sizeof iv / sizeof iv[0]) != 0)

@@ -437,7 +437,6 @@ static int start_session(sg_upstream *up) {
     return -1;
   nghttp2_option_set_no_auto_window_update(opt, 1);
   nghttp2_option_set_max_continuations(opt, 8);
-  nghttp2_option_set_no_closed_streams(opt, 1); /* as conn.c */
   int rv = nghttp2_session_client_new3(&up->session, client_cbs, up, opt,
                                        sg_h2mem_nghttp2(up->pool->worker->h2mem));
   nghttp2_option_del(opt);
@@ -447,7 +446,6 @@ static int start_session(sg_upstream *up) {
       {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
       {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, cfg->stream_window_bytes},
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, SG_UPSTREAM_MAX_HEADER_LIST_BYTES},
-      {NGHTTP2_SETTINGS_NO_RFC7540_PRIORITIES, 1},
   };
   if (nghttp2_submit_settings(up->session, NGHTTP2_FLAG_NONE, iv,
                               sizeof iv / sizeof iv[0]) != 0)
