@@ -1,5 +1,7 @@
 #include "sparkgate/h2io.h"
 
+#include <string.h>
+
 ssize_t sg_h2io_send(nghttp2_session *session, const uint8_t *data,
                      size_t length, int flags, void *user) {
   (void)session;
@@ -31,6 +33,26 @@ int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
   if (keep != NULL && length > 0 && copy_prefix(keep, payload, length) != 0)
     return NGHTTP2_ERR_CALLBACK_FAILURE;
   size_t padlen = frame->data.padlen;
+  if (io->copy_payload) {
+    /* The whole frame in one piece of one chain: with frames of
+     * SG_H2IO_TLS_DATA_MAX, every chain then holds whole records. */
+    size_t total = 9 + (padlen > 0 ? 1 : 0) + length + (padlen > 1 ? padlen - 1 : 0);
+    struct evbuffer_iovec v;
+    if (evbuffer_reserve_space(io->out, (ev_ssize_t)total, &v, 1) != 1)
+      return NGHTTP2_ERR_CALLBACK_FAILURE;
+    uint8_t *p = v.iov_base;
+    memcpy(p, framehd, 9);
+    p += 9;
+    if (padlen > 0)
+      *p++ = (uint8_t)(padlen - 1);
+    if (length > 0 && evbuffer_remove(payload, p, length) != (int)length)
+      return NGHTTP2_ERR_CALLBACK_FAILURE;
+    p += length;
+    if (padlen > 1)
+      memset(p, 0, padlen - 1);
+    v.iov_len = total;
+    return evbuffer_commit_space(io->out, &v, 1) == 0 ? 0 : NGHTTP2_ERR_CALLBACK_FAILURE;
+  }
   if (evbuffer_add(io->out, framehd, 9) != 0)
     return NGHTTP2_ERR_CALLBACK_FAILURE;
   if (padlen > 0) {
@@ -38,18 +60,9 @@ int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
     if (evbuffer_add(io->out, &padlen_byte, 1) != 0)
       return NGHTTP2_ERR_CALLBACK_FAILURE;
   }
-  if (length > 0 && io->copy_payload) {
-    struct evbuffer_iovec v;
-    if (evbuffer_reserve_space(io->out, (ev_ssize_t)length, &v, 1) != 1 ||
-        evbuffer_remove(payload, v.iov_base, length) != (int)length)
-      return NGHTTP2_ERR_CALLBACK_FAILURE;
-    v.iov_len = length;
-    if (evbuffer_commit_space(io->out, &v, 1) != 0)
-      return NGHTTP2_ERR_CALLBACK_FAILURE;
-  } else if (length > 0 && evbuffer_remove_buffer(payload, io->out, length) != (int)length) {
-    /* The zero-copy step: chains change hands. */
+  /* The zero-copy step: chains change hands. */
+  if (length > 0 && evbuffer_remove_buffer(payload, io->out, length) != (int)length)
     return NGHTTP2_ERR_CALLBACK_FAILURE;
-  }
   if (padlen > 1) {
     static const uint8_t zeros[256];
     if (evbuffer_add(io->out, zeros, padlen - 1) != 0)
@@ -58,8 +71,13 @@ int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
   return 0;
 }
 
+size_t sg_h2io_data_max(const sg_h2io *io, size_t length) {
+  return io->copy_payload && length > SG_H2IO_TLS_DATA_MAX ? SG_H2IO_TLS_DATA_MAX : length;
+}
+
 /* TLS's largest record payload. */
 #define RECORD_MAX 16384
+_Static_assert(SG_H2IO_TLS_DATA_MAX + 9 == RECORD_MAX, "a DATA frame fills one record");
 
 int sg_h2io_flush(sg_h2io *io, nghttp2_session *session) {
   int rv = nghttp2_session_send(session);

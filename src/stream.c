@@ -921,7 +921,6 @@ ssize_t sg_stream_read_request_body(nghttp2_session *session, int32_t id,
                                     uint32_t *data_flags,
                                     nghttp2_data_source *source, void *user) {
   (void)id;
-  (void)user;
   sg_stream *s = source->ptr;
   size_t avail = evbuffer_get_length(s->req_body);
   if (avail == 0) {
@@ -940,6 +939,7 @@ ssize_t sg_stream_read_request_body(nghttp2_session *session, int32_t id,
     }
     return 0;
   }
+  length = sg_h2io_data_max(user, length);
   size_t n = avail < length ? avail : length;
   /* send_data (upstream.c) moves the bytes without copying them. */
   *data_flags |= NGHTTP2_DATA_FLAG_NO_COPY;
@@ -952,7 +952,6 @@ ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
                                      uint32_t *data_flags,
                                      nghttp2_data_source *source, void *user) {
   (void)id;
-  (void)user;
   sg_stream *s = source->ptr;
   size_t avail = evbuffer_get_length(s->resp_body);
   if (avail == 0) {
@@ -978,6 +977,7 @@ ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
     }
     return 0;
   }
+  length = sg_h2io_data_max(user, length);
   size_t n = avail < length ? avail : length;
   /* send_data (conn.c) moves the bytes without copying them. */
   *data_flags |= NGHTTP2_DATA_FLAG_NO_COPY;

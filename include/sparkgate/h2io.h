@@ -36,6 +36,13 @@ int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
                       const uint8_t *framehd, size_t length,
                       struct evbuffer *payload, struct evbuffer *keep);
 
+/* The most DATA payload to put in one frame: |length| (what nghttp2
+ * allows), but on TLS no more than SG_H2IO_TLS_DATA_MAX, so that a frame
+ * and its 9-byte header fill one TLS record (16 KiB) exactly instead of
+ * spilling 9 bytes into a record of their own. */
+#define SG_H2IO_TLS_DATA_MAX (16384 - 9)
+size_t sg_h2io_data_max(const sg_h2io *io, size_t length);
+
 /* Runs nghttp2_session_send; returns its result. With |io->copy_payload|,
  * output of up to one TLS record's worth (16 KiB) spread over chains is
  * then gathered into one: the calls answered in one event loop iteration
