@@ -9,24 +9,21 @@
 #include <event2/buffer.h>
 
 #include "check.h"
+#include "pattern.h"
 #include "sparkgate/h2io.h"
 
 static void fill(struct evbuffer *b, size_t n, uint8_t seed) {
   uint8_t chunk[4096];
   for (size_t done = 0; done < n;) {
     size_t k = n - done < sizeof chunk ? n - done : sizeof chunk;
-    for (size_t i = 0; i < k; i++)
-      chunk[i] = (uint8_t)(seed + done + i);
+    pattern_fill(chunk, k, (uint8_t)(seed + done));
     evbuffer_add(b, chunk, k);
     done += k;
   }
 }
 
 static int payload_ok(const uint8_t *p, size_t n, uint8_t seed, size_t from) {
-  for (size_t i = 0; i < n; i++)
-    if (p[i] != (uint8_t)(seed + from + i))
-      return 0;
-  return 1;
+  return pattern_same(p, n, (uint8_t)(seed + from));
 }
 
 static void test_tls_frames_fill_records(void) {

@@ -8,19 +8,8 @@
 #include <nghttp2/nghttp2.h>
 
 #include "check.h"
+#include "pattern.h"
 #include "sparkgate/h2mem.h"
-
-static void fill(uint8_t *p, size_t n, uint8_t seed) {
-  for (size_t i = 0; i < n; i++)
-    p[i] = (uint8_t)(seed + i);
-}
-
-static int same(const uint8_t *p, size_t n, uint8_t seed) {
-  for (size_t i = 0; i < n; i++)
-    if (p[i] != (uint8_t)(seed + i))
-      return 0;
-  return 1;
-}
 
 static void test_blocks(void) {
   sg_h2mem *m = sg_h2mem_new();
@@ -33,29 +22,10 @@ static void test_blocks(void) {
   static const size_t sizes[] = {0, 1, 15, 16, 17, 31, 32, 33, 100, 500,
                                  1023, 1024, 1025, 4096, 5500, 16384,
                                  20000, 70000};
-  enum { N = sizeof sizes / sizeof sizes[0] };
-  uint8_t *p[N];
-  for (size_t i = 0; i < N; i++) {
-    p[i] = mem->malloc(sizes[i], mem->mem_user_data);
-    CHECK(p[i] != NULL);
-    CHECK(((uintptr_t)p[i] % 16) == 0);
-    fill(p[i], sizes[i], (uint8_t)i);
-  }
-  for (size_t i = 0; i < N; i++)
-    CHECK(same(p[i], sizes[i], (uint8_t)i));
-  /* Grow and shrink across classes and into and out of large and mapped
-   * (16 KiB and up) blocks: 5500 grows from the heap into a mapping,
-   * 20000 shrinks from a mapping into the heap. */
-  for (size_t i = 0; i < N; i++) {
-    size_t to = sizes[i] * 3 + 7;
-    uint8_t *q = mem->realloc(p[i], to, mem->mem_user_data);
-    CHECK(q != NULL);
-    CHECK(same(q, sizes[i], (uint8_t)i));
-    uint8_t *r = mem->realloc(q, sizes[i] / 2 + 1, mem->mem_user_data);
-    CHECK(r != NULL);
-    CHECK(same(r, sizes[i] / 2 + (sizes[i] > 0), (uint8_t)i) || sizes[i] == 0);
-    p[i] = r;
-  }
+  /* Across classes and into and out of large and mapped (16 KiB and up)
+   * blocks: 5500 grows from the heap into a mapping, 20000 shrinks from a
+   * mapping into the heap. */
+  pattern_check_allocator(mem, sizes, sizeof sizes / sizeof sizes[0]);
   uint8_t *z = mem->calloc(10, 50, mem->mem_user_data);
   CHECK(z != NULL);
   int zero = 1;
@@ -70,8 +40,6 @@ static void test_blocks(void) {
   mem->free(zm, mem->mem_user_data);
   CHECK(mem->calloc(SIZE_MAX / 2, 4, mem->mem_user_data) == NULL);
   mem->free(z, mem->mem_user_data);
-  for (size_t i = 0; i < N; i++)
-    mem->free(p[i], mem->mem_user_data);
   mem->free(NULL, mem->mem_user_data);
   CHECK(sg_h2mem_cached_bytes(m) > 0);
   /* A freed small block is what the next allocation of its class gets. */

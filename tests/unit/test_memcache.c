@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "pattern.h"
 #include "sparkgate/memcache.h"
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -21,43 +22,25 @@
 #define PASSTHROUGH 0
 #endif
 
-static void fill(uint8_t *p, size_t n, uint8_t seed) {
-  for (size_t i = 0; i < n; i++)
-    p[i] = (uint8_t)(seed + i);
+static void *mc_malloc(size_t size, void *user) {
+  (void)user;
+  return sg_memcache_malloc(size);
 }
-
-static int same(const uint8_t *p, size_t n, uint8_t seed) {
-  for (size_t i = 0; i < n; i++)
-    if (p[i] != (uint8_t)(seed + i))
-      return 0;
-  return 1;
+static void *mc_realloc(void *p, size_t size, void *user) {
+  (void)user;
+  return sg_memcache_realloc(p, size);
+}
+static void mc_free(void *p, void *user) {
+  (void)user;
+  sg_memcache_free(p);
 }
 
 static void test_blocks(void) {
   static const size_t sizes[] = {0,    1,    63,   64,   65,    1000,  1056, 2104,
                                  5832, 8192, 16384, 16511, 16512, 16513, 70000};
-  enum { N = sizeof sizes / sizeof sizes[0] };
-  uint8_t *p[N];
-  for (size_t i = 0; i < N; i++) {
-    p[i] = sg_memcache_malloc(sizes[i]);
-    CHECK(p[i] != NULL);
-    CHECK(((uintptr_t)p[i] % 16) == 0);
-    fill(p[i], sizes[i], (uint8_t)i);
-  }
-  for (size_t i = 0; i < N; i++)
-    CHECK(same(p[i], sizes[i], (uint8_t)i));
-  /* Grow and shrink across classes and into and out of uncached sizes. */
-  for (size_t i = 0; i < N; i++) {
-    size_t to = sizes[i] * 3 + 7;
-    uint8_t *q = sg_memcache_realloc(p[i], to);
-    CHECK(q != NULL);
-    CHECK(same(q, sizes[i], (uint8_t)i));
-    size_t down = sizes[i] / 2 + 1;
-    uint8_t *r = sg_memcache_realloc(q, down);
-    CHECK(r != NULL);
-    CHECK(sizes[i] == 0 || same(r, down < sizes[i] ? down : sizes[i], (uint8_t)i));
-    p[i] = r;
-  }
+  /* Across classes and into and out of uncached sizes. */
+  nghttp2_mem mem = {.malloc = mc_malloc, .realloc = mc_realloc, .free = mc_free};
+  pattern_check_allocator(&mem, sizes, sizeof sizes / sizeof sizes[0]);
   uint8_t *z = sg_memcache_calloc(10, 500);
   CHECK(z != NULL);
   int zero = 1;
@@ -66,8 +49,6 @@ static void test_blocks(void) {
   CHECK(zero);
   CHECK(sg_memcache_calloc(SIZE_MAX / 2, 4) == NULL);
   sg_memcache_free(z);
-  for (size_t i = 0; i < N; i++)
-    sg_memcache_free(p[i]);
   sg_memcache_free(NULL);
   if (PASSTHROUGH)
     return;
