@@ -38,4 +38,10 @@ static inline sg_worker *fuzz_worker_with_client(sg_runtime *rt, const char *who
   return w;
 }
 
+/* The one connection fuzz_worker_with_client accepted. */
+static inline sg_conn *fuzz_only_conn(sg_worker *w) {
+  FUZZ_CHECK(!sg_list_empty(&w->conns));
+  return SG_CONTAINER_OF(w->conns.next, sg_conn, worker_link);
+}
+
 #endif
