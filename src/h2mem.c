@@ -60,12 +60,14 @@ static void *take(sg_h2mem *m, size_t size) {
   if (size >= MAP_MIN) {
     size_t len = sizeof(block_head) + size;
     void *map = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (map == MAP_FAILED)
-      return NULL;
-    block_head *h = map;
-    h->h.cls = MAPPED;
-    h->h.size = size;
-    return h + 1;
+    if (map != MAP_FAILED) {
+      block_head *h = map;
+      h->h.cls = MAPPED;
+      h->h.size = size;
+      return h + 1;
+    }
+    /* Out of mappings (vm.max_map_count, with very many connections):
+     * the heap still serves, at the memory cost this saves. */
   }
   if (size > MAX_SMALL) {
     block_head *h = malloc(sizeof *h + size);
@@ -118,7 +120,7 @@ static void *mem_calloc(size_t n, size_t size, void *user) {
   if (size != 0 && n > SIZE_MAX / size)
     return NULL;
   void *p = take(user, n * size);
-  if (p != NULL && n * size < MAP_MIN) /* fresh mappings are zero */
+  if (p != NULL && ((block_head *)p - 1)->h.cls != MAPPED) /* fresh mappings are zero */
     memset(p, 0, n * size);
   return p;
 }

@@ -1,9 +1,13 @@
 /* The per-worker nghttp2 allocator: blocks of every size come back intact,
  * realloc keeps contents, freed blocks are reused and the cache is
  * bounded; and a real nghttp2 session runs on it. */
+#include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <nghttp2/nghttp2.h>
 
@@ -96,8 +100,51 @@ static void test_session(void) {
   sg_h2mem_free(m);
 }
 
+#if !defined(__SANITIZE_ADDRESS__)
+/* This binary's mmap, so that h2mem's can be made to fail as it does when
+ * a process reaches vm.max_map_count. glibc's malloc maps memory through
+ * its own internal entry point, not this one. */
+static int fail_mmap;
+void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
+  if (fail_mmap) {
+    errno = ENOMEM;
+    return MAP_FAILED;
+  }
+  return (void *)syscall(SYS_mmap, addr, len, prot, flags, fd, off);
+}
+
+/* Without mappings the heap serves large blocks, and calloc still zeroes
+ * them (only fresh mappings come zeroed). */
+static void test_no_mappings(void) {
+  sg_h2mem *m = sg_h2mem_new();
+  nghttp2_mem *mem = sg_h2mem_nghttp2(m);
+  CHECK(mem != NULL);
+  fail_mmap = 1;
+  uint8_t *dirty = mem->malloc(20000, mem->mem_user_data);
+  CHECK(dirty != NULL);
+  memset(dirty, 0xff, 20000);
+  mem->free(dirty, mem->mem_user_data);
+  uint8_t *z = mem->calloc(1, 20000, mem->mem_user_data);
+  CHECK(z != NULL);
+  int zero = 1;
+  for (size_t i = 0; i < 20000; i++)
+    zero &= z[i] == 0;
+  CHECK(zero);
+  pattern_fill(z, 20000, 9);
+  uint8_t *g = mem->realloc(z, 50000, mem->mem_user_data);
+  CHECK(g != NULL);
+  CHECK(pattern_same(g, 20000, 9));
+  mem->free(g, mem->mem_user_data);
+  fail_mmap = 0;
+  sg_h2mem_free(m);
+}
+#endif
+
 int main(void) {
   test_blocks();
   test_session();
+#if !defined(__SANITIZE_ADDRESS__)
+  test_no_mappings();
+#endif
   return check_report("h2mem");
 }
