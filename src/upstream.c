@@ -446,6 +446,7 @@ static int start_session(sg_upstream *up) {
       {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
       {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, cfg->stream_window_bytes},
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, SG_UPSTREAM_MAX_HEADER_LIST_BYTES},
+      {NGHTTP2_SETTINGS_NO_RFC7540_PRIORITIES, 1}, /* as conn.c */
   };
   if (nghttp2_submit_settings(up->session, NGHTTP2_FLAG_NONE, iv,
                               sizeof iv / sizeof iv[0]) != 0)
