@@ -46,6 +46,7 @@
 
 #include "alloc_fault.h"
 #include "check.h"
+#include "hs256_token.h"
 #include "sparkgate/accesslog.h"
 #include "sparkgate/config.h"
 #include "sparkgate/conn.h"
@@ -395,27 +396,6 @@ static void client_feed(client *c) {
 
 /* ---- a token ---------------------------------------------------------------- */
 
-static size_t b64url(const uint8_t *in, size_t len, char *out) {
-  static const char tbl[] =
-      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-  size_t o = 0;
-  for (size_t i = 0; i < len; i += 3) {
-    uint32_t v = (uint32_t)in[i] << 16;
-    if (i + 1 < len)
-      v |= (uint32_t)in[i + 1] << 8;
-    if (i + 2 < len)
-      v |= in[i + 2];
-    out[o++] = tbl[v >> 18];
-    out[o++] = tbl[(v >> 12) & 63];
-    if (i + 1 < len)
-      out[o++] = tbl[(v >> 6) & 63];
-    if (i + 2 < len)
-      out[o++] = tbl[v & 63];
-  }
-  out[o] = '\0';
-  return o;
-}
-
 /* "Bearer " and an HS256 token for alice, valid for an hour. */
 static void bearer_token(char *out, size_t outlen) {
   uint8_t key[128];
@@ -427,24 +407,15 @@ static void bearer_token(char *out, size_t outlen) {
     keylen--;
   if (keylen == 0)
     exit(1);
-  char payload[256], signing[1024];
+  char payload[256];
   long now = (long)time(NULL);
   snprintf(payload, sizeof payload,
            "{\"iss\":\"https://idp.example\",\"aud\":\"spark\",\"sub\":\"alice\","
            "\"iat\":%ld,\"exp\":%ld}",
            now, now + 3600);
-  static const char header[] = "{\"alg\":\"HS256\",\"typ\":\"JWT\"}";
-  size_t n = b64url((const uint8_t *)header, sizeof header - 1, signing);
-  signing[n++] = '.';
-  n += b64url((const uint8_t *)payload, strlen(payload), signing + n);
-  uint8_t mac[EVP_MAX_MD_SIZE];
-  unsigned maclen = 0;
-  if (HMAC(EVP_sha256(), key, (int)keylen, (const uint8_t *)signing, n, mac,
-           &maclen) == NULL)
-    exit(1);
-  char sig[128];
-  b64url(mac, maclen, sig);
-  snprintf(out, outlen, "Bearer %s.%s", signing, sig);
+  char token[1024];
+  test_hs256_token(key, keylen, payload, token, sizeof token);
+  snprintf(out, outlen, "Bearer %s", token);
 }
 
 /* ---- one run -------------------------------------------------------------- */
