@@ -122,6 +122,18 @@ static void deny_unauthenticated(sg_stream *s, const char *reason,
   sg_conn_schedule_send(s->conn);
 }
 
+/* |want|, owned by the stream: the JWT result's own copy when that is what
+ * the decision picked (the result no longer owns it), else a copy. */
+static char *take_or_dup(char **owned, const char *want) {
+  if (want == NULL)
+    return NULL;
+  if (want == *owned) {
+    *owned = NULL;
+    return (char *)want;
+  }
+  return strdup(want);
+}
+
 /* Every RPC proves who it is before any upstream work starts: a bearer
  * token (verified, or found in this worker's cache of verified tokens),
  * the connection's client certificate, or both, as the listener asks. */
@@ -219,8 +231,8 @@ static bool authenticate(sg_stream *s) {
     sg_jwt_result_clear(&jwt);
     return false;
   }
-  s->identity = strdup(d.identity);
-  s->identity_provider = d.provider != NULL ? strdup(d.provider) : NULL;
+  s->identity = take_or_dup(&jwt.identity, d.identity);
+  s->identity_provider = take_or_dup(&jwt.provider, d.provider);
   s->auth_method = d.method;
   if (jin.state == SG_IDENTITY_JWT_VALID && jwt.claims != NULL &&
       d.provider != NULL)

@@ -20,6 +20,7 @@
 #include "sparkgate/jwt.h"
 #include "sparkgate/token_cache.h"
 #include "sparkgate/log.h"
+#include "sparkgate/memcache.h"
 #include "sparkgate/upstream.h"
 #include "sparkgate/worker.h"
 
@@ -34,7 +35,14 @@ int sg_header_list_add(sg_header_list *list, nghttp2_rcbuf *name,
     return -1;
   if (list->count == list->capacity) {
     size_t cap = list->capacity ? list->capacity * 2 : 16;
-    sg_header *items = realloc(list->items, cap * sizeof *items);
+    sg_header *items;
+    if (list->items != NULL && list->items == list->fixed) {
+      items = malloc(cap * sizeof *items);
+      if (items != NULL)
+        memcpy(items, list->items, list->count * sizeof *items);
+    } else {
+      items = realloc(list->items, cap * sizeof *items);
+    }
     if (items == NULL)
       return -1;
     list->items = items;
@@ -55,8 +63,18 @@ void sg_header_list_clear(sg_header_list *list) {
     nghttp2_rcbuf_decref(list->items[i].name);
     nghttp2_rcbuf_decref(list->items[i].value);
   }
-  free(list->items);
+  if (list->items != list->fixed)
+    free(list->items);
+  sg_header_list_init(list, list->fixed, list->fixed_capacity);
+}
+
+void sg_header_list_init(sg_header_list *list, sg_header *fixed,
+                         size_t fixed_capacity) {
   memset(list, 0, sizeof *list);
+  if (fixed != NULL && fixed_capacity > 0) {
+    list->items = list->fixed = fixed;
+    list->capacity = list->fixed_capacity = fixed_capacity;
+  }
 }
 
 const sg_header *sg_header_list_find(const sg_header_list *list,
@@ -83,9 +101,17 @@ static uint64_t monotonic_us(void) {
 }
 
 sg_stream *sg_stream_new(sg_conn *conn, int32_t id) {
-  sg_stream *s = calloc(1, sizeof *s);
+  /* Streams come and go with every call, and are past glibc's per-thread
+   * cache in size. */
+  sg_stream *s = sg_memcache_calloc(1, sizeof *s);
   if (s == NULL)
     return NULL;
+  sg_header_list_init(&s->req_headers, s->req_header_slots,
+                      SG_STREAM_REQ_HEADER_SLOTS);
+  sg_header_list_init(&s->resp_headers, s->resp_header_slots,
+                      SG_STREAM_RESP_HEADER_SLOTS);
+  sg_header_list_init(&s->resp_trailers, s->resp_trailer_slots,
+                      SG_STREAM_RESP_TRAILER_SLOTS);
   s->req_body = evbuffer_new();
   s->resp_body = evbuffer_new();
   if (s->req_body == NULL || s->resp_body == NULL) {
@@ -93,7 +119,7 @@ sg_stream *sg_stream_new(sg_conn *conn, int32_t id) {
       evbuffer_free(s->req_body);
     if (s->resp_body != NULL)
       evbuffer_free(s->resp_body);
-    free(s);
+    sg_memcache_free(s);
     return NULL;
   }
   s->conn = conn;
@@ -149,7 +175,7 @@ static void stream_free(sg_stream *s) {
   if (gen->metrics != NULL)
     sg_metrics_stream_closed(gen->metrics);
   sg_runtime_unref(s->rt);
-  free(s);
+  sg_memcache_free(s);
   sg_generation_release(gen);
 }
 
@@ -916,6 +942,23 @@ size_t sg_stream_request_nv(sg_stream *s, bool upstream_tls, nghttp2_nv *nva) {
   return n;
 }
 
+/* The request is complete: END_STREAM goes on this DATA frame, or on the
+ * request trailers submitted here. */
+static void end_request_body(sg_stream *s, nghttp2_session *session,
+                             uint32_t *data_flags) {
+  *data_flags |= NGHTTP2_DATA_FLAG_EOF;
+  if (s->req_trailers.count == 0)
+    return;
+  nghttp2_nv stack_nv[SG_NV_STACK];
+  nghttp2_nv *nva = sg_nv_array(stack_nv, s->req_trailers.count);
+  if (nva == NULL)
+    return;
+  size_t n = build_nv(&s->req_trailers, nva, &s->rt->config->identity_headers);
+  if (n > 0 && nghttp2_submit_trailer(session, s->up_id, nva, n) == 0)
+    *data_flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
+  sg_nv_array_free(stack_nv, nva);
+}
+
 ssize_t sg_stream_read_request_body(nghttp2_session *session, int32_t id,
                                     uint8_t *buf, size_t length,
                                     uint32_t *data_flags,
@@ -926,21 +969,15 @@ ssize_t sg_stream_read_request_body(nghttp2_session *session, int32_t id,
   if (avail == 0) {
     if (!s->req_eof)
       return NGHTTP2_ERR_DEFERRED;
-    *data_flags |= NGHTTP2_DATA_FLAG_EOF;
-    if (s->req_trailers.count > 0) {
-      nghttp2_nv stack_nv[SG_NV_STACK];
-      nghttp2_nv *nva = sg_nv_array(stack_nv, s->req_trailers.count);
-      if (nva != NULL) {
-        size_t n = build_nv(&s->req_trailers, nva, &s->rt->config->identity_headers);
-        if (n > 0 && nghttp2_submit_trailer(session, s->up_id, nva, n) == 0)
-          *data_flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
-        sg_nv_array_free(stack_nv, nva);
-      }
-    }
+    end_request_body(s, session, data_flags);
     return 0;
   }
   length = sg_h2io_data_max(user, length);
   size_t n = avail < length ? avail : length;
+  /* The client's END_STREAM is often already here: a unary call's body
+   * then goes upstream as one DATA frame, not one plus an empty one. */
+  if (n == avail && s->req_eof)
+    end_request_body(s, session, data_flags);
   /* send_data (upstream.c) moves the bytes without copying them. */
   *data_flags |= NGHTTP2_DATA_FLAG_NO_COPY;
   (void)buf;

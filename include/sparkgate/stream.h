@@ -37,10 +37,12 @@ typedef struct sg_header {
 #define SG_HEADER_UNCLASSIFIED 0xff
 
 typedef struct sg_header_list {
-  sg_header *items;
+  sg_header *items; /* |fixed| until it is outgrown, then the heap */
   size_t count;
   size_t capacity;
   size_t bytes; /* RFC 9113 accounting: name + value + 32 per field */
+  sg_header *fixed; /* storage owned by the list's owner, or NULL */
+  size_t fixed_capacity;
 } sg_header_list;
 
 typedef enum sg_upstream_leg_state {
@@ -49,6 +51,10 @@ typedef enum sg_upstream_leg_state {
   SG_UPSTREAM_LEG_OPEN,     /* submitted; up_id is valid */
   SG_UPSTREAM_LEG_DONE,     /* closed, reset or its connection is gone */
 } sg_upstream_leg_state;
+
+#define SG_STREAM_REQ_HEADER_SLOTS 16
+#define SG_STREAM_RESP_HEADER_SLOTS 8
+#define SG_STREAM_RESP_TRAILER_SLOTS 4
 
 struct sg_stream {
   sg_list conn_link; /* in conn->streams while the client leg is open */
@@ -97,6 +103,11 @@ struct sg_stream {
   sg_header_list req_trailers;
   sg_header_list resp_headers;
   sg_header_list resp_trailers;
+  /* Room for a usual gRPC call's fields, so that a call allocates no
+   * list; a longer list moves to the heap. */
+  sg_header req_header_slots[SG_STREAM_REQ_HEADER_SLOTS];
+  sg_header resp_header_slots[SG_STREAM_RESP_HEADER_SLOTS];
+  sg_header resp_trailer_slots[SG_STREAM_RESP_TRAILER_SLOTS];
 
   /* grpc-timeout: enforced here (DEADLINE_EXCEEDED) and forwarded as what
    * is left of it when the upstream leg starts. */
@@ -189,7 +200,12 @@ void sg_stream_reject_http(sg_stream *s, int status, const char *why);
  * when the list grew past |max_bytes| (the caller resets the stream). */
 int sg_header_list_add(sg_header_list *list, nghttp2_rcbuf *name,
                        nghttp2_rcbuf *value, size_t max_bytes);
+/* Empties the list; it keeps its |fixed| storage for reuse. */
 void sg_header_list_clear(sg_header_list *list);
+/* An empty list that fills |fixed| (|fixed_capacity| fields, owned by the
+ * caller, may be NULL) before it allocates. */
+void sg_header_list_init(sg_header_list *list, sg_header *fixed,
+                         size_t fixed_capacity);
 
 /* ---- client leg events (conn.c) ---------------------------------------- */
 void sg_stream_on_request_headers(sg_stream *s);

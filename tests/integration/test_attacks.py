@@ -1332,6 +1332,35 @@ class ScriptedBackendTest(FailingBackendCase):
                           self.metrics_text())
         self.finish(watch)
 
+    def test_request_body_and_its_end_go_upstream_in_one_frame(self):
+        # A unary call whose last DATA frame carries END_STREAM reaches the
+        # backend the same way, not as the data and then an empty frame.
+        self.start_plan("ok")
+        body = H.grpc_frame(b"one frame")
+        with RawH2(self.port) as c:
+            s = c.wait_stream(c.grpc_call(b"one frame", path=SERVICE + "AnalyzePlan",
+                                          extra=[("x-spark-tenant", "broken")]))
+            self.assertEqual(s.grpc_status, 0, s)
+            self.assertEqual(bytes(s.data), body)
+        reqs, _ = self.seen()
+        self.assertEqual(len(reqs), 1, reqs)
+        self.assertEqual(reqs[0][3], body)
+        self.assertEqual(reqs[0][4], [(len(body), True)])
+
+    def test_a_long_header_list_reaches_the_backend_whole(self):
+        # More fields than a stream keeps room for: the list moves to the
+        # heap on the way (twice), and every field arrives, in order.
+        self.start_plan("ok")
+        extra = [("x-field-%02d" % i, "value %d" % i) for i in range(40)]
+        with RawH2(self.port) as c:
+            s = c.wait_stream(c.grpc_call(b"many fields", path=SERVICE + "AnalyzePlan",
+                                          extra=[("x-spark-tenant", "broken")] + extra))
+            self.assertEqual(s.grpc_status, 0, s)
+        reqs, _ = self.seen()
+        self.assertEqual(len(reqs), 1, reqs)
+        got = [(k, v) for k, v in reqs[0][2].items() if k.startswith("x-field-")]
+        self.assertEqual(got, extra)
+
     def test_refused_stream_is_sent_again_once_then_unavailable(self):
         self.start_plan("refuse")
         with RssWatch(self.pid) as watch:

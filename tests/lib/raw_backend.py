@@ -20,7 +20,8 @@ gets plan[N], and the last entry repeats. Behaviours:
                      grpc-status 5
 
 Every request seen is recorded in `requests` as (connection index, stream
-id, headers dict, body bytes so far); `connections` counts accepts. Every
+id, headers dict, body bytes so far, [(DATA frame length, END_STREAM)]);
+`connections` counts accepts. Every
 socket has a timeout and every loop ends when the backend is closed.
 """
 
@@ -79,7 +80,7 @@ class RawBackend:
 
     def _record(self, index, sid, headers):
         with self.lock:
-            self.requests.append([index, sid, headers, b""])
+            self.requests.append([index, sid, headers, b"", []])
             return len(self.requests) - 1
 
     def _serve(self, sock, index, behaviour):
@@ -128,6 +129,8 @@ class RawBackend:
                             bodies[sid] += ev.data
                             with self.lock:
                                 self.requests[slots[sid]][3] = bodies[sid]
+                                self.requests[slots[sid]][4].append(
+                                    (len(ev.data), ev.stream_ended is not None))
                         h2c.acknowledge_received_data(ev.flow_controlled_length, sid)
                     elif isinstance(ev, h2.events.StreamEnded):
                         sid = ev.stream_id
