@@ -441,57 +441,58 @@ static char fold(uint8_t c) {
   return c == '_' ? '-' : lower_ascii((char)c);
 }
 
-/* name folded equals lit folded, over lit's whole length (prefix) or
- * exactly. */
-static bool folded_match(const uint8_t *name, size_t len, const char *lit,
-                         bool prefix) {
-  /* Every request header passes here several times: most differ from the
-   * first letter on, so look at that before measuring anything. */
-  if (len == 0 || lit[0] == '\0' || fold(name[0]) != fold((uint8_t)lit[0]))
-    return false;
-  size_t n = strlen(lit);
-  if (n == 0 || len < n || (!prefix && len != n))
-    return false;
+/* The first |n| bytes of name, folded, equal lit folded. */
+static bool folded_eq(const uint8_t *name, const char *lit, size_t n) {
   for (size_t i = 0; i < n; i++)
     if (fold(name[i]) != fold((uint8_t)lit[i]))
       return false;
   return true;
 }
 
-static const char *const fixed_spoofable[] = {
-    SG_IDENTITY_HEADER_XFCC, "client-cert", "client-cert-chain",
-    "forwarded",             "x-real-ip",
-    SG_IDENTITY_HEADER_IDENTITY_DEFAULT,
-    SG_IDENTITY_HEADER_TENANT_DEFAULT,
-    SG_IDENTITY_HEADER_AUTH_METHOD_DEFAULT,
-    SG_IDENTITY_HEADER_PROVIDER_DEFAULT,
+typedef struct spoofable_name {
+  const char *name;
+  size_t len;
+} spoofable_name;
+
+#define SPOOFABLE(lit) {lit, sizeof(lit) - 1}
+static const spoofable_name fixed_spoofable[] = {
+    SPOOFABLE(SG_IDENTITY_HEADER_XFCC),
+    SPOOFABLE("client-cert"),
+    SPOOFABLE("client-cert-chain"),
+    SPOOFABLE("forwarded"),
+    SPOOFABLE("x-real-ip"),
+    SPOOFABLE(SG_IDENTITY_HEADER_IDENTITY_DEFAULT),
+    SPOOFABLE(SG_IDENTITY_HEADER_TENANT_DEFAULT),
+    SPOOFABLE(SG_IDENTITY_HEADER_AUTH_METHOD_DEFAULT),
+    SPOOFABLE(SG_IDENTITY_HEADER_PROVIDER_DEFAULT),
 };
+#undef SPOOFABLE
+
+#define FORWARDED_PREFIX "x-forwarded-"
 
 bool sg_identity_header_is_spoofable(const uint8_t *name, size_t len,
                                      const sg_identity_header_names *own) {
   if (name == NULL || len == 0)
     return false;
-  /* Every request header comes through here: most are told apart by their
-   * first letter, before any list is walked. */
+  /* Every request header comes through here: length and first letter
+   * tell almost all of them apart before any byte is folded. */
   char first = fold(name[0]);
-  if (first != 'x' && first != 'c' && first != 'f' &&
-      (own == NULL ||
-       (first != fold((uint8_t)own->identity[0]) &&
-        first != fold((uint8_t)own->tenant[0]) &&
-        first != fold((uint8_t)own->auth_method[0]) &&
-        first != fold((uint8_t)own->provider[0]))))
-    return false;
-  if (folded_match(name, len, "x-forwarded-", true))
+  if (first == ':')
+    return false; /* a pseudo-header: no identity header is one */
+  if (first == 'x' && len >= sizeof FORWARDED_PREFIX - 1 &&
+      folded_eq(name, FORWARDED_PREFIX, sizeof FORWARDED_PREFIX - 1))
     return true;
-  for (size_t i = 0; i < sizeof fixed_spoofable / sizeof *fixed_spoofable;
-       i++)
-    if (folded_match(name, len, fixed_spoofable[i], false))
+  for (size_t i = 0; i < sizeof fixed_spoofable / sizeof *fixed_spoofable; i++) {
+    const spoofable_name *f = &fixed_spoofable[i];
+    if (f->len == len && f->name[0] == first && folded_eq(name, f->name, len))
       return true;
+  }
   if (own != NULL) {
     const char *names[] = {own->identity, own->tenant, own->auth_method,
                            own->provider};
     for (size_t i = 0; i < sizeof names / sizeof *names; i++)
-      if (folded_match(name, len, names[i], false))
+      if (names[i][0] != '\0' && fold((uint8_t)names[i][0]) == first &&
+          strlen(names[i]) == len && folded_eq(name, names[i], len))
         return true;
   }
   return false;
