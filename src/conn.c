@@ -70,13 +70,20 @@ static void log_peer_closed(sg_conn *c, const char *why) {
 static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame,
                             void *user) {
   sg_conn *c = user;
-  if (frame->hd.type != NGHTTP2_HEADERS ||
-      frame->headers.cat != NGHTTP2_HCAT_REQUEST)
+  c->hdr_stream = NULL;
+  if (frame->hd.type != NGHTTP2_HEADERS)
     return 0;
-  sg_stream *s = sg_stream_new(c, frame->hd.stream_id);
-  if (s == NULL)
-    return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-  nghttp2_session_set_stream_user_data(session, frame->hd.stream_id, s);
+  sg_stream *s;
+  if (frame->headers.cat != NGHTTP2_HCAT_REQUEST) {
+    s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+  } else {
+    s = sg_stream_new(c, frame->hd.stream_id);
+    if (s == NULL)
+      return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    nghttp2_session_set_stream_user_data(session, frame->hd.stream_id, s);
+  }
+  c->hdr_stream = s;
+  c->hdr_stream_id = frame->hd.stream_id;
   return 0;
 }
 
@@ -85,8 +92,12 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
                      void *user) {
   (void)flags;
   sg_conn *c = user;
-  sg_stream *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
-  if (s == NULL || frame->hd.type != NGHTTP2_HEADERS)
+  if (frame->hd.type != NGHTTP2_HEADERS)
+    return 0;
+  sg_stream *s = c->hdr_stream != NULL && c->hdr_stream_id == frame->hd.stream_id
+                     ? c->hdr_stream
+                     : nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+  if (s == NULL)
     return 0;
   sg_header_list *list = frame->headers.cat == NGHTTP2_HCAT_REQUEST
                              ? &s->req_headers
@@ -188,6 +199,7 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
   }
   switch (frame->hd.type) {
   case NGHTTP2_HEADERS:
+    c->hdr_stream = NULL; /* the block is complete */
     s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
     if (s == NULL)
       return 0;
@@ -235,6 +247,8 @@ static int on_data_chunk_recv(nghttp2_session *session, uint8_t flags,
 static int on_stream_close(nghttp2_session *session, int32_t stream_id,
                            uint32_t error_code, void *user) {
   sg_conn *c = user;
+  if (c->hdr_stream_id == stream_id)
+    c->hdr_stream = NULL;
   sg_stream *s = nghttp2_session_get_stream_user_data(session, stream_id);
   if (s == NULL || c->freeing)
     return 0;
@@ -365,12 +379,18 @@ static void conn_flush(sg_conn *c) {
 static void on_send_ev(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
-  conn_flush(arg);
+  sg_conn *c = arg;
+  c->send_scheduled = false;
+  conn_flush(c);
 }
 
+/* Called several times per call: event_active takes the base's lock, a
+ * flag does not. */
 void sg_conn_schedule_send(sg_conn *c) {
-  if (c != NULL && !c->freeing)
+  if (c != NULL && !c->freeing && !c->send_scheduled) {
+    c->send_scheduled = true;
     event_active(c->send_ev, EV_WRITE, 0);
+  }
 }
 
 static void on_read(struct bufferevent *bev, void *arg) {

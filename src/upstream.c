@@ -75,6 +75,7 @@ struct sg_upstream {
   SSL *ssl; /* owned by bev */
   nghttp2_session *session;
   struct event *send_ev;
+  bool send_scheduled; /* send_ev is active */
   struct event *timer; /* connect deadline, then idle deadline */
   struct event *read_ev; /* h2c: reads the socket directly (see worker.h) */
   sg_list streams;     /* OPEN legs */
@@ -87,6 +88,7 @@ struct sg_upstream {
 static void upstream_free(sg_upstream *up, const char *reason);
 static void upstream_flush(sg_upstream *up);
 static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err, size_t errlen);
+static void schedule_send(sg_upstream *up);
 static void attach(sg_upstream_pool *pool, sg_stream *s, const sg_upstream *avoid);
 
 static void count_connect(sg_upstream_pool *pool, bool ok) {
@@ -271,7 +273,7 @@ static int on_stream_close(nghttp2_session *session, int32_t stream_id,
   }
   if (up->n_streams == 0) {
     if (up->state == SG_UPSTREAM_GOAWAY)
-      event_active(up->send_ev, EV_WRITE, 0); /* flush, then close */
+      schedule_send(up); /* flush, then close */
     else
       set_timer_ms(up, pool_config(up->pool)->upstream_idle_timeout_ms);
   }
@@ -327,12 +329,16 @@ static void upstream_flush(sg_upstream *up) {
 static void on_send_ev(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
-  upstream_flush(arg);
+  sg_upstream *up = arg;
+  up->send_scheduled = false;
+  upstream_flush(up);
 }
 
 static void schedule_send(sg_upstream *up) {
-  if (up != NULL && !up->freeing)
+  if (up != NULL && !up->freeing && !up->send_scheduled) {
+    up->send_scheduled = true;
     event_active(up->send_ev, EV_WRITE, 0);
+  }
 }
 
 static void on_read(struct bufferevent *bev, void *arg) {

@@ -35,6 +35,12 @@ struct sg_conn {
   SSL *ssl; /* owned by bev; NULL for h2c */
   nghttp2_session *session;
   struct event *send_ev; /* deferred flush, so sessions never re-enter */
+  bool send_scheduled;   /* send_ev is active: no need to activate it again */
+  /* The stream whose header block is being received, from its
+   * begin_headers to its end or its close: every field of the block
+   * finds it here instead of in nghttp2's stream map. */
+  struct sg_stream *hdr_stream;
+  int32_t hdr_stream_id;
   struct event *timer;   /* handshake, idle and drain deadlines */
 
   /* The client certificate, verified by TLS, read once per connection. */
