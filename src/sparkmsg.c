@@ -78,7 +78,7 @@ struct sg_sparkmsg {
   uint64_t messages; /* approved */
   bool header_known;
   bool first_user_id_present;
-  char *first_user_id; /* owned; "" until known */
+  char *first_user_id; /* first_user_id_small or owned; NULL until known */
 
   /* current message */
   uint8_t prefix[SG_SPARKMSG_PREFIX_BYTES];
@@ -104,6 +104,7 @@ struct sg_sparkmsg {
   /* valid during sg_sparkmsg_feed() only */
   sg_sparkmsg_output_fn out;
   void *out_arg;
+  size_t stage_len;    /* bytes in stage, below */
   const uint8_t *run; /* start of input bytes scanned but not yet emitted */
 
   /* Buffers last: sg_sparkmsg_new zeroes only what comes before them (the
@@ -112,6 +113,10 @@ struct sg_sparkmsg {
    * length field or its NUL. */
   char identity[SG_SPARKMSG_IDENTITY_MAX_BYTES + 1];
   char error[SG_SPARKMSG_ERROR_BYTES];
+  /* Small approved pieces (a rewritten field, a prefix) gathered into one
+   * output call per feed: the output is an evbuffer append, not free. */
+  uint8_t stage[256];
+  char first_user_id_small[128]; /* a usual user_id, without a malloc */
   char first_session_id[SG_SPARKMSG_SESSION_ID_MAX_BYTES + 1];
   uint8_t sid[SG_SPARKMSG_SESSION_ID_MAX_BYTES + 1];
   uint8_t uc[SG_SPARKMSG_USER_CONTEXT_MAX_BYTES];
@@ -257,14 +262,31 @@ static void reject(sg_sparkmsg *s, sg_sparkmsg_reason r, const char *fmt, ...) {
   s->hold_len = 0;
 }
 
-static bool emit(sg_sparkmsg *s, const uint8_t *p, size_t n) {
-  if (n == 0 || s->state == SG_SM_REJECTED)
-    return s->state != SG_SM_REJECTED;
+static bool output(sg_sparkmsg *s, const uint8_t *p, size_t n) {
   if (s->out(s->out_arg, p, n) != 0) {
     reject(s, SG_SPARKMSG_INTERNAL, "output failed");
     return false;
   }
   return true;
+}
+
+static bool stage_flush(sg_sparkmsg *s) {
+  size_t n = s->stage_len;
+  s->stage_len = 0;
+  return n == 0 || output(s, s->stage, n);
+}
+
+#define STAGE_PIECE_MAX 128
+
+static bool emit(sg_sparkmsg *s, const uint8_t *p, size_t n) {
+  if (n == 0 || s->state == SG_SM_REJECTED)
+    return s->state != SG_SM_REJECTED;
+  if (n <= STAGE_PIECE_MAX && s->stage_len + n <= sizeof s->stage) {
+    memcpy(s->stage + s->stage_len, p, n);
+    s->stage_len += n;
+    return true;
+  }
+  return stage_flush(s) && output(s, p, n);
 }
 
 static void flush_run(sg_sparkmsg *s, const uint8_t *end) {
@@ -587,6 +609,12 @@ static void session_id_done(sg_sparkmsg *s, const uint8_t *end) {
   field_done(s, end);
 }
 
+static void free_first_user_id(sg_sparkmsg *s) {
+  if (s->first_user_id != s->first_user_id_small)
+    free(s->first_user_id);
+  s->first_user_id = NULL;
+}
+
 static void user_context_done(sg_sparkmsg *s, const uint8_t *end) {
   const char *why = "";
   sg_sparkmsg_reason r = uc_walk(s, false, &why);
@@ -597,14 +625,16 @@ static void user_context_done(sg_sparkmsg *s, const uint8_t *end) {
   s->uc_state = FIELD_SEEN;
   const sg_uc_info *u = &s->uc_info;
   if (s->messages == 0 && u->user_id_present) {
-    char *copy = malloc(u->user_id_len + 1);
+    char *copy = u->user_id_len < sizeof s->first_user_id_small
+                     ? s->first_user_id_small
+                     : malloc(u->user_id_len + 1);
     if (copy == NULL) {
       reject(s, SG_SPARKMSG_INTERNAL, "out of memory");
       return;
     }
     memcpy(copy, s->uc + u->user_id_off, u->user_id_len);
     copy[u->user_id_len] = '\0';
-    free(s->first_user_id);
+    free_first_user_id(s);
     s->first_user_id = copy;
     s->first_user_id_present = true;
   }
@@ -956,7 +986,7 @@ void sg_sparkmsg_free(sg_sparkmsg *s) {
   if (s == NULL)
     return;
   sg_memcache_free(s->hold);
-  free(s->first_user_id);
+  free_first_user_id(s);
   sg_memcache_free(s);
 }
 
@@ -975,6 +1005,9 @@ sg_sparkmsg_reason sg_sparkmsg_feed(sg_sparkmsg *s, const uint8_t *data,
    * byte, which is never left in the run (end_message flushes it). */
   if (s->state != SG_SM_REJECTED)
     flush_run(s, data + len);
+  if (s->state != SG_SM_REJECTED)
+    stage_flush(s);
+  s->stage_len = 0;
   s->out = NULL;
   s->out_arg = NULL;
   s->run = NULL;
