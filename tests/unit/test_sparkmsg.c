@@ -879,9 +879,13 @@ static void test_session_id_rules(void) {
   CHECK(reason_of(SG_SPARKMSG_USER_OFF, &in) == SG_SPARKMSG_MISSING_SESSION_ID);
   b_free(&in);
 
-  const char *bad[] = {"", "\xff\xfe", "ab\xed\xa0\x80", "a\0b"};
-  size_t bad_len[] = {0, 2, 5, 3};
-  for (size_t i = 0; i < 4; i++) {
+  /* Past eight bytes too, where ASCII is checked a word at a time: a NUL
+   * in the first word, in a later one, a bad byte after ASCII words. */
+  const char *bad[] = {"", "\xff\xfe", "ab\xed\xa0\x80", "a\0b",
+                       "abc\0efghijklmnop", "abcdefgh\0ijk",
+                       "abcdefghijklmnop\xff", "abcdefghij\xc3"};
+  size_t bad_len[] = {0, 2, 5, 3, 16, 12, 17, 11};
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
     b_bytes(&body, 1, bad[i], bad_len[i]);
     b_frame(&in, &body);
     CHECK(reason_of(SG_SPARKMSG_USER_OFF, &in) == SG_SPARKMSG_BAD_SESSION_ID);
@@ -907,12 +911,17 @@ static void test_session_id_rules(void) {
   b_free(&body);
   b_free(&in);
 
-  /* UTF-8 that is not ASCII is fine. */
-  b_str(&body, 1, "s\xc3\xa9ssion-\xf0\x9f\x98\x80");
-  b_frame(&in, &body);
-  CHECK(reason_of(SG_SPARKMSG_USER_OFF, &in) == SG_SPARKMSG_OK);
-  b_free(&body);
-  b_free(&in);
+  /* UTF-8 that is not ASCII is fine, before, between and after words. */
+  const char *good[] = {"s\xc3\xa9ssion-\xf0\x9f\x98\x80",
+                        "session-\xc3\xa9-0123456789abcdef\xf0\x9f\x98\x80x",
+                        "0123456789abcdef"};
+  for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
+    b_str(&body, 1, good[i]);
+    b_frame(&in, &body);
+    CHECK(reason_of(SG_SPARKMSG_USER_OFF, &in) == SG_SPARKMSG_OK);
+    b_free(&body);
+    b_free(&in);
+  }
 
   /* Changed within a stream. */
   frame_body(&in, SID, "alice", NULL, 10);
