@@ -748,6 +748,7 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
   c->io.out = bufferevent_get_output(c->bev);
   c->io.high_water = SG_CONN_OUTPUT_HIGH_WATER;
   c->io.copy_payload = c->ssl != NULL;
+  c->io.stage = c->worker->h2_stage;
   bufferevent_setcb(c->bev, on_read, on_write, on_event, c);
   bufferevent_setwatermark(c->bev, EV_WRITE, SG_CONN_OUTPUT_LOW_WATER, 0);
   /* libevent reads and writes 16 KiB per syscall by default: at bulk rates

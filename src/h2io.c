@@ -2,14 +2,23 @@
 
 #include <string.h>
 
+static struct evbuffer *dest(const sg_h2io *io) {
+  return io->staging ? io->stage : io->out;
+}
+
+static size_t queued(const sg_h2io *io) {
+  size_t n = evbuffer_get_length(io->out);
+  return io->staging ? n + evbuffer_get_length(io->stage) : n;
+}
+
 ssize_t sg_h2io_send(nghttp2_session *session, const uint8_t *data,
                      size_t length, int flags, void *user) {
   (void)session;
   (void)flags;
   sg_h2io *io = user;
-  if (evbuffer_get_length(io->out) >= io->high_water)
+  if (queued(io) >= io->high_water)
     return NGHTTP2_ERR_WOULDBLOCK;
-  if (evbuffer_add(io->out, data, length) != 0)
+  if (evbuffer_add(dest(io), data, length) != 0)
     return NGHTTP2_ERR_CALLBACK_FAILURE;
   return (ssize_t)length;
 }
@@ -28,8 +37,9 @@ static int copy_prefix(struct evbuffer *to, struct evbuffer *from, size_t length
 int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
                       const uint8_t *framehd, size_t length,
                       struct evbuffer *payload, struct evbuffer *keep) {
-  if (evbuffer_get_length(io->out) >= io->high_water)
+  if (queued(io) >= io->high_water)
     return NGHTTP2_ERR_WOULDBLOCK;
+  struct evbuffer *out = dest(io);
   if (keep != NULL && length > 0 && copy_prefix(keep, payload, length) != 0)
     return NGHTTP2_ERR_CALLBACK_FAILURE;
   size_t padlen = frame->data.padlen;
@@ -38,7 +48,7 @@ int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
      * SG_H2IO_TLS_DATA_MAX, every chain then holds whole records. */
     size_t total = 9 + (padlen > 0 ? 1 : 0) + length + (padlen > 1 ? padlen - 1 : 0);
     struct evbuffer_iovec v;
-    if (evbuffer_reserve_space(io->out, (ev_ssize_t)total, &v, 1) != 1)
+    if (evbuffer_reserve_space(out, (ev_ssize_t)total, &v, 1) != 1)
       return NGHTTP2_ERR_CALLBACK_FAILURE;
     uint8_t *p = v.iov_base;
     memcpy(p, framehd, 9);
@@ -51,21 +61,21 @@ int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
     if (padlen > 1)
       memset(p, 0, padlen - 1);
     v.iov_len = total;
-    return evbuffer_commit_space(io->out, &v, 1) == 0 ? 0 : NGHTTP2_ERR_CALLBACK_FAILURE;
+    return evbuffer_commit_space(out, &v, 1) == 0 ? 0 : NGHTTP2_ERR_CALLBACK_FAILURE;
   }
-  if (evbuffer_add(io->out, framehd, 9) != 0)
+  if (evbuffer_add(out, framehd, 9) != 0)
     return NGHTTP2_ERR_CALLBACK_FAILURE;
   if (padlen > 0) {
     uint8_t padlen_byte = (uint8_t)(padlen - 1);
-    if (evbuffer_add(io->out, &padlen_byte, 1) != 0)
+    if (evbuffer_add(out, &padlen_byte, 1) != 0)
       return NGHTTP2_ERR_CALLBACK_FAILURE;
   }
   /* The zero-copy step: chains change hands. */
-  if (length > 0 && evbuffer_remove_buffer(payload, io->out, length) != (int)length)
+  if (length > 0 && evbuffer_remove_buffer(payload, out, length) != (int)length)
     return NGHTTP2_ERR_CALLBACK_FAILURE;
   if (padlen > 1) {
     static const uint8_t zeros[256];
-    if (evbuffer_add(io->out, zeros, padlen - 1) != 0)
+    if (evbuffer_add(out, zeros, padlen - 1) != 0)
       return NGHTTP2_ERR_CALLBACK_FAILURE;
   }
   return 0;
@@ -80,7 +90,18 @@ size_t sg_h2io_data_max(const sg_h2io *io, size_t length) {
 _Static_assert(SG_H2IO_TLS_DATA_MAX + 9 == RECORD_MAX, "a DATA frame fills one record");
 
 int sg_h2io_flush(sg_h2io *io, nghttp2_session *session) {
+  /* A stage holding bytes belongs to a flush further up the stack: write
+   * straight to the output then. */
+  io->staging = io->stage != NULL && evbuffer_get_length(io->stage) == 0;
   int rv = nghttp2_session_send(session);
+  if (io->staging) {
+    io->staging = false;
+    if (evbuffer_add_buffer(io->out, io->stage) != 0) {
+      /* The stage is shared: it must be left empty whatever happens. */
+      evbuffer_drain(io->stage, evbuffer_get_length(io->stage));
+      return rv != 0 ? rv : NGHTTP2_ERR_CALLBACK_FAILURE;
+    }
+  }
   if (rv != 0 || !io->copy_payload)
     return rv;
   size_t n = evbuffer_get_length(io->out);

@@ -621,6 +621,7 @@ static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err,
   up->io.out = bufferevent_get_output(up->bev);
   up->io.high_water = SG_UPSTREAM_OUTPUT_HIGH_WATER;
   up->io.copy_payload = up->ssl != NULL;
+  up->io.stage = w->h2_stage;
   bufferevent_setcb(up->bev, on_read, on_write, on_event, up);
   bufferevent_setwatermark(up->bev, EV_WRITE, SG_UPSTREAM_OUTPUT_LOW_WATER, 0);
   /* libevent reads and writes 16 KiB per syscall by default: at bulk rates

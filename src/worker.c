@@ -444,10 +444,14 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
   w->affinity = sg_affinity_new(SG_AFFINITY_DEFAULT_ENTRIES);
   w->clients = sg_clientcount_new();
   w->h2mem = sg_h2mem_new();
-  if (w->affinity == NULL || w->clients == NULL || w->h2mem == NULL) {
+  w->h2_stage = evbuffer_new();
+  if (w->affinity == NULL || w->clients == NULL || w->h2mem == NULL ||
+      w->h2_stage == NULL) {
     sg_affinity_free(w->affinity);
     sg_clientcount_free(w->clients);
     sg_h2mem_free(w->h2mem);
+    if (w->h2_stage != NULL)
+      evbuffer_free(w->h2_stage);
     free(w->read_buf);
     free(w);
     snprintf(err, errlen, "out of memory");
@@ -584,6 +588,7 @@ void sg_worker_free(sg_worker *w) {
   free(w->read_buf);
   sg_affinity_free(w->affinity);
   sg_clientcount_free(w->clients);
+  evbuffer_free(w->h2_stage);
   /* Last: every nghttp2 session and header buffer of this worker is gone. */
   sg_h2mem_free(w->h2mem);
   free(w);

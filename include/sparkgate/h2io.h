@@ -23,6 +23,12 @@ typedef struct sg_h2io {
    * their chains, so that frame headers and payloads share chains, and
    * each flush leaves small output in a single chain. */
   bool copy_payload;
+  /* Where sg_h2io_flush has nghttp2 write, before moving it all to |out|
+   * in one step: every append to a bufferevent's output runs its
+   * callbacks, and a call makes a dozen frames. Empty between flushes,
+   * so a worker's connections share one; NULL writes to |out| directly. */
+  struct evbuffer *stage;
+  bool staging; /* inside sg_h2io_flush, writing to |stage| */
 } sg_h2io;
 
 ssize_t sg_h2io_send(nghttp2_session *session, const uint8_t *data,
@@ -43,7 +49,8 @@ int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
 #define SG_H2IO_TLS_DATA_MAX (16384 - 9)
 size_t sg_h2io_data_max(const sg_h2io *io, size_t length);
 
-/* Runs nghttp2_session_send; returns its result. With |io->copy_payload|,
+/* Runs nghttp2_session_send (through |io->stage| when there is one);
+ * returns its result. With |io->copy_payload|,
  * output of up to one TLS record's worth (16 KiB) spread over chains is
  * then gathered into one: the calls answered in one event loop iteration
  * reach the peer in one record and one write(), not one per chain. */
