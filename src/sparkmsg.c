@@ -1018,9 +1018,14 @@ sg_sparkmsg_reason sg_sparkmsg_feed(sg_sparkmsg *s, const uint8_t *data,
    * byte, which is never left in the run (end_message flushes it). */
   if (s->state != SG_SM_REJECTED)
     flush_run(s, data + len);
-  if (s->state != SG_SM_REJECTED)
-    stage_flush(s);
-  s->stage_len = 0;
+  /* Staged bytes were approved before anything after them was rejected:
+   * they go out either way, as they would have unstaged. */
+  if (s->stage_len > 0) {
+    size_t n = s->stage_len;
+    s->stage_len = 0;
+    if (s->out(s->out_arg, s->stage, n) != 0 && s->state != SG_SM_REJECTED)
+      reject(s, SG_SPARKMSG_INTERNAL, "output failed");
+  }
   s->out = NULL;
   s->out_arg = NULL;
   s->run = NULL;

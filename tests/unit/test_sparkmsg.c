@@ -657,6 +657,41 @@ static void test_reject_withholds_final_byte(void) {
   b_free(&body);
 }
 
+/* Complete gRPC messages at the start of |b| (a strict prefix of one
+ * more may follow). */
+static size_t complete_messages(const buf *b) {
+  size_t off = 0, n = 0;
+  while (b->len - off >= SG_SPARKMSG_PREFIX_BYTES) {
+    size_t len = (size_t)b->p[off + 1] << 24 | (size_t)b->p[off + 2] << 16 |
+                 (size_t)b->p[off + 3] << 8 | b->p[off + 4];
+    if (len > b->len - off - SG_SPARKMSG_PREFIX_BYTES)
+      break;
+    off += SG_SPARKMSG_PREFIX_BYTES + len;
+    n++;
+  }
+  return n;
+}
+
+/* A message approved and a later one rejected in the same call: the
+ * approved one still goes out whole, in every mode (small pieces are
+ * gathered before they go out; they must not be lost with the call). */
+static void test_reject_in_same_feed_keeps_approved(void) {
+  buf in = {0};
+  frame_body(&in, SID, "alice", NULL, 0);
+  frame_body(&in, SID2, "alice", NULL, 0);
+  const sg_sparkmsg_user_mode modes[] = {SG_SPARKMSG_USER_OFF, SG_SPARKMSG_USER_ENFORCE,
+                                         SG_SPARKMSG_USER_REWRITE};
+  for (size_t i = 0; i < sizeof modes / sizeof *modes; i++) {
+    sg_sparkmsg_options o = opts_mode(modes[i]);
+    result r = run(&o, &in, 0);
+    CHECK(r.reason == SG_SPARKMSG_SESSION_ID_CHANGED);
+    CHECK(r.messages == 1);
+    CHECK(complete_messages(&r.out) == 1);
+    b_free(&r.out);
+  }
+  b_free(&in);
+}
+
 static void test_duplicates(void) {
   buf uc = {0};
   make_uc(&uc, "alice", NULL, false);
@@ -1367,6 +1402,7 @@ int main(void) {
   test_split_everywhere();
   test_hold_back_last_byte();
   test_reject_withholds_final_byte();
+  test_reject_in_same_feed_keeps_approved();
   test_duplicates();
   test_malformed();
   test_session_id_rules();
