@@ -2,6 +2,7 @@
  * realloc keeps contents, freed blocks are reused and the cache is
  * bounded; and a real nghttp2 session runs on it. */
 #include <errno.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +15,13 @@
 #include "check.h"
 #include "pattern.h"
 #include "sparkgate/h2mem.h"
+
+static bool all_zero(const uint8_t *p, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (p[i] != 0)
+      return false;
+  return true;
+}
 
 static void test_blocks(void) {
   sg_h2mem *m = sg_h2mem_new();
@@ -31,16 +39,9 @@ static void test_blocks(void) {
    * mapping into the heap. */
   pattern_check_allocator(mem, sizes, sizeof sizes / sizeof sizes[0]);
   uint8_t *z = mem->calloc(10, 50, mem->mem_user_data);
-  CHECK(z != NULL);
-  int zero = 1;
-  for (size_t i = 0; i < 500; i++)
-    zero &= z[i] == 0;
-  CHECK(zero);
+  CHECK(z != NULL && all_zero(z, 500));
   uint8_t *zm = mem->calloc(2, 40000, mem->mem_user_data);
-  CHECK(zm != NULL);
-  for (size_t i = 0; i < 80000; i++)
-    zero &= zm[i] == 0;
-  CHECK(zero);
+  CHECK(zm != NULL && all_zero(zm, 80000));
   mem->free(zm, mem->mem_user_data);
   CHECK(mem->calloc(SIZE_MAX / 2, 4, mem->mem_user_data) == NULL);
   mem->free(z, mem->mem_user_data);
@@ -125,11 +126,7 @@ static void test_no_mappings(void) {
   memset(dirty, 0xff, 20000);
   mem->free(dirty, mem->mem_user_data);
   uint8_t *z = mem->calloc(1, 20000, mem->mem_user_data);
-  CHECK(z != NULL);
-  int zero = 1;
-  for (size_t i = 0; i < 20000; i++)
-    zero &= z[i] == 0;
-  CHECK(zero);
+  CHECK(z != NULL && all_zero(z, 20000));
   pattern_fill(z, 20000, 9);
   uint8_t *g = mem->realloc(z, 50000, mem->mem_user_data);
   CHECK(g != NULL);
