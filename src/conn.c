@@ -87,6 +87,15 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
   return 0;
 }
 
+/* The stream a HEADERS frame's fields belong to, without a lookup per
+ * field. */
+static sg_stream *header_block_stream(sg_conn *c, nghttp2_session *session,
+                                      int32_t stream_id) {
+  if (c->hdr_stream != NULL && c->hdr_stream_id == stream_id)
+    return c->hdr_stream;
+  return nghttp2_session_get_stream_user_data(session, stream_id);
+}
+
 static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
                      nghttp2_rcbuf *name, nghttp2_rcbuf *value, uint8_t flags,
                      void *user) {
@@ -94,9 +103,7 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
   sg_conn *c = user;
   if (frame->hd.type != NGHTTP2_HEADERS)
     return 0;
-  sg_stream *s = c->hdr_stream != NULL && c->hdr_stream_id == frame->hd.stream_id
-                     ? c->hdr_stream
-                     : nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+  sg_stream *s = header_block_stream(c, session, frame->hd.stream_id);
   if (s == NULL)
     return 0;
   sg_header_list *list = frame->headers.cat == NGHTTP2_HCAT_REQUEST
@@ -199,8 +206,8 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
   }
   switch (frame->hd.type) {
   case NGHTTP2_HEADERS:
+    s = header_block_stream(c, session, frame->hd.stream_id);
     c->hdr_stream = NULL; /* the block is complete */
-    s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
     if (s == NULL)
       return 0;
     if (frame->headers.cat == NGHTTP2_HCAT_REQUEST) {

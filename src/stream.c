@@ -50,9 +50,10 @@ int sg_header_list_add(sg_header_list *list, nghttp2_rcbuf *name,
   }
   nghttp2_rcbuf_incref(name);
   nghttp2_rcbuf_incref(value);
-  list->items[list->count].name = name;
-  list->items[list->count].value = value;
-  list->items[list->count].identity_action = SG_HEADER_UNCLASSIFIED;
+  sg_header *h = &list->items[list->count];
+  h->name = name;
+  h->value = value;
+  h->identity_action = SG_HEADER_UNCLASSIFIED;
   list->count++;
   list->bytes += cost;
   return 0;
@@ -717,6 +718,17 @@ static bool response_header_forwarded(const uint8_t *name, size_t len) {
          !SG_HEADER_IS(name, len, "content-length");
 }
 
+/* Header fields go to nghttp2 uncopied (NO_COPY_NAME | NO_COPY_VALUE):
+ * copying and lowercasing them again was a twentieth of a unary call. What
+ * they point at lives until stream_free: the stream's header lists keep
+ * their buffers to the end, and its own strings and its configuration
+ * (s->rt) stay with it. The stream outlives every frame that reads them,
+ * since it goes only once both legs' streams are closed in nghttp2 (or
+ * their sessions deleted), and nghttp2 packs no frame of a closed stream.
+ * Names are lowercase: nghttp2 refuses others from either peer, and the
+ * configuration's identity header names are checked so. */
+#define SG_NV_BORROWED (NGHTTP2_NV_FLAG_NO_COPY_NAME | NGHTTP2_NV_FLAG_NO_COPY_VALUE)
+
 /* |own| non-NULL: the list goes upstream (request trailers), so identity
  * claims and credentials are dropped as from request headers. */
 static size_t build_nv(const sg_header_list *list, nghttp2_nv *nva,
@@ -735,7 +747,7 @@ static size_t build_nv(const sg_header_list *list, nghttp2_nv *nva,
     nva[n].namelen = name.len;
     nva[n].value = value.base;
     nva[n].valuelen = value.len;
-    nva[n].flags = NGHTTP2_NV_FLAG_NONE;
+    nva[n].flags = SG_NV_BORROWED;
     n++;
   }
   return n;
@@ -787,7 +799,6 @@ void sg_stream_on_response_headers(sg_stream *s, bool end_stream) {
   int rv = nghttp2_submit_response(s->conn->session, s->id, nva, n,
                                    end_stream ? NULL : &prd);
   sg_nv_array_free(stack_nv, nva);
-  sg_header_list_clear(&s->resp_headers);
   if (rv != 0) {
     nghttp2_submit_rst_stream(s->conn->session, NGHTTP2_FLAG_NONE, s->id,
                               NGHTTP2_INTERNAL_ERROR);
@@ -874,7 +885,7 @@ size_t sg_stream_request_nv(sg_stream *s, bool upstream_tls, nghttp2_nv *nva) {
     nva[n].namelen = (nmlen);                                                  \
     nva[n].value = (uint8_t *)(val);                                           \
     nva[n].valuelen = (vallen);                                                \
-    nva[n].flags = NGHTTP2_NV_FLAG_NONE;                                       \
+    nva[n].flags = SG_NV_BORROWED;                                             \
     n++;                                                                       \
   } while (0)
   ADD_NV(":method", 7, "POST", 4);
@@ -1010,7 +1021,6 @@ ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
           *data_flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
         sg_nv_array_free(stack_nv, nva);
       }
-      sg_header_list_clear(&s->resp_trailers);
     }
     return 0;
   }

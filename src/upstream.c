@@ -83,6 +83,9 @@ struct sg_upstream {
   unsigned n_streams;  /* both lists */
   bool got_settings; /* the backend spoke HTTP/2: its first SETTINGS came */
   bool freeing;
+  /* The stream of the header block being received (see conn.h). */
+  sg_stream *hdr_stream;
+  int32_t hdr_stream_id;
 };
 
 static void upstream_free(sg_upstream *up, const char *reason);
@@ -145,14 +148,33 @@ static const sg_config *pool_config(const sg_upstream_pool *pool) {
 
 /* ---- nghttp2 client callbacks ------------------------------------------- */
 
+static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame,
+                            void *user) {
+  sg_upstream *up = user;
+  up->hdr_stream = NULL;
+  if (frame->hd.type != NGHTTP2_HEADERS)
+    return 0;
+  up->hdr_stream = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+  up->hdr_stream_id = frame->hd.stream_id;
+  return 0;
+}
+
+/* The stream a HEADERS frame's fields belong to, without a lookup per
+ * field. */
+static sg_stream *header_block_stream(sg_upstream *up, nghttp2_session *session,
+                                      int32_t stream_id) {
+  if (up->hdr_stream != NULL && up->hdr_stream_id == stream_id)
+    return up->hdr_stream;
+  return nghttp2_session_get_stream_user_data(session, stream_id);
+}
+
 static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
                      nghttp2_rcbuf *name, nghttp2_rcbuf *value, uint8_t flags,
                      void *user) {
   (void)flags;
-  (void)user;
   if (frame->hd.type != NGHTTP2_HEADERS)
     return 0;
-  sg_stream *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+  sg_stream *s = header_block_stream(user, session, frame->hd.stream_id);
   if (s == NULL)
     return 0;
   /* After a 1xx interim response, the final response comes as a HEADERS
@@ -171,7 +193,8 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
   sg_stream *s;
   switch (frame->hd.type) {
   case NGHTTP2_HEADERS:
-    s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+    s = header_block_stream(up, session, frame->hd.stream_id);
+    up->hdr_stream = NULL; /* the block is complete */
     if (s == NULL)
       return 0;
     if (frame->headers.cat == NGHTTP2_HCAT_RESPONSE || !s->resp_final)
@@ -245,6 +268,8 @@ static void leg_closed(sg_upstream *up, sg_stream *s, uint32_t error_code,
 static int on_stream_close(nghttp2_session *session, int32_t stream_id,
                            uint32_t error_code, void *user) {
   sg_upstream *up = user;
+  if (up->hdr_stream_id == stream_id)
+    up->hdr_stream = NULL;
   sg_stream *s = nghttp2_session_get_stream_user_data(session, stream_id);
   if (s == NULL || up->freeing)
     return 0;
@@ -299,6 +324,7 @@ static void client_callbacks_init(void) {
   nghttp2_session_callbacks *cbs;
   if (nghttp2_session_callbacks_new(&cbs) != 0)
     return;
+  nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, on_begin_headers);
   nghttp2_session_callbacks_set_on_header_callback2(cbs, on_header);
   nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk_recv);
