@@ -53,6 +53,21 @@ static void format_peer(const struct sockaddr *addr, char *out, size_t outlen);
 static void set_timer_ms(sg_conn *c, uint32_t ms) {
   struct timeval tv = {ms / 1000, (suseconds_t)(ms % 1000) * 1000};
   evtimer_add(c->timer, &tv);
+  c->idle_timer_set = false;
+}
+
+static void set_idle_timer(sg_conn *c) {
+  set_timer_ms(c, c->rt->config->idle_timeout_ms);
+  c->idle_timer_set = true;
+}
+
+void sg_conn_stream_opened(sg_conn *c) {
+  /* Only the idle deadline goes: a drain's deadline for its final GOAWAY
+   * must survive calls the client opens after the shutdown notice. */
+  if (c->idle_timer_set) {
+    evtimer_del(c->timer);
+    c->idle_timer_set = false;
+  }
 }
 
 static void count_tls_failure(sg_conn *c, size_t reason) {
@@ -185,10 +200,8 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
       sg_conn_charge(c, 1, "SETTINGS frames");
       if (!c->got_settings) {
         c->got_settings = true;
-        if (c->n_streams == 0 && !c->draining) {
-          evtimer_del(c->timer);
-          set_timer_ms(c, c->rt->config->idle_timeout_ms);
-        }
+        if (c->n_streams == 0 && !c->draining)
+          set_idle_timer(c);
       }
     }
     break;
@@ -262,7 +275,7 @@ static int on_stream_close(nghttp2_session *session, int32_t stream_id,
   nghttp2_session_set_stream_user_data(session, stream_id, NULL);
   sg_stream_on_client_close(s, error_code);
   if (c->n_streams == 0 && !c->draining && !c->closing)
-    set_timer_ms(c, c->rt->config->idle_timeout_ms);
+    set_idle_timer(c);
   return 0;
 }
 

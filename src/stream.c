@@ -141,7 +141,7 @@ sg_stream *sg_stream_new(sg_conn *conn, int32_t id) {
   sg_list_init(&s->up_link);
   sg_list_push_back(&conn->streams, &s->conn_link);
   conn->n_streams++;
-  evtimer_del(conn->timer); /* not idle any more */
+  sg_conn_stream_opened(conn);
   return s;
 }
 

@@ -42,6 +42,7 @@ struct sg_conn {
   struct sg_stream *hdr_stream;
   int32_t hdr_stream_id;
   struct event *timer;   /* handshake, idle and drain deadlines */
+  bool idle_timer_set;   /* |timer| is the idle deadline (no stream open) */
 
   /* The client certificate, verified by TLS, read once per connection. */
   bool has_cert;
@@ -76,6 +77,10 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
  * connections' callbacks use it: calling nghttp2_session_send of a session
  * from inside its own callbacks is not allowed. */
 void sg_conn_schedule_send(sg_conn *c);
+
+/* A stream opened: the connection is no longer idle. Other deadlines
+ * (the final GOAWAY of a drain) keep running. */
+void sg_conn_stream_opened(sg_conn *c);
 
 /* SIGTERM: shutdown notice now, final GOAWAY shortly after, close when the
  * last stream ends. */

@@ -17,6 +17,7 @@ to say. Every wait is a bounded loop; no test asserts a duration.
 
 import os
 import re
+import signal
 import socket
 import ssl
 import struct
@@ -1440,6 +1441,39 @@ class ScriptedBackendTest(FailingBackendCase):
         H.wait_until(lambda: "\nsparkgate_streams_open 0\n" in self.metrics_text(),
                      10, what="no active stream left")
         self.finish(watch)
+
+
+class DrainTest(AttackCase):
+    # Far longer than the test waits: only a GOAWAY the proxy chooses to
+    # send can end the connection in time.
+    config_overrides = {"drain_timeout_ms": 60000}
+
+    def test_a_call_opened_after_the_drain_notice_still_gets_the_final_goaway(self):
+        # RFC 9113 6.8: after the first GOAWAY (last stream 2^31-1) a client
+        # may still open streams until the final one. A call opened in that
+        # window once cancelled the final GOAWAY's timer: the connection
+        # then stayed open, taking new calls, until the drain timeout cut
+        # whatever was in flight.
+        total, chunk = 8 * 65536, 65536
+        with RawH2(self.h2c_port, tls=False) as c:
+            c.wait(lambda: c.settings_acked, 10, "SETTINGS ACK")
+            long_sid = c.grpc_call(b"long", extra=H.standin_md(
+                "stream", bytes=total, chunk=chunk, seed=5, interval_ms=100))
+            c.wait(lambda: len(c.streams[long_sid].data) > 0, 10, "first response bytes")
+            self.sg.send_signal(signal.SIGTERM)
+            c.wait(lambda: c.goaway is not None, 10, "the drain's GOAWAY")
+            self.assertEqual(c.goaways[0][:2], (2**31 - 1, 0), c.goaways)
+            late_sid = c.grpc_call(b"late", path=SERVICE + "Config")
+            late = c.wait_stream(late_sid, 10)
+            self.assertEqual((late.grpc_status, bytes(late.data)),
+                             (0, b"\x00" + struct.pack(">I", 4) + b"late"), late)
+            c.wait(lambda: len(c.goaways) >= 2, 15, "the final GOAWAY")
+            self.assertEqual(c.goaways[1][:2], (late_sid, 0), c.goaways)
+            long = c.wait_stream(long_sid, 20)
+            self.assertEqual(long.grpc_status, 0, long)
+            self.assertEqual(len(long.data), total + 5 * (total // chunk), long)
+            self.assertTrue(c.wait_closed(10), "connection not closed after the drain")
+        self.assertEqual(self.sg.wait(15), 0, self.sg.log_text())
 
 
 if __name__ == "__main__":
