@@ -25,7 +25,6 @@
 #include "sparkgate/upstream.h"
 #include "sparkgate/worker.h"
 
-#define HEADER_FIND(list, lit) sg_header_list_find((list), (lit), sizeof(lit) - 1)
 
 static nghttp2_vec header_value(const sg_header *h) {
   return nghttp2_rcbuf_get_buf(h->value);
@@ -71,9 +70,9 @@ static void on_deadline(evutil_socket_t fd, short what, void *arg) {
 /* The request-line checks that would let two parties read one request two
  * ways: where it goes (authority, host) and how it came (scheme). */
 static const char *request_target_problem(const sg_stream *s) {
-  const sg_header *scheme = HEADER_FIND(&s->req_headers, ":scheme");
-  const sg_header *authority = HEADER_FIND(&s->req_headers, ":authority");
-  const sg_header *host = HEADER_FIND(&s->req_headers, "host");
+  const sg_header *scheme = s->req.scheme;
+  const sg_header *authority = s->req.authority;
+  const sg_header *host = s->req.host;
   const char *want = s->conn->listener->insecure ? "http" : "https";
   if (scheme != NULL) {
     nghttp2_vec v = header_value(scheme);
@@ -151,16 +150,8 @@ static bool authenticate(sg_stream *s) {
       sg_stream_fail(s, SG_GRPC_RESOURCE_EXHAUSTED, "sparkgate: out of memory");
     return s->authenticated;
   }
-  const sg_header *authz = NULL;
-  unsigned n_authz = 0;
-  for (size_t i = 0; i < s->req_headers.count; i++) {
-    nghttp2_vec n = nghttp2_rcbuf_get_buf(s->req_headers.items[i].name);
-    if (SG_HEADER_IS(n.base, n.len, "authorization")) {
-      authz = &s->req_headers.items[i];
-      n_authz++;
-    }
-  }
-  if (n_authz > 1) {
+  const sg_header *authz = s->req.authorization;
+  if (s->req.n_authorization > 1) {
     deny_unauthenticated(s, "duplicate_authorization",
                          "more than one authorization field");
     return false;
@@ -253,18 +244,8 @@ static bool authenticate(sg_stream *s) {
 /* Identity headers a client could send to be taken for someone else are
  * never forwarded; a spelling with "_" that some servers fold into the
  * same name is refused outright. */
-static const char *spoofed_header(sg_stream *s) {
-  const sg_identity_header_names *own = &s->rt->config->identity_headers;
-  const char *problem = NULL;
-  for (size_t i = 0; i < s->req_headers.count; i++) {
-    sg_header *h = &s->req_headers.items[i];
-    nghttp2_vec n = nghttp2_rcbuf_get_buf(h->name);
-    /* Kept with the header: forwarding reads it instead of asking again. */
-    h->identity_action = (uint8_t)sg_identity_header_classify(n.base, n.len, own);
-    if (h->identity_action == SG_IDENTITY_HEADER_REJECT)
-      problem = "a header name with '_' aliases an identity header";
-  }
-  return problem;
+static const char *spoofed_header(const sg_stream *s) {
+  return s->req.spoofed ? "a header name with '_' aliases an identity header" : NULL;
 }
 
 /* ---- tenant ------------------------------------------------------------- */
@@ -281,9 +262,9 @@ static const char *request_header(void *ctx, const char *name, size_t *len) {
 
 static bool admit_route(sg_stream *s) {
   const sg_config *cfg = s->rt->config;
-  const sg_header *authority = HEADER_FIND(&s->req_headers, ":authority");
+  const sg_header *authority = s->req.authority;
   if (authority == NULL)
-    authority = HEADER_FIND(&s->req_headers, "host");
+    authority = s->req.host;
   nghttp2_vec av = authority != NULL ? header_value(authority) : (nghttp2_vec){NULL, 0};
   sg_route_request rq = {
       .identity = s->identity,
@@ -306,7 +287,7 @@ static bool admit_route(sg_stream *s) {
   s->tenant = d.tenant;
   s->tenant_name = d.tenant->name;
 
-  const sg_header *path = HEADER_FIND(&s->req_headers, ":path");
+  const sg_header *path = s->req.path;
   nghttp2_vec p = header_value(path);
   static const char prefix[] = SG_SPARK_SERVICE_PREFIX;
   bool spark = p.len >= sizeof prefix - 1 &&
@@ -346,9 +327,10 @@ static bool admit_limits(sg_stream *s) {
 
 bool sg_admit(sg_stream *s) {
   const sg_config *cfg = s->rt->config;
-  const sg_header *method = HEADER_FIND(&s->req_headers, ":method");
-  const sg_header *path = HEADER_FIND(&s->req_headers, ":path");
-  const sg_header *ctype = HEADER_FIND(&s->req_headers, "content-type");
+  sg_stream_index_request(s);
+  const sg_header *method = s->req.method;
+  const sg_header *path = s->req.path;
+  const sg_header *ctype = s->req.content_type;
 
   /* nghttp2 has already checked the pseudo-header rules of RFC 9113 8.3. */
   nghttp2_vec m = method != NULL ? header_value(method) : (nghttp2_vec){NULL, 0};
@@ -386,7 +368,7 @@ bool sg_admit(sg_stream *s) {
   if (!authenticate(s))
     return false;
 
-  const sg_header *timeout = HEADER_FIND(&s->req_headers, "grpc-timeout");
+  const sg_header *timeout = s->req.grpc_timeout;
   if (timeout != NULL) {
     nghttp2_vec tv = header_value(timeout);
     uint64_t ms;

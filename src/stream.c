@@ -93,6 +93,60 @@ static nghttp2_vec header_value(const sg_header *h) {
   return nghttp2_rcbuf_get_buf(h->value);
 }
 
+/* One walk for what admission, routing, forwarding and logging look up
+ * (it was ten searches of the list a call). */
+void sg_stream_index_request(sg_stream *s) {
+  const sg_identity_header_names *own = &s->rt->config->identity_headers;
+  sg_request_fields *f = &s->req;
+  memset(f, 0, sizeof *f);
+  for (size_t i = 0; i < s->req_headers.count; i++) {
+    sg_header *h = &s->req_headers.items[i];
+    nghttp2_vec n = nghttp2_rcbuf_get_buf(h->name);
+    const sg_header **slot = NULL;
+    switch (n.len) {
+    case 4:
+      if (memcmp(n.base, "host", 4) == 0)
+        slot = &f->host;
+      break;
+    case 5:
+      if (memcmp(n.base, ":path", 5) == 0)
+        slot = &f->path;
+      break;
+    case 7:
+      if (memcmp(n.base, ":method", 7) == 0)
+        slot = &f->method;
+      else if (memcmp(n.base, ":scheme", 7) == 0)
+        slot = &f->scheme;
+      break;
+    case 10:
+      if (memcmp(n.base, ":authority", 10) == 0)
+        slot = &f->authority;
+      break;
+    case 12:
+      if (memcmp(n.base, "content-type", 12) == 0)
+        slot = &f->content_type;
+      else if (memcmp(n.base, "grpc-timeout", 12) == 0)
+        slot = &f->grpc_timeout;
+      break;
+    case 13:
+      if (memcmp(n.base, "authorization", 13) == 0) {
+        slot = &f->authorization;
+        f->n_authorization++;
+      }
+      break;
+    default:
+      break;
+    }
+    if (slot != NULL && *slot == NULL)
+      *slot = h;
+    /* Kept with the field: forwarding reads it instead of asking again. */
+    h->identity_action = (uint8_t)sg_identity_header_classify(n.base, n.len, own);
+    if (h->identity_action == SG_IDENTITY_HEADER_REJECT)
+      f->spoofed = true;
+  }
+  s->req_indexed = true;
+}
+
 /* ---- lifecycle ---------------------------------------------------------- */
 
 static uint64_t monotonic_us(void) {
@@ -190,8 +244,12 @@ static void maybe_free(sg_stream *s) {
     stream_free(s);
 }
 
+static const sg_header *request_path(const sg_stream *s) {
+  return s->req_indexed ? s->req.path : HEADER_FIND(&s->req_headers, ":path");
+}
+
 const char *sg_stream_path(const sg_stream *s, char *buf, size_t buflen) {
-  const sg_header *h = HEADER_FIND(&s->req_headers, ":path");
+  const sg_header *h = request_path(s);
   if (h == NULL)
     return "-";
   nghttp2_vec v = header_value(h);
@@ -647,7 +705,7 @@ static void report_call(sg_stream *s, const sg_conn *c, uint32_t error_code) {
   if (s->grpc_status < 0 && error_code == NGHTTP2_CANCEL)
     s->grpc_status = SG_GRPC_CANCELLED;
   double ms = (double)(monotonic_us() - s->started_us) / 1000.0;
-  const sg_header *path = HEADER_FIND(&s->req_headers, ":path");
+  const sg_header *path = request_path(s);
   nghttp2_vec p = path != NULL ? header_value(path) : (nghttp2_vec){(uint8_t *)"", 0};
   if (s->gen->metrics != NULL)
     sg_metrics_rpc_done(s->gen->metrics,
@@ -877,8 +935,8 @@ void sg_stream_on_upstream_close(sg_stream *s, uint32_t error_code,
 size_t sg_stream_request_nv(sg_stream *s, bool upstream_tls, nghttp2_nv *nva) {
   const sg_identity_header_names *own = &s->rt->config->identity_headers;
   size_t n = 0;
-  const sg_header *authority = HEADER_FIND(&s->req_headers, ":authority");
-  const sg_header *host = HEADER_FIND(&s->req_headers, "host");
+  const sg_header *authority = s->req.authority;
+  const sg_header *host = s->req.host;
 #define ADD_NV(nm, nmlen, val, vallen)                                         \
   do {                                                                         \
     nva[n].name = (uint8_t *)(nm);                                             \
@@ -899,7 +957,7 @@ size_t sg_stream_request_nv(sg_stream *s, bool upstream_tls, nghttp2_nv *nva) {
     nghttp2_vec v = header_value(auth);
     ADD_NV(":authority", 10, v.base, v.len);
   }
-  const sg_header *path = HEADER_FIND(&s->req_headers, ":path");
+  const sg_header *path = s->req.path;
   if (path != NULL) { /* always: admission checked it */
     nghttp2_vec p = header_value(path);
     ADD_NV(":path", 5, p.base, p.len);

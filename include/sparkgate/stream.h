@@ -52,6 +52,24 @@ typedef enum sg_upstream_leg_state {
   SG_UPSTREAM_LEG_DONE,     /* closed, reset or its connection is gone */
 } sg_upstream_leg_state;
 
+/* The request's well-known fields, found in one walk over req_headers
+ * when its header block is complete (the first of each name; NULL when
+ * absent). The list no longer changes then, so they stay good until the
+ * stream goes. */
+typedef struct sg_request_fields {
+  const sg_header *method;
+  const sg_header *scheme;
+  const sg_header *path;
+  const sg_header *authority;
+  const sg_header *host;
+  const sg_header *content_type;
+  const sg_header *grpc_timeout;
+  const sg_header *authorization;
+  unsigned n_authorization;
+  /* A name with '_' that aliases an identity header (then rejected). */
+  bool spoofed;
+} sg_request_fields;
+
 #define SG_STREAM_REQ_HEADER_SLOTS 16
 #define SG_STREAM_RESP_HEADER_SLOTS 8
 #define SG_STREAM_RESP_TRAILER_SLOTS 4
@@ -100,6 +118,8 @@ struct sg_stream {
   char *upstream_authorization; /* the tenant's credential, "Bearer ..." */
 
   sg_header_list req_headers;
+  sg_request_fields req;  /* valid once req_indexed */
+  bool req_indexed;
   sg_header_list req_trailers;
   sg_header_list resp_headers;
   sg_header_list resp_trailers;
@@ -157,6 +177,11 @@ uint64_t sg_monotonic_ms(void);
 
 const sg_header *sg_header_list_find(const sg_header_list *list,
                                      const char *name, size_t len);
+
+/* Fills s->req from the complete request header block, and classifies
+ * each field's name as an identity header or not (sg_header's
+ * identity_action). */
+void sg_stream_index_request(sg_stream *s);
 
 /* The request's :path, shortened for a log line. */
 const char *sg_stream_path(const sg_stream *s, char *buf, size_t buflen);
