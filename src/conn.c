@@ -642,7 +642,8 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
     conn_flush(c);
     return;
   }
-  if (c->n_streams == 0 && !c->draining) {
+  /* Not after a GOAWAY of another kind (abuse): one is the last word. */
+  if (c->n_streams == 0 && !c->draining && !c->goaway_sent && !c->closing) {
     sg_debug("conn=%llu peer=%s: idle for %u ms, closing",
              (unsigned long long)c->id, c->peer, c->rt->config->idle_timeout_ms);
     c->draining = true;

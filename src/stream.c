@@ -537,6 +537,10 @@ static void start_spark_call(sg_stream *s) {
 }
 
 void sg_stream_on_request_headers(sg_stream *s) {
+  /* Answered already: the stream idle timeout can answer a request whose
+   * header block is still arriving (CONTINUATION frames that come late). */
+  if (s->rejected)
+    return;
   if (!sg_admit(s))
     return;
   if (s->tenant->credential != NULL &&
@@ -684,8 +688,21 @@ void sg_stream_check_idle(sg_stream *s, uint64_t now_ms) {
   uint32_t limit = s->rt->config->stream_idle_timeout_ms;
   if (now_ms - s->last_activity_ms < limit)
     return;
-  if (s->late_status && s->conn != NULL) {
-    /* Its last bytes and trailers found no taker either. */
+  if ((s->late_status || (s->resp_eof && s->resp_started && !s->rejected)) &&
+      s->conn != NULL) {
+    /* The response is complete here, and the client has taken none of
+     * what is left for that long: it gives no window for it. Nothing
+     * else would end the call (no bytes wait in the socket for the write
+     * timeout, and the backend is done). */
+    if (s->idle_reset)
+      return;
+    s->idle_reset = true;
+    size_t left = evbuffer_get_length(s->resp_body);
+    sg_info("conn=%llu stream=%d: reset: the last %zu bytes of the response "
+            "found no flow-control window from the client for %u ms",
+            (unsigned long long)s->conn_id, s->id, left, limit);
+    snprintf(s->reason, sizeof s->reason,
+             "client gave no window for the rest of the response for %u ms", limit);
     nghttp2_submit_rst_stream(s->conn->session, NGHTTP2_FLAG_NONE, s->id,
                               NGHTTP2_INTERNAL_ERROR);
     sg_conn_schedule_send(s->conn);

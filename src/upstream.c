@@ -118,6 +118,16 @@ static void pool_mark_down(sg_upstream_pool *pool, const char *reason) {
   }
 }
 
+/* A connection that ended before the backend's first SETTINGS never
+ * proved the backend up: counted as a failed connect, and the pool keeps
+ * (or starts) probing. Without this, a probe that reached a socket which
+ * closed at once (a server restarting, a balancer with no target) left a
+ * pool marked down with no probe to come. */
+static void connect_failed(sg_upstream *up, const char *reason) {
+  count_connect(up->pool, false);
+  pool_mark_down(up->pool, reason);
+}
+
 static void pool_mark_up(sg_upstream_pool *pool) {
   if (pool->down)
     sg_info("backend %s of tenant %s is up again", pool->backend->name,
@@ -419,6 +429,8 @@ static void on_socket_readable(evutil_socket_t fd, short what, void *arg) {
       if (broken)
         sg_debug("upstream %s conn=%llu: %s", up->pool->backend->name,
                  (unsigned long long)up->id, reason);
+      if (!up->got_settings)
+        connect_failed(up, reason);
       upstream_free(up, reason);
       return;
     }
@@ -535,11 +547,10 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
     return;
   }
   char reason[300];
-  bool broken = true;
   if (events & BEV_EVENT_EOF) {
+    /* Closing an idle connection is the backend's right, not a failure;
+     * closing before its SETTINGS is (below). */
     snprintf(reason, sizeof reason, "the backend closed the connection");
-    /* Closing an idle connection is the backend's right, not a failure. */
-    broken = up->state == SG_UPSTREAM_CONNECTING || up->n_streams > 0;
   } else {
     int dns_err = bufferevent_socket_get_dns_error(bev);
     unsigned long tls_err = up->ssl != NULL ? bufferevent_get_openssl_error(bev) : 0;
@@ -561,13 +572,11 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
                err != 0 ? evutil_socket_error_to_string(err) : "connection failed");
     }
   }
-  /* Only a connect that fails says the backend is down; an established
-   * connection that breaks fails its own streams, and the next connect
-   * finds out. */
-  if (broken && (up->state == SG_UPSTREAM_CONNECTING || !up->got_settings)) {
-    count_connect(up->pool, false);
-    pool_mark_down(up->pool, reason);
-  }
+  /* Only a connect that fails (up to the backend's SETTINGS) says the
+   * backend is down; an established connection that breaks fails its own
+   * streams, and the next connect finds out. */
+  if (!up->got_settings)
+    connect_failed(up, reason);
   upstream_free(up, reason);
 }
 

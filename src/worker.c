@@ -281,17 +281,20 @@ void sg_generation_conn_opened(sg_generation *g) { g->n_conns++; }
 
 static void finish_if_drained(sg_worker *w);
 
+static void schedule_reap(sg_worker *w) { event_active(w->reap_ev, 0, 0); }
+
 static void generation_maybe_free(sg_generation *g) {
   sg_worker *w = g->worker;
   if (g != w->current && g->n_conns == 0 && g->n_streams == 0)
-    generation_free(g);
+    schedule_reap(w);
 }
 
 void sg_generation_conn_closed(sg_generation *g) {
   sg_worker *w = g->worker;
   g->n_conns--;
   generation_maybe_free(g);
-  finish_if_drained(w);
+  if (w->draining && w->n_conns == 0)
+    schedule_reap(w);
 }
 
 void sg_generation_hold(sg_generation *g) { g->n_streams++; }
@@ -333,6 +336,21 @@ void sg_worker_post_runtime(sg_worker *w, sg_runtime *rt) {
   w->reload_rt = sg_runtime_ref(rt);
   pthread_mutex_unlock(&w->reload_lock);
   event_active(w->reload_ev, 0, 0);
+}
+
+static void on_reap(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  sg_worker *w = arg;
+  sg_list *n = w->retired.next;
+  while (n != &w->retired) {
+    sg_list *next = n->next;
+    sg_generation *g = SG_CONTAINER_OF(n, sg_generation, link);
+    if (g->n_conns == 0 && g->n_streams == 0)
+      generation_free(g); /* may only schedule another reap, never free */
+    n = next;
+  }
+  finish_if_drained(w);
 }
 
 /* ---- drain -------------------------------------------------------------- */
@@ -481,8 +499,9 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
   w->drain_timer = evtimer_new(w->base, on_drain_timeout, w);
   w->reload_ev = event_new(w->base, -1, 0, on_reload, w);
   w->sweep_timer = event_new(w->base, -1, EV_PERSIST, on_sweep, w);
+  w->reap_ev = event_new(w->base, -1, 0, on_reap, w);
   if (w->drain_ev == NULL || w->drain_timer == NULL || w->reload_ev == NULL ||
-      w->sweep_timer == NULL) {
+      w->sweep_timer == NULL || w->reap_ev == NULL) {
     snprintf(err, errlen, "out of memory");
     goto fail;
   }
@@ -578,6 +597,8 @@ void sg_worker_free(sg_worker *w) {
     event_free(w->reload_ev);
   if (w->sweep_timer != NULL)
     event_free(w->sweep_timer);
+  if (w->reap_ev != NULL)
+    event_free(w->reap_ev);
   if (w->reload_rt != NULL)
     sg_runtime_unref(w->reload_rt);
   pthread_mutex_destroy(&w->reload_lock);

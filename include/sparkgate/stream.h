@@ -157,6 +157,7 @@ struct sg_stream {
   bool resp_streaming;     /* response HEADERS went out with a body to come */
   bool resp_final;         /* the backend's final (non-1xx) headers came */
   bool late_status;        /* end with late_code in trailers at EOF */
+  bool idle_reset;         /* reset for a client that took no more */
   sg_grpc_status late_code;
   char late_message[128];
 

@@ -95,6 +95,13 @@ struct sg_worker {
   sg_runtime *reload_rt;     /* handed over under reload_lock */
   struct event *drain_timer; /* drain deadline */
   struct event *sweep_timer; /* once a second: idle streams */
+  /* Frees retired generations that ran out of connections and streams,
+   * and ends a finished drain, from the top of the loop: the last
+   * release often comes from deep inside a connection's callbacks (a
+   * stream freed by a backend session's close callback), where freeing
+   * the generation's backend connections would pull that very session
+   * from under nghttp2. */
+  struct event *reap_ev;
   bool draining;
 };
 
