@@ -138,8 +138,11 @@ static char *take_or_dup(char **owned, const char *want) {
  * the connection's client certificate, or both, as the listener asks. */
 static bool authenticate(sg_stream *s) {
   sg_conn *c = s->conn;
-  const sg_listener_config *l = c->listener;
   const sg_config *cfg = s->rt->config;
+  /* The listener's auth as this call's configuration has it ("calls" in
+   * docs/configuration.md): a reload reaches connections already open.
+   * Its index and name cannot change by reload. */
+  const sg_listener_config *l = &cfg->listeners[c->listener_index];
   if (l->auth_none) {
     /* Development only: everyone is "anonymous", and tenants decide
      * whether they admit that name like any other. */
@@ -172,9 +175,9 @@ static bool authenticate(sg_stream *s) {
         p++;
         len--;
       }
-      int rv = cfg->jwt == NULL || c->gen->token_cache == NULL
+      int rv = cfg->jwt == NULL || s->gen->token_cache == NULL
                    ? SG_JWT_UNKNOWN_ISSUER
-                   : sg_token_cache_verify(c->gen->token_cache, cfg->jwt, p,
+                   : sg_token_cache_verify(s->gen->token_cache, cfg->jwt, p,
                                            len, (int64_t)time(NULL), &jwt);
       if (rv == SG_JWT_INTERNAL) {
         /* Out of memory while verifying: no verdict on the token, so not
@@ -311,7 +314,9 @@ static bool admit_route(sg_stream *s) {
 }
 
 static bool admit_limits(sg_stream *s) {
-  sg_tenant_state *st = sg_generation_tenant_state(s->conn->gen, s->tenant->index);
+  /* The call's configuration, which chose its tenant: the connection's
+   * may be older, with other tenants or none of this one. */
+  sg_tenant_state *st = sg_generation_tenant_state(s->gen, s->tenant->index);
   const char *limit = sg_tenant_state_admit(st, s->method, sg_monotonic_ms());
   if (limit != NULL) {
     char why[128];

@@ -1,26 +1,52 @@
 #include "sparkgate/limits.h"
 
+#include <stdlib.h>
+
 static uint64_t share(uint64_t limit, unsigned n_workers) {
   if (limit == 0 || n_workers <= 1)
     return limit;
   return (limit + n_workers - 1) / n_workers;
 }
 
-void sg_tenant_state_init(sg_tenant_state *st, const sg_route_tenant *t,
-                          unsigned n_workers, uint64_t now_ms) {
+/* A bucket under its new rate and burst; what it held (up to the new
+ * burst) stays, unless it did not limit before. */
+static void bucket_configure(sg_token_bucket *b, uint64_t rate, uint64_t per_ms,
+                             uint64_t burst, uint64_t now_ms) {
+  sg_token_bucket was = *b;
+  sg_token_bucket_init(b, rate, per_ms, burst, now_ms);
+  if (b->rate == 0 || was.rate == 0 || was.per_ms != b->per_ms)
+    return;
+  b->level = was.level < b->capacity ? was.level : b->capacity;
+  b->last_ms = was.last_ms;
+}
+
+int sg_tenant_state_init(sg_tenant_state *st, const sg_route_tenant *t,
+                         unsigned n_workers, uint64_t now_ms,
+                         const sg_tenant_state *prev) {
   const sg_route_limits *l = &t->limits;
   *st = (sg_tenant_state){.tenant = t};
   st->max_rpcs = (uint32_t)share(l->max_concurrent_rpcs, n_workers);
   st->max_execs = (uint32_t)share(l->max_concurrent_executions, n_workers);
-  if (l->requests_per_second > 0) {
-    uint64_t burst = l->burst > 0 ? l->burst : l->requests_per_second;
-    sg_token_bucket_init(&st->requests, share(l->requests_per_second, n_workers),
-                         1000, share(burst, n_workers), now_ms);
+  if (prev != NULL && prev->usage != NULL) {
+    st->usage = prev->usage;
+  } else {
+    st->usage = calloc(1, sizeof *st->usage);
+    if (st->usage == NULL)
+      return -1;
   }
-  if (l->upload_bytes_per_minute > 0) {
-    uint64_t bytes = share(l->upload_bytes_per_minute, n_workers);
-    sg_token_bucket_init(&st->uploads, bytes, 60000, bytes, now_ms);
-  }
+  st->usage->refs++;
+  uint64_t burst = l->burst > 0 ? l->burst : l->requests_per_second;
+  bucket_configure(&st->usage->requests, share(l->requests_per_second, n_workers),
+                   1000, share(burst, n_workers), now_ms);
+  uint64_t bytes = share(l->upload_bytes_per_minute, n_workers);
+  bucket_configure(&st->usage->uploads, bytes, 60000, bytes, now_ms);
+  return 0;
+}
+
+void sg_tenant_state_clear(sg_tenant_state *st) {
+  if (st->usage != NULL && --st->usage->refs == 0)
+    free(st->usage);
+  st->usage = NULL;
 }
 
 bool sg_spark_method_is_execution(int method) {
@@ -29,30 +55,32 @@ bool sg_spark_method_is_execution(int method) {
 
 const char *sg_tenant_state_admit(sg_tenant_state *st, int method,
                                   uint64_t now_ms) {
-  if (st->max_rpcs > 0 && st->active_rpcs >= st->max_rpcs)
+  sg_tenant_usage *u = st->usage;
+  if (st->max_rpcs > 0 && u->active_rpcs >= st->max_rpcs)
     return "max_concurrent_rpcs";
   bool exec = sg_spark_method_is_execution(method);
-  if (exec && st->max_execs > 0 && st->active_execs >= st->max_execs)
+  if (exec && st->max_execs > 0 && u->active_execs >= st->max_execs)
     return "max_concurrent_executions";
   if (st->tenant->limits.requests_per_second > 0 &&
-      !sg_token_bucket_take(&st->requests, now_ms, 1))
+      !sg_token_bucket_take(&u->requests, now_ms, 1))
     return "requests_per_second";
-  st->active_rpcs++;
+  u->active_rpcs++;
   if (exec)
-    st->active_execs++;
+    u->active_execs++;
   return NULL;
 }
 
 void sg_tenant_state_release(sg_tenant_state *st, int method) {
-  if (st->active_rpcs > 0)
-    st->active_rpcs--;
-  if (sg_spark_method_is_execution(method) && st->active_execs > 0)
-    st->active_execs--;
+  sg_tenant_usage *u = st->usage;
+  if (u->active_rpcs > 0)
+    u->active_rpcs--;
+  if (sg_spark_method_is_execution(method) && u->active_execs > 0)
+    u->active_execs--;
 }
 
 bool sg_tenant_state_take_upload(sg_tenant_state *st, size_t n,
                                  uint64_t now_ms) {
   if (st->tenant->limits.upload_bytes_per_minute == 0)
     return true;
-  return sg_token_bucket_take(&st->uploads, now_ms, n);
+  return sg_token_bucket_take(&st->usage->uploads, now_ms, n);
 }

@@ -248,17 +248,14 @@ static bool reload_config(sg_main *m) {
     sg_config_unref(cfg);
     return false;
   }
-  if (m->admin != NULL &&
-      (!cfg->admin.enabled || cfg->admin.port != m->rt->config->admin.port ||
-       strcmp(cfg->admin.address, m->rt->config->admin.address) != 0)) {
+  /* Adding or removing it counts as a change too: nothing would serve a
+   * newly added one. */
+  if ((m->admin != NULL) != cfg->admin.enabled ||
+      (m->admin != NULL &&
+       (cfg->admin.port != m->rt->config->admin.port ||
+        strcmp(cfg->admin.address, m->rt->config->admin.address) != 0))) {
     sg_error("reload failed: the admin listener changed: restart to change it; "
              "keeping the configuration in force");
-    sg_config_unref(cfg);
-    return false;
-  }
-  char aerr[256];
-  if (sg_accesslog_open(cfg->access_log.path, aerr, sizeof aerr) != 0) {
-    sg_error("reload failed: access_log: %s; keeping the configuration in force", aerr);
     sg_config_unref(cfg);
     return false;
   }
@@ -266,6 +263,14 @@ static bool reload_config(sg_main *m) {
   sg_config_unref(cfg);
   if (rt == NULL) {
     sg_error("reload failed: %s: keeping the configuration in force", err);
+    return false;
+  }
+  /* Last, as it takes effect at once: a reload that fails before must
+   * leave the log where it was. */
+  char aerr[256];
+  if (sg_accesslog_open(rt->config->access_log.path, aerr, sizeof aerr) != 0) {
+    sg_error("reload failed: access_log: %s; keeping the configuration in force", aerr);
+    sg_runtime_unref(rt);
     return false;
   }
   sg_log_set_level(rt->config->log_level);
@@ -284,12 +289,22 @@ static bool reload_config(sg_main *m) {
   return true;
 }
 
+static void on_second_signal(int sig) {
+  (void)sig;
+  static const char msg[] = "sparkgate: second signal while draining: exiting now\n";
+  ssize_t rv = write(STDERR_FILENO, msg, sizeof msg - 1);
+  (void)rv;
+  _exit(1);
+}
+
 static void on_signal(evutil_socket_t sig, short what, void *arg) {
   (void)what;
   sg_main *m = arg;
   switch (sig) {
   case SIGTERM:
   case SIGINT:
+    if (m->draining) /* docs/operations.md: the operator insists */
+      on_second_signal((int)sig);
     sg_info("received %s", sig == SIGTERM ? "SIGTERM" : "SIGINT");
     start_drain(m);
     break;
@@ -313,13 +328,6 @@ static void on_signal(evutil_socket_t sig, short what, void *arg) {
 
 /* A second SIGTERM/SIGINT while draining ends the process at once: an
  * operator who asks twice does not want to wait for the drain timeout. */
-static void on_second_signal(int sig) {
-  (void)sig;
-  static const char msg[] = "sparkgate: second signal while draining: exiting now\n";
-  ssize_t rv = write(STDERR_FILENO, msg, sizeof msg - 1);
-  (void)rv;
-  _exit(1);
-}
 
 static int run(sg_config *cfg) {
   sg_main m = {0};

@@ -209,12 +209,16 @@ static void generation_free(sg_generation *g) {
   free(g->pools);
   if (g->token_cache != NULL)
     sg_token_cache_free(g->token_cache);
+  for (size_t t = 0; t < g->n_tenant_states; t++)
+    sg_tenant_state_clear(&g->tenant_states[t]);
   free(g->tenant_states);
   sg_runtime_unref(g->rt);
   free(g);
 }
 
-static sg_generation *generation_new(sg_worker *w, sg_runtime *rt) {
+/* |prev|: the configuration this one replaces (NULL at start). */
+static sg_generation *generation_new(sg_worker *w, sg_runtime *rt,
+                                     const sg_generation *prev) {
   const sg_config *cfg = rt->config;
   sg_generation *g = calloc(1, sizeof *g);
   if (g == NULL)
@@ -237,9 +241,25 @@ static sg_generation *generation_new(sg_worker *w, sg_runtime *rt) {
     generation_free(g);
     return NULL;
   }
-  for (size_t t = 0; t < cfg->n_tenants; t++)
-    sg_tenant_state_init(&g->tenant_states[t], &cfg->tenants[t], cfg->workers,
-                         sg_monotonic_ms());
+  g->n_tenant_states = cfg->n_tenants;
+  uint64_t now = sg_monotonic_ms();
+  for (size_t t = 0; t < cfg->n_tenants; t++) {
+    /* A tenant the replaced configuration had too (by name) keeps what its
+     * calls hold and have used: a reload lifts no limit. */
+    const sg_tenant_state *was = NULL;
+    if (prev != NULL && prev->rt->config->routes != NULL) {
+      const char *name = cfg->tenants[t].name;
+      const sg_route_tenant *pt =
+          sg_route_table_find(prev->rt->config->routes, name, strlen(name));
+      if (pt != NULL && pt->index < prev->n_tenant_states)
+        was = &prev->tenant_states[pt->index];
+    }
+    if (sg_tenant_state_init(&g->tenant_states[t], &cfg->tenants[t], cfg->workers,
+                             now, was) != 0) {
+      generation_free(g);
+      return NULL;
+    }
+  }
   size_t n_pools = 0;
   for (size_t t = 0; t < cfg->n_tenants; t++)
     n_pools += cfg->tenants[t].n_backends;
@@ -314,7 +334,7 @@ static void on_reload(evutil_socket_t fd, short what, void *arg) {
   pthread_mutex_unlock(&w->reload_lock);
   if (rt == NULL)
     return;
-  sg_generation *g = generation_new(w, rt);
+  sg_generation *g = generation_new(w, rt, w->current);
   sg_runtime_unref(rt);
   if (g == NULL) {
     sg_error("worker %u: reload: out of memory; keeping the previous configuration",
@@ -535,7 +555,7 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
     evconnlistener_set_error_cb(w->listeners[i], on_accept_error);
   }
 
-  w->current = generation_new(w, rt);
+  w->current = generation_new(w, rt, NULL);
   if (w->current == NULL) {
     snprintf(err, errlen, "out of memory");
     goto fail;

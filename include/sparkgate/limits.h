@@ -11,18 +11,35 @@
 
 #include "sparkgate/route.h"
 
-typedef struct sg_tenant_state {
-  const sg_route_tenant *tenant;
-  uint32_t max_rpcs;  /* this worker's share; 0: unlimited */
-  uint32_t max_execs; /* ExecutePlan + ReattachExecute; 0: unlimited */
+/* What one worker's calls of a tenant hold and have used: kept across
+ * reloads, by tenant name, so that calls admitted under one configuration
+ * still count (and are released) under the next, and a reload grants no
+ * fresh burst. Shared by the states of every configuration the worker
+ * still holds; freed with the last of them. */
+typedef struct sg_tenant_usage {
+  unsigned refs;
   uint32_t active_rpcs;
   uint32_t active_execs;
   sg_token_bucket requests; /* requests_per_second */
   sg_token_bucket uploads;  /* AddArtifacts bytes per minute */
+} sg_tenant_usage;
+
+typedef struct sg_tenant_state {
+  const sg_route_tenant *tenant;
+  uint32_t max_rpcs;  /* this worker's share; 0: unlimited */
+  uint32_t max_execs; /* ExecutePlan + ReattachExecute; 0: unlimited */
+  sg_tenant_usage *usage; /* ref */
 } sg_tenant_state;
 
-void sg_tenant_state_init(sg_tenant_state *st, const sg_route_tenant *t,
-                          unsigned n_workers, uint64_t now_ms);
+/* A tenant's state under a configuration: with |prev| NULL, no calls and
+ * full buckets; else |prev| is the same tenant's state under the
+ * configuration being replaced, whose usage it shares, its buckets set
+ * to the new rates and keeping their levels (at most the new burst).
+ * Returns -1 (out of memory) or 0; sg_tenant_state_clear in both cases. */
+int sg_tenant_state_init(sg_tenant_state *st, const sg_route_tenant *t,
+                         unsigned n_workers, uint64_t now_ms,
+                         const sg_tenant_state *prev);
+void sg_tenant_state_clear(sg_tenant_state *st);
 
 /* Admits one call of |method| (sg_spark_method, or -1 for others) and
  * counts it, or returns the name of the limit it hit. */

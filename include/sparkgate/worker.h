@@ -53,6 +53,7 @@ typedef struct sg_generation {
   struct sg_token_cache *token_cache;
   /* This worker's share of each tenant's limits, [tenant index]. */
   struct sg_tenant_state *tenant_states;
+  size_t n_tenant_states;
   struct sg_metrics_worker *metrics; /* this worker's counters (borrowed from rt) */
 } sg_generation;
 
