@@ -379,10 +379,23 @@ static nghttp2_session_callbacks *server_callbacks(void) {
 
 /* Moves frames from nghttp2 to the socket until the output buffer holds
  * the high-water mark; the write callback resumes below the low mark. */
+/* Streams whose responses waited for the output to drain go on. */
+static void resume_held_data(sg_conn *c) {
+  for (sg_list *n = c->streams.next; n != &c->streams; n = n->next) {
+    sg_stream *s = SG_CONTAINER_OF(n, sg_stream, conn_link);
+    if (s->resp_held) {
+      s->resp_held = false;
+      nghttp2_session_resume_data(c->session, s->id);
+    }
+  }
+}
+
 static void conn_flush(sg_conn *c) {
   if (c->session == NULL || c->freeing)
     return;
   struct evbuffer *out = bufferevent_get_output(c->bev);
+  if (sg_h2io_release_data(&c->io))
+    resume_held_data(c);
   int rv = sg_h2io_flush(&c->io, c->session);
   if (rv != 0) {
     sg_conn_close_now(c, nghttp2_strerror(rv));

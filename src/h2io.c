@@ -34,11 +34,23 @@ static int copy_prefix(struct evbuffer *to, struct evbuffer *from, size_t length
   return evbuffer_commit_space(to, &v, 1);
 }
 
+bool sg_h2io_hold_data(sg_h2io *io) {
+  if (queued(io) < io->high_water)
+    return false;
+  io->data_held = true;
+  return true;
+}
+
+bool sg_h2io_release_data(sg_h2io *io) {
+  if (!io->data_held || queued(io) >= io->high_water)
+    return false;
+  io->data_held = false;
+  return true;
+}
+
 int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
                       const uint8_t *framehd, size_t length,
                       struct evbuffer *payload, struct evbuffer *keep) {
-  if (queued(io) >= io->high_water)
-    return NGHTTP2_ERR_WOULDBLOCK;
   struct evbuffer *out = dest(io);
   if (keep != NULL && length > 0 && copy_prefix(keep, payload, length) != 0)
     return NGHTTP2_ERR_CALLBACK_FAILURE;

@@ -1058,6 +1058,10 @@ ssize_t sg_stream_read_request_body(nghttp2_session *session, int32_t id,
     end_request_body(s, session, data_flags);
     return 0;
   }
+  if (sg_h2io_hold_data(user)) {
+    s->req_held = true; /* upstream.c resumes it */
+    return NGHTTP2_ERR_DEFERRED;
+  }
   length = sg_h2io_data_max(user, length);
   size_t n = avail < length ? avail : length;
   /* The client's END_STREAM is often already here: a unary call's body
@@ -1098,6 +1102,10 @@ ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
       }
     }
     return 0;
+  }
+  if (sg_h2io_hold_data(user)) {
+    s->resp_held = true; /* conn.c resumes it */
+    return NGHTTP2_ERR_DEFERRED;
   }
   length = sg_h2io_data_max(user, length);
   size_t n = avail < length ? avail : length;

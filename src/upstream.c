@@ -346,10 +346,23 @@ static void client_callbacks_init(void) {
 
 /* ---- I/O ---------------------------------------------------------------- */
 
+/* Streams whose requests waited for the output to drain go on. */
+static void resume_held_data(sg_upstream *up) {
+  for (sg_list *n = up->streams.next; n != &up->streams; n = n->next) {
+    sg_stream *s = SG_CONTAINER_OF(n, sg_stream, up_link);
+    if (s->req_held) {
+      s->req_held = false;
+      nghttp2_session_resume_data(up->session, s->up_id);
+    }
+  }
+}
+
 static void upstream_flush(sg_upstream *up) {
   if (up->session == NULL || up->freeing)
     return;
   struct evbuffer *out = bufferevent_get_output(up->bev);
+  if (sg_h2io_release_data(&up->io))
+    resume_held_data(up);
   int rv = sg_h2io_flush(&up->io, up->session);
   if (rv != 0) {
     upstream_free(up, nghttp2_strerror(rv));

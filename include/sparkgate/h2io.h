@@ -1,8 +1,13 @@
 /* Writing an nghttp2 session's frames into a libevent output buffer.
  * Frames are serialized by nghttp2; on cleartext connections DATA payloads
  * are moved from the other leg's buffer into the output by reference
- * (evbuffer chains), not copied, and a high-water mark on the output makes
- * nghttp2 wait (NGHTTP2_ERR_WOULDBLOCK) for a slow peer. */
+ * (evbuffer chains), not copied. A high-water mark on the output holds
+ * back a slow peer: other frames wait in nghttp2 (NGHTTP2_ERR_WOULDBLOCK),
+ * DATA waits in its data provider, which defers (sg_h2io_hold_data) and
+ * is resumed once the output has drained. A DATA frame is never held
+ * between its data provider and its send: its payload would sit at the
+ * head of the other leg's buffer, counted as sent, where cancelling,
+ * discarding or trimming that buffer would take it away. */
 #ifndef SPARKGATE_H2IO_H
 #define SPARKGATE_H2IO_H
 
@@ -29,15 +34,27 @@ typedef struct sg_h2io {
    * so a worker's connections share one; NULL writes to |out| directly. */
   struct evbuffer *stage;
   bool staging; /* inside sg_h2io_flush, writing to |stage| */
+  /* A data provider deferred because the output was full: its session's
+   * owner resumes the streams it marked when the output drains. */
+  bool data_held;
 } sg_h2io;
+
+/* For data providers: true when the output is full, and then marks |io|
+ * so that the caller's stream is resumed later (the provider returns
+ * NGHTTP2_ERR_DEFERRED and marks its stream). */
+bool sg_h2io_hold_data(sg_h2io *io);
+
+/* Whether streams held by sg_h2io_hold_data may go on: some were held and
+ * the output is below its high-water mark again. Clears the mark. */
+bool sg_h2io_release_data(sg_h2io *io);
 
 ssize_t sg_h2io_send(nghttp2_session *session, const uint8_t *data,
                      size_t length, int flags, void *user);
 
 /* Appends one DATA frame (header, payload moved from |payload|, padding)
- * to the output. When |keep| is not NULL, a copy of the payload is also
- * appended to it (only when the frame is written). Returns 0,
- * NGHTTP2_ERR_WOULDBLOCK, or NGHTTP2_ERR_CALLBACK_FAILURE. */
+ * to the output, whatever the output holds (its data provider checked).
+ * When |keep| is not NULL, a copy of the payload is also appended to it.
+ * Returns 0 or NGHTTP2_ERR_CALLBACK_FAILURE. */
 int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
                       const uint8_t *framehd, size_t length,
                       struct evbuffer *payload, struct evbuffer *keep);

@@ -158,6 +158,9 @@ struct sg_stream {
   bool resp_final;         /* the backend's final (non-1xx) headers came */
   bool late_status;        /* end with late_code in trailers at EOF */
   bool idle_reset;         /* reset for a client that took no more */
+  /* A data provider deferred for a full output (sg_h2io_hold_data). */
+  bool resp_held;
+  bool req_held;
   sg_grpc_status late_code;
   char late_message[128];
 
