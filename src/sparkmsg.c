@@ -930,6 +930,9 @@ static size_t step(sg_sparkmsg *s, const uint8_t *p, size_t avail) {
 
 /* ---- public API -------------------------------------------------------- */
 
+#define SG_STR_(x) #x
+#define SG_STR(x) SG_STR_(x)
+
 static void set_err(char *err, size_t errlen, const char *msg) {
   if (err != NULL && errlen > 0)
     snprintf(err, errlen, "%s", msg);
@@ -949,8 +952,8 @@ sg_sparkmsg *sg_sparkmsg_new(const sg_sparkmsg_options *opts, char *err,
     id_len = o.identity ? strlen(o.identity) : 0;
     if (id_len == 0 || id_len > SG_SPARKMSG_IDENTITY_MAX_BYTES ||
         !utf8_valid((const uint8_t *)o.identity, id_len, true)) {
-      set_err(err, errlen,
-              "sparkmsg: identity must be 1 to 1024 bytes of UTF-8");
+      set_err(err, errlen, "sparkmsg: identity must be 1 to " SG_STR(SG_SPARKMSG_IDENTITY_MAX_BYTES)
+                           " bytes of UTF-8");
       return NULL;
     }
   }

@@ -24,6 +24,10 @@
 #include "sparkgate/upstream.h"
 #include "sparkgate/worker.h"
 
+_Static_assert(SG_SPARKMSG_IDENTITY_MAX_BYTES >= SG_IDENTITY_MAX_BYTES &&
+                   SG_SPARKMSG_IDENTITY_MAX_BYTES >= SG_JWT_MAX_IDENTITY_BYTES,
+               "every identity a caller can have fits the Spark scanner");
+
 /* ---- header lists ------------------------------------------------------- */
 
 int sg_header_list_add(sg_header_list *list, nghttp2_rcbuf *name,

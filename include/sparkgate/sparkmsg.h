@@ -65,7 +65,9 @@
 #define SG_SPARKMSG_VARINT_MAX_BYTES 10
 #define SG_SPARKMSG_SESSION_ID_MAX_BYTES 128
 #define SG_SPARKMSG_USER_CONTEXT_MAX_BYTES 4096
-#define SG_SPARKMSG_IDENTITY_MAX_BYTES 1024
+/* The longest identity either source makes: a certificate's (SPIFFE IDs
+ * run to 2048 bytes, identity.h) or a token's (jwt.h); stream.c checks. */
+#define SG_SPARKMSG_IDENTITY_MAX_BYTES 2048
 #define SG_SPARKMSG_ERROR_BYTES 160
 #define SG_SPARKMSG_DEFAULT_MAX_MESSAGE_BYTES (128u * 1024u * 1024u)
 #define SG_SPARKMSG_DEFAULT_HEADER_WINDOW_BYTES (64u * 1024u)
