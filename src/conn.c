@@ -130,6 +130,9 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
      * resets the stream and we answer nothing (RFC 9113 10.5.1). */
     if (!s->header_overflow) {
       s->header_overflow = true;
+      snprintf(s->reason, sizeof s->reason,
+               "request header list exceeds %u bytes (stream reset)",
+               c->rt->config->max_header_list_bytes);
       sg_conn_charge(c, 5, "oversized header lists");
       sg_info("conn=%llu stream=%d peer=%s: rejected: request header list "
               "exceeds %u bytes",

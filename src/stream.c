@@ -396,6 +396,11 @@ void sg_stream_reject(sg_stream *s, sg_grpc_status code, const char *message,
       sg_grpc_submit_error(s->conn->session, s->id, code, message);
       end_request_early(s);
     } else if (!end_with_late_status(s, code, message)) {
+      /* In the middle of a response message: no status can follow it. */
+      sg_info("conn=%llu stream=%d: the response is in the middle of a "
+              "message: stream reset (INTERNAL_ERROR) instead",
+              (unsigned long long)s->conn_id, s->id);
+      s->grpc_status = -1; /* the client gets none (access log: null) */
       nghttp2_submit_rst_stream(s->conn->session, NGHTTP2_FLAG_NONE, s->id,
                                 NGHTTP2_INTERNAL_ERROR);
     }
@@ -757,7 +762,10 @@ static void report_call(sg_stream *s, const sg_conn *c, uint32_t error_code) {
 
 void sg_stream_on_client_close(sg_stream *s, uint32_t error_code) {
   sg_conn *c = s->conn;
-  if (c != NULL && s->req_headers_done)
+  /* Every call the client made and the proxy answered or reset, also
+   * one whose header block never completed (over the size cap, or cut
+   * short and answered at the stream idle timeout). */
+  if (c != NULL && (s->req_headers_done || s->rejected || s->header_overflow))
     report_call(s, c, error_code);
   if (c != NULL) {
     /* Bytes received and not yet credited still count against the

@@ -1,0 +1,139 @@
+#!/usr/bin/python3
+"""Every call the proxy answered or reset is logged and counted once, as
+the client saw it (docs/operations.md: access log, metrics, status table),
+also calls refused before their header block was complete.
+"""
+
+import os
+import socket
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "lib"))
+sys.path.insert(0, HERE)
+import harness as H  # noqa: E402
+from test_attacks import (  # noqa: E402
+    AttackCase, RawH2, attack_config, frame, hpack_block, INTERNAL_ERROR, MIB, SERVICE)
+from test_operations import (  # noqa: E402
+    parse_prometheus, sample, http_get, read_access_log, wait_access, ADMIN_RE)
+
+WAIT = 10.0
+
+
+class ObservedCase(AttackCase):
+    """AttackCase with an admin listener and an access log file."""
+
+    def setUp(self):
+        H.SparkgateTestCase.setUp(self)
+        self.dir = H.tempdir("sg-review5-")
+        self.access_path = os.path.join(self.dir, "access.log")
+        self.up = self.standin()
+        cfg = attack_config(self.up.port, admin={"address": "127.0.0.1", "port": 0},
+                            access_log={"path": self.access_path},
+                            **self.config_overrides)
+        self.sg = self.start_sparkgate(cfg)
+        self.pid = self.sg.pid
+        self.tls_port = self.sg.port("public")
+        self.h2c_port = self.sg.port("dev")
+        self.admin = int(self.sg.wait_for_log(ADMIN_RE, timeout=5).group(1))
+        self._controls = 0
+
+    def scrape(self):
+        status, _, body = http_get(self.admin, "/metrics")
+        self.assertEqual(status, 200, body)
+        return parse_prometheus(body.decode("utf-8"))
+
+    def rpcs(self, samples, method, status, tenant="default"):
+        return sample(samples, "sparkgate_rpcs_total", tenant=tenant, method=method,
+                      grpc_status=str(status))
+
+
+class ResetMidMessageLoggedWithoutStatusTest(ObservedCase):
+    """docs/operations.md: access-log grpc_status is "null when the stream
+    was reset without one", and a deadline or idle timeout that comes while
+    the client is in the middle of a response message resets the stream
+    (INTERNAL_ERROR). The client then gets no grpc-status at all, and the
+    access log says so (it used to record the 4 the proxy had meant to
+    send)."""
+
+    config_overrides = {"stream_idle_timeout_ms": 1000}
+
+    def test_reset_mid_message_is_not_logged_as_status_4(self):
+        with RawH2(self.h2c_port, tls=False, auto_window=False) as c:
+            # Messages of 1 MiB, 30 s apart: the client takes 64 KiB of the
+            # first and no more; then no byte moves either way.
+            sid = c.grpc_call(b"idle mid message", extra=H.standin_md(
+                "stream", bytes=4 * MIB, chunk=1 * MIB, interval_ms=30000))
+            st = c.streams[sid]
+            c.wait(lambda: len(st.data) >= 65535, 10, "the first window of data")
+            c.wait(lambda: st.done, 10, "the call ended at the stream idle timeout")
+            # What the client saw: a reset, no grpc-status.
+            self.assertEqual((st.reset, st.grpc_status), (INTERNAL_ERROR, None), st)
+        recs = wait_access(self.access_path, lambda r: r["stream_id"] == sid and
+                           r["method"].endswith("/ExecutePlan"))
+        self.assertIsNone(recs[-1]["grpc_status"],
+                          "the client got RST_STREAM(INTERNAL_ERROR) and no status, but "
+                          "the access log says %r" % recs[-1])
+
+
+class IncompleteHeaderBlockCountedTest(ObservedCase):
+    """A request whose header block never completes (HEADERS without
+    END_HEADERS, no CONTINUATION) is answered by the stream idle timeout
+    with grpc-status 4, and the call gets its access-log line and its
+    sparkgate_rpcs_total sample (calls whose header block had not completed
+    used to get neither)."""
+
+    config_overrides = {"stream_idle_timeout_ms": 1000}
+
+    def test_call_answered_by_idle_timeout_is_logged_and_counted(self):
+        before = self.scrape()
+        total_before = sum(v for (n, _), v in before.items() if n == "sparkgate_rpcs_total")
+        with RawH2(self.h2c_port, tls=False) as c:
+            # Finish the SETTINGS exchange first: a SETTINGS ACK inside the
+            # header block would be a connection error.
+            c.wait(lambda: c.settings_acked, 5, "SETTINGS ACK")
+            c.pump(0.3)
+            sid = c.new_sid()
+            block = hpack_block(c.request_headers(path=SERVICE + "Config"))
+            c.send(frame(0x1, 0x0, sid, block))  # HEADERS, no END_HEADERS, no END_STREAM
+            st = c.wait_stream(sid, timeout=10)
+            self.assertEqual(st.grpc_status, 4, st)  # answered by the proxy
+        deadline = time.monotonic() + 5
+        while True:
+            lines = [r for r in read_access_log(self.access_path) if r["stream_id"] == sid]
+            after = self.scrape()
+            total_after = sum(v for (n, _), v in after.items()
+                              if n == "sparkgate_rpcs_total")
+            if (lines and total_after > total_before) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.assertTrue(lines, "a call answered with grpc-status 4 has no access-log line")
+        self.assertEqual(total_after - total_before, 1,
+                         "a call answered with grpc-status 4 is not in sparkgate_rpcs_total")
+
+
+class OversizedHeaderCallCountedTest(ObservedCase):
+    """Status table row "RST_STREAM INTERNAL_ERROR (2): request header list
+    over http2.max_header_list_bytes": the proxy refuses the call (stream
+    reset), and the refused call gets its access-log line saying why."""
+
+    def test_refused_oversized_header_call_is_logged(self):
+        with RawH2(self.h2c_port, tls=False) as c:
+            big = [("x-big-%d" % i, "v" * 4000) for i in range(6)]
+            sid = c.grpc_call(b"big headers", path=SERVICE + "Config", extra=big)
+            st = c.wait_stream(sid)
+            self.assertEqual((st.reset, st.headers), (INTERNAL_ERROR, []), st)
+            # A later call on the same connection is logged: the log is live.
+            ok = c.wait_stream(c.grpc_call(b"fits", path=SERVICE + "Config"))
+            self.assertEqual(ok.grpc_status, 0, ok)
+        wait_access(self.access_path, lambda r: r["stream_id"] == ok.sid)
+        lines = [r for r in read_access_log(self.access_path) if r["stream_id"] == sid]
+        self.assertTrue(lines, "the call refused for its oversized header list has no "
+                        "access-log line (refused by the proxy: it must have one)")
+        self.assertIn("header list exceeds", lines[0].get("reason", ""), lines[0])
+        self.assertIsNone(lines[0]["grpc_status"], lines[0])
+
+
+if __name__ == "__main__":
+    H.main()
