@@ -156,6 +156,16 @@ static const sg_config *pool_config(const sg_upstream_pool *pool) {
   return pool->cfg;
 }
 
+/* Its last stream gone: a connection that has proved itself (the
+ * backend's SETTINGS came) waits for the next call until the idle
+ * deadline; one that has not keeps its connect deadline, or a backend
+ * that accepts and never speaks would hold the next calls for the idle
+ * timeout instead of failing them at the connect timeout. */
+static void idle_or_connect_deadline(sg_upstream *up) {
+  if (up->got_settings)
+    set_timer_ms(up, pool_config(up->pool)->upstream_idle_timeout_ms);
+}
+
 /* ---- nghttp2 client callbacks ------------------------------------------- */
 
 static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame,
@@ -310,7 +320,7 @@ static int on_stream_close(nghttp2_session *session, int32_t stream_id,
     if (up->state == SG_UPSTREAM_GOAWAY)
       schedule_send(up); /* flush, then close */
     else
-      set_timer_ms(up, pool_config(up->pool)->upstream_idle_timeout_ms);
+      idle_or_connect_deadline(up);
   }
   return 0;
 }
@@ -524,6 +534,9 @@ static int start_session(sg_upstream *up) {
 
 static void on_connected(sg_upstream *up) {
   if (up->ssl != NULL && !sg_tls_alpn_is_h2(up->ssl)) {
+    /* Not an HTTP/2 backend, as much as one that refuses the connection:
+     * down, probed, and failover moves its sessions. */
+    connect_failed(up, "the backend did not negotiate ALPN h2 over TLS");
     upstream_free(up, "the backend did not negotiate ALPN h2 over TLS");
     return;
   }
@@ -843,8 +856,8 @@ void sg_upstream_cancel(sg_stream *s) {
     up->n_streams--;
     s->up_state = SG_UPSTREAM_LEG_DONE;
     s->up = NULL;
-    if (up->n_streams == 0 && up->state != SG_UPSTREAM_CONNECTING)
-      set_timer_ms(up, pool_config(up->pool)->upstream_idle_timeout_ms);
+    if (up->n_streams == 0)
+      idle_or_connect_deadline(up);
     return;
   }
   if (s->up_state == SG_UPSTREAM_LEG_OPEN && up->session != NULL) {
