@@ -247,67 +247,66 @@ class CancelWhileBackendOutputBlockedTest(H.SparkgateTestCase):
     emptied the buffer under it, the write then failed and took the
     backend connection down with every call on it."""
 
-    def test_cancelled_upload_does_not_break_the_shared_backend_connection(self):
+    def start(self):
         be = PausableBackend()
         self.addCleanup(be.close)
         self.sg = self.start_sparkgate(attack_config(be.port, write_stall_timeout_ms=60000))
+        return be
+
+    def live_call_b(self, c):
+        """Call B: live on the backend connection, waiting for its end."""
+        c.wait(lambda: c.settings_acked, 10, "SETTINGS ACK")
+        b = c.open(c.request_headers(TEST + "Slow"))
+        c.send(frame(DATA, 1, b, b"\x00\x00\x00\x00\x00"))
+        c.wait(lambda: len(c.streams[b].data) >= 10, 10, "call B's first message")
+        return b
+
+    def stalled_upload_a(self, c, be, extra=()):
+        """Call A: an upload the backend stops reading."""
+        be.reading.clear()
+        a = c.open(c.request_headers(TEST + "Upload", extra=list(extra)))
+        sent = c.upload(a, 64 * MIB, stall_s=1.0, timeout=20)
+        self.assertLess(sent, 64 * MIB, "the upload never stalled")
+        return a
+
+    def assert_b_finishes(self, c, be, b):
+        """The backend reads again, and finishes B, on the same connection."""
+        be.reading.set()
+        H.wait_until(lambda: be.upload_bytes > 0, 15, what="the backend reads again")
+        c.pump(0.5)
+        be.release.set()
+        st = c.wait_stream(b, 15)
+        self.assertIsNone(st.reset, "call B was reset: %r; log:\n%s"
+                          % (st, self.sg.log_text(20)))
+        self.assertEqual(st.grpc_status, 0, st)
+        return st
+
+    def test_cancelled_upload_does_not_break_the_shared_backend_connection(self):
+        be = self.start()
         with FlowH2(self.sg.port("dev"), tls=False) as c:
-            c.wait(lambda: c.settings_acked, 10, "SETTINGS ACK")
-            # Call B: live, on the backend connection, waiting for its end.
-            b = c.open(c.request_headers(TEST + "Slow"))
-            c.send(frame(DATA, 1, b, b"\x00\x00\x00\x00\x00"))
-            c.wait(lambda: len(c.streams[b].data) >= 10, 10, "call B's first message")
-            # Call A: an upload the backend stops reading.
-            be.reading.clear()
-            a = c.open(c.request_headers(TEST + "Upload"))
-            sent = c.upload(a, 64 * MIB, stall_s=1.0, timeout=20)
-            self.assertLess(sent, 64 * MIB, "the upload never stalled")
+            b = self.live_call_b(c)
+            a = self.stalled_upload_a(c, be)
             # The client gives up on A.
             c.send(rst_stream(a, CANCEL))
             c.pump(0.3)
-            # The backend reads again, and finishes B.
-            be.reading.set()
-            H.wait_until(lambda: be.upload_bytes > 0, 15, what="the backend reads again")
-            c.pump(0.5)
-            be.release.set()
-            st = c.wait_stream(b, 15)
-            self.assertIsNone(st.reset, "call B was reset: %r; log:\n%s"
-                              % (st, self.sg.log_text(20)))
-            self.assertEqual(st.grpc_status, 0, st)
+            st = self.assert_b_finishes(c, be, b)
             self.assertEqual(bytes(st.data), b"\x00\x00\x00\x00\x05first"
                              b"\x00\x00\x00\x00\x06second")
         self.assertEqual(be.connections, 1)
 
     def test_deadline_of_an_upload_does_not_break_the_shared_backend_connection(self):
         # The same with no client action: the upload's grpc-timeout expires
-        # (sg_stream_reject -> discard_request_body empties req_body while
-        # the leg is still OPEN and its DATA frame is in flight).
-        be = PausableBackend()
-        self.addCleanup(be.close)
-        self.sg = self.start_sparkgate(attack_config(be.port, write_stall_timeout_ms=60000))
+        # while its leg is still open upstream.
+        be = self.start()
         mark = self.sg.mark()
         with FlowH2(self.sg.port("dev"), tls=False) as c:
-            c.wait(lambda: c.settings_acked, 10, "SETTINGS ACK")
-            b = c.open(c.request_headers(TEST + "Slow"))
-            c.send(frame(DATA, 1, b, b"\x00\x00\x00\x00\x00"))
-            c.wait(lambda: len(c.streams[b].data) >= 10, 10, "call B's first message")
-            be.reading.clear()
-            a = c.open(c.request_headers(TEST + "Upload", extra=[("grpc-timeout", "3S")]))
-            sent = c.upload(a, 64 * MIB, stall_s=1.0, timeout=20)
-            self.assertLess(sent, 64 * MIB, "the upload never stalled")
+            b = self.live_call_b(c)
+            a = self.stalled_upload_a(c, be, extra=[("grpc-timeout", "3S")])
             c.wait(lambda: c.streams[a].done, 10, "call A's deadline")
             self.assertEqual(c.streams[a].grpc_status, 4, c.streams[a])
             self.sg.wait_for_log(r"deadline exceeded", timeout=5, since=mark)
-            be.reading.set()
-            H.wait_until(lambda: be.upload_bytes > 0, 15, what="the backend reads again")
-            c.pump(0.5)
-            be.release.set()
-            st = c.wait_stream(b, 15)
-            self.assertIsNone(st.reset, "call B was reset: %r; log:\n%s"
-                              % (st, self.sg.log_text(20)))
-            self.assertEqual(st.grpc_status, 0, st)
+            self.assert_b_finishes(c, be, b)
         self.assertEqual(be.connections, 1)
-
 
 if __name__ == "__main__":
     H.main()
