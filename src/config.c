@@ -134,8 +134,10 @@ static void check_listener_auth(loader *ld) {
     snprintf(apath, sizeof apath, "listeners[%zu].auth", i);
     if (l->auth_none || l->name == NULL)
       continue;
+    /* With "mtls" too and "require": "any", certificates alone do. */
     if ((l->auth.methods & SG_LISTENER_AUTH_JWT) && cfg->jwt == NULL &&
-        !(l->auth.methods & SG_LISTENER_AUTH_MTLS))
+        (!(l->auth.methods & SG_LISTENER_AUTH_MTLS) ||
+         l->auth.require == SG_LISTENER_AUTH_REQUIRE_ALL))
       LOAD_ERR(ld, apath,
                "accepts JWT but no auth.jwt_providers are configured: add a "
                "provider, use \"methods\": [\"mtls\"] with client certificates, "
@@ -151,8 +153,22 @@ static void check_listener_auth(loader *ld) {
   }
 }
 
+/* Two spellings of one address ("::1", "0::1") bind the same socket:
+ * compared as addresses, not as text. */
+static bool same_address(const char *a, const char *b) {
+  if (a == NULL || b == NULL)
+    return false;
+  unsigned char x[16], y[16];
+  if (inet_pton(AF_INET, a, x) == 1 && inet_pton(AF_INET, b, y) == 1)
+    return memcmp(x, y, 4) == 0;
+  if (inet_pton(AF_INET6, a, x) == 1 && inet_pton(AF_INET6, b, y) == 1)
+    return memcmp(x, y, 16) == 0;
+  return strcmp(a, b) == 0;
+}
+
 static void load_listener(loader *ld, json_t *obj, const char *path,
                           sg_listener_config *l, size_t index) {
+  size_t errors_before = ld->j.errors;
   static const char *const keys[] = {"name", "address", "port", "tls",
                                      "insecure", "auth", NULL};
   static const char *const tls_keys[] = {"cert", "key", "client_certificates",
@@ -242,8 +258,11 @@ static void load_listener(loader *ld, json_t *obj, const char *path,
   }
 
   /* Build the TLS context once now so that a key that does not match its
-   * certificate, or an unparsable CA, fails at load and not at accept. */
-  if (l->tls_cert_file != NULL && l->tls_key_file != NULL && ld->j.errors == 0) {
+   * certificate, or an unparsable CA, fails at load and not at accept;
+   * whenever this listener's keys themselves were fine, so that the file's
+   * other errors do not hide this one. */
+  if (l->tls_cert_file != NULL && l->tls_key_file != NULL &&
+      ld->j.errors == errors_before) {
     char err[512];
     SSL_CTX *ctx = sg_tls_server_ctx_new(l, err, sizeof err);
     if (ctx == NULL)
@@ -460,8 +479,8 @@ static void load_root(loader *ld, json_t *root) {
         if (lj->name != NULL && li->name != NULL && strcmp(lj->name, li->name) == 0)
           LOAD_ERR(ld, lpath, "duplicate listener name '%s' (also listeners[%zu])",
                    li->name, j);
-        else if (li->port != 0 && lj->port == li->port && lj->address != NULL &&
-                 li->address != NULL && strcmp(lj->address, li->address) == 0)
+        else if (li->port != 0 && lj->port == li->port &&
+                 same_address(lj->address, li->address))
           LOAD_ERR(ld, lpath, "%s:%u is already used by listeners[%zu]",
                    li->address, li->port, j);
       }

@@ -7,6 +7,7 @@
 
 #include <nghttp2/nghttp2.h>
 #include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/x509v3.h>
 
 /* TLS 1.2 suites: forward secrecy and AEAD only, which is also what RFC 9113
@@ -101,6 +102,37 @@ static SSL_CTX *ctx_new(const SSL_METHOD *method, char *err, size_t errlen) {
   return ctx;
 }
 
+/* Only CRLs, and at least one: X509_STORE_load_file would take a
+ * certificate listed here as one more trusted certificate, silently. */
+static int load_crl_file(X509_STORE *store, const char *path, char *err,
+                         size_t errlen) {
+  BIO *bio = BIO_new_file(path, "r");
+  if (bio == NULL) {
+    set_error(err, errlen, "cannot read CRL file", path);
+    return -1;
+  }
+  int n = 0, rv = 0;
+  X509_CRL *crl;
+  while ((crl = PEM_read_bio_X509_CRL(bio, NULL, NULL, NULL)) != NULL) {
+    if (X509_STORE_add_crl(store, crl) != 1)
+      rv = -1;
+    X509_CRL_free(crl);
+    n++;
+  }
+  ERR_clear_error(); /* the end of the file reads as "no start line" */
+  BIO_free(bio);
+  if (n == 0) {
+    snprintf(err, errlen, "CRL file '%s' holds no PEM CRL (\"-----BEGIN X509 "
+             "CRL-----\"): list only CRL files here", path);
+    return -1;
+  }
+  if (rv != 0) {
+    set_error(err, errlen, "cannot add a CRL of", path);
+    return -1;
+  }
+  return 0;
+}
+
 SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
                                size_t errlen) {
   SSL_CTX *ctx = ctx_new(TLS_server_method(), err, errlen);
@@ -157,12 +189,6 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
     }
     SSL_CTX_set_client_CA_list(ctx, names);
     X509_STORE *store = SSL_CTX_get_cert_store(ctx);
-    for (size_t i = 0; i < l->n_crl_files; i++) {
-      if (X509_STORE_load_file(store, l->crl_files[i]) != 1) {
-        set_error(err, errlen, "cannot load CRL file", l->crl_files[i]);
-        goto fail;
-      }
-    }
     if (l->n_crl_files > 0)
       X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL);
     /* A presented certificate that fails verification fails the
@@ -171,6 +197,12 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
     if (l->client_cert_mode == SG_CLIENT_CERT_REQUIRED)
       mode |= SSL_VERIFY_FAIL_IF_NO_PEER_CERT;
     SSL_CTX_set_verify(ctx, mode, NULL);
+  }
+  /* Read in every mode, so that a bad file fails the load even where no
+   * client certificate is asked for yet. */
+  for (size_t i = 0; i < l->n_crl_files; i++) {
+    if (load_crl_file(SSL_CTX_get_cert_store(ctx), l->crl_files[i], err, errlen) != 0)
+      goto fail;
   }
   return ctx;
 fail:

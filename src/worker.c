@@ -228,7 +228,7 @@ static sg_generation *generation_new(sg_worker *w, sg_runtime *rt,
   g->rt = sg_runtime_ref(rt);
   if (rt->metrics != NULL)
     g->metrics = sg_metrics_for_worker(rt->metrics, w->index);
-  if (cfg->jwt != NULL) {
+  if (cfg->jwt != NULL && cfg->token_cache_entries > 0) {
     g->token_cache = sg_token_cache_new(cfg->token_cache_entries,
                                         (int64_t)cfg->token_cache_max_ttl_s);
     if (g->token_cache == NULL) {

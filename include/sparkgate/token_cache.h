@@ -62,7 +62,8 @@ int sg_token_cache_insert(sg_token_cache *c, const sg_jwt_verifier *v,
                           const char *token, size_t len,
                           const sg_jwt_result *res, int64_t now);
 
-/* Lookup, else sg_jwt_verify and insert on success. Same contract as
+/* Lookup, else sg_jwt_verify and insert on success (|c| NULL: no cache,
+ * verify only). Same contract as
  * sg_jwt_verify: *out is owned by the caller afterwards. Over-long tokens
  * are refused before they are hashed. */
 int sg_token_cache_verify(sg_token_cache *c, const sg_jwt_verifier *v,

@@ -108,6 +108,13 @@ class CachedTokenTest(H.SparkgateTestCase):
     (+ leeway, here 0) has passed, though it still sits in the cache."""
 
     def test_token_expiring_in_cache_is_refused(self):
+        self.expiring_token(100)
+
+    def test_without_a_cache_every_call_verifies(self):
+        # "token_cache_entries": 0 is no cache (it used to mean the default).
+        self.expiring_token(0)
+
+    def expiring_token(self, cache_entries):
         d = H.tempdir("sg-authlim-cache-")
         secret = secrets.token_hex(24).encode()
         sf = os.path.join(d, "hmac.key")
@@ -121,7 +128,8 @@ class CachedTokenTest(H.SparkgateTestCase):
                                 {"name": "corp", "issuer": ISS, "audiences": [AUD],
                                  "leeway_s": 0,
                                  "keys": [{"alg": "HS256", "secret_file": sf}]}],
-                                "token_cache_entries": 100, "token_cache_max_ttl_s": 300})
+                                "token_cache_entries": cache_entries,
+                                "token_cache_max_ttl_s": 300})
         sg = self.start_sparkgate(cfg)
         ch = H.tls_channel(sg.port("public"))
         self.addCleanup(ch.close)
