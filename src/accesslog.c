@@ -350,6 +350,25 @@ static void reportf(sg_config_report_fn report, void *ctx, const char *base,
   report(ctx, path, msg);
 }
 
+bool sg_accesslog_path_writable(const char *path) {
+  if (access(path, F_OK) == 0)
+    return access(path, W_OK) == 0;
+  const char *slash = strrchr(path, '/');
+  if (slash == NULL)
+    return access(".", W_OK | X_OK) == 0;
+  if (slash == path)
+    return access("/", W_OK | X_OK) == 0;
+  char dir[4096];
+  size_t n = (size_t)(slash - path);
+  if (n >= sizeof dir) {
+    errno = ENAMETOOLONG;
+    return false;
+  }
+  memcpy(dir, path, n);
+  dir[n] = '\0';
+  return access(dir, W_OK | X_OK) == 0;
+}
+
 int sg_accesslog_config_parse(const json_t *value, const char *json_path,
                               const char *base_dir, sg_accesslog_config *out,
                               sg_config_report_fn report, void *ctx) {

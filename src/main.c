@@ -549,6 +549,17 @@ int main(int argc, char **argv) {
     return 1;
   }
   if (check_only) {
+    /* What a start would find when it opens the access log. */
+    const char *alog = cfg->access_log.path;
+    if (alog != NULL && !sg_accesslog_path_writable(alog)) {
+      fprintf(stderr,
+              "sparkgate: config error: %s: access_log.path: cannot write '%s': %s "
+              "(the directory must exist and be writable by sparkgate's user)\n"
+              "sparkgate: 1 error in %s; not starting\n",
+              config_path, alog, strerror(errno), config_path);
+      sg_config_unref(cfg);
+      return 1;
+    }
     sg_config_print_summary(cfg, stdout);
     sg_config_unref(cfg);
     return 0;

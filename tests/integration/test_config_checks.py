@@ -97,6 +97,29 @@ class ListenerAddressSpellingTest(Base):
         self.assertRejected(cfg, "listeners[1]")
 
 
+class AccessLogCheckConfigTest(Base):
+    """--check-config agrees with a start about the access log: a path in
+    a directory that does not exist fails both (the check used to say OK
+    to a file a start then refused)."""
+
+    def test_check_config_agrees_with_start(self):
+        cfg = good_config()
+        cfg["access_log"] = {"path": "/nonexistent-sparkgate-check/access.log"}
+        d = H.tempdir("sg-conf-")
+        rc, out, err = H.check_config(cfg, directory=d, name="bad-config.json")
+        self.assertEqual(rc, 1, "want exit 1; stdout:\n%s\nstderr:\n%s" % (out, err))
+        self.assertIn("access_log.path", err)
+        self.assertIn("/nonexistent-sparkgate-check", err)
+        sg = H.Sparkgate(cfg)
+        self.addCleanup(sg.stop, check=False)
+        sg.spawn()
+        self.assertNotEqual(sg.wait(10), 0, "a start took the access log path")
+        # A writable one passes.
+        cfg["access_log"] = {"path": os.path.join(d, "access.log")}
+        rc, out, err = H.check_config(cfg)
+        self.assertEqual(rc, 0, err)
+
+
 class JwtListenerNeedsProviderTest(Base):
     """configuration.md: "A listener that accepts `jwt` needs at least one
     [provider], unless it also accepts `mtls` with "require": "any"". With
