@@ -380,8 +380,6 @@ static nghttp2_session_callbacks *server_callbacks(void) {
 
 /* ---- I/O ---------------------------------------------------------------- */
 
-/* Moves frames from nghttp2 to the socket until the output buffer holds
- * the high-water mark; the write callback resumes below the low mark. */
 /* Streams whose responses waited for the output to drain go on. */
 static void resume_held_data(sg_conn *c) {
   for (sg_list *n = c->streams.next; n != &c->streams; n = n->next) {
@@ -393,6 +391,8 @@ static void resume_held_data(sg_conn *c) {
   }
 }
 
+/* Moves frames from nghttp2 to the socket until the output buffer holds
+ * the high-water mark; the write callback resumes below the low mark. */
 static void conn_flush(sg_conn *c) {
   if (c->session == NULL || c->freeing)
     return;

@@ -309,6 +309,13 @@ class RawH2:
         return self.request(self.request_headers(path, extra=extra, **kw),
                             H.grpc_frame(payload))
 
+    def live_call(self, timeout=10.0):
+        """A call the stand-in answers with one message and then holds open
+        (30 s); returns its stream id once that message has arrived."""
+        sid = self.grpc_call(b"long", extra=H.standin_md("stall", count=1, stall_ms=30000))
+        self.wait(lambda: len(self.streams[sid].data) > 0, timeout, "the call is live")
+        return sid
+
     # -- receiving -----------------------------------------------------------
     def pump(self, timeout=0.2):
         if self.closed:

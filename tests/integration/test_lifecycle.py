@@ -160,8 +160,7 @@ class ReloadThenDrainTimeoutTest(AttackCase):
 
     def test_drain_timeout_after_reload_exits(self):
         with RawH2(self.h2c_port, tls=False) as c:
-            sid = c.grpc_call(b"long", extra=H.standin_md("stall", count=1, stall_ms=30000))
-            c.wait(lambda: len(c.streams[sid].data) > 0, 10, "the call is live")
+            sid = c.live_call()
             mark = self.sg.mark()
             self.sg.send_signal(signal.SIGHUP)
             self.sg.wait_for_log(r"reload done", timeout=10, since=mark)
@@ -188,8 +187,7 @@ class ReloadThenClientDropTest(AttackCase):
 
     def test_client_drop_after_reload_keeps_the_process(self):
         c = RawH2(self.h2c_port, tls=False)
-        sid = c.grpc_call(b"long", extra=H.standin_md("stall", count=1, stall_ms=30000))
-        c.wait(lambda: len(c.streams[sid].data) > 0, 10, "the call is live")
+        sid = c.live_call()
         mark = self.sg.mark()
         self.sg.send_signal(signal.SIGHUP)
         self.sg.wait_for_log(r"reload done", timeout=10, since=mark)

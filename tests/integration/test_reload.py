@@ -99,8 +99,7 @@ class SecondSigtermWhileDrainingTest(AttackCase):
 
     def test_second_sigterm_exits_at_once(self):
         with RawH2(self.h2c_port, tls=False) as c:
-            sid = c.grpc_call(b"long", extra=H.standin_md("stall", count=1, stall_ms=30000))
-            c.wait(lambda: len(c.streams[sid].data) > 0, 10, "the call is live")
+            sid = c.live_call()
             mark = self.sg.mark()
             self.sg.send_signal(signal.SIGTERM)
             self.sg.wait_for_log(r"draining", timeout=10, since=mark)
@@ -147,8 +146,7 @@ class ReloadResetsConcurrencyLimitTest(_H2cCase):
             cfg["tenants"][0]["limits"] = {"max_concurrent_rpcs": 1}
         self.start_h2c(tweak)
         with RawH2(self.h2c_port, tls=False) as c:
-            sid = c.grpc_call(b"long", extra=H.standin_md("stall", count=1, stall_ms=30000))
-            c.wait(lambda: len(c.streams[sid].data) > 0, 10, "the call is live")
+            sid = c.live_call()
             # Control: the limit holds before the reload.
             sid2 = c.grpc_call(b"second", path=SERVICE + "Config")
             s2 = c.wait_stream(sid2, 10)
