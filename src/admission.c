@@ -18,6 +18,7 @@
 #include "sparkgate/jwt.h"
 #include "sparkgate/limits.h"
 #include "sparkgate/log.h"
+#include "sparkgate/memcache.h"
 #include "sparkgate/metrics.h"
 #include "sparkgate/observe.h"
 #include "sparkgate/route.h"
@@ -122,7 +123,8 @@ static void deny_unauthenticated(sg_stream *s, const char *reason,
 }
 
 /* |want|, owned by the stream: the JWT result's own copy when that is what
- * the decision picked (the result no longer owns it), else a copy. */
+ * the decision picked (the result no longer owns it), else a copy; a
+ * memcache block either way, as the stream frees it. */
 static char *take_or_dup(char **owned, const char *want) {
   if (want == NULL)
     return NULL;
@@ -130,7 +132,7 @@ static char *take_or_dup(char **owned, const char *want) {
     *owned = NULL;
     return (char *)want;
   }
-  return strdup(want);
+  return sg_memcache_strdup(want);
 }
 
 /* Every RPC proves who it is before any upstream work starts: a bearer
@@ -146,7 +148,7 @@ static bool authenticate(sg_stream *s) {
   if (l->auth_none) {
     /* Development only: everyone is "anonymous", and tenants decide
      * whether they admit that name like any other. */
-    s->identity = strdup("anonymous");
+    s->identity = sg_memcache_strdup("anonymous");
     s->authenticated = s->identity != NULL;
     s->auth_method = "none";
     if (!s->authenticated)
@@ -233,7 +235,7 @@ static bool authenticate(sg_stream *s) {
       d.provider != NULL)
     s->claims = json_incref(jwt.claims);
   if (c->xfcc != NULL)
-    s->xfcc = strdup(c->xfcc);
+    s->xfcc = sg_memcache_strdup(c->xfcc);
   sg_jwt_result_clear(&jwt);
   /* Every identity header the backend is told must be there, or none. */
   if (s->identity == NULL || (d.provider != NULL && s->identity_provider == NULL) ||

@@ -6,6 +6,7 @@
 #include "sparkgate/jsonload.h"
 #include "sparkgate/jwks.h"
 #include "sparkgate/keyfetch.h"
+#include "sparkgate/memcache.h"
 
 #include <jwt.h>
 #include <openssl/err.h>
@@ -505,9 +506,9 @@ void sg_jwt_verifier_adopt_keys(sg_jwt_verifier *nv,
 void sg_jwt_result_clear(sg_jwt_result *r) {
   if (r == NULL)
     return;
-  free(r->identity);
-  free(r->provider);
-  free(r->cnf_x5t_s256);
+  sg_memcache_free(r->identity);
+  sg_memcache_free(r->provider);
+  sg_memcache_free(r->cnf_x5t_s256);
   json_decref(r->claims);
   memset(r, 0, sizeof *r);
 }
@@ -521,12 +522,23 @@ static char *dup_or_null(const char *s, int *oom) {
   return d;
 }
 
+/* A result's strings are copied for every call that finds its token in the
+ * cache: from the worker's block cache, not glibc's bins. */
+static char *result_dup(const char *s, int *oom) {
+  if (s == NULL)
+    return NULL;
+  char *d = sg_memcache_strdup(s);
+  if (d == NULL)
+    *oom = 1;
+  return d;
+}
+
 int sg_jwt_result_copy(sg_jwt_result *dst, const sg_jwt_result *src) {
   int oom = 0;
   memset(dst, 0, sizeof *dst);
-  dst->identity = dup_or_null(src->identity, &oom);
-  dst->provider = dup_or_null(src->provider, &oom);
-  dst->cnf_x5t_s256 = dup_or_null(src->cnf_x5t_s256, &oom);
+  dst->identity = result_dup(src->identity, &oom);
+  dst->provider = result_dup(src->provider, &oom);
+  dst->cnf_x5t_s256 = result_dup(src->cnf_x5t_s256, &oom);
   dst->exp = src->exp;
   dst->iat = src->iat;
   dst->detail = src->detail;
@@ -1299,9 +1311,9 @@ static int check_claims(const struct provider *p, const json_t *payload,
   }
 
   int oom = 0;
-  out->identity = dup_or_null(json_string_value(id), &oom);
-  out->provider = dup_or_null(p->name, &oom);
-  out->cnf_x5t_s256 = dup_or_null(x5t, &oom);
+  out->identity = result_dup(json_string_value(id), &oom);
+  out->provider = result_dup(p->name, &oom);
+  out->cnf_x5t_s256 = result_dup(x5t, &oom);
   out->exp = exp;
   out->iat = has_iat > 0 ? iat : -1;
   if (oom) {

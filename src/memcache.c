@@ -142,6 +142,16 @@ void *sg_memcache_calloc(size_t n, size_t size) {
   return p;
 }
 
+char *sg_memcache_strdup(const char *s) {
+  if (s == NULL)
+    return NULL;
+  size_t n = strlen(s) + 1;
+  char *d = sg_memcache_malloc(n);
+  if (d != NULL)
+    memcpy(d, s, n);
+  return d;
+}
+
 void *sg_memcache_realloc(void *p, size_t size) {
   if (SG_MEMCACHE_PASSTHROUGH || p == NULL)
     return p == NULL ? sg_memcache_malloc(size) : realloc(p, size);

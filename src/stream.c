@@ -222,9 +222,9 @@ static void stream_free(sg_stream *s) {
   evbuffer_free(s->resp_body);
   if (s->req_replay != NULL)
     evbuffer_free(s->req_replay);
-  free(s->identity);
-  free(s->identity_provider);
-  free(s->xfcc);
+  sg_memcache_free(s->identity); /* all three from sg_memcache_strdup */
+  sg_memcache_free(s->identity_provider);
+  sg_memcache_free(s->xfcc);
   free(s->upstream_authorization);
   if (s->scanner != NULL)
     sg_sparkmsg_free(s->scanner);

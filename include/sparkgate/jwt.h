@@ -167,6 +167,8 @@ typedef struct sg_jwt_options {
  * that may be shared with copies (sg_jwt_result_copy, the token cache):
  * treat it as read-only, and only within the thread that owns the result.
  */
+/* Its strings are sg_memcache blocks (sg_jwt_result_clear frees them; one
+ * taken out of a result is freed with sg_memcache_free). */
 typedef struct sg_jwt_result {
   char *identity;     /* value of the provider's identity claim */
   char *provider;     /* provider name */

@@ -16,6 +16,9 @@
 void *sg_memcache_malloc(size_t size);
 void *sg_memcache_calloc(size_t n, size_t size);
 void *sg_memcache_realloc(void *p, size_t size);
+/* A copy of |s| in a cached block (NULL for |s| NULL or out of memory):
+ * for the strings every call copies (its identity, from the token cache). */
+char *sg_memcache_strdup(const char *s);
 /* Only for blocks from these functions. */
 void sg_memcache_free(void *p);
 

@@ -91,8 +91,8 @@ struct sg_stream {
   struct sg_generation *gen; /* held: the worker's generation it started on */
   sg_runtime *rt; /* gen's runtime (ref) */
 
-  /* Who is calling, once authenticated (owned copies: the connection and
-   * the token cache entry may go first). */
+  /* Who is calling, once authenticated (owned copies, sg_memcache blocks:
+   * the connection and the token cache entry may go first). */
   bool authenticated;
   char *identity;          /* NULL on an "auth": "none" listener */
   const char *auth_method; /* static: "jwt", "mtls", "jwt+mtls", "none" */
