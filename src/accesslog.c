@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 /* The descriptor workers write to. Set once by the first open and never
@@ -25,7 +26,22 @@ static int open_destination(const char *path, char *err, size_t errlen) {
     if (fd < 0)
       snprintf(err, errlen, "access log: cannot use stderr: %s", strerror(errno));
   } else {
-    fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOCTTY, 0640);
+    /* A file we create is 0640 whatever the umask (the shipped unit's is
+     * 0077): the group LogsDirectoryMode= lets in can read it. One that
+     * exists keeps its owner's choice. Twice: it may come or go between. */
+    fd = -1;
+    for (int attempt = 0; attempt < 2 && fd < 0; attempt++) {
+      fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY, 0640);
+      if (fd >= 0) {
+        (void)fchmod(fd, 0640);
+      } else if (errno == EEXIST) {
+        fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0 && errno != ENOENT)
+          break;
+      } else {
+        break;
+      }
+    }
     if (fd < 0)
       snprintf(err, errlen, "access log %s: %s", path, strerror(errno));
   }
@@ -351,8 +367,14 @@ static void reportf(sg_config_report_fn report, void *ctx, const char *base,
 }
 
 bool sg_accesslog_path_writable(const char *path) {
-  if (access(path, F_OK) == 0)
+  struct stat st;
+  if (stat(path, &st) == 0) {
+    if (S_ISDIR(st.st_mode)) {
+      errno = EISDIR;
+      return false;
+    }
     return access(path, W_OK) == 0;
+  }
   const char *slash = strrchr(path, '/');
   if (slash == NULL)
     return access(".", W_OK | X_OK) == 0;

@@ -289,7 +289,7 @@ sg_admin *sg_admin_new(struct event_base *base, const sg_admin_config *cfg,
   }
   a->port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
                                            : ((struct sockaddr_in *)&ss)->sin_port);
-  sg_info("admin listening on %s%s%s:%u", v6 ? "[" : "", cfg->address, v6 ? "]" : "",
+  sg_notice("admin listening on %s%s%s:%u", v6 ? "[" : "", cfg->address, v6 ? "]" : "",
           (unsigned)a->port);
   return a;
 fail:

@@ -439,6 +439,11 @@ static void load_root(loader *ld, json_t *root) {
     cfg->allowed_path_prefixes[0] = sg_jsonload_strdup(
         &ld->j, "allowed_path_prefixes", SG_DEFAULT_PATH_PREFIX);
   } else {
+    if (n_prefixes == 0)
+      LOAD_ERR(ld, "allowed_path_prefixes",
+               "is empty, which refuses every call; list at least one prefix "
+               "(\"" SG_DEFAULT_PATH_PREFIX "\" for Spark Connect), or leave "
+               "the key out");
     cfg->n_allowed_path_prefixes = n_prefixes;
     for (size_t i = 0; i < n_prefixes; i++) {
       json_t *p = json_array_get(prefixes, i);
@@ -500,9 +505,17 @@ static void load_root(loader *ld, json_t *root) {
   if (cfg->admin.enabled && cfg->listeners != NULL)
     sg_admin_config_check_listeners(&cfg->admin, cfg->listeners, cfg->n_listeners,
                                     "admin", report_error, ld);
-  sg_accesslog_config_parse(json_object_get(root, "access_log"), "access_log",
-                            cfg->base_dir, &cfg->access_log,
-                            report_error, ld);
+  if (sg_accesslog_config_parse(json_object_get(root, "access_log"), "access_log",
+                                cfg->base_dir, &cfg->access_log, report_error,
+                                ld) == 0 &&
+      cfg->access_log.enabled && cfg->access_log.path != NULL &&
+      !sg_accesslog_path_writable(cfg->access_log.path))
+    /* What a start, a reload or --check-config would find opening it,
+     * reported with the file's other errors. */
+    sg_jsonload_error(&ld->j, "access_log.path",
+                      "cannot write '%s': %s (the directory must exist and be "
+                      "writable by sparkgate's user)",
+                      cfg->access_log.path, sg_jsonload_strerror(errno));
 }
 
 static void config_free(sg_config *cfg) {
@@ -599,7 +612,7 @@ int sg_config_load_string(const char *path, const char *json, sg_config **out,
 
 int sg_config_load(const char *path, sg_config **out, sg_config_errors *errs) {
   json_error_t jerr;
-  FILE *f = fopen(path, "rb");
+  FILE *f = sg_jsonload_fopen(path);
   if (f == NULL) {
     sg_config_errors_add(errs, "%s: cannot open: %s", path,
                          sg_jsonload_strerror(errno));

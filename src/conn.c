@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <time.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -691,6 +692,28 @@ static void format_peer(const struct sockaddr *addr, char *out, size_t outlen) {
   }
 }
 
+/* Client connections open in the process, every worker's: max_connections
+ * is one total, whichever worker the kernel hands a connection to (shares
+ * per worker refused connections on a busy worker while another had room,
+ * and let the total pass the cap by up to a connection per worker).
+ * Touched at accept and close only. */
+static _Atomic uint32_t client_conns_open;
+
+static bool take_conn_slot(uint32_t max) {
+  uint32_t n = atomic_load_explicit(&client_conns_open, memory_order_relaxed);
+  do {
+    if (max > 0 && n >= max)
+      return false;
+  } while (!atomic_compare_exchange_weak_explicit(&client_conns_open, &n, n + 1,
+                                                  memory_order_relaxed,
+                                                  memory_order_relaxed));
+  return true;
+}
+
+static void release_conn_slot(void) {
+  atomic_fetch_sub_explicit(&client_conns_open, 1, memory_order_relaxed);
+}
+
 void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
                     const struct sockaddr *addr, int addrlen) {
   (void)addrlen;
@@ -698,18 +721,14 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
   sg_runtime *rt = gen->rt;
   const sg_listener_config *l = &rt->config->listeners[listener_index];
   uint32_t max = rt->config->max_connections;
-  if (max > 0) {
-    /* Each worker holds its share of the cap: no shared counter. */
-    uint32_t share = (max + rt->config->workers - 1) / rt->config->workers;
-    if (w->n_conns >= share) {
-      char peer[64];
-      format_peer(addr, peer, sizeof peer);
-      sg_warn("listener %s: refused connection from %s: max_connections (%u) "
-              "reached",
-              l->name, peer, max);
-      evutil_closesocket(fd);
-      return;
-    }
+  if (!take_conn_slot(max)) {
+    char peer[64];
+    format_peer(addr, peer, sizeof peer);
+    sg_warn("listener %s: refused connection from %s: max_connections (%u) "
+            "reached",
+            l->name, peer, max);
+    evutil_closesocket(fd);
+    return;
   }
   uint32_t per_client = rt->config->max_connections_per_client;
   sg_client_key key = sg_client_key_of(addr);
@@ -724,6 +743,7 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
               "max_connections_per_client (%u) reached",
               l->name, peer, per_client);
       evutil_closesocket(fd);
+      release_conn_slot();
       return;
     }
   }
@@ -732,6 +752,7 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
     if (per_client > 0)
       sg_clientcount_release(w->clients, &key);
     evutil_closesocket(fd);
+    release_conn_slot();
     return;
   }
   c->client = key;
@@ -774,6 +795,7 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
     if (c->client_counted)
       sg_clientcount_release(w->clients, &c->client);
     free(c);
+    release_conn_slot();
     return;
   }
   sg_list_push_back(&w->conns, &c->worker_link);
@@ -853,5 +875,6 @@ static void conn_free(sg_conn *c) {
     sg_metrics_conn_closed(gen->metrics);
   free(c);
   w->n_conns--;
+  release_conn_slot();
   sg_generation_conn_closed(gen);
 }

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 /* ---- parsing ----------------------------------------------------------- */
 
@@ -318,6 +319,17 @@ char *sg_jsonload_strdup(sg_jsonload *ld, const char *json_path,
   return d;
 }
 
+FILE *sg_jsonload_fopen(const char *path) {
+  FILE *f = fopen(path, "rb");
+  struct stat st;
+  if (f != NULL && fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) {
+    fclose(f);
+    errno = EISDIR;
+    return NULL;
+  }
+  return f;
+}
+
 char *sg_jsonload_readable(sg_jsonload *ld, const char *json_path,
                            const char *name) {
   char *resolved = sg_jsonload_resolve(ld->base_dir, name);
@@ -325,7 +337,7 @@ char *sg_jsonload_readable(sg_jsonload *ld, const char *json_path,
     sg_jsonload_oom(ld, json_path);
     return NULL;
   }
-  FILE *f = fopen(resolved, "rb");
+  FILE *f = sg_jsonload_fopen(resolved);
   if (f == NULL)
     sg_jsonload_error(ld, json_path, "cannot read '%s': %s", resolved,
                       sg_jsonload_strerror(errno));

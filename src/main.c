@@ -268,7 +268,8 @@ static bool reload_config(sg_main *m) {
   /* Last, as it takes effect at once: a reload that fails before must
    * leave the log where it was. */
   char aerr[256];
-  if (sg_accesslog_open(rt->config->access_log.path, aerr, sizeof aerr) != 0) {
+  if (rt->config->access_log.enabled &&
+      sg_accesslog_open(rt->config->access_log.path, aerr, sizeof aerr) != 0) {
     sg_error("reload failed: access_log: %s; keeping the configuration in force", aerr);
     sg_runtime_unref(rt);
     return false;
@@ -317,6 +318,8 @@ static void on_signal(evutil_socket_t sig, short what, void *arg) {
     if (sg_accesslog_reopen(err, sizeof err) != 0)
       sg_error("SIGUSR1: cannot reopen the access log: %s; still writing to the old file",
                err);
+    else if (m->rt->config->access_log.path == NULL)
+      sg_info("SIGUSR1: the access log goes to stderr: nothing to reopen");
     else
       sg_info("SIGUSR1: access log reopened");
     break;
@@ -338,7 +341,8 @@ static int run(sg_config *cfg) {
   uint16_t *ports = NULL;
 
   sg_log_set_level(cfg->log_level);
-  if (sg_accesslog_open(cfg->access_log.path, err, sizeof err) != 0) {
+  if (cfg->access_log.enabled &&
+      sg_accesslog_open(cfg->access_log.path, err, sizeof err) != 0) {
     fprintf(stderr, "sparkgate: %s: access_log: %s\n", cfg->path, err);
     return 1;
   }
@@ -387,7 +391,7 @@ static int run(sg_config *cfg) {
   for (size_t i = 0; i < cfg->n_listeners; i++) {
     const sg_listener_config *l = &cfg->listeners[i];
     bool v6 = strchr(l->address, ':') != NULL;
-    sg_info("listener %s listening on %s%s%s:%u (%s)", l->name, v6 ? "[" : "",
+    sg_notice("listener %s listening on %s%s%s:%u (%s)", l->name, v6 ? "[" : "",
             l->address, v6 ? "]" : "", ports[i], l->insecure ? "h2c" : "tls");
     if (l->insecure)
       sg_warn("listener %s is INSECURE: cleartext h2c, no TLS, credentials "
@@ -549,17 +553,6 @@ int main(int argc, char **argv) {
     return 1;
   }
   if (check_only) {
-    /* What a start would find when it opens the access log. */
-    const char *alog = cfg->access_log.path;
-    if (alog != NULL && !sg_accesslog_path_writable(alog)) {
-      fprintf(stderr,
-              "sparkgate: config error: %s: access_log.path: cannot write '%s': %s "
-              "(the directory must exist and be writable by sparkgate's user)\n"
-              "sparkgate: 1 error in %s; not starting\n",
-              config_path, alog, strerror(errno), config_path);
-      sg_config_unref(cfg);
-      return 1;
-    }
     sg_config_print_summary(cfg, stdout);
     sg_config_unref(cfg);
     return 0;

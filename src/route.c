@@ -497,7 +497,7 @@ static void load_credential(loader *ld, const json_t *obj, const char *path,
       sg_jsonload_oom(ld, vp);
       return;
     }
-    FILE *f = fopen(t->credential_origin, "rb");
+    FILE *f = sg_jsonload_fopen(t->credential_origin);
     if (f == NULL) {
       lerr(ld, vp, "cannot read '%s': %s", t->credential_origin,
            sg_jsonload_strerror(errno));
@@ -1030,7 +1030,7 @@ sg_route_table *sg_route_table_load(const char *path, const char *base_dir,
     sg_jsonload_oom(&ld, "");
     return NULL;
   }
-  FILE *f = fopen(resolved, "rb");
+  FILE *f = sg_jsonload_fopen(resolved);
   if (f == NULL) {
     lerr(&ld, "", "cannot open routing table '%s': %s", resolved,
          sg_jsonload_strerror(errno));

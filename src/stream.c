@@ -740,8 +740,10 @@ static void report_call(sg_stream *s, const sg_conn *c, uint32_t error_code) {
                         s->grpc_status, ms / 1000.0, s->bytes_in, s->bytes_out);
   if (!s->rt->config->access_log.enabled)
     return;
-  char pathbuf[256];
-  snprintf(pathbuf, sizeof pathbuf, "%.*s", (int)(p.len < 255 ? p.len : 255), p.base);
+  char pathbuf[SG_ACCESSLOG_MAX_FIELD_BYTES + 1]; /* the log cuts it there */
+  snprintf(pathbuf, sizeof pathbuf, "%.*s",
+           (int)(p.len < SG_ACCESSLOG_MAX_FIELD_BYTES ? p.len : SG_ACCESSLOG_MAX_FIELD_BYTES),
+           p.base);
   sg_access_record r = {
       .conn_id = s->conn_id,
       .stream_id = s->id,

@@ -57,15 +57,15 @@ typedef struct sg_access_record {
   const char *reason;     /* why the proxy rejected the call; NULL otherwise */
 } sg_access_record;
 
+/* Whether |path| is a file we may append to, or one we may create (the
+ * configuration's check, before anything opens it); sets errno when not. */
+bool sg_accesslog_path_writable(const char *path);
+
 /* Where the log goes: |path| NULL for stderr, else a file created if
  * missing (mode 0640) and appended to. The first call creates the log's
  * descriptor; later calls (a reload naming another file) switch it in
  * place, thread-safe. On failure returns -1 with a message in |err| and
  * the log keeps its previous destination. */
-/* Whether |path| is a file we may append to, or one we may create
- * (--check-config's stand-in for opening it); sets errno when not. */
-bool sg_accesslog_path_writable(const char *path);
-
 int sg_accesslog_open(const char *path, char *err, size_t errlen);
 
 /* SIGUSR1: opens the configured file again by name (after logrotate moved

@@ -140,6 +140,11 @@ json_t *sg_jsonload_array(sg_jsonload *ld, const json_t *obj,
 char *sg_jsonload_strdup(sg_jsonload *ld, const char *json_path,
                          const char *s);
 
+/* fopen(path, "rb") for a file to read, failing with errno EISDIR on a
+ * directory (which fopen opens, and whose read error would reach the
+ * parser as an empty file). */
+FILE *sg_jsonload_fopen(const char *path);
+
 /* |name| resolved against ld->base_dir, after checking that the file can
  * be read now (reported when not: finding out on first use is too late).
  * NULL only after reporting out of memory. */

@@ -35,6 +35,9 @@ void sg_log_set_level(sg_log_level level);
 #define sg_info(...) sg_log(SG_LOG_INFO, __VA_ARGS__)
 #define sg_warn(...) sg_log(SG_LOG_WARN, __VA_ARGS__)
 #define sg_error(...) sg_log(SG_LOG_ERROR, __VA_ARGS__)
+/* An info line written whatever the level: where the process listens
+ * (with port 0, only the log says which port the kernel chose). */
+#define sg_notice(...) sg_log_write(SG_LOG_INFO, __VA_ARGS__)
 
 void sg_log_write(sg_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
