@@ -58,6 +58,25 @@ static void reject_malformed(sg_stream *s, const char *why) {
   sg_conn_schedule_send(s->conn);
 }
 
+/* A call on a connection whose client certificate a reload no longer
+ * trusts: refused unprocessed, so that the client retries it on a new
+ * connection, whose handshake verifies the certificate afresh. */
+static void refuse_stale_certificate(sg_stream *s) {
+  char pathbuf[256];
+  s->rejected = true;
+  snprintf(s->reason, sizeof s->reason,
+           "refused: the connection's client certificate no longer verifies");
+  s->resp_started = true;
+  s->resp_eof = true;
+  sg_info("conn=%llu stream=%d peer=%s path=%s: rejected (REFUSED_STREAM): the "
+          "connection's client certificate no longer verifies (reload)",
+          (unsigned long long)s->conn_id, s->id, s->conn->peer,
+          sg_stream_path(s, pathbuf, sizeof pathbuf));
+  nghttp2_submit_rst_stream(s->conn->session, NGHTTP2_FLAG_NONE, s->id,
+                            NGHTTP2_REFUSED_STREAM);
+  sg_conn_schedule_send(s->conn);
+}
+
 static void on_deadline(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
@@ -141,6 +160,10 @@ static char *take_or_dup(char **owned, const char *want) {
 static bool authenticate(sg_stream *s) {
   sg_conn *c = s->conn;
   const sg_config *cfg = s->rt->config;
+  if (c->cert_stale) {
+    refuse_stale_certificate(s);
+    return false;
+  }
   /* The listener's auth as this call's configuration has it ("calls" in
    * docs/configuration.md): a reload reaches connections already open.
    * Its index and name cannot change by reload. */

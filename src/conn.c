@@ -513,6 +513,11 @@ static int start_session(sg_conn *c) {
   return 0;
 }
 
+/* Past any header a backend takes (gRPC servers allow 8 KiB of metadata
+ * by default): a certificate that needs more is refused, not forwarded
+ * without its description. */
+#define SG_CONN_XFCC_MAX_BYTES 65536u
+
 /* TLS has already verified the chain (a certificate that fails
  * verification fails the handshake); here we only read what it says. */
 static int read_client_certificate(sg_conn *c) {
@@ -533,12 +538,21 @@ static int read_client_certificate(sg_conn *c) {
   if (sg_identity_cert_thumbprint(cert, c->cert_thumbprint,
                                   sizeof c->cert_thumbprint) != 0)
     return -1;
+  /* Every verified certificate gets its x-forwarded-client-cert: one with
+   * many names gets a bigger buffer, never a call without the header. */
   char xfcc[4096];
   if (sg_identity_xfcc(cert, xfcc, sizeof xfcc) == 0) {
     c->xfcc = strdup(xfcc);
-    if (c->xfcc == NULL)
-      return -1;
+    return c->xfcc == NULL ? -1 : 0;
   }
+  c->xfcc = malloc(SG_CONN_XFCC_MAX_BYTES);
+  if (c->xfcc == NULL)
+    return -1;
+  if (sg_identity_xfcc(cert, c->xfcc, SG_CONN_XFCC_MAX_BYTES) != 0)
+    return -2;
+  char *fit = realloc(c->xfcc, strlen(c->xfcc) + 1);
+  if (fit != NULL)
+    c->xfcc = fit;
   return 0;
 }
 
@@ -550,7 +564,15 @@ static void on_established(sg_conn *c) {
     conn_free(c);
     return;
   }
-  if (c->ssl != NULL && read_client_certificate(c) != 0) {
+  int cert_rv = c->ssl != NULL ? read_client_certificate(c) : 0;
+  if (cert_rv == -2) {
+    sg_warn("conn=%llu peer=%s: rejected: the client certificate's "
+            "x-forwarded-client-cert would exceed %u bytes (too many names)",
+            (unsigned long long)c->id, c->peer, (unsigned)SG_CONN_XFCC_MAX_BYTES);
+    conn_free(c);
+    return;
+  }
+  if (cert_rv != 0) {
     sg_error("conn=%llu peer=%s: cannot read the client certificate (out of memory)",
              (unsigned long long)c->id, c->peer);
     conn_free(c);
@@ -839,6 +861,26 @@ void sg_conn_start_drain(sg_conn *c) {
   evtimer_del(c->timer);
   set_timer_ms(c, SG_CONN_GOAWAY_GRACE_MS);
   conn_flush(c);
+}
+
+void sg_conn_recheck_certificate(sg_conn *c, sg_runtime *rt) {
+  if (!c->has_cert || c->cert_stale || c->freeing || c->ssl == NULL)
+    return;
+  const sg_listener_config *l = &rt->config->listeners[c->listener_index];
+  SSL_CTX *ctx = rt->listener_tls[c->listener_index];
+  if (ctx == NULL || l->client_cert_mode == SG_CLIENT_CERT_NONE)
+    return; /* certificates no longer count there */
+  const char *why = NULL;
+  int ok = sg_tls_reverify_client(ctx, c->ssl, &why);
+  if (ok == 1)
+    return;
+  c->cert_stale = true;
+  sg_warn("conn=%llu peer=%s: client certificate no longer verifies under the "
+          "reloaded configuration (%s): new calls refused, the connection "
+          "closes after its calls in flight",
+          (unsigned long long)c->id, c->peer,
+          ok == 0 && why != NULL ? why : "cannot check it: out of memory");
+  sg_conn_start_drain(c);
 }
 
 void sg_conn_close_now(sg_conn *c, const char *reason) {

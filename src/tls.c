@@ -133,6 +133,69 @@ static int load_crl_file(X509_STORE *store, const char *path, char *err,
   return 0;
 }
 
+/* With CRLs, every CA of a client's chain needs one (CRL_CHECK_ALL:
+ * revoking an intermediate must work too); a CA of the client_ca bundle
+ * without a CRL would refuse every client under it at the handshake
+ * ("unable to get certificate CRL"). Said here instead. */
+static bool ca_without_crl(X509_STORE *store, const sg_listener_config *l,
+                           char *err, size_t errlen) {
+  STACK_OF(X509_OBJECT) *objs = X509_STORE_get0_objects(store);
+  for (int i = 0; i < sk_X509_OBJECT_num(objs); i++) {
+    X509 *ca = X509_OBJECT_get0_X509(sk_X509_OBJECT_value(objs, i));
+    if (ca == NULL)
+      continue;
+    const X509_NAME *name = X509_get_subject_name(ca);
+    bool found = false;
+    for (int j = 0; j < sk_X509_OBJECT_num(objs) && !found; j++) {
+      X509_CRL *crl = X509_OBJECT_get0_X509_CRL(sk_X509_OBJECT_value(objs, j));
+      found = crl != NULL && X509_NAME_cmp(X509_CRL_get_issuer(crl), name) == 0;
+    }
+    if (!found) {
+      char subject[256];
+      X509_NAME_oneline(name, subject, sizeof subject);
+      snprintf(err, errlen,
+               "client CA '%s' in '%s' has no CRL in tls.crl: with CRLs, every CA "
+               "of a client's chain needs its CRL listed, or its clients are "
+               "refused",
+               subject, l->client_ca_file);
+      return true;
+    }
+  }
+  return false;
+}
+
+/* A resumed session skips certificate verification: the certificate it
+ * carries was verified when the session was made, perhaps hours ago. One
+ * that has expired since (or, with a clock set back, is not yet valid)
+ * gets a full handshake instead, which verifies it again and fails. */
+static bool session_certificate_current(const SSL_SESSION *sess) {
+  X509 *peer = SSL_SESSION_get0_peer((SSL_SESSION *)sess);
+  if (peer == NULL)
+    return true;
+  return X509_cmp_current_time(X509_get0_notBefore(peer)) < 0 &&
+         X509_cmp_current_time(X509_get0_notAfter(peer)) > 0;
+}
+
+static SSL_TICKET_RETURN ticket_decrypted(SSL *ssl, SSL_SESSION *sess,
+                                          const unsigned char *keyname,
+                                          size_t keyname_len,
+                                          SSL_TICKET_STATUS status, void *arg) {
+  (void)ssl;
+  (void)keyname;
+  (void)keyname_len;
+  (void)arg;
+  switch (status) {
+  case SSL_TICKET_SUCCESS:
+    return session_certificate_current(sess) ? SSL_TICKET_RETURN_USE
+                                             : SSL_TICKET_RETURN_IGNORE_RENEW;
+  case SSL_TICKET_SUCCESS_RENEW:
+    return session_certificate_current(sess) ? SSL_TICKET_RETURN_USE_RENEW
+                                             : SSL_TICKET_RETURN_IGNORE_RENEW;
+  default: /* no ticket, or not one of ours: a full handshake, a new ticket */
+    return SSL_TICKET_RETURN_IGNORE_RENEW;
+  }
+}
+
 SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
                                size_t errlen) {
   SSL_CTX *ctx = ctx_new(TLS_server_method(), err, errlen);
@@ -169,7 +232,13 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
    * certificate rules is never accepted here. */
   SSL_CTX_set_session_id_context(ctx, (const unsigned char *)l->name,
                                  (unsigned)strnlen(l->name, SSL_MAX_SID_CTX_LENGTH));
-  SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER);
+  /* Tickets only (TLS 1.2 and 1.3): each resumption passes through
+   * ticket_decrypted, which sends a session whose client certificate is no
+   * longer within its dates to a full handshake. A server-side cache would
+   * resume by session id without asking, and hold every TLS 1.2 client's
+   * session and certificate for hours. */
+  SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+  SSL_CTX_set_session_ticket_cb(ctx, NULL, ticket_decrypted, NULL);
   /* One TLS 1.3 ticket per connection, not OpenSSL's two: a gRPC client
    * keeps one connection and resumes at most once; the second ticket is a
    * signature-free but real cost on every new connection. */
@@ -204,6 +273,9 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
     if (load_crl_file(SSL_CTX_get_cert_store(ctx), l->crl_files[i], err, errlen) != 0)
       goto fail;
   }
+  if (l->n_crl_files > 0 && l->client_cert_mode != SG_CLIENT_CERT_NONE &&
+      ca_without_crl(SSL_CTX_get_cert_store(ctx), l, err, errlen))
+    goto fail;
   return ctx;
 fail:
   SSL_CTX_free(ctx);
@@ -255,4 +327,33 @@ int sg_tls_alpn_is_h2(const SSL *ssl) {
   unsigned int len = 0;
   SSL_get0_alpn_selected(ssl, &proto, &len);
   return proto != NULL && len == 2 && memcmp(proto, "h2", 2) == 0;
+}
+
+int sg_tls_reverify_client(SSL_CTX *ctx, SSL *ssl, const char **why) {
+  *why = NULL;
+  X509 *leaf = SSL_get0_peer_certificate(ssl);
+  if (leaf == NULL)
+    return 1;
+  X509_STORE_CTX *vctx = X509_STORE_CTX_new();
+  if (vctx == NULL)
+    return -1;
+  int rv = -1;
+  /* Server side, the chain the client sent without its leaf; NULL after
+   * a resumption. */
+  STACK_OF(X509) *sent = SSL_get_peer_cert_chain(ssl);
+  if (X509_STORE_CTX_init(vctx, SSL_CTX_get_cert_store(ctx), leaf, sent) == 1 &&
+      X509_STORE_CTX_set_default(vctx, "ssl_client") == 1 &&
+      X509_VERIFY_PARAM_set1(X509_STORE_CTX_get0_param(vctx),
+                             SSL_CTX_get0_param(ctx)) == 1) {
+    int ok = X509_verify_cert(vctx);
+    if (ok == 1) {
+      rv = 1;
+    } else if (ok == 0) {
+      *why = X509_verify_cert_error_string(X509_STORE_CTX_get_error(vctx));
+      rv = 0;
+    }
+  }
+  X509_STORE_CTX_free(vctx);
+  ERR_clear_error();
+  return rv;
 }

@@ -347,6 +347,15 @@ static void on_reload(evutil_socket_t fd, short what, void *arg) {
     generation_free(old);
   else
     sg_list_push_back(&w->retired, &old->link);
+  /* Open connections' certificates against the new client CAs and CRLs:
+   * a certificate revoked by this reload stops authenticating calls now,
+   * not when its client reconnects. */
+  sg_list *n = w->conns.next;
+  while (n != &w->conns) {
+    sg_list *next = n->next;
+    sg_conn_recheck_certificate(SG_CONTAINER_OF(n, sg_conn, worker_link), g->rt);
+    n = next;
+  }
 }
 
 void sg_worker_post_runtime(sg_worker *w, sg_runtime *rt) {

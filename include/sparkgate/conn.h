@@ -50,6 +50,10 @@ struct sg_conn {
   const char *cert_identity_reason; /* why not (static text) */
   char cert_thumbprint[48];        /* RFC 8705 x5t#S256 */
   char *xfcc;                      /* x-forwarded-client-cert we build */
+  /* A reload's trust store (client CA, CRLs) no longer verifies it: new
+   * calls are refused (REFUSED_STREAM, which clients retry on a new
+   * connection, whose handshake decides) and the connection drains. */
+  bool cert_stale;
 
   /* Abuse budget: frames that cost us and serve no request (PING,
    * SETTINGS, empty DATA, tiny WINDOW_UPDATE, PRIORITY, requests we had to
@@ -85,6 +89,11 @@ void sg_conn_stream_opened(sg_conn *c);
 /* SIGTERM: shutdown notice now, final GOAWAY shortly after, close when the
  * last stream ends. */
 void sg_conn_start_drain(sg_conn *c);
+
+/* After a reload to |rt|: verifies the connection's client certificate
+ * again under the listener's new TLS context; one that no longer verifies
+ * marks the connection cert_stale and drains it. */
+void sg_conn_recheck_certificate(sg_conn *c, sg_runtime *rt);
 
 /* A frame or event that costs us and serves no request: |cost| tokens from
  * the connection's abuse budget. */

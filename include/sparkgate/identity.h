@@ -117,7 +117,7 @@ int sg_identity_cert_thumbprint(const X509 *cert, char *out, size_t outlen);
  * not printable ASCII (e.g. holds a NUL) cannot be put in a header and is
  * left out. The proxy builds the whole header itself: an inbound one is
  * stripped (see below), never appended to. Returns 0, or -1 (out too
- * small, or out of memory); 4096 bytes fit any reasonable certificate. */
+ * small, or out of memory). */
 int sg_identity_xfcc(const X509 *cert, char *out, size_t outlen);
 
 /* ---- headers a client must not send ---------------------------------- */

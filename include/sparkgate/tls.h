@@ -22,6 +22,14 @@ SSL_CTX *sg_tls_client_ctx_new(const sg_backend_config *b, char *err,
 /* Whether |ssl| negotiated "h2" through ALPN. */
 int sg_tls_alpn_is_h2(const SSL *ssl);
 
+/* Verifies the client certificate of |ssl|'s connection again, as a
+ * handshake on |ctx| (a listener's context, e.g. built by a reload with
+ * another client CA or new CRLs) would: its trust store, CRLs and checks.
+ * A resumed session has only the leaf, so a chain that needs an
+ * intermediate the client sent fails here. Returns 1 when it verifies, 0
+ * when not (|why| says why), -1 when it could not be checked (memory). */
+int sg_tls_reverify_client(SSL_CTX *ctx, SSL *ssl, const char **why);
+
 /* The first queued OpenSSL error as text (and clears the queue), for logs. */
 const char *sg_tls_last_error(char *buf, size_t buflen);
 
