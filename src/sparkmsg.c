@@ -1059,6 +1059,10 @@ bool sg_sparkmsg_header_known(const sg_sparkmsg *s, sg_sparkmsg_header *out) {
   return true;
 }
 
+const char *sg_sparkmsg_session_id(const sg_sparkmsg *s) {
+  return s->first_session_id[0] != '\0' ? s->first_session_id : NULL;
+}
+
 uint64_t sg_sparkmsg_messages(const sg_sparkmsg *s) { return s->messages; }
 
 sg_sparkmsg_reason sg_sparkmsg_reason_of(const sg_sparkmsg *s) {

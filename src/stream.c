@@ -501,8 +501,9 @@ static void attach_upstream(sg_stream *s, const char *user_id,
     up[b] = sg_upstream_pool_is_up(pool_of(s, b));
   size_t backend = 0;
   int rv = sg_route_pick_backend(t, user_id, session_id, up, &backend);
-  /* With a single backend there is nowhere else a session could go. */
-  if (session_id != NULL && rv != SG_ROUTE_PICK_NONE && t->n_backends > 1)
+  /* Also with a single backend: a reload that adds a second one and
+   * drains the first (weight 0) must find where its sessions are. */
+  if (session_id != NULL && rv != SG_ROUTE_PICK_NONE)
     rv = remember_session(s, user_id, session_id, up, rv, &backend);
   if (up != up_small)
     free(up);
@@ -565,7 +566,19 @@ void sg_stream_on_request_headers(sg_stream *s) {
     attach_upstream(s, s->identity, NULL);
 }
 
+/* The call's Spark session, for its log line: known once the scanner
+ * read it, whether the call then goes upstream or is refused. */
+static void note_session_id(sg_stream *s) {
+  const char *sid = s->scanner != NULL ? sg_sparkmsg_session_id(s->scanner) : NULL;
+  if (sid == NULL || s->session_id[0] != '\0')
+    return;
+  size_t n = strnlen(sid, sizeof s->session_id - 1);
+  memcpy(s->session_id, sid, n);
+  s->session_id[n] = '\0';
+}
+
 static void reject_scan(sg_stream *s, sg_sparkmsg_reason r) {
+  note_session_id(s);
   sg_stream_reject(s, (sg_grpc_status)sg_sparkmsg_reason_grpc_status(r),
                    r == SG_SPARKMSG_USER_ID_MISMATCH
                        ? "sparkgate: user_id does not match the authenticated identity"
@@ -582,8 +595,14 @@ void sg_stream_on_request_data(sg_stream *s, const uint8_t *data, size_t len) {
   s->req_unacked += len;
   s->bytes_in += len;
   s->last_activity_ms = sg_monotonic_ms();
-  if (s->method == SG_SPARK_ADD_ARTIFACTS && s->tenant_state != NULL &&
-      !sg_tenant_state_take_upload(s->tenant_state, len, sg_monotonic_ms())) {
+  /* The calls that carry data: AddArtifacts uploads, and plans with local
+   * data (createDataFrame sends its rows inside ExecutePlan, AnalyzePlan
+   * asks for their schema). Control calls stay free, so that a tenant
+   * over its quota can still interrupt and release. */
+  if ((s->method == SG_SPARK_ADD_ARTIFACTS || s->method == SG_SPARK_EXECUTE_PLAN ||
+       s->method == SG_SPARK_ANALYZE_PLAN) &&
+      s->tenant_state != NULL &&
+      !sg_tenant_state_take_upload(s->tenant_state, len, s->last_activity_ms)) {
     char why[128];
     snprintf(why, sizeof why, "tenant %s spent its upload quota", s->tenant->name);
     sg_stream_reject(s, (sg_grpc_status)s->tenant->limits.over_limit_status,
@@ -601,9 +620,7 @@ void sg_stream_on_request_data(sg_stream *s, const uint8_t *data, size_t len) {
     if (s->up_state == SG_UPSTREAM_LEG_NONE && sg_sparkmsg_header_known(s->scanner, &h)) {
       /* In rewrite and enforce modes the session belongs to the
        * authenticated identity, whatever the client wrote. */
-      size_t n = strnlen(h.session_id, sizeof s->session_id - 1);
-      memcpy(s->session_id, h.session_id, n);
-      s->session_id[n] = '\0';
+      note_session_id(s);
       const char *user = s->tenant->user_id == SG_ROUTE_USER_ID_OFF
                              ? (h.user_id_present ? h.user_id : "")
                              : s->identity;

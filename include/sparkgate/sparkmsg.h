@@ -169,6 +169,10 @@ int sg_sparkmsg_output_evbuffer(void *evbuffer, const uint8_t *data,
  * read or is known to be absent; fills *out (may be NULL) then. */
 bool sg_sparkmsg_header_known(const sg_sparkmsg *s, sg_sparkmsg_header *out);
 
+/* The first message's session_id once it was read whole and valid, even if
+ * the scanner then rejected the message (for the log); else NULL. */
+const char *sg_sparkmsg_session_id(const sg_sparkmsg *s);
+
 /* Messages approved (and fully emitted) so far. */
 uint64_t sg_sparkmsg_messages(const sg_sparkmsg *s);
 

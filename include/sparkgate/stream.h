@@ -23,6 +23,7 @@
 
 #include "sparkgate/grpc.h"
 #include "sparkgate/list.h"
+#include "sparkgate/sparkmsg.h"
 #include "sparkgate/types.h"
 
 /* Header fields as nghttp2 decoded them, kept by reference (no copy). */
@@ -113,7 +114,7 @@ struct sg_stream {
   uint64_t bytes_out; /* response DATA payload to the client */
   int grpc_status;    /* -1 until known */
   char reason[128];   /* why the proxy refused the call, "" otherwise */
-  char session_id[80];
+  char session_id[SG_SPARKMSG_SESSION_ID_MAX_BYTES + 1]; /* for the log */
   char *xfcc;              /* x-forwarded-client-cert for the upstream */
   char *upstream_authorization; /* the tenant's credential, "Bearer ..." */
 
