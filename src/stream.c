@@ -463,17 +463,19 @@ static int remember_session(sg_stream *s, const char *user_id,
   uint64_t now = sg_monotonic_ms();
   uint64_t key = sg_affinity_key(t->name, user_id != NULL ? user_id : "", session_id);
   uint64_t last = sg_affinity_get(mem, key, now);
-  if (last != 0 && last != sg_affinity_backend_id(t->backends[*backend].name)) {
+  uint64_t picked = sg_affinity_backend_id(t->backends[*backend].name);
+  if (last != 0 && last != picked) {
     for (size_t b = 0; b < t->n_backends; b++) {
       if (sg_affinity_backend_id(t->backends[b].name) != last)
         continue;
       if (t->backends[b].weight == 0 && up[b]) {
         *backend = b; /* draining: keeps its sessions */
+        picked = last;
         rv = SG_ROUTE_PICK_OK;
       }
       break;
     }
-    if (sg_affinity_backend_id(t->backends[*backend].name) != last) {
+    if (picked != last) {
       sg_debug("conn=%llu stream=%d: session %s of tenant %s re-homed to backend %s",
                (unsigned long long)s->conn_id, s->id, session_id, t->name,
                t->backends[*backend].name);
@@ -482,7 +484,7 @@ static int remember_session(sg_stream *s, const char *user_id,
     }
   }
   if (rv == SG_ROUTE_PICK_OK)
-    sg_affinity_put(mem, key, sg_affinity_backend_id(t->backends[*backend].name), now);
+    sg_affinity_put(mem, key, picked, now);
   return rv;
 }
 
