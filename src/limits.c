@@ -53,10 +53,16 @@ bool sg_spark_method_is_execution(int method) {
   return method == SG_SPARK_EXECUTE_PLAN || method == SG_SPARK_REATTACH_EXECUTE;
 }
 
+bool sg_spark_method_is_control(int method) {
+  return method == SG_SPARK_INTERRUPT || method == SG_SPARK_RELEASE_EXECUTE ||
+         method == SG_SPARK_RELEASE_SESSION;
+}
+
 const char *sg_tenant_state_admit(sg_tenant_state *st, int method,
                                   uint64_t now_ms) {
   sg_tenant_usage *u = st->usage;
-  if (st->max_rpcs > 0 && u->active_rpcs >= st->max_rpcs)
+  if (st->max_rpcs > 0 && u->active_rpcs >= st->max_rpcs &&
+      !sg_spark_method_is_control(method))
     return "max_concurrent_rpcs";
   bool exec = sg_spark_method_is_execution(method);
   if (exec && st->max_execs > 0 && u->active_execs >= st->max_execs)

@@ -49,11 +49,17 @@ const char *sg_tenant_state_admit(sg_tenant_state *st, int method,
 /* The call admitted by sg_tenant_state_admit has ended. */
 void sg_tenant_state_release(sg_tenant_state *st, int method);
 
-/* Takes |n| upload bytes from the AddArtifacts quota; false when spent. */
+/* Takes |n| upload bytes from the upload quota (the calls that carry
+ * data, see stream.c); false when spent. */
 bool sg_tenant_state_take_upload(sg_tenant_state *st, size_t n,
                                  uint64_t now_ms);
 
 /* Whether |method| is an execution (counted against max_concurrent_executions). */
 bool sg_spark_method_is_execution(int method);
+
+/* Whether |method| stops or frees work (Interrupt, ReleaseExecute,
+ * ReleaseSession): never held back by max_concurrent_rpcs, or a tenant at
+ * its limit could not stop its own runs. */
+bool sg_spark_method_is_control(int method);
 
 #endif

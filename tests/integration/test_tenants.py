@@ -1050,6 +1050,10 @@ class LimitsTest(TenantCase):
             self.assert_over(tag, r)
         self.sg.wait_for_log(r"grpc-status 8: %s: tenant lim-rpcs is over its limit "
                              r"max_concurrent_rpcs" % MSG_LIMIT, timeout=5, since=mark)
+        # At the limit, the tenant can still stop and free its work.
+        for method in ("Interrupt", "ReleaseExecute", "ReleaseSession"):
+            tag, r = self.unary("lim-rpcs", method)
+            self.assertEqual(r.code, OK, (method, r))
         # Other tenants are not affected.
         tag, r = self.unary("lim-exec")
         self.assertEqual(r.code, OK, r)
