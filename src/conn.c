@@ -750,6 +750,8 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
             "reached",
             l->name, peer, max);
     evutil_closesocket(fd);
+    if (gen->metrics != NULL)
+      sg_metrics_conn_refused(gen->metrics, false);
     return;
   }
   uint32_t per_client = rt->config->max_connections_per_client;
@@ -765,6 +767,8 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
               "max_connections_per_client (%u) reached",
               l->name, peer, per_client);
       evutil_closesocket(fd);
+      if (gen->metrics != NULL)
+        sg_metrics_conn_refused(gen->metrics, true);
       release_conn_slot();
       return;
     }

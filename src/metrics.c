@@ -61,6 +61,8 @@ enum {
   WC_CONNS_CLOSED,
   WC_STREAMS_OPENED,
   WC_STREAMS_CLOSED,
+  WC_CONNS_REFUSED_MAX,        /* over max_connections */
+  WC_CONNS_REFUSED_PER_CLIENT, /* over max_connections_per_client */
   WC_FIXED, /* then n_tls TLS reasons, then n_auth auth reasons */
 };
 
@@ -517,6 +519,11 @@ void sg_metrics_conn_closed(sg_metrics_worker *mw) {
     bump(&mw->counters[WC_CONNS_CLOSED], 1);
 }
 
+void sg_metrics_conn_refused(sg_metrics_worker *mw, bool per_client) {
+  if (mw != NULL)
+    bump(&mw->counters[per_client ? WC_CONNS_REFUSED_PER_CLIENT : WC_CONNS_REFUSED_MAX], 1);
+}
+
 void sg_metrics_stream_opened(sg_metrics_worker *mw) {
   if (mw != NULL)
     bump(&mw->counters[WC_STREAMS_OPENED], 1);
@@ -860,6 +867,13 @@ int sg_metrics_render(sg_metrics *m, struct evbuffer *out) {
   family(&r, "sparkgate_connections_open", "gauge", "Client connections open now.");
   emit_u64_sample(&r, "sparkgate_connections_open", "",
                   accepted > closed ? accepted - closed : 0);
+  family(&r, "sparkgate_connections_refused_total", "counter",
+         "Client connections closed at accept, by the cap they were over.");
+  emit_u64_sample(&r, "sparkgate_connections_refused_total", "{reason=\"max_connections\"}",
+                  sum_workers(m, WC_CONNS_REFUSED_MAX));
+  emit_u64_sample(&r, "sparkgate_connections_refused_total",
+                  "{reason=\"max_connections_per_client\"}",
+                  sum_workers(m, WC_CONNS_REFUSED_PER_CLIENT));
   family(&r, "sparkgate_tls_handshake_failures_total", "counter",
          "Client TLS handshakes that failed, by reason.");
   render_reasons(&r, m, "sparkgate_tls_handshake_failures_total", &m->tls, WC_FIXED);

@@ -138,6 +138,9 @@ sg_metrics_worker *sg_metrics_for_worker(sg_metrics_gen *g, unsigned index);
 
 void sg_metrics_conn_accepted(sg_metrics_worker *mw);
 void sg_metrics_conn_closed(sg_metrics_worker *mw);
+/* A connection closed at accept: over max_connections, or over
+ * max_connections_per_client when |per_client|. */
+void sg_metrics_conn_refused(sg_metrics_worker *mw, bool per_client);
 void sg_metrics_tls_handshake_failed(sg_metrics_worker *mw, size_t reason_idx);
 void sg_metrics_stream_opened(sg_metrics_worker *mw);
 void sg_metrics_stream_closed(sg_metrics_worker *mw);

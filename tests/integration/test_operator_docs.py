@@ -261,7 +261,8 @@ class MaxConnectionsIsATotalTest(H.SparkgateTestCase):
     """configuration.md: max_connections counts "Client connections across
     all listeners and workers (one count for the process)": with 4 workers
     a cap of 1 admits one connection (each worker's share, the cap divided
-    by `workers` rounded up, admitted up to 4)."""
+    by `workers` rounded up, admitted up to 4), and every other one is
+    counted in sparkgate_connections_refused_total."""
 
     def test_cap_of_one_with_four_workers(self):
         up = self.standin()
@@ -288,6 +289,10 @@ class MaxConnectionsIsATotalTest(H.SparkgateTestCase):
                                  % served)
             self.assertLessEqual(open_now, 1, "sparkgate_connections_open %d with "
                                  "max_connections 1" % open_now)
+            # operations.md: each refusal is counted by the cap it was over.
+            refused = sample(scrape(admin), "sparkgate_connections_refused_total",
+                             reason="max_connections")
+            self.assertEqual(served + refused, len(socks), (served, refused))
         finally:
             for s in socks:
                 s.close()
