@@ -736,6 +736,19 @@ static void release_conn_slot(void) {
   atomic_fetch_sub_explicit(&client_conns_open, 1, memory_order_relaxed);
 }
 
+/* Closes a connection over max_connections (or, |per_client|,
+ * max_connections_per_client) of |cap|, logged and counted. */
+static void refuse_at_accept(sg_generation *gen, const sg_listener_config *l, int fd,
+                             const struct sockaddr *addr, bool per_client, uint32_t cap) {
+  char peer[64];
+  format_peer(addr, peer, sizeof peer);
+  sg_warn("listener %s: refused connection from %s: %s (%u) reached", l->name, peer,
+          per_client ? "max_connections_per_client" : "max_connections", cap);
+  evutil_closesocket(fd);
+  if (gen->metrics != NULL)
+    sg_metrics_conn_refused(gen->metrics, per_client);
+}
+
 void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
                     const struct sockaddr *addr, int addrlen) {
   (void)addrlen;
@@ -744,14 +757,7 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
   const sg_listener_config *l = &rt->config->listeners[listener_index];
   uint32_t max = rt->config->max_connections;
   if (!take_conn_slot(max)) {
-    char peer[64];
-    format_peer(addr, peer, sizeof peer);
-    sg_warn("listener %s: refused connection from %s: max_connections (%u) "
-            "reached",
-            l->name, peer, max);
-    evutil_closesocket(fd);
-    if (gen->metrics != NULL)
-      sg_metrics_conn_refused(gen->metrics, false);
+    refuse_at_accept(gen, l, fd, addr, false, max);
     return;
   }
   uint32_t per_client = rt->config->max_connections_per_client;
@@ -761,14 +767,7 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
      * connections over the workers, so the sum is close to the cap. */
     uint32_t share = (per_client + rt->config->workers - 1) / rt->config->workers;
     if (!sg_clientcount_take(w->clients, &key, share)) {
-      char peer[64];
-      format_peer(addr, peer, sizeof peer);
-      sg_warn("listener %s: refused connection from %s: "
-              "max_connections_per_client (%u) reached",
-              l->name, peer, per_client);
-      evutil_closesocket(fd);
-      if (gen->metrics != NULL)
-        sg_metrics_conn_refused(gen->metrics, true);
+      refuse_at_accept(gen, l, fd, addr, true, per_client);
       release_conn_slot();
       return;
     }

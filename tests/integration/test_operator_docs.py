@@ -19,6 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "lib"))
 sys.path.insert(0, HERE)
 import harness as H  # noqa: E402
+from test_config_checks import good_config  # noqa: E402
 from test_operations import (  # noqa: E402
     ADMIN_RE, NotifySocket, http_get, parse_prometheus, sample,
     state_messages, wait_access)
@@ -35,18 +36,6 @@ def read_doc(name):
         return f.read()
 
 
-def good_config(port=None):
-    p = H.pki()
-    return {
-        "workers": 1,
-        "listeners": [
-            {"name": "public", "address": "127.0.0.1",
-             "port": port if port is not None else H.free_port(),
-             "tls": {"cert": p.server_cert, "key": p.server_key}, "auth": "none"},
-        ],
-        "tenants": [{"name": "default", "allow": {"any_identity": True}, "backends": [
-            {"name": "spark-1", "address": "127.0.0.1", "port": 15002}]}],
-    }
 
 
 def h2c_config(backend_port, **top):
