@@ -1,5 +1,6 @@
 #include "sparkgate/clientcount.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,12 +12,32 @@ typedef struct slot {
 } slot;
 
 struct sg_clientcount {
+  /* Taken at accept and close only, never on the data path. */
+  pthread_mutex_t lock;
   slot slots[SG_CLIENTCOUNT_SLOTS];
 };
 
-sg_clientcount *sg_clientcount_new(void) { return calloc(1, sizeof(sg_clientcount)); }
+/* In zeroed static storage: its pages are touched only by the addresses
+ * counted. */
+static sg_clientcount process_counts = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
-void sg_clientcount_free(sg_clientcount *cc) { free(cc); }
+sg_clientcount *sg_clientcount_process(void) { return &process_counts; }
+
+sg_clientcount *sg_clientcount_new(void) {
+  sg_clientcount *cc = calloc(1, sizeof(sg_clientcount));
+  if (cc != NULL && pthread_mutex_init(&cc->lock, NULL) != 0) {
+    free(cc);
+    return NULL;
+  }
+  return cc;
+}
+
+void sg_clientcount_free(sg_clientcount *cc) {
+  if (cc == NULL)
+    return;
+  pthread_mutex_destroy(&cc->lock);
+  free(cc);
+}
 
 sg_client_key sg_client_key_of(const struct sockaddr *addr) {
   sg_client_key k;
@@ -68,17 +89,20 @@ static slot *find(sg_clientcount *cc, const sg_client_key *k, bool insert) {
 
 bool sg_clientcount_take(sg_clientcount *cc, const sg_client_key *key,
                          uint32_t limit) {
+  pthread_mutex_lock(&cc->lock);
   slot *s = find(cc, key, true);
-  if (s == NULL)
-    return true; /* full: not limited (documented) */
-  if (limit > 0 && s->count >= limit)
-    return false;
-  s->count++;
-  return true;
+  bool ok = s == NULL /* full: not limited (documented) */ ||
+            limit == 0 || s->count < limit;
+  if (s != NULL && ok)
+    s->count++;
+  pthread_mutex_unlock(&cc->lock);
+  return ok;
 }
 
 void sg_clientcount_release(sg_clientcount *cc, const sg_client_key *key) {
+  pthread_mutex_lock(&cc->lock);
   slot *s = find(cc, key, false);
   if (s != NULL && s->count > 0)
     s->count--;
+  pthread_mutex_unlock(&cc->lock);
 }

@@ -40,8 +40,9 @@
 #define SG_CONN_GOAWAY_GRACE_MS 500
 
 /* The abuse budget: a burst of this many costly frames, refilled at this
- * rate. A well-behaved gRPC client stays far below: it pings rarely and
- * sends WINDOW_UPDATE only after consuming half a window. */
+ * rate. A well-behaved gRPC client stays far below: it pings rarely, and
+ * its small WINDOW_UPDATEs answer DATA frames we sent (free, see
+ * window_update_credits). */
 #define SG_CONN_ABUSE_BURST 1000u
 #define SG_CONN_ABUSE_REFILL_PER_S 200u
 /* A WINDOW_UPDATE smaller than this is a dribble (RFC 9113 10.5). */
@@ -215,8 +216,14 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
     sg_conn_charge(c, 2, "stream resets (rapid reset)");
     break;
   case NGHTTP2_WINDOW_UPDATE:
-    if (frame->window_update.window_size_increment < SG_CONN_MIN_WINDOW_UPDATE)
-      sg_conn_charge(c, 1, "tiny WINDOW_UPDATE frames");
+    /* Small updates that give back what our DATA frames took are how
+     * grpcio reads small responses (two per call); only the others cost. */
+    if (frame->window_update.window_size_increment < SG_CONN_MIN_WINDOW_UPDATE) {
+      if (c->window_update_credits > 0)
+        c->window_update_credits--;
+      else
+        sg_conn_charge(c, 1, "tiny WINDOW_UPDATE frames");
+    }
     break;
   default:
     break;
@@ -314,6 +321,9 @@ static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
                                 NGHTTP2_NO_ERROR);
     }
   }
+  if (frame->hd.type == NGHTTP2_DATA && frame->hd.length > 0 &&
+      c->window_update_credits < SG_CONN_ABUSE_BURST)
+    c->window_update_credits += 2; /* the stream's update and the connection's */
   if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR)
     sg_info("conn=%llu peer=%s: sent GOAWAY %s (last stream %d)",
             (unsigned long long)c->id, c->peer,
@@ -763,10 +773,7 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
   uint32_t per_client = rt->config->max_connections_per_client;
   sg_client_key key = sg_client_key_of(addr);
   if (per_client > 0) {
-    /* Each worker holds its share; SO_REUSEPORT spreads one client's
-     * connections over the workers, so the sum is close to the cap. */
-    uint32_t share = (per_client + rt->config->workers - 1) / rt->config->workers;
-    if (!sg_clientcount_take(w->clients, &key, share)) {
+    if (!sg_clientcount_take(w->clients, &key, per_client)) {
       refuse_at_accept(gen, l, fd, addr, true, per_client);
       release_conn_slot();
       return;

@@ -2,12 +2,6 @@
 
 #include <stdlib.h>
 
-static uint64_t share(uint64_t limit, unsigned n_workers) {
-  if (limit == 0 || n_workers <= 1)
-    return limit;
-  return (limit + n_workers - 1) / n_workers;
-}
-
 /* A bucket under its new rate and burst; what it held (up to the new
  * burst) stays, unless it did not limit before. */
 static void bucket_configure(sg_token_bucket *b, uint64_t rate, uint64_t per_ms,
@@ -21,12 +15,11 @@ static void bucket_configure(sg_token_bucket *b, uint64_t rate, uint64_t per_ms,
 }
 
 int sg_tenant_state_init(sg_tenant_state *st, const sg_route_tenant *t,
-                         unsigned n_workers, uint64_t now_ms,
-                         const sg_tenant_state *prev) {
+                         uint64_t now_ms, const sg_tenant_state *prev) {
   const sg_route_limits *l = &t->limits;
   *st = (sg_tenant_state){.tenant = t};
-  st->max_rpcs = (uint32_t)share(l->max_concurrent_rpcs, n_workers);
-  st->max_execs = (uint32_t)share(l->max_concurrent_executions, n_workers);
+  st->max_rpcs = l->max_concurrent_rpcs;
+  st->max_execs = l->max_concurrent_executions;
   if (prev != NULL && prev->usage != NULL) {
     st->usage = prev->usage;
   } else {
@@ -36,9 +29,8 @@ int sg_tenant_state_init(sg_tenant_state *st, const sg_route_tenant *t,
   }
   st->usage->refs++;
   uint64_t burst = l->burst > 0 ? l->burst : l->requests_per_second;
-  bucket_configure(&st->usage->requests, share(l->requests_per_second, n_workers),
-                   1000, share(burst, n_workers), now_ms);
-  uint64_t bytes = share(l->upload_bytes_per_minute, n_workers);
+  bucket_configure(&st->usage->requests, l->requests_per_second, 1000, burst, now_ms);
+  uint64_t bytes = l->upload_bytes_per_minute;
   bucket_configure(&st->usage->uploads, bytes, 60000, bytes, now_ms);
   return 0;
 }

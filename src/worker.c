@@ -254,8 +254,7 @@ static sg_generation *generation_new(sg_worker *w, sg_runtime *rt,
       if (pt != NULL && pt->index < prev->n_tenant_states)
         was = &prev->tenant_states[pt->index];
     }
-    if (sg_tenant_state_init(&g->tenant_states[t], &cfg->tenants[t], cfg->workers,
-                             now, was) != 0) {
+    if (sg_tenant_state_init(&g->tenant_states[t], &cfg->tenants[t], now, was) != 0) {
       generation_free(g);
       return NULL;
     }
@@ -489,13 +488,12 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
     return NULL;
   }
   w->affinity = sg_affinity_new(SG_AFFINITY_DEFAULT_ENTRIES);
-  w->clients = sg_clientcount_new();
+  w->clients = sg_clientcount_process();
   w->h2mem = sg_h2mem_new();
   w->h2_stage = evbuffer_new();
   if (w->affinity == NULL || w->clients == NULL || w->h2mem == NULL ||
       w->h2_stage == NULL) {
     sg_affinity_free(w->affinity);
-    sg_clientcount_free(w->clients);
     sg_h2mem_free(w->h2mem);
     if (w->h2_stage != NULL)
       evbuffer_free(w->h2_stage);
@@ -637,7 +635,6 @@ void sg_worker_free(sg_worker *w) {
     event_base_free(w->base);
   free(w->read_buf);
   sg_affinity_free(w->affinity);
-  sg_clientcount_free(w->clients);
   evbuffer_free(w->h2_stage);
   /* Last: every nghttp2 session and header buffer of this worker is gone. */
   sg_h2mem_free(w->h2mem);

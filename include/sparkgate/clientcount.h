@@ -1,6 +1,8 @@
-/* Connections per client address, counted by one worker: what
- * max_connections_per_client is enforced against. Fixed size (no growth
- * under attack); when it is full, new addresses are not limited. */
+/* Connections per client address: what max_connections_per_client is
+ * enforced against. One table for the process, shared by the workers
+ * under a lock (accept and close only): a client's connections land on
+ * any worker. Fixed size (no growth under attack); when it is full, new
+ * addresses are not limited. */
 #ifndef SPARKGATE_CLIENTCOUNT_H
 #define SPARKGATE_CLIENTCOUNT_H
 
@@ -17,6 +19,9 @@ typedef struct sg_client_key {
 
 typedef struct sg_clientcount sg_clientcount;
 
+/* The process's table (workers); never freed. */
+sg_clientcount *sg_clientcount_process(void);
+/* A table of one's own (tests). */
 sg_clientcount *sg_clientcount_new(void);
 void sg_clientcount_free(sg_clientcount *cc);
 

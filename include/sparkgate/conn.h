@@ -61,6 +61,9 @@ struct sg_conn {
    * (ENHANCE_YOUR_CALM) and close. */
   uint64_t abuse_tokens_ms; /* tokens scaled by 1000 */
   uint64_t abuse_last_ms;
+  /* Small WINDOW_UPDATEs the client may send for free: two per DATA frame
+   * we sent (the stream's and the connection's), up to the burst. */
+  uint32_t window_update_credits;
 
   sg_list streams; /* sg_stream.conn_link */
   unsigned n_streams;

@@ -1,7 +1,8 @@
-/* Per-tenant limits as one worker enforces them. Each worker holds its
- * share of every limit (the limit divided by the number of workers,
- * rounded up), so enforcing takes no lock and no cross-thread traffic; the
- * sum over workers is the configured limit. */
+/* Per-tenant limits as one worker enforces them: each worker counts the
+ * calls it carries against the whole limit (docs/routing.md, "by each
+ * worker thread"), so enforcing takes no lock and no cross-thread traffic.
+ * Shares of the limit per worker would give one client connection, which
+ * one worker carries, a fraction of what its tenant may do. */
 #ifndef SPARKGATE_LIMITS_H
 #define SPARKGATE_LIMITS_H
 
@@ -26,7 +27,7 @@ typedef struct sg_tenant_usage {
 
 typedef struct sg_tenant_state {
   const sg_route_tenant *tenant;
-  uint32_t max_rpcs;  /* this worker's share; 0: unlimited */
+  uint32_t max_rpcs;  /* 0: unlimited */
   uint32_t max_execs; /* ExecutePlan + ReattachExecute; 0: unlimited */
   sg_tenant_usage *usage; /* ref */
 } sg_tenant_state;
@@ -37,8 +38,7 @@ typedef struct sg_tenant_state {
  * to the new rates and keeping their levels (at most the new burst).
  * Returns -1 (out of memory) or 0; sg_tenant_state_clear in both cases. */
 int sg_tenant_state_init(sg_tenant_state *st, const sg_route_tenant *t,
-                         unsigned n_workers, uint64_t now_ms,
-                         const sg_tenant_state *prev);
+                         uint64_t now_ms, const sg_tenant_state *prev);
 void sg_tenant_state_clear(sg_tenant_state *st);
 
 /* Admits one call of |method| (sg_spark_method, or -1 for others) and

@@ -80,7 +80,7 @@ struct sg_worker {
   struct sg_affinity *affinity; /* where this worker sent each session */
   struct sg_h2mem *h2mem;       /* nghttp2's allocations on this thread */
   struct evbuffer *h2_stage;    /* sg_h2io.stage of every session here */
-  struct sg_clientcount *clients; /* connections per client address */
+  struct sg_clientcount *clients; /* connections per client address: the process table */
 
   sg_list conns; /* sg_conn.worker_link */
   size_t n_conns;
