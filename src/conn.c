@@ -332,6 +332,31 @@ static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
   return 0;
 }
 
+/* A response's HEADERS or trailers nghttp2 could not pack (over the block
+ * limit): the client would wait for a status that never comes. The stream
+ * is reset instead. */
+static int on_frame_not_send(nghttp2_session *session, const nghttp2_frame *frame,
+                             int lib_error_code, void *user) {
+  sg_conn *c = user;
+  /* Only a block nghttp2 cannot pack; not a session that is closing. */
+  if (frame->hd.type != NGHTTP2_HEADERS ||
+      (lib_error_code != NGHTTP2_ERR_FRAME_SIZE_ERROR &&
+       lib_error_code != NGHTTP2_ERR_HEADER_COMP))
+    return 0;
+  sg_stream *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+  sg_warn("conn=%llu stream=%d peer=%s: cannot send the response headers: %s: "
+          "stream reset (INTERNAL_ERROR)",
+          (unsigned long long)c->id, frame->hd.stream_id, c->peer,
+          nghttp2_strerror(lib_error_code));
+  if (s != NULL) {
+    s->rejected = true;
+    s->grpc_status = -1; /* the client gets none (access log: null) */
+  }
+  nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame->hd.stream_id,
+                            NGHTTP2_INTERNAL_ERROR);
+  return 0;
+}
+
 static int send_data(nghttp2_session *session, nghttp2_frame *frame,
                      const uint8_t *framehd, size_t length,
                      nghttp2_data_source *source, void *user) {
@@ -379,6 +404,7 @@ static void server_callbacks_init(void) {
   nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(cbs, on_invalid_frame_recv);
   nghttp2_session_callbacks_set_error_callback2(cbs, on_error);
   nghttp2_session_callbacks_set_on_frame_send_callback(cbs, on_frame_send);
+  nghttp2_session_callbacks_set_on_frame_not_send_callback(cbs, on_frame_not_send);
   nghttp2_session_callbacks_set_send_callback(cbs, sg_h2io_send);
   nghttp2_session_callbacks_set_send_data_callback(cbs, send_data);
   server_cbs = cbs;
@@ -495,7 +521,10 @@ static int start_session(sg_conn *c) {
   /* Window credit goes back to the client only when the upstream has taken
    * the bytes: that is the whole of our memory bound. */
   nghttp2_option_set_no_auto_window_update(opt, 1);
-  nghttp2_option_set_max_send_header_block_length(opt, 64 * 1024);
+  /* What a backend may send us, we must be able to pass on: at nghttp2's
+   * default of 64 KiB, larger response headers or trailers were dropped
+   * and the call hung without a status. */
+  nghttp2_option_set_max_send_header_block_length(opt, SG_RESPONSE_MAX_HEADER_LIST_BYTES);
   /* Debian's 1.52.0-1+deb12u3 carries the rapid-reset and CONTINUATION
    * limits; make them explicit. */
   nghttp2_option_set_stream_reset_rate_limit(opt, 1000, 33);
@@ -522,11 +551,6 @@ static int start_session(sg_conn *c) {
     return -1;
   return 0;
 }
-
-/* Past any header a backend takes (gRPC servers allow 8 KiB of metadata
- * by default): a certificate that needs more is refused, not forwarded
- * without its description. */
-#define SG_CONN_XFCC_MAX_BYTES 65536u
 
 /* TLS has already verified the chain (a certificate that fails
  * verification fails the handshake); here we only read what it says. */
@@ -555,10 +579,10 @@ static int read_client_certificate(sg_conn *c) {
     c->xfcc = strdup(xfcc);
     return c->xfcc == NULL ? -1 : 0;
   }
-  c->xfcc = malloc(SG_CONN_XFCC_MAX_BYTES);
+  c->xfcc = malloc(SG_XFCC_MAX_BYTES);
   if (c->xfcc == NULL)
     return -1;
-  if (sg_identity_xfcc(cert, c->xfcc, SG_CONN_XFCC_MAX_BYTES) != 0)
+  if (sg_identity_xfcc(cert, c->xfcc, SG_XFCC_MAX_BYTES) != 0)
     return -2;
   char *fit = realloc(c->xfcc, strlen(c->xfcc) + 1);
   if (fit != NULL)
@@ -578,7 +602,7 @@ static void on_established(sg_conn *c) {
   if (cert_rv == -2) {
     sg_warn("conn=%llu peer=%s: rejected: the client certificate's "
             "x-forwarded-client-cert would exceed %u bytes (too many names)",
-            (unsigned long long)c->id, c->peer, (unsigned)SG_CONN_XFCC_MAX_BYTES);
+            (unsigned long long)c->id, c->peer, (unsigned)SG_XFCC_MAX_BYTES);
     conn_free(c);
     return;
   }

@@ -113,8 +113,8 @@ int sg_grpc_timeout_parse(const uint8_t *value, size_t len, uint64_t *out_ms) {
   case 'M': *out_ms = n * 60000u; break;
   case 'S': *out_ms = n * 1000u; break;
   case 'm': *out_ms = n; break;
-  case 'u': *out_ms = (n + 999u) / 1000u; break;
-  case 'n': *out_ms = (n + 999999u) / 1000000u; break;
+  case 'u': *out_ms = n / 1000u; break;
+  case 'n': *out_ms = n / 1000000u; break;
   default: return -1;
   }
   return 0;

@@ -950,14 +950,26 @@ void sg_stream_on_upstream_close(sg_stream *s, uint32_t error_code,
     if (!s->resp_eof) {
       if (!s->resp_started) {
         char msg[256], why[256];
-        if (s->tenant != NULL && s->backend != NULL)
+        /* 14 for a backend that is failing (clients retry it); not for a
+         * call the backend cancelled (gRPC: CANCEL is CANCELLED), nor for
+         * one we could not send, which would fail the same way again. */
+        sg_grpc_status code = SG_GRPC_UNAVAILABLE;
+        if (s->up_headers_unsent) {
+          code = SG_GRPC_INTERNAL;
+          snprintf(msg, sizeof msg,
+                   "sparkgate: the request's headers are too large to forward");
+        } else if (error_code == NGHTTP2_CANCEL) {
+          code = SG_GRPC_CANCELLED;
+          snprintf(msg, sizeof msg, "sparkgate: the backend cancelled the call");
+        } else if (s->tenant != NULL && s->backend != NULL) {
           backend_unavailable_message(s->tenant, s->backend, msg, sizeof msg);
-        else
+        } else {
           snprintf(msg, sizeof msg, "sparkgate: backend unavailable");
+        }
         snprintf(why, sizeof why, "backend %s: %s",
                  s->backend_name != NULL ? s->backend_name : "?",
                  reason != NULL ? reason : nghttp2_http2_strerror(error_code));
-        sg_stream_reject(s, SG_GRPC_UNAVAILABLE, msg, why);
+        sg_stream_reject(s, code, msg, why);
       } else {
         sg_info("conn=%llu stream=%d: upstream %s reset the stream after the "
                 "response started (%s): resetting the client stream",

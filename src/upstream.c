@@ -34,9 +34,6 @@
  * when the backend would take more: spreads load over a few TCP
  * connections without opening one per call. */
 #define SG_UPSTREAM_STREAMS_PER_CONN 100
-/* Response headers from a backend may be larger than what we accept from
- * clients (error details ride in trailers), but not unbounded. */
-#define SG_UPSTREAM_MAX_HEADER_LIST_BYTES (256 * 1024)
 
 typedef enum sg_upstream_state {
   SG_UPSTREAM_CONNECTING,
@@ -83,6 +80,9 @@ struct sg_upstream {
   unsigned n_streams;  /* both lists */
   bool got_settings; /* the backend spoke HTTP/2: its first SETTINGS came */
   bool freeing;
+  /* Why nghttp2 ended the session itself (the GOAWAY it sent), for the
+   * log line that closes it. */
+  char goaway_sent[160];
   /* The stream of the header block being received (see conn.h). */
   sg_stream *hdr_stream;
   int32_t hdr_stream_id;
@@ -92,6 +92,10 @@ static void upstream_free(sg_upstream *up, const char *reason);
 static void upstream_flush(sg_upstream *up);
 static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err, size_t errlen);
 static void schedule_send(sg_upstream *up);
+static void leg_closed(sg_upstream *up, sg_stream *s, uint32_t error_code,
+                       const char *reason);
+static bool leg_unsent(const sg_upstream *up, const sg_stream *s);
+static void cancel_unsent(sg_upstream *up, sg_stream *s);
 static void attach(sg_upstream_pool *pool, sg_stream *s, const sg_upstream *avoid);
 
 static void count_connect(sg_upstream_pool *pool, bool ok) {
@@ -202,7 +206,7 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
   sg_header_list *list = frame->headers.cat == NGHTTP2_HCAT_HEADERS && s->resp_final
                              ? &s->resp_trailers
                              : &s->resp_headers;
-  if (sg_header_list_add(list, name, value, SG_UPSTREAM_MAX_HEADER_LIST_BYTES) != 0)
+  if (sg_header_list_add(list, name, value, SG_RESPONSE_MAX_HEADER_LIST_BYTES) != 0)
     return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
   return 0;
 }
@@ -240,6 +244,28 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
       pool_mark_up(up->pool);
       if (up->n_streams == 0)
         set_timer_ms(up, pool_config(up->pool)->upstream_idle_timeout_ms);
+    }
+    if (!(frame->hd.flags & NGHTTP2_FLAG_ACK) && up->state != SG_UPSTREAM_GOAWAY &&
+        nghttp2_session_get_remote_settings(
+            session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS) == 0) {
+      /* No call can start here: the ones waiting get 14 now, not at their
+       * deadline; the connection takes no more and closes. */
+      sg_warn("upstream %s conn=%llu: the backend allows no streams "
+              "(SETTINGS_MAX_CONCURRENT_STREAMS 0): its calls get 14",
+              up->pool->backend->name, (unsigned long long)up->id);
+      up->state = SG_UPSTREAM_GOAWAY;
+      sg_list *n = up->streams.next;
+      while (n != &up->streams) {
+        sg_list *next = n->next;
+        sg_stream *w = SG_CONTAINER_OF(n, sg_stream, up_link);
+        if (leg_unsent(up, w)) {
+          cancel_unsent(up, w);
+          leg_closed(up, w, NGHTTP2_REFUSED_STREAM,
+                     "the backend allows no streams (SETTINGS_MAX_CONCURRENT_STREAMS 0)");
+        }
+        n = next;
+      }
+      schedule_send(up);
     }
     break;
   case NGHTTP2_GOAWAY:
@@ -285,6 +311,21 @@ static void leg_closed(sg_upstream *up, sg_stream *s, uint32_t error_code,
   sg_stream_on_upstream_close(s, error_code, reason);
 }
 
+/* A leg whose request HEADERS nghttp2 still holds unsent (the backend's
+ * stream limit): nghttp2 reports its close only once it takes the HEADERS
+ * out of its queue, which may be never (a backend that allows no
+ * streams): the leg, the call and the connection then stayed for good.
+ * Cancelled in nghttp2 (checked before anything of the call is read) and
+ * let go here. */
+static bool leg_unsent(const sg_upstream *up, const sg_stream *s) {
+  return up->session != NULL && nghttp2_session_find_stream(up->session, s->up_id) == NULL;
+}
+
+static void cancel_unsent(sg_upstream *up, sg_stream *s) {
+  nghttp2_submit_rst_stream(up->session, NGHTTP2_FLAG_NONE, s->up_id, NGHTTP2_CANCEL);
+  nghttp2_session_set_stream_user_data(up->session, s->up_id, NULL);
+}
+
 static int on_stream_close(nghttp2_session *session, int32_t stream_id,
                            uint32_t error_code, void *user) {
   sg_upstream *up = user;
@@ -294,7 +335,9 @@ static int on_stream_close(nghttp2_session *session, int32_t stream_id,
   if (s == NULL || up->freeing)
     return 0;
   nghttp2_session_set_stream_user_data(session, stream_id, NULL);
-  if (error_code == NGHTTP2_REFUSED_STREAM && sg_stream_prepare_retry(s)) {
+  if (s->up_headers_unsent) {
+    leg_closed(up, s, NGHTTP2_INTERNAL_ERROR, "the request headers could not be sent");
+  } else if (error_code == NGHTTP2_REFUSED_STREAM && sg_stream_prepare_retry(s)) {
     /* RFC 9113 8.7: a refused stream, or one above the last stream id of
      * a GOAWAY, was not processed: sending it again cannot run it twice. */
     sg_list_unlink(&s->up_link);
@@ -325,6 +368,45 @@ static int on_stream_close(nghttp2_session *session, int32_t stream_id,
   return 0;
 }
 
+/* A GOAWAY with an error is nghttp2 ending the session for something the
+ * backend sent: e.g. COMPRESSION_ERROR for a header field over 64 KiB
+ * (nghttp2's HPACK limit), which ends every call on the connection. */
+static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
+                         void *user) {
+  (void)session;
+  sg_upstream *up = user;
+  if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR)
+    snprintf(up->goaway_sent, sizeof up->goaway_sent,
+             "the backend's frames broke HTTP/2 (sent GOAWAY %s%s)",
+             nghttp2_http2_strerror(frame->goaway.error_code),
+             frame->goaway.error_code == NGHTTP2_COMPRESSION_ERROR
+                 ? ": a header field over 64 KiB, or a corrupt header block"
+                 : "");
+  return 0;
+}
+
+/* Request HEADERS nghttp2 could not pack (over the block limit): nghttp2
+ * then closes the stream as REFUSED_STREAM, which must not be taken for
+ * the backend's refusal. */
+static int on_frame_not_send(nghttp2_session *session, const nghttp2_frame *frame,
+                             int lib_error_code, void *user) {
+  sg_upstream *up = user;
+  /* Only a block nghttp2 cannot pack. HEADERS that a GOAWAY or the
+   * session's end kept from going are refused streams, retried. */
+  if (frame->hd.type != NGHTTP2_HEADERS ||
+      (lib_error_code != NGHTTP2_ERR_FRAME_SIZE_ERROR &&
+       lib_error_code != NGHTTP2_ERR_HEADER_COMP))
+    return 0;
+  sg_stream *s = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+  if (s == NULL)
+    return 0;
+  s->up_headers_unsent = true;
+  sg_warn("conn=%llu stream=%d: cannot send the request headers to backend %s: %s",
+          (unsigned long long)s->conn_id, s->id, up->pool->backend->name,
+          nghttp2_strerror(lib_error_code));
+  return 0;
+}
+
 static int send_data(nghttp2_session *session, nghttp2_frame *frame,
                      const uint8_t *framehd, size_t length,
                      nghttp2_data_source *source, void *user) {
@@ -349,6 +431,8 @@ static void client_callbacks_init(void) {
   nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk_recv);
   nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+  nghttp2_session_callbacks_set_on_frame_not_send_callback(cbs, on_frame_not_send);
+  nghttp2_session_callbacks_set_on_frame_send_callback(cbs, on_frame_send);
   nghttp2_session_callbacks_set_send_callback(cbs, sg_h2io_send);
   nghttp2_session_callbacks_set_send_data_callback(cbs, send_data);
   client_cbs = cbs;
@@ -381,8 +465,16 @@ static void upstream_flush(sg_upstream *up) {
   bool done = !nghttp2_session_want_read(up->session) &&
               !nghttp2_session_want_write(up->session);
   if ((done || (up->state == SG_UPSTREAM_GOAWAY && up->n_streams == 0)) &&
-      evbuffer_get_length(out) == 0)
-    upstream_free(up, "connection finished");
+      evbuffer_get_length(out) == 0) {
+    const char *why = up->goaway_sent[0] != '\0' ? up->goaway_sent : "connection finished";
+    /* Ended before the backend's SETTINGS: it does not speak HTTP/2 there
+     * (an HTTP/1.1 server answers with a 400): a failed connect. */
+    if (!up->got_settings)
+      connect_failed(up, up->goaway_sent[0] != '\0'
+                             ? "the backend does not speak HTTP/2 (no SETTINGS first)"
+                             : why);
+    upstream_free(up, why);
+  }
 }
 
 static void on_send_ev(evutil_socket_t fd, short what, void *arg) {
@@ -418,6 +510,8 @@ static void on_read(struct bufferevent *bev, void *arg) {
         char reason[128];
         snprintf(reason, sizeof reason, "HTTP/2 protocol error from the backend: %s",
                  nghttp2_strerror((int)rv));
+        if (!up->got_settings)
+          connect_failed(up, reason);
         upstream_free(up, reason);
         return;
       }
@@ -462,6 +556,8 @@ static void on_socket_readable(evutil_socket_t fd, short what, void *arg) {
       char reason[128];
       snprintf(reason, sizeof reason, "HTTP/2 protocol error from the backend: %s",
                nghttp2_strerror((int)rv));
+      if (!up->got_settings)
+        connect_failed(up, reason);
       upstream_free(up, reason);
       return;
     }
@@ -503,7 +599,16 @@ static int start_session(sg_upstream *up) {
   if (nghttp2_option_new(&opt) != 0)
     return -1;
   nghttp2_option_set_no_auto_window_update(opt, 1);
-  nghttp2_option_set_max_continuations(opt, 8);
+  /* Enough CONTINUATION frames (16 KiB each) for the header list we
+   * advertise: at 8, a 150 KiB trailer block of one call ended the
+   * connection and every call on it. */
+  nghttp2_option_set_max_continuations(opt, SG_RESPONSE_MAX_HEADER_LIST_BYTES / 16384 + 4);
+  /* A request's header block: what the client may send
+   * (http2.max_header_list_bytes) and the identity headers we add. nghttp2
+   * stops at 64 KiB by default, and refused larger requests as if the
+   * backend had (REFUSED_STREAM, retried, then 14 for good). */
+  nghttp2_option_set_max_send_header_block_length(
+      opt, (size_t)cfg->max_header_list_bytes + SG_XFCC_MAX_BYTES + 16 * 1024);
   int rv = nghttp2_session_client_new3(&up->session, client_cbs, up, opt,
                                        sg_h2mem_nghttp2(up->pool->worker->h2mem));
   nghttp2_option_del(opt);
@@ -512,7 +617,7 @@ static int start_session(sg_upstream *up) {
   nghttp2_settings_entry iv[] = {
       {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
       {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, cfg->stream_window_bytes},
-      {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, SG_UPSTREAM_MAX_HEADER_LIST_BYTES},
+      {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, SG_RESPONSE_MAX_HEADER_LIST_BYTES},
       {NGHTTP2_SETTINGS_NO_RFC7540_PRIORITIES, 1}, /* as conn.c */
   };
   if (nghttp2_submit_settings(up->session, NGHTTP2_FLAG_NONE, iv,
@@ -858,6 +963,17 @@ void sg_upstream_cancel(sg_stream *s) {
     s->up = NULL;
     if (up->n_streams == 0)
       idle_or_connect_deadline(up);
+    return;
+  }
+  if (s->up_state == SG_UPSTREAM_LEG_OPEN && leg_unsent(up, s)) {
+    cancel_unsent(up, s);
+    sg_list_unlink(&s->up_link);
+    up->n_streams--;
+    s->up_state = SG_UPSTREAM_LEG_DONE;
+    s->up = NULL;
+    if (up->n_streams == 0)
+      idle_or_connect_deadline(up);
+    schedule_send(up);
     return;
   }
   if (s->up_state == SG_UPSTREAM_LEG_OPEN && up->session != NULL) {

@@ -53,8 +53,9 @@ bool sg_grpc_content_type_ok(const uint8_t *value, size_t len);
 bool sg_header_is_hop_by_hop(const uint8_t *name, size_t len);
 
 /* Parses a grpc-timeout value ("1-8 digits" then one of H M S m u n) into
- * milliseconds, rounding up so a tiny budget never becomes "no budget".
- * Returns -1 when malformed. */
+ * milliseconds, rounding down: the budget forwarded upstream is never
+ * more than the client's (under 1 ms is 0: expired at once). Returns -1
+ * when malformed. */
 int sg_grpc_timeout_parse(const uint8_t *value, size_t len, uint64_t *out_ms);
 
 /* Formats |ms| as a grpc-timeout value (at most 8 digits, so large values

@@ -173,7 +173,18 @@ struct sg_stream {
   bool rejected;        /* the proxy answered itself; drop what arrives */
   bool header_overflow; /* request headers exceeded the configured cap */
   bool early_reset;     /* send RST_STREAM NO_ERROR after the response ends */
+  bool up_headers_unsent; /* the upstream session could not send the request
+                             HEADERS: not "refused", no retry */
 };
+
+/* Header lists a backend may send us (error details ride in trailers): we
+ * take them and must be able to send them on to the client. */
+#define SG_RESPONSE_MAX_HEADER_LIST_BYTES (256 * 1024)
+/* The x-forwarded-client-cert we build, at most: past any header a backend
+ * takes (gRPC servers allow 8 KiB of metadata by default), so a
+ * certificate that needs more is refused (conn.c), not forwarded without
+ * its description. */
+#define SG_XFCC_MAX_BYTES 65536u
 
 sg_stream *sg_stream_new(sg_conn *conn, int32_t id);
 

@@ -38,11 +38,17 @@ static void check_timeout(const uint8_t *data, size_t size) {
   for (size_t i = 0; i + 1 < size; i++)
     FUZZ_CHECK(data[i] >= '0' && data[i] <= '9');
   FUZZ_CHECK(memchr("HMSmun", data[size - 1], 6) != NULL);
-  /* Rounding up: a non-zero budget never becomes zero. */
-  bool nonzero = false;
+  /* Rounding down: never more than the client gave; 0 only for a zero
+   * budget or one under a millisecond. */
+  uint64_t n = 0;
   for (size_t i = 0; i + 1 < size; i++)
-    nonzero |= data[i] != '0';
-  FUZZ_CHECK(nonzero == (ms != 0));
+    n = n * 10 + (uint64_t)(data[i] - '0');
+  char unit = (char)data[size - 1];
+  uint64_t per_ms = unit == 'u' ? 1000u : unit == 'n' ? 1000000u : 1u;
+  if (per_ms > 1)
+    FUZZ_CHECK(ms == n / per_ms);
+  else
+    FUZZ_CHECK((n != 0) == (ms != 0));
   /* 99999999 hours is the largest value the grammar can name. */
   FUZZ_CHECK(ms <= 99999999ull * 3600000ull);
 
