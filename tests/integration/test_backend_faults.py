@@ -20,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "lib"))
 sys.path.insert(0, HERE)
 import harness as H  # noqa: E402
+from threaded_server import ThreadedServer  # noqa: E402
 import spark_proto as P  # noqa: E402
 import grpc  # noqa: E402
 import h2.config  # noqa: E402
@@ -298,35 +299,16 @@ class UpCase(H.SparkgateTestCase):
         return wait_access(self.access, pred, n=n)
 
 
-class Http1Backend:
+class Http1Backend(ThreadedServer):
     """Not HTTP/2: answers whatever comes with an HTTP/1.1 400 (as an
     HTTP/1.1 server, or the Spark UI port, answers the h2c preface) and
     keeps the connection open until the peer closes it."""
 
     def __init__(self, close_after_answer=False):
         self.close_after_answer = close_after_answer
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.accepts = 0
-        self.closed = threading.Event()
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
+        super().__init__()
 
-    def _accept(self):
-        while not self.closed.is_set():
-            try:
-                c, _ = self.sock.accept()
-            except (socket.timeout, OSError):
-                continue
-            self.accepts += 1
-            t = threading.Thread(target=self._serve, args=(c,), daemon=True)
-            t.start()
-            self.threads.append(t)
-
-    def _serve(self, c):
+    def serve(self, c):
         c.settimeout(0.1)
         answered = False
         try:
@@ -348,12 +330,6 @@ class Http1Backend:
             pass
         finally:
             c.close()
-
-    def close(self):
-        self.closed.set()
-        self.sock.close()
-        for t in self.threads:
-            t.join(timeout=3)
 
 
 class NotHttp2Backend(UpCase):
@@ -804,39 +780,23 @@ class BigTrailersTest(UpCase):
 # ---------------------------------------------------------------------------
 # SETTINGS_MAX_CONCURRENT_STREAMS
 
-class ZeroStreamsBackend:
+class ZeroStreamsBackend(ThreadedServer):
     """Raw bytes, no python-h2: SETTINGS(MAX_CONCURRENT_STREAMS 0) the
     moment a connection is accepted (a backend taking no calls right now),
     SETTINGS acked, every HEADERS answered with RST_STREAM(REFUSED_STREAM)."""
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.accepts = 0
         self.headers_seen = 0
-        self.closed = threading.Event()
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
+        super().__init__()
 
-    def _accept(self):
-        while not self.closed.is_set():
-            try:
-                c, _ = self.sock.accept()
-            except (socket.timeout, OSError):
-                continue
-            try:
-                c.sendall(settings_frame([(3, 0)]))
-            except OSError:
-                pass
-            self.accepts += 1
-            t = threading.Thread(target=self._serve, args=(c,), daemon=True)
-            t.start()
-            self.threads.append(t)
+    def accepted(self, c):
+        try:
+            c.sendall(settings_frame([(3, 0)]))
+        except OSError:
+            pass
+        return True
 
-    def _serve(self, c):
+    def serve(self, c):
         c.settimeout(0.1)
         buf = b""
         try:
@@ -866,12 +826,6 @@ class ZeroStreamsBackend:
             pass
         finally:
             c.close()
-
-    def close(self):
-        self.closed.set()
-        self.sock.close()
-        for t in self.threads:
-            t.join(timeout=3)
 
 
 class ZeroStreamsTest(UpCase):

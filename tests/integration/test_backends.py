@@ -14,6 +14,7 @@ import uuid
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
+from threaded_server import ThreadedServer  # noqa: E402
 import spark_proto as P  # noqa: E402
 import grpc  # noqa: E402
 from test_tenants import hrw_rank, g_unary, make_config  # noqa: E402
@@ -21,7 +22,7 @@ from test_tenants import hrw_rank, g_unary, make_config  # noqa: E402
 OK = grpc.StatusCode.OK
 
 
-class TlsNoH2Backend:
+class TlsNoH2Backend(ThreadedServer):
     """A TLS server (TLS 1.2 at most) that negotiates no ALPN protocol: it
     completes the handshake, then only reads until the peer goes away."""
 
@@ -31,27 +32,10 @@ class TlsNoH2Backend:
         self.ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         self.ctx.load_cert_chain(p.server_cert, p.server_key)
         self.ctx.set_alpn_protocols(["http/1.1"])
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
         self.handshakes = 0
-        self.closed = threading.Event()
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
+        super().__init__(backlog=16)
 
-    def _accept(self):
-        while not self.closed.is_set():
-            try:
-                c, _ = self.sock.accept()
-            except (socket.timeout, OSError):
-                continue
-            t = threading.Thread(target=self._serve, args=(c,), daemon=True)
-            t.start()
-            self.threads.append(t)
-
-    def _serve(self, c):
+    def serve(self, c):
         c.settimeout(2)
         s = None
         try:
@@ -68,12 +52,6 @@ class TlsNoH2Backend:
             pass
         finally:
             (s or c).close()
-
-    def close(self):
-        self.closed.set()
-        self.sock.close()
-        for t in self.threads:
-            t.join(timeout=3)
 
 
 class BackendWithoutAlpnH2(H.SparkgateTestCase):
