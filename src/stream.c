@@ -798,6 +798,7 @@ void sg_stream_on_client_close(sg_stream *s, uint32_t error_code) {
     sg_list_unlink(&s->conn_link);
     c->n_streams--;
   }
+  sg_stream_set_up_window(s, 0); /* the budget is the connection's */
   s->conn = NULL;
   s->client_done = true;
   if (s->tenant_state != NULL) {
@@ -937,10 +938,23 @@ void sg_stream_on_response_end(sg_stream *s) {
   }
 }
 
+void sg_stream_set_up_window(sg_stream *s, uint32_t window) {
+  if (s->conn != NULL) {
+    s->conn->resp_granted -= s->up_window;
+    s->conn->resp_granted += window;
+  }
+  s->up_window = window;
+}
+
+bool sg_stream_up_window_fits(const sg_stream *s, uint32_t window, uint32_t budget) {
+  return s->conn != NULL && s->conn->resp_granted - s->up_window + window <= budget;
+}
+
 void sg_stream_on_upstream_close(sg_stream *s, uint32_t error_code,
                                  const char *reason) {
   bool was_open = s->up_state == SG_UPSTREAM_LEG_OPEN ||
                   s->up_state == SG_UPSTREAM_LEG_PENDING;
+  sg_stream_set_up_window(s, 0);
   s->up_state = SG_UPSTREAM_LEG_DONE;
   s->up = NULL;
   sg_list_unlink(&s->up_link);

@@ -156,6 +156,19 @@ static void set_timer_ms(sg_upstream *up, uint32_t ms) {
   evtimer_add(up->timer, &tv);
 }
 
+/* A new call's window on the backend leg: a share of its client
+ * connection's budget (http2.connection_window_bytes over
+ * max_concurrent_streams), so that a client that opens every stream it may
+ * and takes nothing pins at most the budget. A call whose client takes its
+ * data grows to stream_window_bytes while the budget allows
+ * (sg_upstream_consumed). */
+static uint32_t first_stream_window(const sg_config *cfg) {
+  uint64_t w = cfg->connection_window_bytes / (cfg->max_concurrent_streams ? cfg->max_concurrent_streams : 1);
+  if (w < 65535)
+    w = 65535;
+  return w < cfg->stream_window_bytes ? (uint32_t)w : cfg->stream_window_bytes;
+}
+
 static const sg_config *pool_config(const sg_upstream_pool *pool) {
   return pool->cfg;
 }
@@ -344,6 +357,7 @@ static int on_stream_close(nghttp2_session *session, int32_t stream_id,
     up->n_streams--;
     s->up = NULL;
     s->up_state = SG_UPSTREAM_LEG_NONE;
+    sg_stream_set_up_window(s, 0);
     sg_info("conn=%llu stream=%d: backend %s did not process the call (%s): "
             "sending it once more on another connection",
             (unsigned long long)s->conn_id, s->id, up->pool->backend->name,
@@ -587,6 +601,7 @@ static void submit_stream(sg_upstream *up, sg_stream *s) {
   }
   s->up_id = id;
   s->up_state = SG_UPSTREAM_LEG_OPEN;
+  sg_stream_set_up_window(s, first_stream_window(pool_config(up->pool)));
   sg_list_push_back(&up->streams, &s->up_link);
 }
 
@@ -616,7 +631,7 @@ static int start_session(sg_upstream *up) {
     return -1;
   nghttp2_settings_entry iv[] = {
       {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
-      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, cfg->stream_window_bytes},
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, first_stream_window(cfg)},
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, SG_RESPONSE_MAX_HEADER_LIST_BYTES},
       {NGHTTP2_SETTINGS_NO_RFC7540_PRIORITIES, 1}, /* as conn.c */
   };
@@ -969,6 +984,7 @@ void sg_upstream_cancel(sg_stream *s) {
     cancel_unsent(up, s);
     sg_list_unlink(&s->up_link);
     up->n_streams--;
+    sg_stream_set_up_window(s, 0);
     s->up_state = SG_UPSTREAM_LEG_DONE;
     s->up = NULL;
     if (up->n_streams == 0)
@@ -995,6 +1011,15 @@ void sg_upstream_resume_request(sg_stream *s) {
 void sg_upstream_consumed(sg_stream *s, size_t n) {
   if (s->up_state != SG_UPSTREAM_LEG_OPEN || s->up == NULL || n == 0)
     return;
+  /* The client takes this call's data: its window grows to the full
+   * stream window, if its connection's budget has room. */
+  const sg_config *cfg = pool_config(s->up->pool);
+  uint32_t full = cfg->stream_window_bytes;
+  if (s->up_window < full &&
+      sg_stream_up_window_fits(s, full, cfg->connection_window_bytes) &&
+      nghttp2_session_set_local_window_size(s->up->session, NGHTTP2_FLAG_NONE, s->up_id,
+                                            (int32_t)full) == 0)
+    sg_stream_set_up_window(s, full);
   nghttp2_session_consume(s->up->session, s->up_id, n);
   schedule_send(s->up);
 }

@@ -67,6 +67,11 @@ struct sg_conn {
 
   sg_list streams; /* sg_stream.conn_link */
   unsigned n_streams;
+  /* The backend-leg windows of its calls (sg_stream.up_window): what
+   * backends may send for this connection that its client has not taken.
+   * Kept within http2.connection_window_bytes, so that a client that takes
+   * nothing pins at most that much (upstream.c). */
+  uint64_t resp_granted;
 
   bool established; /* handshake done, session created */
   bool got_settings; /* the client's preface and first SETTINGS arrived */

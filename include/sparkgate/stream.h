@@ -175,6 +175,10 @@ struct sg_stream {
   bool early_reset;     /* send RST_STREAM NO_ERROR after the response ends */
   bool up_headers_unsent; /* the upstream session could not send the request
                              HEADERS: not "refused", no retry */
+  /* This call's flow-control window on the backend leg: what the backend
+   * may send for it that the client has not taken. Counted in its client
+   * connection's resp_granted (sg_stream_set_up_window). */
+  uint32_t up_window;
 };
 
 /* Header lists a backend may send us (error details ride in trailers): we
@@ -187,6 +191,13 @@ struct sg_stream {
 #define SG_XFCC_MAX_BYTES 65536u
 
 sg_stream *sg_stream_new(sg_conn *conn, int32_t id);
+
+/* Sets the call's backend-leg window to |window| (0: the leg is over),
+ * keeping its client connection's sum (resp_granted) true. */
+void sg_stream_set_up_window(sg_stream *s, uint32_t window);
+/* Whether the call's window may be |window| with its client connection's
+ * windows staying within |budget| (false once the client is gone). */
+bool sg_stream_up_window_fits(const sg_stream *s, uint32_t window, uint32_t budget);
 
 /* CLOCK_MONOTONIC in milliseconds. */
 uint64_t sg_monotonic_ms(void);

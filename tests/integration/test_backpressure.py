@@ -22,6 +22,7 @@ import h2.settings
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
+from threaded_server import ThreadedServer  # noqa: E402
 from test_attacks import (  # noqa: E402
     AttackCase, RawH2, RssWatch, attack_config, INTERNAL_ERROR, CANCEL, MAX_WINDOW,
     SETTINGS, WINDOW_UPDATE, DATA, FLAG_ACK, SETTINGS_INITIAL_WINDOW_SIZE,
@@ -90,7 +91,7 @@ class FlowH2(RawH2):
         return sent
 
 
-class PausableBackend:
+class PausableBackend(ThreadedServer):
     """An h2c backend (python3-h2) with 2 GiB windows and a 4 KiB receive
     buffer, whose reading can be paused (`reading` cleared).
 
@@ -103,40 +104,22 @@ class PausableBackend:
         self.reading = threading.Event()
         self.reading.set()
         self.release = threading.Event()
-        self.closed = threading.Event()
         self.lock = threading.Lock()
         self.connections = 0
         self.upload_bytes = 0
         self.resets = []
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self._threads = [threading.Thread(target=self._accept_loop, daemon=True)]
-        self._threads[0].start()
+        super().__init__(backlog=16, rcvbuf=4096)
+
+    def accepted(self, sock):
+        with self.lock:
+            self.connections += 1
+        return True
 
     def close(self):
-        self.closed.set()
         self.reading.set()
-        self.sock.close()
-        for t in self._threads:
-            t.join(timeout=5)
+        super().close()
 
-    def _accept_loop(self):
-        while not self.closed.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except (socket.timeout, OSError):
-                continue
-            with self.lock:
-                self.connections += 1
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def _serve(self, sock):
+    def serve(self, sock):
         sock.settimeout(0.05)
         h2c = h2.connection.H2Connection(config=h2.config.H2Configuration(
             client_side=False, validate_inbound_headers=False))

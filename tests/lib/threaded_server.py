@@ -9,8 +9,10 @@ import threading
 
 
 class ThreadedServer:
-    def __init__(self, backlog=64):
+    def __init__(self, backlog=64, rcvbuf=None):
         self.sock = socket.socket()
+        if rcvbuf:  # accepted sockets inherit it: a small one backs up sooner
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(backlog)
         self.sock.settimeout(0.1)
