@@ -635,8 +635,8 @@ class LargeTransferTest(MemCase):
                             "RSS grew %.1f MiB (%.1f -> %.1f) while %.1f GiB passed"
                             % (growth, self.base, watch.peak, passed / GIB))
 
-    def test_4gib_download_to_a_fast_reader(self):
-        total = 4 * GIB
+    def test_2gib_download_to_a_fast_reader(self):
+        total = 2 * GIB
         with RssWatch(self.pid) as w, FastClient(self.sg.port("dev")) as c:
             sids = self.download(c, total)
             c.wait(lambda: all(c.streams[s].done for s in sids), 50, "the download")
@@ -852,7 +852,7 @@ class ConnectCloseCyclesTest(CycleCase):
         kinds = ["tcp", "h2c_clean", "h2c_preface_abrupt", "h2c_mid_call", "h2c_mid_download",
                  "tls_partial_hello", "tls_abrupt", "tls_mid_call"]
         weights = [3, 3, 3, 4, 3, 2, 1, 1]
-        for i in range(2400):
+        for i in range(1200):
             kind = rng.choices(kinds, weights)[0]
             if kind == "tcp":
                 socket.create_connection(("127.0.0.1", self.h2c), timeout=5).close()
@@ -893,7 +893,7 @@ class ConnectCloseCyclesTest(CycleCase):
                       "requests, %d finished, %d connections open)"
                       % (mid_calls, self.be.resets, self.be.requests, self.be.finished,
                          self.be.open_connections))
-        self.assert_back_to(base, what="2400 connect/close cycles (%d mid-call)" % mid_calls)
+        self.assert_back_to(base, what="1200 connect/close cycles (%d mid-call)" % mid_calls)
 
 
 class CancelCyclesTest(CycleCase):
@@ -904,7 +904,7 @@ class CancelCyclesTest(CycleCase):
         cancelled = 0
         clients = [FastClient(self.h2c) for _ in range(4)]
         try:
-            for i in range(3000):
+            for i in range(1500):
                 c = clients[i % 4]
                 kind = rng.randrange(4)
                 if kind == 0:      # reset right after the request headers
@@ -943,7 +943,7 @@ class CancelCyclesTest(CycleCase):
         # Every request the backend saw ended: answered or reset.
         H.wait_until(lambda: self.be.resets + self.be.finished >= self.be.requests, 10,
                      interval=0.1, what="every upstream stream ended")
-        self.assert_back_to(base, what="3000 cancelled calls")
+        self.assert_back_to(base, what="1500 cancelled calls")
 
 
 class ReloadCyclesTest(CycleCase):
@@ -955,7 +955,7 @@ class ReloadCyclesTest(CycleCase):
             dl = [c.open(TEST + "Download", extra=[("x-bytes", str(2 * GIB))],
                          end_stream=True, body=b"\0\0\0\0\0") for c in clients]
             held = []
-            for n in range(25):
+            for n in range(15):
                 mark = self.sg.mark()
                 self.sg.send_signal(signal.SIGHUP)
                 self.sg.wait_for_log(r"reload done", timeout=10, since=mark)
@@ -977,7 +977,7 @@ class ReloadCyclesTest(CycleCase):
         finally:
             for c in clients:
                 c.close()
-        self.assert_back_to(base, what="25 reloads with calls in flight")
+        self.assert_back_to(base, what="15 reloads with calls in flight")
 
 
 # ---------------------------------------------------------------------------
