@@ -1011,11 +1011,12 @@ void sg_upstream_resume_request(sg_stream *s) {
 void sg_upstream_consumed(sg_stream *s, size_t n) {
   if (s->up_state != SG_UPSTREAM_LEG_OPEN || s->up == NULL || n == 0)
     return;
-  /* The client takes this call's data: its window grows to the full
-   * stream window, if its connection's budget has room. */
+  /* The client takes this call's data: once it has taken half its first
+   * window (a small answer never costs a WINDOW_UPDATE), the window grows
+   * to the full stream window, if its connection's budget has room. */
   const sg_config *cfg = pool_config(s->up->pool);
   uint32_t full = cfg->stream_window_bytes;
-  if (s->up_window < full &&
+  if (s->up_window < full && s->bytes_out >= s->up_window / 2 &&
       sg_stream_up_window_fits(s, full, cfg->connection_window_bytes) &&
       nghttp2_session_set_local_window_size(s->up->session, NGHTTP2_FLAG_NONE, s->up_id,
                                             (int32_t)full) == 0)
