@@ -503,17 +503,20 @@ static void load_credential(loader *ld, const json_t *obj, const char *path,
            sg_jsonload_strerror(errno));
       return;
     }
-    secret_size = SG_ROUTE_MAX_CREDENTIAL_BYTES + 1;
+    /* Room for white space around a token of the largest size; the
+     * token itself is checked once trimmed, below. */
+    size_t room = SG_ROUTE_MAX_CREDENTIAL_BYTES + 4096;
+    secret_size = room + 1;
     secret = calloc(secret_size, 1);
     if (secret == NULL) {
       fclose(f);
       sg_jsonload_oom(ld, vp);
       return;
     }
-    len = fread(secret, 1, SG_ROUTE_MAX_CREDENTIAL_BYTES + 1, f);
+    len = fread(secret, 1, room + 1, f);
     bool failed = ferror(f) != 0;
     fclose(f);
-    if (failed || len > SG_ROUTE_MAX_CREDENTIAL_BYTES) {
+    if (failed || len > room) {
       lerr(ld, vp, failed ? "cannot read '%s'"
                           : "'%s' is larger than 64 KiB: it must hold the token only",
            t->credential_origin);
@@ -559,6 +562,9 @@ static void load_credential(loader *ld, const json_t *obj, const char *path,
   if (len == start)
     lerr(ld, vp, "the %s '%s' is empty: it must hold the backend token", what,
          t->credential_origin);
+  else if (len - start > SG_ROUTE_MAX_CREDENTIAL_BYTES)
+    lerr(ld, vp, "the %s '%s' holds a token over 64 KiB: it must hold the token only",
+         what, t->credential_origin);
   else if (!printable)
     lerr(ld, vp, "the %s '%s' holds spaces or control characters inside the "
                  "token: it must hold the token only (it goes into a header)",

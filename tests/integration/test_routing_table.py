@@ -1,0 +1,299 @@
+#!/usr/bin/python3
+"""The routing table (docs/routing.md) against the binary: tenant
+selection, allow rules and the loading/reload of the table and of upstream
+credentials. Only what test_tenants.py does not already cover.
+
+Every port is chosen by the kernel, every wait is bounded, processes are
+stopped by PID (harness).
+"""
+
+import json
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
+import test_tenants as TT  # noqa: E402  (helpers only; its classes are not re-run)
+import grpc  # noqa: E402
+
+OK = grpc.StatusCode.OK
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+
+
+def tenant(name, ident=None, **kw):
+    t = {"name": name, "backends": [{"address": "127.0.0.1", "port": 1}],
+         "allow": {"identities": [ident or name + "-user"]}}
+    t.update(kw)
+    return t
+
+
+def inline_config(tenants, selectors=None):
+    cfg = H.base_config(1)
+    cfg["tenants"] = tenants
+    if selectors is not None:
+        cfg["tenant_selectors"] = selectors
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# Upstream credential: the 64 KiB bound (docs/routing.md, "Upstream
+# credential": "Leading and trailing white space (the usual final newline)
+# is removed; what remains must be one token of at most 64 KiB").
+
+class CredentialBoundTest(H.SparkgateTestCase):
+    def test_file_token_of_64_kib_with_final_newline_is_accepted(self):
+        """A 65,536-byte token followed by the usual final newline: what
+        remains after trimming is exactly 64 KiB, which the docs allow (the
+        loader checked the size of the raw file before trimming)."""
+        d = H.tempdir("sg-rr-cred-")
+        token = "a" * 65536
+        path = TT.write_file(os.path.join(d, "tok"), token + "\n")
+        cfg = inline_config([tenant("a", upstream_credential={"file": path})])
+        rc, out, err = H.check_config(cfg, directory=d)
+        self.assertNotIn(token, out + err)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("credential: file %s" % path, out)
+
+    def test_env_token_over_64_kib_is_refused(self):
+        """The same bound holds for a token from an environment variable
+        (docs: "what remains must be one token of at most 64 KiB"): only the
+        file branch checked it, so a 70,000-byte token loaded and would have
+        gone as a 70 KB request header to every backend."""
+        d = H.tempdir("sg-rr-cred-")
+        token = "b" * 70000
+        cfg = inline_config([tenant("a", upstream_credential={"env": "RR_BIG_TOKEN"})])
+        path = H.write_config(cfg, d)
+        rc, out, err = H.run_cli(["--check-config", "-c", path], env={"RR_BIG_TOKEN": token})
+        self.assertNotIn(token, out + err)
+        self.assertNotEqual(rc, 0, "a 70,000-byte token was accepted:\n" + out[-400:])
+        self.assertIn("tenants[0].upstream_credential.env", err)
+        self.assertIn("RR_BIG_TOKEN", err)
+
+    def test_bad_credential_errors_never_print_the_value(self):
+        """A token with a space, a control character, or an empty variable:
+        the load fails, the message names the file or variable, never the
+        value (docs/routing.md)."""
+        d = H.tempdir("sg-rr-cred-")
+        secret = "s3cr3t-%s" % os.urandom(6).hex()
+        spaced = TT.write_file(os.path.join(d, "spaced"), secret + " more-" + secret + "\n")
+        ctrl = TT.write_file(os.path.join(d, "ctrl"), secret + "\x01" + secret)
+        cfg = inline_config([
+            tenant("a", upstream_credential={"file": spaced}),
+            tenant("b", upstream_credential={"file": ctrl}),
+            tenant("c", upstream_credential={"env": "RR_CTRL_TOKEN"}),
+        ], selectors=["header:x-spark-tenant"])
+        path = H.write_config(cfg, d)
+        rc, out, err = H.run_cli(["--check-config", "-c", path],
+                                 env={"RR_CTRL_TOKEN": secret + "\t" + secret})
+        self.assertNotEqual(rc, 0)
+        self.assertNotIn(secret, out + err)
+        for p in ("tenants[0].upstream_credential.file", "tenants[1].upstream_credential.file",
+                  "tenants[2].upstream_credential.env"):
+            self.assertIn(p, err)
+        self.assertIn(spaced, err)
+        self.assertIn("RR_CTRL_TOKEN", err)
+
+
+# ---------------------------------------------------------------------------
+# Runtime: claims of every JSON type in allow rules, authorities (IPv6
+# literals, case, trailing dot), selector fallthrough.
+
+class SelectionTest(TT.TenantCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = H.tempdir("sg-rr-sel-")
+        cls.idp = TT.Idp(cls.dir)
+        cls.ups = [H.start_standin() for _ in range(3)]
+        table = {
+            "tenant_selectors": ["jwt_claim:tenant", "header:x-spark-tenant", "authority",
+                                 "identity"],
+            "tenants": [
+                {"name": "typed", "backends": TT.backends("typed", cls.ups[0:1]),
+                 "allow": {"claims": {"level": [42], "staff": [True],
+                                      "groups": ["g1"], "team": ["7"]}},
+                 "user_id": "off"},
+                {"name": "v6", "hosts": ["::1", "[fe80::2]", "Spark.XN--BCHER-KVA.Example."],
+                 "backends": TT.backends("v6", cls.ups[1:2]),
+                 "allow": {"identity_prefixes": ["spiffe://example.org/ns/v6/"]},
+                 "user_id": "off"},
+                {"name": "fallback", "backends": TT.backends("fallback", cls.ups[2:3]),
+                 "allow": {"identities": ["zed"]}, "user_id": "off"},
+            ],
+        }
+        TT.write_file(os.path.join(cls.dir, "tenants.json"), json.dumps(table))
+        cfg = H.base_config(1, listeners=[TT.jwt_listener()], workers=1, auth=cls.idp.auth())
+        del cfg["tenants"]
+        cfg["routing_table"] = "tenants.json"
+        cls.sg = H.Sparkgate(cfg, config_dir=cls.dir).start()
+        cls.port = cls.sg.port("public")
+        cls.ch = H.tls_channel(cls.port)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.ch.close()
+        rc = cls.sg.stop()
+        for u in cls.ups:
+            H.stop_standin(u)
+        if rc != 0:
+            raise AssertionError("sparkgate exited %s" % rc)
+
+    def call(self, md):
+        tag = self.tag()
+        r = TT.g_unary(self.ch, "AnalyzePlan", TT.msg(tag.encode(), TT.new_session(), "u"),
+                       list(md) + [("x-test-case", tag)])
+        return r, tag
+
+    def assert_tenant(self, md, want_index, what):
+        r, tag = self.call(md)
+        self.assertEqual(r.code, OK, (what, r, self.sg.log_text(5)))
+        i, rec = self.record_of(tag)
+        self.assertEqual(i, want_index, what)
+
+    def assert_denied(self, md, reason, what):
+        mark = self.sg.mark()
+        r, tag = self.call(md)
+        self.assertEqual(r.code, DENIED, (what, r))
+        self.sg.wait_for_log(reason, timeout=5, since=mark)
+        self.assert_reached_nothing(tag)
+
+    def test_claim_values_compare_by_type(self):
+        """docs: "Values may be strings, integers or booleans and compare by
+        type (42 does not match "42")", array claims match on any element."""
+        md = lambda **c: self.idp.md("dana", tenant="typed", **c)  # noqa: E731
+        for claims in ({"level": 42}, {"staff": True}, {"groups": "g1"},
+                       {"groups": [{"g1": True}, 42, "g1"]}, {"level": [1, 42]},
+                       {"team": "7"}):
+            self.assert_tenant(md(**claims), 0, claims)
+        for claims in ({"level": "42"}, {"level": 43}, {"staff": "true"}, {"staff": 1},
+                       {"staff": False}, {"groups": {"g1": True}}, {"groups": [["g1"]]},
+                       {"team": 7}, {}, {"level": None}):
+            self.assert_denied(md(**claims),
+                               r"not_allowed \(selector jwt_claim:tenant, tenant typed, "
+                               r"identity dana\)", claims)
+
+    def test_non_string_tenant_claim_falls_through(self):
+        """A jwt_claim: value that is a number, bool, object or null yields
+        nothing; the next selector decides (identity: zed -> fallback)."""
+        for v in (7, True, {"name": "typed"}, None, ""):
+            self.assert_tenant(self.idp.md("zed", tenant=v), 2, v)
+
+    def test_ipv6_and_idn_authorities(self):
+        """hosts: "::1 or [::1]" ... ":authority (the port, brackets of an
+        IPv6 literal and a trailing dot are ignored; case-insensitive)"."""
+        user = "spiffe://example.org/ns/v6/sa/x"
+        md = self.idp.md(user)
+        with H.H2Client(self.port) as c:
+            for authority in ("[::1]:%d" % self.port, "[::1]", "[FE80::2]:443",
+                              "spark.xn--bcher-kva.example", "SPARK.xn--BCHER-kva.EXAMPLE.:1"):
+                c.authority = authority
+                tag = self.tag()
+                sid = TT.h2_send(c, H.SERVICE + "AnalyzePlan",
+                                 [TT.frame(TT.msg(b"v6", TT.new_session(), user))],
+                                 extra=md + [("x-test-case", tag)])
+                r = c.wait(sid)
+                self.assertEqual(TT.h2_status(r), (0, None), (authority, r))
+                i, _ = self.record_of(tag)
+                self.assertEqual(i, 1, authority)
+            # Not the tenant's host: a different IPv6 address, the host
+            # spelled as a prefix, and a non-ASCII spelling of the IDN. The
+            # identity selector then finds v6 by its prefix (the only tenant
+            # admitting the caller), so the call is OK; zed, admitted only
+            # by fallback, lands there: the authority yielded nothing.
+            for authority in ("[::2]", "[::1", "spark.xn--bcher-kva.example.evil",
+                              "spark.b\u00fccher.example"):
+                c.authority = authority
+                tag = self.tag()
+                sid = TT.h2_send(c, H.SERVICE + "AnalyzePlan",
+                                 [TT.frame(TT.msg(b"zed", TT.new_session(), "zed"))],
+                                 extra=self.idp.md("zed") + [("x-test-case", tag)])
+                r = c.wait(sid)
+                if TT.h2_status(r)[0] is None:
+                    continue  # refused as malformed by the HTTP/2 layer: fine
+                self.assertEqual(TT.h2_status(r), (0, None), (authority, r))
+                i, _ = self.record_of(tag)
+                self.assertEqual(i, 2, authority)
+
+
+# ---------------------------------------------------------------------------
+# Reload: the credential file rotates; a bad credential or a broken table
+# keeps the configuration in force and says where.
+
+class CredentialReloadTest(TT.TenantCase):
+    def reload(self, ok):
+        mark = self.sg.mark()
+        self.sg.send_signal(signal.SIGHUP)
+        self.sg.wait_for_log(r"reload done" if ok else r"reload failed", timeout=15,
+                             since=mark)
+        if not ok:
+            self.assertIsNone(self.sg.find_log(r"reload done", since=mark))
+        return mark
+
+    def authorization_seen(self):
+        """Through a fresh connection (so the new generation is in force)."""
+        ch = H.tls_channel(self.port)
+        try:
+            tag = self.tag()
+            r = TT.g_unary(ch, "AnalyzePlan", TT.msg(b"c", TT.new_session(), "ann"),
+                           self.idp.md("ann") + [("x-test-case", tag)])
+            self.assertEqual(r.code, OK, r)
+            _, rec = self.record_of(tag)
+            return TT.header_of(rec, "authorization")
+        finally:
+            ch.close()
+
+    def test_rotation_and_failed_reloads(self):
+        self.ups = [self.standin()]
+        d = H.tempdir("sg-rr-reload-")
+        self.idp = TT.Idp(d)
+        os.makedirs(os.path.join(d, "tables", "secrets"))
+        tok_path = os.path.join(d, "tables", "secrets", "tok")
+        tok1 = "first-%s" % os.urandom(8).hex()
+        tok2 = "second-%s" % os.urandom(8).hex()
+        tok3 = "third %s" % os.urandom(8).hex()
+        TT.write_file(tok_path, tok1 + "\n")
+        table = {"tenant_selectors": ["identity"],
+                 "tenants": [{"name": "ann-t", "backends": TT.backends("a", self.ups),
+                              "allow": {"identities": ["ann"]}, "user_id": "off",
+                              # relative to the table file's own directory
+                              "upstream_credential": {"file": "secrets/tok"}}]}
+        table_path = TT.write_file(os.path.join(d, "tables", "t.json"), json.dumps(table))
+        cfg = H.base_config(1, listeners=[TT.jwt_listener()], workers=1, auth=self.idp.auth())
+        del cfg["tenants"]
+        cfg["routing_table"] = "tables/t.json"
+        self.sg = self.start_sparkgate(cfg, config_dir=d)
+        self.port = self.sg.port()
+        self.assertEqual(self.authorization_seen(), ["Bearer " + tok1])
+
+        # "To rotate, replace the file (or the variable) and reload."
+        TT.write_file(tok_path, tok2 + "\n")
+        self.reload(ok=True)
+        self.assertEqual(self.authorization_seen(), ["Bearer " + tok2])
+
+        # A token with a space, an empty file, a missing file: the reload
+        # fails, names the file, never the value; tok2 stays in force.
+        for content in (tok3, "\n", None):
+            if content is None:
+                os.unlink(tok_path)
+            else:
+                TT.write_file(tok_path, content)
+            mark = self.reload(ok=False)
+            self.assertIsNotNone(self.sg.find_log(r"upstream_credential\.file", since=mark))
+            self.assertEqual(self.authorization_seen(), ["Bearer " + tok2], content)
+
+        # A syntax error in the table at reload: old table kept, the error
+        # names the file, line and column.
+        TT.write_file(tok_path, tok2)
+        TT.write_file(table_path, '{\n  "tenants": [\n    {"name": "x",,}\n  ]\n}\n')
+        mark = self.reload(ok=False)
+        self.sg.wait_for_log(r"t\.json:3:\d+: invalid JSON", timeout=5, since=mark)
+        self.assertEqual(self.authorization_seen(), ["Bearer " + tok2])
+
+        log = self.sg.log_text()
+        for t in (tok1, tok2, tok3, tok3.split()[1]):
+            self.assertNotIn(t, log)
+
+
+if __name__ == "__main__":
+    H.main()
