@@ -786,6 +786,23 @@ int sg_jwks_parse_fetched(const char *buf, size_t len, unsigned alg_mask,
     json_decref(root);
     return -1;
   }
+  /* A kid must name one key in the document, also among keys that are
+   * then ignored (another use, another algorithm): checked on the raw
+   * entries first. */
+  for (size_t i = 0; i < n; i++) {
+    const json_t *ki = json_object_get(json_array_get(arr, i), "kid");
+    for (size_t m = 0; json_is_string(ki) && m < i; m++) {
+      const json_t *km = json_object_get(json_array_get(arr, m), "kid");
+      if (json_is_string(km) && json_equal(ki, km)) {
+        snprintf(err, errlen,
+                 "keys[%zu]: duplicate kid \"%.64s\"; a kid must name one key",
+                 i, json_string_value(ki));
+        free(out);
+        json_decref(root);
+        return -1;
+      }
+    }
+  }
   size_t got = 0, ignored = 0;
   char why[256];
   for (size_t i = 0; i < n; i++) {
@@ -820,17 +837,6 @@ int sg_jwks_parse_fetched(const char *buf, size_t len, unsigned alg_mask,
       sg_jwk_clear(&k);
       ignored++;
       continue;
-    }
-    for (size_t m = 0; k.kid != NULL && m < got; m++) {
-      if (out[m].kid != NULL && strcmp(out[m].kid, k.kid) == 0) {
-        snprintf(err, errlen,
-                 "keys[%zu]: duplicate kid \"%.64s\"; a kid must name one key",
-                 i, k.kid);
-        sg_jwk_clear(&k);
-        free_keys(out, got);
-        json_decref(root);
-        return -1;
-      }
     }
     out[got++] = k;
   }

@@ -230,6 +230,14 @@ static void keysource_install(sg_jwt_keysource *s, keyset *k) {
   keyset_unref(old);
 }
 
+/* Whether the set in force came from a fetch (not a fallback file). */
+static bool keysource_fetched(sg_jwt_keysource *s) {
+  pthread_mutex_lock(&s->lock);
+  bool fetched = s->current != NULL && s->fetched;
+  pthread_mutex_unlock(&s->lock);
+  return fetched;
+}
+
 bool sg_jwt_keysource_has_keys(sg_jwt_keysource *s) {
   pthread_mutex_lock(&s->lock);
   bool has = s->current != NULL;
@@ -479,7 +487,8 @@ void sg_jwt_verifier_adopt_keys(sg_jwt_verifier *nv,
           p->alg_mask == q->alg_mask) {
         /* The same keys from the same place: keep them, and the refetch
          * state, rather than fetch again. */
-        if (!sg_jwt_keysource_has_keys(q->src)) {
+        /* Keys from a fallback file give way to the new file's. */
+        if (!keysource_fetched(q->src)) {
           keyset *fallback = keysource_acquire(p->src, &gen);
           if (fallback != NULL)
             keysource_install(q->src, fallback);
@@ -497,6 +506,20 @@ void sg_jwt_verifier_adopt_keys(sg_jwt_verifier *nv,
         keyset *prev = keysource_acquire(q->src, &gen);
         if (prev != NULL)
           keysource_install(p->src, prev);
+      }
+      if (p->src != q->src) {
+        /* The provider's counters go on (Prometheus counters never go
+         * back; a new place is not a new provider). */
+        sg_jwt_key_stats st;
+        sg_jwt_keysource_get_stats(q->src, &st);
+        pthread_mutex_lock(&p->src->lock);
+        p->src->stats.fetches_ok += st.fetches_ok;
+        p->src->stats.fetches_failed += st.fetches_failed;
+        p->src->stats.key_set_changes += st.key_set_changes;
+        p->src->stats.refetches += st.refetches;
+        p->src->stats.refetches_limited += st.refetches_limited;
+        p->src->stats.unknown_kid_denied += st.unknown_kid_denied;
+        pthread_mutex_unlock(&p->src->lock);
       }
       break;
     }
@@ -1552,6 +1575,18 @@ int sg_jwt_verify(const sg_jwt_verifier *v, const char *token, size_t len,
   if (!libjwt_signature_ok(key, token, len)) {
     reason = SG_JWT_BAD_SIGNATURE;
     detail = "signature does not verify";
+    /* A provider's only key has no kid, so it was tried for this token's
+     * kid: the provider may have rotated to a key with that kid. Ask for
+     * a refetch as for an unknown kid (14 while it runs, not 16 for every
+     * token of the new key until the next scheduled refresh). */
+    if (p->src != NULL && kid_s != NULL && key->kid == NULL &&
+        fetchable_alg(p, json_string_value(alg)) &&
+        sg_jwt_keysource_unknown_kid(p->src, key_gen, sg_jwt_monotonic_ms()) !=
+            SG_JWT_KEYS_DENY) {
+      reason = SG_JWT_KID_REFETCHING;
+      detail = "the provider's only key has no kid and does not verify this "
+               "token; its keys are being refetched";
+    }
     goto done;
   }
   reason = check_claims(p, payload, now, out);
