@@ -41,8 +41,9 @@ class FinishedResponseNoWindowTest(AttackCase):
     config_overrides = {"stream_idle_timeout_ms": 1000}
 
     def test_completed_response_without_window_still_ends_at_stream_idle(self):
-        total = 200 * 1024  # more than the client's 65535 window, less than
-        #                      the proxy's 1 MiB window toward the backend
+        total = 100 * 1024  # more than the client's 65535 window, less than
+        # the proxy's first window toward the backend (connection_window_bytes
+        # / max_concurrent_streams: 160 KiB), so the backend can finish
         with RawH2(self.h2c_port, tls=False, auto_window=False) as c:
             sid = c.grpc_call(b"finished but unread", extra=H.standin_md(
                 "stream", bytes=total, chunk=64 * 1024))
