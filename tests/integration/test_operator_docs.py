@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "lib"))
 sys.path.insert(0, HERE)
 import harness as H  # noqa: E402
-from test_config_checks import good_config  # noqa: E402
+from test_config_checks import Base as ConfigCheckBase, good_config  # noqa: E402
 from test_operations import (  # noqa: E402
     ADMIN_RE, NotifySocket, http_get, parse_prometheus, sample,
     state_messages, wait_access)
@@ -73,16 +73,8 @@ def settings_of(port):
             for i in range(0, len(payload), 6)}
 
 
-class Base(H.SparkgateTestCase):
-    def assertRejected(self, cfg, *paths):
-        d = H.tempdir("sg-conf-")
-        rc, out, err = H.check_config(cfg, directory=d, name="bad-config.json")
-        self.assertEqual(rc, 1, "want exit 1; stdout:\n%s\nstderr:\n%s" % (out, err))
-        lines = err.splitlines()
-        for path in paths:
-            hits = [l for l in lines if path in l and "bad-config.json" in l]
-            self.assertTrue(hits, "no error names %r; stderr:\n%s" % (path, err))
-        return err
+class Base(ConfigCheckBase):
+    """assertRejected from test_config_checks, and a start that must fail."""
 
     def spawn_and_wait_exit(self, cfg, timeout=15):
         sg = H.Sparkgate(cfg)
