@@ -163,7 +163,8 @@ static void set_timer_ms(sg_upstream *up, uint32_t ms) {
  * data grows to stream_window_bytes while the budget allows
  * (sg_upstream_consumed). */
 static uint32_t first_stream_window(const sg_config *cfg) {
-  uint64_t w = cfg->connection_window_bytes / (cfg->max_concurrent_streams ? cfg->max_concurrent_streams : 1);
+  uint32_t streams = cfg->max_concurrent_streams > 0 ? cfg->max_concurrent_streams : 1;
+  uint64_t w = cfg->connection_window_bytes / streams;
   if (w < 65535)
     w = 65535;
   return w < cfg->stream_window_bytes ? (uint32_t)w : cfg->stream_window_bytes;

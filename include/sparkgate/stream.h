@@ -287,8 +287,8 @@ static inline void sg_nv_array_free(nghttp2_nv *stack, nghttp2_nv *nva) {
 }
 
 /* Builds the request header block for the upstream into |nva| (room for
- * req_headers.count + SG_STREAM_EXTRA_UPSTREAM_HEADERS entries); the strings point into |s|. Returns the
- * number of entries. */
+ * req_headers.count + SG_STREAM_EXTRA_UPSTREAM_HEADERS entries); the
+ * strings point into |s|. Returns the number of entries. */
 size_t sg_stream_request_nv(sg_stream *s, bool upstream_tls, nghttp2_nv *nva);
 
 /* Data providers: each leg reads what the other leg received. */
