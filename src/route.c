@@ -9,10 +9,14 @@
 #include "sparkgate/tls.h"
 
 /* Sorted (key, tenant) pairs: tenant names and hosts are looked up on every
- * call, and a table may hold hundreds of tenants. */
+ * call, and a table may hold thousands of tenants. Sorting is also what
+ * finds duplicates and overlaps across tenants without comparing every
+ * pair of them. */
 struct sg_route_ix_ {
   const char *key;
   size_t tenant;
+  size_t item;  /* which of the tenant's hosts, identities or prefixes */
+  bool prefix;  /* identity rules: one of identity_prefixes */
 };
 
 #define SG_ROUTE_MAX_CREDENTIAL_BYTES 65536
@@ -804,6 +808,44 @@ static void table_free(sg_route_table *t) {
   free(t);
 }
 
+/* Equal keys stay in file order, and a prefix comes before an identity
+ * equal to it, so that the walk in check_identity_rules sees it first. */
+static int ix_cmp(const void *x, const void *y) {
+  const struct sg_route_ix_ *a = x, *b = y;
+  int c = strcmp(a->key, b->key);
+  if (c != 0)
+    return c;
+  if (a->prefix != b->prefix)
+    return a->prefix ? -1 : 1;
+  if (a->tenant != b->tenant)
+    return a->tenant < b->tenant ? -1 : 1;
+  return (a->item > b->item) - (a->item < b->item);
+}
+
+static int build_indexes(sg_route_table *t) {
+  size_t nh = 0;
+  for (size_t i = 0; i < t->n_tenants; i++)
+    nh += t->tenants[i].n_hosts;
+  t->by_name_ = calloc(t->n_tenants ? t->n_tenants : 1, sizeof *t->by_name_);
+  t->by_host_ = calloc(nh ? nh : 1, sizeof *t->by_host_);
+  if (t->by_name_ == NULL || t->by_host_ == NULL)
+    return -1;
+  for (size_t i = 0; i < t->n_tenants; i++) {
+    t->by_name_[i].key = t->tenants[i].name;
+    t->by_name_[i].tenant = i;
+  }
+  qsort(t->by_name_, t->n_tenants, sizeof *t->by_name_, ix_cmp);
+  for (size_t i = 0; i < t->n_tenants; i++)
+    for (size_t h = 0; h < t->tenants[i].n_hosts; h++) {
+      t->by_host_[t->n_hosts_].key = t->tenants[i].hosts[h];
+      t->by_host_[t->n_hosts_].tenant = i;
+      t->by_host_[t->n_hosts_].item = h;
+      t->n_hosts_++;
+    }
+  qsort(t->by_host_, t->n_hosts_, sizeof *t->by_host_, ix_cmp);
+  return 0;
+}
+
 /* ---- checks across tenants ----------------------------------------------- */
 
 static bool has_selector(const sg_route_table *t, sg_route_selector_kind k) {
@@ -825,73 +867,138 @@ static void selector_list(const sg_route_table *t, char *out, size_t outlen) {
                              t->selectors[i].text);
 }
 
-/* Identity rules of two tenants that admit the same caller, when nothing
- * but "identity" can pick the tenant: that caller is ambiguous on every
- * call and reaches neither, which is a configuration error, not a runtime
- * surprise. */
-static void check_identity_overlap(loader *ld, const sg_route_table *t,
-                                   size_t ia, size_t ib, const char *sels) {
-  const sg_route_tenant *a = &t->tenants[ia], *b = &t->tenants[ib];
-  const sg_route_allow *aa = &a->allow, *ba = &b->allow;
-  const char *fix = "add a selector that can tell them apart (header:NAME, "
-                    "jwt_claim:CLAIM, or authority with hosts) or allow it on "
-                    "one tenant only";
-  char p[256];
-  if (aa->any_identity || ba->any_identity) {
-    const sg_route_tenant *any = aa->any_identity ? a : b;
-    const sg_route_tenant *other = aa->any_identity ? b : a;
-    snprintf(p, sizeof p, "tenants[%zu].allow", ib);
+static const char *const overlap_fix =
+    "add a selector that can tell them apart (header:NAME, jwt_claim:CLAIM, "
+    "or authority with hosts) or allow it on one tenant only";
+
+/* A tenant with "any_identity" shares every caller with every other tenant
+ * that "identity" alone can pick. One error per such tenant, against the
+ * first one it collides with, keeps a table of thousands readable. */
+static void check_any_identity(loader *ld, const sg_route_table *t,
+                               const bool *eligible, const char *sels) {
+  size_t first = t->n_tenants, first_any = t->n_tenants;
+  for (size_t i = 0; i < t->n_tenants; i++) {
+    if (!eligible[i])
+      continue;
+    if (first == t->n_tenants)
+      first = i;
+    if (t->tenants[i].allow.any_identity && first_any == t->n_tenants)
+      first_any = i;
+  }
+  if (first_any == t->n_tenants)
+    return;
+  char p[64];
+  for (size_t b = 0; b < t->n_tenants; b++) {
+    if (!eligible[b] || b == first)
+      continue;
+    const sg_route_tenant *any, *other;
+    if (t->tenants[b].allow.any_identity) {
+      any = &t->tenants[b];
+      other = &t->tenants[first];
+    } else if (first_any < b) {
+      any = &t->tenants[first_any];
+      other = &t->tenants[b];
+    } else {
+      continue;
+    }
+    snprintf(p, sizeof p, "tenants[%zu].allow", b);
     lerr(ld, p, "tenant '%s' has \"any_identity\" and tenant '%s' admits "
                 "callers too; with tenant_selectors [%s] no caller admitted by "
                 "'%s' can be routed to either: %s",
-         any->name, other->name, sels, other->name, fix);
-    return;
-  }
-  for (size_t i = 0; i < ba->n_identities; i++) {
-    const char *id = ba->identities[i];
-    if (id == NULL)
-      continue;
-    snprintf(p, sizeof p, "tenants[%zu].allow.identities[%zu]", ib, i);
-    for (size_t j = 0; j < aa->n_identities; j++)
-      if (aa->identities[j] != NULL && strcmp(aa->identities[j], id) == 0)
-        lerr(ld, p, "identity '%s' is allowed on tenant '%s' and on tenant "
-                    "'%s' (tenants[%zu].allow.identities[%zu]); with "
-                    "tenant_selectors [%s] it reaches neither: %s",
-             id, b->name, a->name, ia, j, sels, fix);
-    for (size_t j = 0; j < aa->n_identity_prefixes; j++)
-      if (aa->identity_prefixes[j] != NULL &&
-          starts_with(id, aa->identity_prefixes[j]))
-        lerr(ld, p, "identity '%s' is allowed on tenant '%s' and matches "
-                    "prefix '%s' of tenant '%s'; with tenant_selectors [%s] "
-                    "it reaches neither: %s",
-             id, b->name, aa->identity_prefixes[j], a->name, sels, fix);
-  }
-  for (size_t i = 0; i < ba->n_identity_prefixes; i++) {
-    const char *pre = ba->identity_prefixes[i];
-    if (pre == NULL)
-      continue;
-    snprintf(p, sizeof p, "tenants[%zu].allow.identity_prefixes[%zu]", ib, i);
-    for (size_t j = 0; j < aa->n_identities; j++)
-      if (aa->identities[j] != NULL && starts_with(aa->identities[j], pre))
-        lerr(ld, p, "prefix '%s' of tenant '%s' matches identity '%s' of "
-                    "tenant '%s'; with tenant_selectors [%s] that identity "
-                    "reaches neither: %s",
-             pre, b->name, aa->identities[j], a->name, sels, fix);
-    for (size_t j = 0; j < aa->n_identity_prefixes; j++) {
-      const char *apre = aa->identity_prefixes[j];
-      if (apre == NULL)
-        continue;
-      if (starts_with(pre, apre) || starts_with(apre, pre))
-        lerr(ld, p, "prefix '%s' of tenant '%s' overlaps prefix '%s' of "
-                    "tenant '%s'; with tenant_selectors [%s] identities "
-                    "starting with '%s' reach neither: %s",
-             pre, b->name, apre, a->name, sels,
-             strlen(pre) > strlen(apre) ? pre : apre, fix);
-    }
+         any->name, other->name, sels, other->name, overlap_fix);
   }
 }
 
-static void check_table(loader *ld, sg_route_table *t) {
+static void rule_path(const struct sg_route_ix_ *e, char *p, size_t plen) {
+  snprintf(p, plen, "tenants[%zu].allow.%s[%zu]", e->tenant,
+           e->prefix ? "identity_prefixes" : "identities", e->item);
+}
+
+/* Identity rules of two tenants that admit the same caller, when nothing
+ * but "identity" can pick the tenant: that caller is ambiguous on every
+ * call and reaches neither, which is a configuration error, not a runtime
+ * surprise. The rules are sorted once; in that order every prefix of a
+ * rule comes before it, and the prefixes still on |open| are exactly those
+ * of the current rule. Each rule is reported once, against the closest
+ * rule of another tenant. Returns -1 when out of memory. */
+static int check_identity_rules(loader *ld, const sg_route_table *t,
+                                const bool *eligible, const char *sels) {
+  size_t n = 0;
+  for (size_t i = 0; i < t->n_tenants; i++)
+    if (eligible[i] && !t->tenants[i].allow.any_identity)
+      n += t->tenants[i].allow.n_identities +
+           t->tenants[i].allow.n_identity_prefixes;
+  struct sg_route_ix_ *rules = calloc(n ? n : 1, sizeof *rules);
+  size_t *open = calloc(n ? n : 1, sizeof *open);
+  if (rules == NULL || open == NULL) {
+    free(rules);
+    free(open);
+    return -1;
+  }
+  size_t nr = 0;
+  for (size_t i = 0; i < t->n_tenants; i++) {
+    const sg_route_allow *a = &t->tenants[i].allow;
+    if (!eligible[i] || a->any_identity)
+      continue;
+    for (size_t j = 0; j < a->n_identities; j++)
+      if (a->identities[j] != NULL)
+        rules[nr++] = (struct sg_route_ix_){a->identities[j], i, j, false};
+    for (size_t j = 0; j < a->n_identity_prefixes; j++)
+      if (a->identity_prefixes[j] != NULL)
+        rules[nr++] = (struct sg_route_ix_){a->identity_prefixes[j], i, j, true};
+  }
+  qsort(rules, nr, sizeof *rules, ix_cmp);
+
+  char p[256];
+  size_t n_open = 0;
+  const struct sg_route_ix_ *same = NULL; /* first identity with this key */
+  for (size_t r = 0; r < nr; r++) {
+    const struct sg_route_ix_ *e = &rules[r];
+    const sg_route_tenant *te = &t->tenants[e->tenant];
+    while (n_open > 0 && !starts_with(e->key, rules[open[n_open - 1]].key))
+      n_open--;
+    if (same != NULL && strcmp(same->key, e->key) != 0)
+      same = NULL;
+    if (!e->prefix && same == NULL)
+      same = e;
+    else if (!e->prefix && same->tenant != e->tenant) {
+      rule_path(e, p, sizeof p);
+      lerr(ld, p, "identity '%s' is allowed on tenant '%s' and on tenant "
+                  "'%s' (tenants[%zu].allow.identities[%zu]); with "
+                  "tenant_selectors [%s] it reaches neither: %s",
+           e->key, te->name, t->tenants[same->tenant].name, same->tenant,
+           same->item, sels, overlap_fix);
+    }
+    const struct sg_route_ix_ *o = NULL;
+    for (size_t k = n_open; k > 0 && o == NULL; k--)
+      if (rules[open[k - 1]].tenant != e->tenant)
+        o = &rules[open[k - 1]];
+    if (o != NULL) {
+      rule_path(e, p, sizeof p);
+      if (e->prefix)
+        lerr(ld, p, "prefix '%s' of tenant '%s' overlaps prefix '%s' of "
+                    "tenant '%s'; with tenant_selectors [%s] identities "
+                    "starting with '%s' reach neither: %s",
+             e->key, te->name, o->key, t->tenants[o->tenant].name, sels,
+             e->key, overlap_fix);
+      else
+        lerr(ld, p, "identity '%s' is allowed on tenant '%s' and matches "
+                    "prefix '%s' of tenant '%s'; with tenant_selectors [%s] "
+                    "it reaches neither: %s",
+             e->key, te->name, o->key, t->tenants[o->tenant].name, sels,
+             overlap_fix);
+    }
+    if (e->prefix)
+      open[n_open++] = r;
+  }
+  free(rules);
+  free(open);
+  return 0;
+}
+
+/* After build_indexes: equal names and hosts are neighbours there, the
+ * first in file order first. Returns -1 when out of memory. */
+static int check_table(loader *ld, sg_route_table *t) {
   bool by_name = has_selector(t, SG_ROUTE_SEL_JWT_CLAIM) ||
                  has_selector(t, SG_ROUTE_SEL_HEADER);
   bool by_authority = has_selector(t, SG_ROUTE_SEL_AUTHORITY);
@@ -900,27 +1007,32 @@ static void check_table(loader *ld, sg_route_table *t) {
   selector_list(t, sels, sizeof sels);
   char p[256];
 
+  for (size_t i = 1, first = 0; i < t->n_tenants; i++) {
+    const struct sg_route_ix_ *e = &t->by_name_[i], *f = &t->by_name_[first];
+    if (strcmp(e->key, f->key) != 0) {
+      first = i;
+      continue;
+    }
+    snprintf(p, sizeof p, "tenants[%zu].name", e->tenant);
+    lerr(ld, p, "duplicate tenant name '%s' (also tenants[%zu].name)", e->key,
+         f->tenant);
+  }
+  for (size_t i = 1, first = 0; i < t->n_hosts_; i++) {
+    const struct sg_route_ix_ *e = &t->by_host_[i], *f = &t->by_host_[first];
+    if (strcmp(e->key, f->key) != 0) {
+      first = i;
+      continue;
+    }
+    if (e->tenant == f->tenant) /* listed twice by one tenant: reported */
+      continue;
+    snprintf(p, sizeof p, "tenants[%zu].hosts[%zu]", e->tenant, e->item);
+    lerr(ld, p, "host '%s' is already used by tenant '%s' "
+                "(tenants[%zu].hosts[%zu]): a host selects one tenant",
+         e->key, t->tenants[f->tenant].name, f->tenant, f->item);
+  }
+
   for (size_t i = 0; i < t->n_tenants; i++) {
     const sg_route_tenant *ti = &t->tenants[i];
-    for (size_t j = 0; j < i; j++)
-      if (strcmp(t->tenants[j].name, ti->name) == 0 && ti->name[0] != '\0') {
-        snprintf(p, sizeof p, "tenants[%zu].name", i);
-        lerr(ld, p, "duplicate tenant name '%s' (also tenants[%zu].name)",
-             ti->name, j);
-      }
-    for (size_t h = 0; h < ti->n_hosts; h++) {
-      if (ti->hosts[h] == NULL)
-        continue;
-      for (size_t j = 0; j < i; j++)
-        for (size_t k = 0; k < t->tenants[j].n_hosts; k++)
-          if (t->tenants[j].hosts[k] != NULL &&
-              strcmp(t->tenants[j].hosts[k], ti->hosts[h]) == 0) {
-            snprintf(p, sizeof p, "tenants[%zu].hosts[%zu]", i, h);
-            lerr(ld, p, "host '%s' is already used by tenant '%s' "
-                        "(tenants[%zu].hosts[%zu]): a host selects one tenant",
-                 ti->hosts[h], t->tenants[j].name, j, k);
-          }
-    }
     if (ti->n_hosts > 0 && !by_authority) {
       snprintf(p, sizeof p, "tenants[%zu].hosts", i);
       lerr(ld, p, "hosts are never consulted: tenant_selectors [%s] has no "
@@ -935,45 +1047,19 @@ static void check_table(loader *ld, sg_route_table *t) {
     }
   }
 
-  if (!by_name && by_identity) {
-    for (size_t b = 0; b < t->n_tenants; b++)
-      for (size_t a = 0; a < b; a++) {
-        /* With hosts (and "authority") a tenant has another way in, and
-         * the overlap is only a question of which host the client used. */
-        if (by_authority &&
-            (t->tenants[a].n_hosts > 0 || t->tenants[b].n_hosts > 0))
-          continue;
-        check_identity_overlap(ld, t, a, b, sels);
-      }
-  }
-}
-
-static int ix_cmp(const void *x, const void *y) {
-  const struct sg_route_ix_ *a = x, *b = y;
-  return strcmp(a->key, b->key);
-}
-
-static int build_indexes(sg_route_table *t) {
-  size_t nh = 0;
-  for (size_t i = 0; i < t->n_tenants; i++)
-    nh += t->tenants[i].n_hosts;
-  t->by_name_ = calloc(t->n_tenants ? t->n_tenants : 1, sizeof *t->by_name_);
-  t->by_host_ = calloc(nh ? nh : 1, sizeof *t->by_host_);
-  if (t->by_name_ == NULL || t->by_host_ == NULL)
+  if (by_name || !by_identity)
+    return 0;
+  /* With hosts (and "authority") a tenant has another way in, and an
+   * overlap is only a question of which host the client used. */
+  bool *eligible = calloc(t->n_tenants ? t->n_tenants : 1, sizeof *eligible);
+  if (eligible == NULL)
     return -1;
-  for (size_t i = 0; i < t->n_tenants; i++) {
-    t->by_name_[i].key = t->tenants[i].name;
-    t->by_name_[i].tenant = i;
-  }
-  qsort(t->by_name_, t->n_tenants, sizeof *t->by_name_, ix_cmp);
   for (size_t i = 0; i < t->n_tenants; i++)
-    for (size_t h = 0; h < t->tenants[i].n_hosts; h++) {
-      t->by_host_[t->n_hosts_].key = t->tenants[i].hosts[h];
-      t->by_host_[t->n_hosts_].tenant = i;
-      t->n_hosts_++;
-    }
-  qsort(t->by_host_, t->n_hosts_, sizeof *t->by_host_, ix_cmp);
-  return 0;
+    eligible[i] = !(by_authority && t->tenants[i].n_hosts > 0);
+  check_any_identity(ld, t, eligible, sels);
+  int rc = check_identity_rules(ld, t, eligible, sels);
+  free(eligible);
+  return rc;
 }
 
 sg_route_table *sg_route_table_from_json(const json_t *root,
@@ -1017,9 +1103,7 @@ sg_route_table *sg_route_table_from_json(const json_t *root,
       load_tenant(&ld, o, tp, ten);
     }
   }
-  if (ld.errors == 0)
-    check_table(&ld, t);
-  if (ld.errors == 0 && build_indexes(t) != 0)
+  if (ld.errors == 0 && (build_indexes(t) != 0 || check_table(&ld, t) != 0))
     sg_jsonload_oom(&ld, "tenants");
   if (ld.errors > 0) {
     table_free(t);

@@ -579,6 +579,97 @@ static void test_validation_errors(void) {
   reports_clear(&r);
 }
 
+/* A table of thousands of tenants is checked by sorting, not by comparing
+ * every pair: every overlap is still found, each rule is reported once. */
+static json_t *many_tenants(size_t n) {
+  json_t *tenants = json_array();
+  for (size_t i = 0; i < n; i++) {
+    char name[32], id[32], pre[48];
+    snprintf(name, sizeof name, "t-%zu", i);
+    snprintf(id, sizeof id, "user-%zu", i);
+    snprintf(pre, sizeof pre, "spiffe://x/ns/t-%zu/", i);
+    json_array_append_new(
+        tenants,
+        json_pack("{s:s, s:[{s:s, s:s, s:i}], s:{s:[s], s:[s]}}", "name", name,
+                  "backends", "name", "b1", "address", "127.0.0.1", "port",
+                  15002, "allow", "identities", id, "identity_prefixes", pre));
+  }
+  return json_pack("{s:[s], s:o}", "tenant_selectors", "identity", "tenants",
+                   tenants);
+}
+
+static void add_rule(json_t *root, size_t tenant, const char *kind,
+                     const char *value) {
+  json_t *ten = json_array_get(json_object_get(root, "tenants"), tenant);
+  json_array_append_new(json_object_get(json_object_get(ten, "allow"), kind),
+                        json_string(value));
+}
+
+static bool reported(const reports *r, const char *path, const char *needle) {
+  for (size_t i = 0; i < r->n; i++)
+    if (strcmp(r->path[i], path) == 0 && strstr(r->msg[i], needle) != NULL)
+      return true;
+  return false;
+}
+
+static void test_overlaps_across_many_tenants(void) {
+  reports r = {0};
+  json_t *root = many_tenants(3000);
+  sg_route_table *t = sg_route_table_from_json(root, FIXDIR, collect, &r);
+  CHECK(t != NULL);
+  CHECK(r.n == 0);
+  reports_dump(&r);
+  reports_clear(&r);
+  sg_route_table_unref(t);
+
+  add_rule(root, 2999, "identities", "user-7");
+  add_rule(root, 1500, "identity_prefixes", "spiffe://x/ns/t-42/sub/");
+  /* The identity in the earlier tenant, the prefix in the later one. */
+  add_rule(root, 10, "identities", "svc://late/a");
+  add_rule(root, 2000, "identity_prefixes", "svc://late/");
+  add_rule(root, 100, "identities", "shared");
+  add_rule(root, 200, "identities", "shared");
+  add_rule(root, 300, "identities", "shared");
+  /* A tenant's own rules may nest. */
+  add_rule(root, 5, "identity_prefixes", "spiffe://x/ns/t-5/deeper/");
+  t = sg_route_table_from_json(root, FIXDIR, collect, &r);
+  CHECK(t == NULL);
+  CHECK(r.n == 5);
+  CHECK(reported(&r, "tenants[2999].allow.identities[1]",
+                 "identity 'user-7' is allowed on tenant 't-2999' and on "
+                 "tenant 't-7' (tenants[7].allow.identities[0])"));
+  CHECK(reported(&r, "tenants[1500].allow.identity_prefixes[1]",
+                 "prefix 'spiffe://x/ns/t-42/sub/' of tenant 't-1500' overlaps "
+                 "prefix 'spiffe://x/ns/t-42/' of tenant 't-42'"));
+  CHECK(reported(&r, "tenants[10].allow.identities[1]",
+                 "matches prefix 'svc://late/' of tenant 't-2000'"));
+  CHECK(reported(&r, "tenants[200].allow.identities[1]",
+                 "tenant 't-100' (tenants[100].allow.identities[1])"));
+  CHECK(reported(&r, "tenants[300].allow.identities[1]",
+                 "tenant 't-100' (tenants[100].allow.identities[1])"));
+  reports_dump(&r);
+  reports_clear(&r);
+  json_decref(root);
+
+  /* "any_identity": one error per tenant it collides with. */
+  root = many_tenants(4);
+  json_object_set_new(json_object_get(json_array_get(json_object_get(root, "tenants"), 1),
+                                      "allow"),
+                      "any_identity", json_true());
+  json_object_set_new(json_object_get(json_array_get(json_object_get(root, "tenants"), 3),
+                                      "allow"),
+                      "any_identity", json_true());
+  t = sg_route_table_from_json(root, FIXDIR, collect, &r);
+  CHECK(t == NULL);
+  CHECK(r.n == 3);
+  CHECK(reported(&r, "tenants[1].allow", "tenant 't-1' has \"any_identity\" and tenant 't-0'"));
+  CHECK(reported(&r, "tenants[2].allow", "tenant 't-1' has \"any_identity\" and tenant 't-2'"));
+  CHECK(reported(&r, "tenants[3].allow", "tenant 't-3' has \"any_identity\" and tenant 't-0'"));
+  reports_dump(&r);
+  reports_clear(&r);
+  json_decref(root);
+}
+
 /* ---- selection ----------------------------------------------------------- */
 
 static const char *const selection_table =
@@ -1037,6 +1128,7 @@ int main(void) {
   test_load_example();
   test_load_by_path();
   test_validation_errors();
+  test_overlaps_across_many_tenants();
   test_selection();
   test_methods();
   test_spread_and_stability();
