@@ -172,6 +172,8 @@ void sg_conn_charge(sg_conn *c, unsigned cost, const char *what) {
   sg_warn("conn=%llu peer=%s: closing: too many %s (abuse budget spent): "
           "GOAWAY ENHANCE_YOUR_CALM",
           (unsigned long long)c->id, c->peer, what);
+  snprintf(c->close_reason, sizeof c->close_reason, "too many %s (abuse budget spent)",
+           what);
   nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
                         nghttp2_session_get_last_proc_stream_id(c->session),
                         NGHTTP2_ENHANCE_YOUR_CALM, NULL, 0);
@@ -308,6 +310,34 @@ static void write_final_goaway(sg_conn *c, uint32_t code) {
   }
 }
 
+/* A request nghttp2 resets as malformed (RFC 9113 8.1.1): one line with
+ * the call's path, a reason for the access log, and a charge to the abuse
+ * budget, as for the malformed requests sparkgate refuses itself: each one
+ * may have started a backend call that is now cancelled. */
+static void reject_library_reset(sg_conn *c, sg_stream *s, const char *why) {
+  char pathbuf[256];
+  s->rejected = true;
+  s->grpc_status = -1; /* the client gets a reset, no status */
+  snprintf(s->reason, sizeof s->reason, "malformed: %s", why);
+  sg_info("conn=%llu stream=%d peer=%s path=%s: rejected (stream reset): %s",
+          (unsigned long long)c->id, s->id, c->peer,
+          sg_stream_path(s, pathbuf, sizeof pathbuf), why);
+  sg_conn_charge(c, 5, "malformed requests");
+}
+
+/* A PROTOCOL_ERROR reset sparkgate did not ask for: nghttp2 sends it
+ * straight away, with no callback, for a body that does not agree with
+ * its content-length. */
+static void on_library_reset(sg_conn *c, int32_t stream_id) {
+  sg_stream *s = nghttp2_session_get_stream_user_data(c->session, stream_id);
+  if (s == NULL || s->rejected || s->header_overflow)
+    return;
+  char why[128];
+  snprintf(why, sizeof why, "the request body does not agree with its content-length "
+           "(reset after %llu bytes)", (unsigned long long)s->bytes_in);
+  reject_library_reset(c, s, why);
+}
+
 static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
                          void *user) {
   sg_conn *c = user;
@@ -325,10 +355,17 @@ static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
       c->window_update_credits < SG_CONN_ABUSE_BURST)
     c->window_update_credits += 2; /* the stream's update and the connection's */
   if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR)
-    sg_info("conn=%llu peer=%s: sent GOAWAY %s (last stream %d)",
+    /* nghttp2 says why in the GOAWAY's debug data ("DATA: stream in
+     * idle"): the client is told, so is the operator. */
+    sg_info("conn=%llu peer=%s: sent GOAWAY %s (last stream %d)%s%.*s",
             (unsigned long long)c->id, c->peer,
             nghttp2_http2_strerror(frame->goaway.error_code),
-            frame->goaway.last_stream_id);
+            frame->goaway.last_stream_id, frame->goaway.opaque_data_len > 0 ? ": " : "",
+            (int)(frame->goaway.opaque_data_len > 200 ? 200 : frame->goaway.opaque_data_len),
+            (const char *)frame->goaway.opaque_data);
+  if (frame->hd.type == NGHTTP2_RST_STREAM &&
+      frame->rst_stream.error_code == NGHTTP2_PROTOCOL_ERROR)
+    on_library_reset(c, frame->hd.stream_id);
   return 0;
 }
 
@@ -351,6 +388,8 @@ static int on_frame_not_send(nghttp2_session *session, const nghttp2_frame *fram
   if (s != NULL) {
     s->rejected = true;
     s->grpc_status = -1; /* the client gets none (access log: null) */
+    snprintf(s->reason, sizeof s->reason, "the response headers could not be sent: %s",
+             nghttp2_strerror(lib_error_code));
   }
   nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame->hd.stream_id,
                             NGHTTP2_INTERNAL_ERROR);
@@ -368,8 +407,21 @@ static int send_data(nghttp2_session *session, nghttp2_frame *frame,
 static int on_invalid_frame_recv(nghttp2_session *session,
                                  const nghttp2_frame *frame, int lib_error,
                                  void *user) {
-  (void)session;
   sg_conn *c = user;
+  sg_stream *s = frame->hd.type == NGHTTP2_HEADERS
+                     ? nghttp2_session_get_stream_user_data(session, frame->hd.stream_id)
+                     : NULL;
+  if (s != NULL && !s->rejected && !s->header_overflow) {
+    char why[128];
+    if (c->bad_header[0] != '\0')
+      snprintf(why, sizeof why, "invalid header field '%s'", c->bad_header);
+    else
+      snprintf(why, sizeof why, "%s", nghttp2_strerror(lib_error));
+    c->bad_header[0] = '\0';
+    reject_library_reset(c, s, why);
+    return 0;
+  }
+  c->bad_header[0] = '\0';
   sg_conn_charge(c, 5, "invalid frames");
   sg_info("conn=%llu peer=%s: invalid frame (type %u, stream %d): %s",
           (unsigned long long)c->id, c->peer, frame->hd.type,
@@ -377,13 +429,30 @@ static int on_invalid_frame_recv(nghttp2_session *session,
   return 0;
 }
 
+/* nghttp2's messages about a header field quote its value, and that value
+ * may be a bearer token: only the name is kept (for the reset that
+ * follows) and logged. */
 static int on_error(nghttp2_session *session, int lib_error_code,
                     const char *msg, size_t len, void *user) {
   (void)session;
   (void)lib_error_code;
   sg_conn *c = user;
-  sg_info("conn=%llu peer=%s: protocol error: %.*s", (unsigned long long)c->id,
-          c->peer, (int)len, msg);
+  static const char name_tag[] = ", name: [", value_tag[] = "], value: [";
+  const char *name = memmem(msg, len, name_tag, sizeof name_tag - 1);
+  if (name == NULL) {
+    sg_info("conn=%llu peer=%s: protocol error: %.*s", (unsigned long long)c->id,
+            c->peer, (int)(len > 300 ? 300 : len), msg);
+    return 0;
+  }
+  size_t head = (size_t)(name - msg);
+  name += sizeof name_tag - 1;
+  const char *end = memmem(name, len - (size_t)(name - msg), value_tag, sizeof value_tag - 1);
+  size_t nlen = end != NULL ? (size_t)(end - name) : 0;
+  snprintf(c->bad_header, sizeof c->bad_header, "%.*s", (int)nlen, name);
+  /* A field nghttp2 drops (and the call goes on) is a debug matter; one it
+   * resets the stream for is logged with the call (on_invalid_frame_recv). */
+  sg_debug("conn=%llu peer=%s: %.*s: header field '%s' (value not logged)",
+           (unsigned long long)c->id, c->peer, (int)head, msg, c->bad_header);
   return 0;
 }
 
@@ -482,6 +551,8 @@ static void on_read(struct bufferevent *bev, void *arg) {
       if (rv < 0) {
         sg_info("conn=%llu peer=%s: closing: %s", (unsigned long long)c->id,
                 c->peer, nghttp2_strerror((int)rv));
+        snprintf(c->close_reason, sizeof c->close_reason, "protocol error: %s",
+                 nghttp2_strerror((int)rv));
         evbuffer_drain(in, total);
         /* On these floods nghttp2 stops at once and says nothing: tell the
          * client why before closing. */
@@ -685,6 +756,9 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
     sg_info("conn=%llu peer=%s: closed: the client read nothing for %u ms "
             "(write stall)",
             (unsigned long long)c->id, c->peer, c->rt->config->write_stall_timeout_ms);
+    snprintf(c->close_reason, sizeof c->close_reason,
+             "the client read nothing for %u ms (write stall)",
+             c->rt->config->write_stall_timeout_ms);
   }
   conn_free(c);
 }
@@ -922,6 +996,7 @@ void sg_conn_close_now(sg_conn *c, const char *reason) {
     return;
   sg_info("conn=%llu peer=%s: closed: %s", (unsigned long long)c->id, c->peer,
           reason);
+  snprintf(c->close_reason, sizeof c->close_reason, "%s", reason);
   conn_free(c);
 }
 
@@ -933,7 +1008,14 @@ static void conn_free(sg_conn *c) {
    * cancelled so the backend stops working for nobody. */
   while (!sg_list_empty(&c->streams)) {
     sg_stream *s = SG_CONTAINER_OF(c->streams.next, sg_stream, conn_link);
-    sg_stream_on_client_close(s, NGHTTP2_CANCEL);
+    if (c->close_reason[0] == '\0') {
+      sg_stream_on_client_close(s, NGHTTP2_CANCEL); /* the client went away */
+      continue;
+    }
+    if (s->reason[0] == '\0')
+      snprintf(s->reason, sizeof s->reason, "connection closed by the proxy: %s",
+               c->close_reason);
+    sg_stream_on_client_close(s, NGHTTP2_INTERNAL_ERROR);
   }
   sg_list_unlink(&c->worker_link);
   if (c->session != NULL)

@@ -454,7 +454,9 @@ static sg_upstream_pool *pool_of(sg_stream *s, size_t backend) {
 
 /* The worker's session memory refines the pick: a session already on a
  * backend drained to weight 0 stays there (it "takes no new sessions"),
- * and a session that lands elsewhere than last time is counted. */
+ * also while that backend is down, unless the tenant fails over: its
+ * state lives there, as for any session whose backend is down. A session
+ * that lands elsewhere than last time is counted. */
 static int remember_session(sg_stream *s, const char *user_id,
                             const char *session_id, const bool *up, int rv,
                             size_t *backend) {
@@ -468,14 +470,16 @@ static int remember_session(sg_stream *s, const char *user_id,
     for (size_t b = 0; b < t->n_backends; b++) {
       if (sg_affinity_backend_id(t->backends[b].name) != last)
         continue;
-      if (t->backends[b].weight == 0 && up[b]) {
+      if (t->backends[b].weight == 0 && (up[b] || !t->failover)) {
         *backend = b; /* draining: keeps its sessions */
         picked = last;
-        rv = SG_ROUTE_PICK_OK;
+        rv = up[b] ? SG_ROUTE_PICK_OK : SG_ROUTE_PICK_DOWN;
       }
       break;
     }
-    if (picked != last) {
+    /* Only a call that goes somewhere moves its session: one answered 14
+     * leaves the memory as it was. */
+    if (picked != last && rv == SG_ROUTE_PICK_OK) {
       sg_debug("conn=%llu stream=%d: session %s of tenant %s re-homed to backend %s",
                (unsigned long long)s->conn_id, s->id, session_id, t->name,
                t->backends[*backend].name);
@@ -579,8 +583,13 @@ static void note_session_id(sg_stream *s) {
   s->session_id[n] = '\0';
 }
 
+/* A message the scanner refuses may come after the backend call started
+ * (a later message of a stream): refusing it cancels that call, so it
+ * costs the connection's abuse budget like any malformed request. */
 static void reject_scan(sg_stream *s, sg_sparkmsg_reason r) {
   note_session_id(s);
+  if (r != SG_SPARKMSG_INTERNAL && s->conn != NULL)
+    sg_conn_charge(s->conn, 5, "malformed requests");
   sg_stream_reject(s, (sg_grpc_status)sg_sparkmsg_reason_grpc_status(r),
                    r == SG_SPARKMSG_USER_ID_MISMATCH
                        ? "sparkgate: user_id does not match the authenticated identity"
@@ -589,13 +598,13 @@ static void reject_scan(sg_stream *s, sg_sparkmsg_reason r) {
 }
 
 void sg_stream_on_request_data(sg_stream *s, const uint8_t *data, size_t len) {
+  s->bytes_in += len; /* received, also when it goes nowhere */
   if (s->rejected || s->up_state == SG_UPSTREAM_LEG_DONE ||
       (s->up_state == SG_UPSTREAM_LEG_NONE && s->scanner == NULL)) {
     client_consume(s, len);
     return;
   }
   s->req_unacked += len;
-  s->bytes_in += len;
   s->last_activity_ms = sg_monotonic_ms();
   /* The calls that carry data: AddArtifacts uploads, and plans with local
    * data (createDataFrame sends its rows inside ExecutePlan, AnalyzePlan
@@ -991,6 +1000,10 @@ void sg_stream_on_upstream_close(sg_stream *s, uint32_t error_code,
                 s->backend_name != NULL ? s->backend_name : "?",
                 reason != NULL ? reason : nghttp2_http2_strerror(error_code));
         s->rejected = true;
+        snprintf(s->reason, sizeof s->reason,
+                 "backend %s reset the stream after the response started: %s",
+                 s->backend_name != NULL ? s->backend_name : "?",
+                 reason != NULL ? reason : nghttp2_http2_strerror(error_code));
         nghttp2_submit_rst_stream(s->conn->session, NGHTTP2_FLAG_NONE, s->id,
                                   error_code == NGHTTP2_CANCEL
                                       ? NGHTTP2_CANCEL

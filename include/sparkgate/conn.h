@@ -79,6 +79,12 @@ struct sg_conn {
   bool goaway_sent;
   bool closing;     /* flush what is queued, then free */
   bool freeing;     /* inside sg_conn_free: ignore library callbacks */
+  /* Why the proxy ends the connection, when it is the proxy: the calls
+   * still open are logged with it instead of as cancelled by the client. */
+  char close_reason[96];
+  /* The header field nghttp2 just refused (its error message comes before
+   * the reset): the name only, never the value, which may be a token. */
+  char bad_header[64];
 };
 
 /* Takes ownership of |fd|. */

@@ -797,11 +797,11 @@ class MalformedRequestTest(AttackCase):
             # HTTP/2 messaging rules nghttp2 enforces before sparkgate sees
             # the request (RFC 9113 8.2.2, 8.2.1).
             ("connection-specific header", dict(extra=[("connection", "keep-alive")]),
-             ("reset", PROTOCOL_ERROR), r"Invalid HTTP header field was received.*\[connection\]"),
+             ("reset", PROTOCOL_ERROR), r"path=/spark.*rejected \(stream reset\): invalid header field 'connection'"),
             ("te other than trailers", dict(extra=[("te", "gzip")]),
-             ("reset", PROTOCOL_ERROR), r"Invalid HTTP header field was received.*\[te\]"),
+             ("reset", PROTOCOL_ERROR), r"path=/spark.*rejected \(stream reset\): invalid header field 'te'"),
             ("uppercase header name", dict(extra=[("X-Upper", "1")]),
-             ("reset", PROTOCOL_ERROR), r"Invalid HTTP header field was received.*\[X-Upper\]"),
+             ("reset", PROTOCOL_ERROR), r"path=/spark.*rejected \(stream reset\): invalid header field 'X-Upper'"),
         ]
         with RssWatch(self.pid) as watch:
             for what, changes, (kind, code), log_rx in cases:

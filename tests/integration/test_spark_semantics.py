@@ -222,6 +222,35 @@ class DrainTest(TenantCase):
         # New sessions do go to the new backend.
         self.assertEqual(self.where(ch, new_session()), 1)
 
+    def test_drained_backend_down_keeps_its_sessions_without_failover(self):
+        """With "failover": false a session whose backend is down gets 14
+        and continues there, with its state, once the backend is back: also
+        a session on a drained (weight 0) backend. It is not sent to
+        another backend, and the worker's memory keeps it where it was."""
+        a, b = self.standin(), self.standin()
+        self.ups = [a, b]
+        one_tenant_table(self.path, "dd", [backend("a", a), backend("b", b)])
+        self.sg = self.start_sparkgate(table_config(
+            self.dir, upstream={"connect_timeout_ms": 1000}))
+        ch = H.tls_channel(self.sg.port())
+        self.addCleanup(ch.close)
+        s = next(s for s in (new_session() for _ in range(1000))
+                 if hrw_rank("dd", "anonymous", s, ["a", "b"])[0] == "a")
+        self.assertEqual(self.where(ch, s), 0)
+        one_tenant_table(self.path, "dd", [backend("a", a, 0), backend("b", b)])
+        self.reload()
+        self.assertEqual(self.where(ch, s), 0)
+        H.stop_standin(a)
+        for _ in range(4):
+            tag = self.tag()
+            r = g_unary(ch, "AnalyzePlan", msg(tag.encode(), s, "whoever"),
+                        [("x-test-case", tag)])
+            self.assertEqual(r.code, grpc.StatusCode.UNAVAILABLE,
+                             "a session of the drained backend 'a' (failover off) was "
+                             "answered while 'a' was down: %r" % (r,))
+            self.assertEqual(r.details, 'sparkgate: tenant "dd": backend "a" is unavailable')
+            self.assertEqual(self.records(tag), [], "the call reached another backend")
+
 
 def weighted_pick(tenant, user_id, session_id, weights):
     """The backend docs/routing.md's formula picks: score = -w / ln(u),
