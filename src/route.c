@@ -1,5 +1,6 @@
 #include "sparkgate/route.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <stdlib.h>
@@ -207,6 +208,60 @@ static void str_lower(char *s) {
 
 /* ---- backends (the shape of the main config's backends) ------------------ */
 
+/* A backend address is an IP address or a DNS name, nothing else: anything
+ * else would load, then fail to resolve on every call with 14, which
+ * PySpark retries without end. Returns NULL when |a| is fine, else what to
+ * fix. '_' is allowed in labels: Kubernetes and SRV-style names use it and
+ * resolvers accept it. */
+static const char *backend_address_problem(const char *a) {
+  unsigned char buf[sizeof(struct in6_addr)];
+  if (inet_pton(AF_INET, a, buf) == 1 || inet_pton(AF_INET6, a, buf) == 1)
+    return NULL;
+  size_t n = strlen(a);
+  if (isspace((unsigned char)a[0]) || isspace((unsigned char)a[n - 1]))
+    return "remove the white space around it";
+  if (strstr(a, "://") != NULL)
+    return "write the host only, without a scheme (\"http://\") or path";
+  if (a[0] == '[')
+    return "write an IPv6 address without brackets; the port goes in \"port\"";
+  const char *colon = strchr(a, ':');
+  if (colon != NULL)
+    return strchr(colon + 1, ':') == NULL
+               ? "write the host without a port; the port goes in \"port\""
+               : "not a valid IPv6 address";
+  if (strchr(a, '/') != NULL)
+    return "write the host only, without a path";
+  /* The trailing dot of a fully qualified name is not part of its length. */
+  if (n > 1 && a[n - 1] == '.')
+    n--;
+  if (n > SG_ROUTE_MAX_HOST_LEN)
+    return "a host name is at most 253 characters";
+  size_t label = 0;
+  bool all_digits = true;
+  for (size_t i = 0; i <= n; i++) {
+    unsigned char c = i < n ? (unsigned char)a[i] : '.';
+    if (c == '.') {
+      if (label == 0 || label > 63)
+        return "each dot-separated part of a host name is 1 to 63 characters";
+      if (i < n) {
+        label = 0;
+        all_digits = true;
+      }
+    } else if (isalnum(c) || c == '-' || c == '_') {
+      label++;
+      all_digits = all_digits && isdigit(c);
+    } else {
+      return "must be an IP address or a host name (letters, digits, '-', '_' "
+             "and dots; no spaces, scheme, port or path)";
+    }
+  }
+  /* No top-level domain is all digits: "10.0.0.256" or "10.1" is a
+   * mistyped IPv4 address, which resolvers would read their own way. */
+  if (all_digits)
+    return "not a valid IPv4 address (four numbers 0 to 255: a.b.c.d)";
+  return NULL;
+}
+
 static void load_backend(loader *ld, const json_t *obj, const char *path,
                          sg_backend_config *b) {
   static const char *const keys[] = {"name", "address", "port", "weight",
@@ -219,6 +274,9 @@ static void load_backend(loader *ld, const json_t *obj, const char *path,
   char kp[256];
   sg_jsonload_key_path(kp, sizeof kp, path, "address");
   b->address = sg_jsonload_strdup(ld, kp, addr != NULL ? addr : "");
+  const char *why = addr != NULL ? backend_address_problem(addr) : NULL;
+  if (why != NULL)
+    lerr(ld, kp, "'%s': %s", addr, why);
   sg_jsonload_key_path(kp, sizeof kp, path, "port");
   if (json_object_get(obj, "port") == NULL)
     lerr(ld, kp, "missing (an integer from 1 to 65535 is required)");

@@ -295,5 +295,57 @@ class CredentialReloadTest(TT.TenantCase):
             self.assertNotIn(t, log)
 
 
+# ---------------------------------------------------------------------------
+# Names and addresses checked at load (docs/routing.md, "A tenant",
+# "Backends", "Errors reported at load").
+
+def read_doc(name):
+    with open(os.path.join(H.SOURCE_ROOT, "docs", name), encoding="utf-8") as f:
+        return " ".join(f.read().split())
+
+
+class BackendAddressSyntaxTest(H.SparkgateTestCase):
+    """A backend `address` is an IP address or a host name, nothing else.
+    One that is neither ("[::1]", the way `hosts` may write IPv6;
+    "127.0.0.1:15002"; "http://x"; surrounding spaces) is refused at load
+    with an error at tenants[i].backends[j].address saying what to fix,
+    both inline and in a routing table file, instead of loading and
+    answering every call with 14 "cannot resolve", which PySpark retries
+    without end."""
+
+    BAD = [("[::1]", "without brackets"),
+           ("127.0.0.1:15002", "without a port"),
+           (" 127.0.0.1", "white space"),
+           ("http://x", "without a scheme")]
+
+    def test_inline_tenants(self):
+        for address, hint in self.BAD:
+            cfg = inline_config([tenant("a", backends=[
+                {"name": "b", "address": address, "port": 15002}])])
+            rc, out, err = H.check_config(cfg)
+            self.assertEqual(rc, 1, "address %r was accepted:\n%s" % (address, out))
+            self.assertIn("tenants[0].backends[0].address", err)
+            self.assertIn(hint, err)
+        for address in ("::1", "127.0.0.1", "localhost", "spark-0.spark.ns.svc.cluster.local."):
+            cfg = inline_config([tenant("a", backends=[
+                {"name": "b", "address": address, "port": 15002}])])
+            rc, out, err = H.check_config(cfg)
+            self.assertEqual(rc, 0, "address %r was refused:\n%s" % (address, err))
+
+    def test_routing_table_file(self):
+        d = H.tempdir("sg-rr-addr-")
+        t = tenant("a", backends=[{"name": "ok", "address": "::1", "port": 1},
+                                  {"name": "v6", "address": "[::1]", "port": 1}])
+        TT.write_file(os.path.join(d, "tenants.json"), json.dumps({"tenants": [t]}))
+        cfg = H.base_config(1)
+        del cfg["tenants"]
+        cfg["routing_table"] = os.path.join(d, "tenants.json")
+        rc, out, err = H.check_config(cfg, directory=d)
+        self.assertEqual(rc, 1, out)
+        self.assertIn("tenants[0].backends[1].address", err)
+        self.assertIn("write an IPv6 address without brackets", err)
+        self.assertNotIn("tenants[0].backends[0].address", err)
+
+
 if __name__ == "__main__":
     H.main()

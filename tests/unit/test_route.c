@@ -670,6 +670,78 @@ static void test_overlaps_across_many_tenants(void) {
   json_decref(root);
 }
 
+/* A table with one backend at |address|; returns whether it loads, and
+ * with |needle| set, whether the error at its address contains it. */
+static bool address_loads(const char *address, const char *needle) {
+  json_t *root = json_pack(
+      "{s:[{s:s, s:{s:b}, s:[{s:s, s:i}]}]}", "tenants", "name", "a", "allow",
+      "any_identity", 1, "backends", "address", address, "port", 15002);
+  reports r = {0};
+  sg_route_table *t = sg_route_table_from_json(root, FIXDIR, collect, &r);
+  bool loaded = t != NULL;
+  if (loaded == (needle != NULL) ||
+      (needle != NULL && !reported(&r, "tenants[0].backends[0].address", needle))) {
+    fprintf(stderr, "address '%s': expected %s%s\n", address,
+            needle ? "an error containing " : "it to load", needle ? needle : "");
+    reports_dump(&r);
+  }
+  if (needle != NULL && !reported(&r, "tenants[0].backends[0].address", needle))
+    loaded = true;
+  reports_clear(&r);
+  sg_route_table_unref(t);
+  json_decref(root);
+  return loaded;
+}
+
+/* A backend address is an IP address or a host name: anything else is a
+ * load error at its path, not a backend that fails every call with 14. */
+static void test_backend_address(void) {
+  static const char *const good[] = {
+      "127.0.0.1", "::1", "fe80::1", "::ffff:10.0.0.1", "h", "localhost",
+      "spark-1.internal", "spark.internal.", "Spark_Connect-0.ns.svc.cluster.local",
+      "a1.b2.c3", NULL};
+  static const char *const bad[][2] = {
+      {"[::1]", "without brackets"},
+      {"127.0.0.1:15002", "without a port"},
+      {"spark.internal:15002", "without a port"},
+      {" 127.0.0.1", "white space"},
+      {"spark.internal ", "white space"},
+      {"http://x", "without a scheme"},
+      {"grpc://spark:15002/", "without a scheme"},
+      {"x/y", "without a path"},
+      {"1:2:3", "not a valid IPv6"},
+      {"fe80::1%eth0", "not a valid IPv6"},
+      {"10.0.0.256", "not a valid IPv4"},
+      {"10.1", "not a valid IPv4"},
+      {"1.2.3.4.", "not a valid IPv4"},
+      {"a..b", "1 to 63"},
+      {".a", "1 to 63"},
+      {".", "1 to 63"},
+      {"a*b", "must be an IP address or a host name"},
+      {"sp\xc3\xa4rk", "must be an IP address or a host name"},
+  };
+  for (size_t i = 0; good[i] != NULL; i++)
+    CHECK(address_loads(good[i], NULL));
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+    CHECK(!address_loads(bad[i][0], bad[i][1]));
+
+  char name[300];
+  memset(name, 'a', 63);
+  strcpy(name + 63, ".x");
+  CHECK(address_loads(name, NULL)); /* a label of 63 */
+  memset(name, 'a', 64);
+  strcpy(name + 64, ".x");
+  CHECK(!address_loads(name, "1 to 63"));
+  for (size_t i = 0; i < 252; i += 2)
+    memcpy(name + i, "a.", 2);
+  strcpy(name + 252, "a");
+  CHECK(address_loads(name, NULL)); /* 253 characters */
+  strcpy(name + 252, "a.");
+  CHECK(address_loads(name, NULL)); /* and its trailing dot */
+  strcpy(name + 252, "aa");
+  CHECK(!address_loads(name, "at most 253"));
+}
+
 /* ---- selection ----------------------------------------------------------- */
 
 static const char *const selection_table =
@@ -1129,6 +1201,7 @@ int main(void) {
   test_load_by_path();
   test_validation_errors();
   test_overlaps_across_many_tenants();
+  test_backend_address();
   test_selection();
   test_methods();
   test_spread_and_stability();
