@@ -347,5 +347,30 @@ class BackendAddressSyntaxTest(H.SparkgateTestCase):
         self.assertNotIn("tenants[0].backends[0].address", err)
 
 
+class UnnamedBackendNameTest(H.SparkgateTestCase):
+    """A backend's name is its identity for session affinity, and an
+    unnamed backend is named ADDRESS:PORT as written: the same servers
+    listed once by IP and once by host name are different backends, so
+    their sessions hash differently (replicas must spell them alike). The
+    docs say so, and no longer promise that an address change moves no
+    session without saying that it holds for named backends only."""
+
+    def test_unnamed_backend_is_named_as_written(self):
+        names = []
+        for address in ("127.0.0.1", "localhost"):
+            cfg = inline_config([tenant("a", backends=[{"address": address, "port": 15002}])])
+            rc, out, err = H.check_config(cfg)
+            self.assertEqual(rc, 0, err)
+            line = [ln for ln in out.splitlines() if ln.strip().startswith("upstream ")]
+            self.assertEqual(len(line), 1, out)
+            names.append(line[0].split()[1])
+        self.assertEqual(names, ["127.0.0.1:15002", "localhost:15002"])
+        doc = read_doc("routing.md")
+        claim = "| change a backend's address, port or `tls` | none |"
+        self.assertFalse(claim in doc, "routing.md still says: %s" % claim)
+        self.assertIn("| change an unnamed backend's address or port | as renaming it", doc)
+        self.assertIn("Name your backends", doc)
+
+
 if __name__ == "__main__":
     H.main()
