@@ -711,6 +711,11 @@ static void load_tenant(loader *ld, const json_t *obj, const char *path,
   if (name != NULL && !valid_tenant_name(name)) {
     lerr(ld, kp, "'%s' is not a valid tenant name: 1 to 64 letters, digits, "
                  "'.', '_' or '-', starting with a letter or digit", name);
+  } else if (name != NULL && strcmp(name, "none") == 0) {
+    /* Metrics label calls refused before a tenant was known tenant="none"
+     * (docs/operations.md): a tenant of that name would merge with them. */
+    lerr(ld, kp, "'none' is reserved: it labels calls refused before a tenant "
+                 "was chosen; pick another name");
   }
 
   t->hosts = get_strings(ld, obj, path, "hosts", &t->n_hosts);

@@ -372,5 +372,20 @@ class UnnamedBackendNameTest(H.SparkgateTestCase):
         self.assertIn("Name your backends", doc)
 
 
+class TenantNamedNoneTest(H.SparkgateTestCase):
+    """Metrics label calls refused before a tenant was known tenant="none"
+    (docs/operations.md). A tenant of that name would merge its series with
+    them, so the name is refused at load with a message saying it is
+    reserved."""
+
+    def test_tenant_named_none_is_refused(self):
+        rc, out, err = H.check_config(inline_config([tenant("none")]))
+        self.assertEqual(rc, 1, "a tenant named 'none' is accepted:\n%s%s" % (out, err))
+        self.assertIn("tenants[0].name", err)
+        self.assertIn("'none' is reserved", err)
+        rc, out, err = H.check_config(inline_config([tenant("none-1")]))
+        self.assertEqual(rc, 0, err)
+
+
 if __name__ == "__main__":
     H.main()

@@ -433,6 +433,9 @@ static void test_validation_errors(void) {
                "tenants[0].name", "must be a string");
   EXPECT_ERROR("{\"tenants\":[" T("a b", "") "]}", "tenants[0].name",
                "not a valid tenant name");
+  /* Metrics label refused calls tenant="none": no tenant may share it. */
+  EXPECT_ERROR("{\"tenants\":[" T("none", "") "]}", "tenants[0].name",
+               "'none' is reserved");
   EXPECT_ERROR("{\"tenants\":[" T("a", ",\"user_id\":\"replace\"") "]}",
                "tenants[0].user_id", "rewrite, enforce, off");
   EXPECT_ERROR("{\"tenants\":[" T("a", ",\"limits\":{\"over_limit_status\":\"busy\"}") "]}",
