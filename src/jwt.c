@@ -1310,11 +1310,23 @@ static int check_claims(const struct provider *p, const json_t *payload,
     return fail(out, SG_JWT_BAD_IDENTITY,
                 "the identity claim is not a non-empty string of at most "
                 "512 bytes");
+  /* The identity goes upstream as a gRPC metadata value: printable ASCII
+   * (gRPC's ASCII-Value), and no leading or trailing space or tab (RFC
+   * 9113 §8.2.1), as for certificate identities. UTF-8 sent raw would be
+   * read as US-ASCII by grpc-java, every non-ASCII byte becoming U+FFFD,
+   * so that distinct identities would meet at the backend; a padded one
+   * is reset by a strict backend (14, retried forever) or trimmed into
+   * another caller's name. */
   const unsigned char *s = (const unsigned char *)json_string_value(id);
-  for (size_t i = 0; i < json_string_length(id); i++)
-    if (s[i] < 0x20 || s[i] == 0x7f)
+  size_t id_len = json_string_length(id);
+  for (size_t i = 0; i < id_len; i++)
+    if (s[i] < 0x20 || s[i] > 0x7e)
       return fail(out, SG_JWT_BAD_IDENTITY,
-                  "the identity claim holds control characters");
+                  "the identity claim holds characters outside printable "
+                  "ASCII");
+  if (s[0] == ' ' || s[id_len - 1] == ' ')
+    return fail(out, SG_JWT_BAD_IDENTITY,
+                "the identity claim starts or ends with a space");
 
   const json_t *cnf = json_object_get(payload, "cnf");
   const char *x5t = NULL;

@@ -110,7 +110,8 @@ typedef enum sg_jwt_reason {
   SG_JWT_CRIT_UNSUPPORTED,  /* "crit_unsupported": header has "crit" */
   SG_JWT_BAD_TYP,           /* "bad_typ": header typ is not "JWT" */
   SG_JWT_BAD_IDENTITY,      /* "bad_identity": identity claim not a
-                               non-empty printable string, or too long */
+                               non-empty string of printable ASCII without
+                               leading or trailing space, or too long */
   SG_JWT_INTERNAL,          /* "internal": out of memory, bad arguments */
   SG_JWT_KEYS_UNAVAILABLE,  /* "keys_unavailable": the provider has no keys
                                yet (network keys not fetched so far):

@@ -493,6 +493,19 @@ class JwtTest(AuthCase):
                            "jwt_invalid: missing_claim")
         self.assert_upstream_only([self.control()])
 
+    # -- identities --------------------------------------------------------------
+    def test_non_ascii_identity_is_not_forwarded_raw(self):
+        """The identity goes upstream as a gRPC metadata value, which is
+        printable ASCII (%x20-%x7E). grpc-java (Spark's server) reads such
+        values as US-ASCII, every non-ASCII byte becoming U+FFFD, so raw
+        UTF-8 would make "alic\u00e9" and "alic\u00e8" one identity at the
+        backend. A token whose identity claim is not printable ASCII is
+        refused (16, bad_identity), as a certificate identity would be."""
+        for sub in ("alic\u00e9", "alic\u00e8", "al\u2028ice", "\u202eecila", "a\u0085b"):
+            self.assert_denied(self.ch, bearer(self.idp.hs256(sub=sub)),
+                               "jwt_invalid: bad_identity")
+        self.assert_upstream_only([self.control()])
+
     def test_token_over_max_token_bytes(self):
         # Fits the 16 KiB header-list cap, exceeds max_token_bytes 8192.
         tok = self.idp.hs256(pad="x" * 9000)
@@ -733,6 +746,41 @@ class JwtTest(AuthCase):
 
 
 # ---------------------------------------------------------------------------
+
+class StrictBackendJwtTest(AuthCase):
+    """sparkgate -> an RFC 9113-strict HTTP/2 backend (a second sparkgate,
+    h2c, auth none: nghttp2 validates every field, as Envoy and other
+    nghttp2-based sidecars do) -> the stand-in."""
+
+    def setUp(self):
+        super().setUp()
+        self.idp = Idp(H.tempdir("sg-jwt-strict-"))
+        self.up = self.standin()
+        inner = self.start_sparkgate(H.base_config(
+            self.up.port, listeners=[H.h2c_listener("inner")], workers=1))
+        cfg = H.base_config(inner.port("inner"), listeners=[jwt_listener()], workers=1,
+                            auth=auth_section(self.idp.providers()))
+        self.sg = self.start_sparkgate(cfg)
+        self.ch = H.tls_channel(self.sg.port("public"))
+        self.addCleanup(self.ch.close)
+
+    def test_identity_with_surrounding_whitespace_is_never_unavailable(self):
+        """A token whose identity is "alice " or " alice" is refused at
+        authentication (16, bad_identity), as certificate identities are.
+        Sent on, `x-sparkgate-identity: alice ` is a field RFC 9113 8.2.1
+        calls malformed: a strict backend resets the stream, and the client
+        would get UNAVAILABLE (14), which PySpark retries forever (and a
+        backend that trims would take " alice" for "alice")."""
+        r = H.call_unary(self.ch, "AnalyzePlan", b"x", bearer(self.idp.hs256(sub="alice")))
+        self.assertEqual(r.code, grpc.StatusCode.OK, r)  # the chain works
+        for sub in ("alice ", " alice"):
+            mark = self.sg.mark()
+            r = H.call_unary(self.ch, "AnalyzePlan", b"x", bearer(self.idp.hs256(sub=sub)))
+            self.assertEqual((r.code, r.details),
+                             (grpc.StatusCode.UNAUTHENTICATED, DENY_MESSAGE), (sub, r))
+            self.sg.wait_for_log(r"rejected: unauthenticated: jwt_invalid: bad_identity",
+                                 timeout=5, since=mark)
+
 
 class KeyRotationTest(AuthCase):
     """SIGHUP with a new key file while a stream runs. One worker, so that

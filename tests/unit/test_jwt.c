@@ -951,6 +951,24 @@ static void test_required_claims(const sg_jwt_verifier *v) {
                "\"iat\":%lld,\"exp\":%lld}",
                longid, (long long)NOW, (long long)(NOW + 60))),
       SG_JWT_BAD_IDENTITY);
+  /* The identity goes upstream as a gRPC ASCII metadata value: printable
+   * ASCII only, and nothing RFC 9113 calls malformed (padding). */
+  static const char *const bad_ids[] = {
+      "alice ",       " alice",     "alice\\t",  "\\talice",
+      "alic\\u00e9", "al\\u2028ice", "a\\u0085b", "a\\u007fb"};
+  for (size_t i = 0; i < sizeof bad_ids / sizeof bad_ids[0]; i++)
+    CHECK_REASON(tryf(v, &S_RSA1, hdr("RS256", "r1"),
+                      fmt("{\"iss\":\"" CORP "\",\"sub\":\"%s\",\"aud\":"
+                          "\"spark\",\"iat\":%lld,\"exp\":%lld}",
+                          bad_ids[i], (long long)NOW, (long long)(NOW + 60))),
+                 SG_JWT_BAD_IDENTITY);
+  static const char *const good_ids[] = {"a b", "~!", "x"};
+  for (size_t i = 0; i < sizeof good_ids / sizeof good_ids[0]; i++)
+    CHECK_REASON(tryf(v, &S_RSA1, hdr("RS256", "r1"),
+                      fmt("{\"iss\":\"" CORP "\",\"sub\":\"%s\",\"aud\":"
+                          "\"spark\",\"iat\":%lld,\"exp\":%lld}",
+                          good_ids[i], (long long)NOW, (long long)(NOW + 60))),
+                 SG_JWT_OK);
   /* cnf that is not a proper thumbprint. */
   CHECK_REASON(tryf(v, &S_RSA1, hdr("RS256", "r1"),
                     claims(CORP, ",\"cnf\":{\"x5t#S256\":\"abc\"}")),
