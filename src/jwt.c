@@ -116,6 +116,7 @@ static const char *const reason_names[SG_JWT_REASON_COUNT] = {
     [SG_JWT_INTERNAL] = "internal",
     [SG_JWT_KEYS_UNAVAILABLE] = "keys_unavailable",
     [SG_JWT_KID_REFETCHING] = "kid_refetching",
+    [SG_JWT_CNF_UNSUPPORTED] = "cnf_unsupported",
 };
 
 const char *sg_jwt_reason_name(int reason) {
@@ -1342,6 +1343,13 @@ static int check_claims(const struct provider *p, const json_t *payload,
         return fail(out, SG_JWT_MALFORMED,
                     "cnf.x5t#S256 is not a base64url SHA-256 thumbprint");
       x5t = json_string_value(t);
+    } else {
+      /* A token bound to a key whose possession we cannot check (DPoP's
+       * jkt, RFC 7800's jwk, ...): taking it as a bearer token would let
+       * whoever stole it use it, ignoring the binding its issuer signed.
+       * What is not understood fails, as for crit. */
+      return fail(out, SG_JWT_CNF_UNSUPPORTED,
+                  "cnf binds the token by a method other than x5t#S256");
     }
   }
 

@@ -120,6 +120,9 @@ typedef enum sg_jwt_reason {
                                of the provider's keys was triggered or is
                                in flight, or the last one failed: transient,
                                answer UNAVAILABLE (14) */
+  SG_JWT_CNF_UNSUPPORTED,   /* "cnf_unsupported": cnf present without
+                               x5t#S256 (bound to a key, e.g. DPoP jkt,
+                               whose possession is not checked) */
   SG_JWT_REASON_COUNT
 } sg_jwt_reason;
 

@@ -506,6 +506,20 @@ class JwtTest(AuthCase):
                                "jwt_invalid: bad_identity")
         self.assert_upstream_only([self.control()])
 
+    def test_token_bound_to_a_key_is_not_accepted_as_a_bearer_token(self):
+        """A token with cnf.jkt (RFC 9449 DPoP) or cnf.jwk (RFC 7800) is
+        bound by its issuer to a key its holder must prove, which sparkgate
+        does not check: it is refused (16, cnf_unsupported), never taken as
+        a plain bearer token that works for whoever stole it."""
+        jkt = b64url(hashlib.sha256(b"client key").digest())
+        for cnf in ({"jkt": jkt},
+                    {"jwk": {"kty": "EC", "crv": "P-256",
+                             "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                             "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}}):
+            tok = mint(self.idp.hmac, "HS256", claims(ISS_HMAC, "bound-user", cnf=cnf))
+            self.assert_denied(self.ch, bearer(tok), "jwt_invalid: cnf_unsupported")
+        self.assert_upstream_only([self.control()])
+
     def test_token_over_max_token_bytes(self):
         # Fits the 16 KiB header-list cap, exceeds max_token_bytes 8192.
         tok = self.idp.hs256(pad="x" * 9000)

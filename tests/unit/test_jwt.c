@@ -344,7 +344,8 @@ static void test_reason_names(void) {
       "expired",           "not_yet_valid",    "issued_in_future",
       "lifetime_too_long", "wrong_audience",   "missing_claim",
       "claim_mismatch",    "crit_unsupported", "bad_typ",
-      "bad_identity",      "internal"};
+      "bad_identity",      "internal",         "keys_unavailable",
+      "kid_refetching",    "cnf_unsupported"};
   for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
     CHECK(strcmp(sg_jwt_reason_name((int)i + 1), want[i]) == 0);
   CHECK(strcmp(sg_jwt_reason_name(SG_JWT_OK), "ok") == 0);
@@ -976,9 +977,17 @@ static void test_required_claims(const sg_jwt_verifier *v) {
   CHECK_REASON(
       tryf(v, &S_RSA1, hdr("RS256", "r1"), claims(CORP, ",\"cnf\":\"x\"")),
       SG_JWT_MALFORMED);
+  /* A token bound to a key (DPoP jkt, RFC 7800 jwk) is no bearer token:
+   * without a method we check, it is refused, not taken as unbound. */
   CHECK_REASON(tryf(v, &S_RSA1, hdr("RS256", "r1"),
                     claims(CORP, ",\"cnf\":{\"jkt\":\"x\"}")),
-               SG_JWT_OK);
+               SG_JWT_CNF_UNSUPPORTED);
+  CHECK_REASON(tryf(v, &S_RSA1, hdr("RS256", "r1"),
+                    claims(CORP, ",\"cnf\":{\"jwk\":{\"kty\":\"EC\"}}")),
+               SG_JWT_CNF_UNSUPPORTED);
+  CHECK_REASON(
+      tryf(v, &S_RSA1, hdr("RS256", "r1"), claims(CORP, ",\"cnf\":{}")),
+      SG_JWT_CNF_UNSUPPORTED);
 }
 
 static void test_load_errors(void) {
