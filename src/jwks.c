@@ -391,6 +391,17 @@ static int from_secret_file(const char *path, const char *alg, sg_jwk *out,
   if (read_file(path, SG_JWK_MAX_KEY_FILE_BYTES, &buf, &len, err, errlen) != 0)
     return -1;
   size_t file_len = len;
+  /* The classic algorithm confusion, made by configuration: an HMAC key
+   * that is the issuer's public key lets anyone who has that public key
+   * (everyone) mint tokens. No real secret holds a PEM armour line. */
+  if (memmem(buf, len, "-----BEGIN ", 11) != NULL) {
+    snprintf(err, errlen,
+             "%s holds a PEM key, not an HMAC secret; use pem_file with an "
+             "RS*/ES* alg",
+             path);
+    free_secret(buf, file_len);
+    return -1;
+  }
   if (len > 0 && buf[len - 1] == '\n') {
     len--;
     if (len > 0 && buf[len - 1] == '\r')

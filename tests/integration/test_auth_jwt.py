@@ -796,6 +796,25 @@ class StrictBackendJwtTest(AuthCase):
                                  timeout=5, since=mark)
 
 
+class JwtConfigTest(H.SparkgateTestCase):
+    def test_secret_file_holding_a_public_key_is_refused(self):
+        """The classic algorithm confusion, made by configuration: an HS256
+        key whose secret_file is the identity provider's public key PEM
+        would let anyone holding that public key (it is public) mint
+        tokens. The configuration is refused, naming secret_file and the
+        fix (pem_file)."""
+        d = H.tempdir("sg-jwt-cfg-")
+        pem = write_file(os.path.join(d, "idp.pub.pem"), public_pem(new_rsa()))
+        providers = [{"name": "confused", "issuer": ISS_RSA, "audiences": [AUD],
+                      "keys": [{"alg": "HS256", "secret_file": pem}]}]
+        cfg = H.base_config(1, listeners=[jwt_listener()], auth=auth_section(providers))
+        rc, out, err = H.check_config(cfg, directory=d)
+        self.assertNotEqual(rc, 0, "a public key PEM was accepted as an HMAC secret:\n"
+                            + out + err)
+        self.assertIn("keys[0].secret_file", out + err)
+        self.assertIn("use pem_file", out + err)
+
+
 class KeyRotationTest(AuthCase):
     """SIGHUP with a new key file while a stream runs. One worker, so that
     once a new connection sees the new keys, every later one does."""

@@ -1011,6 +1011,16 @@ static void test_load_errors(void) {
                     "\"hmac_short.key\"}]}]",
                     "at least 48");
 
+  /* The issuer's public key given as an HMAC secret: algorithm confusion
+   * by configuration, refused at load whatever the key file holds. */
+  EXPECT_LOAD_ERROR("[{\"name\":\"a\",\"issuer\":\"i\",\"audiences\":[\"s\"],"
+                    "\"keys\":[{\"alg\":\"HS256\",\"secret_file\":"
+                    "\"rsa1.pub.pem\"}]}]",
+                    "keys[0].secret_file: ");
+  EXPECT_LOAD_ERROR("[{\"name\":\"a\",\"issuer\":\"i\",\"audiences\":[\"s\"],"
+                    "\"keys\":[{\"alg\":\"HS256\",\"secret_file\":"
+                    "\"ec256.crt\"}]}]",
+                    "holds a PEM key, not an HMAC secret");
   EXPECT_LOAD_ERROR(
       "[{\"name\":\"a\",\"issuer\":\"i\",\"audiences\":[\"s\"],"
       "\"keys\":[{\"alg\":\"ES256\",\"pem_file\":\"rsa1.pub.pem\"}]"
