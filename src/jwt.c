@@ -9,7 +9,14 @@
 #include "sparkgate/memcache.h"
 
 #include <jwt.h>
+#include <limits.h>
+#include <openssl/bio.h>
+#include <openssl/crypto.h>
+#include <openssl/ec.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -1433,6 +1440,99 @@ static bool libjwt_signature_ok(const sg_jwk *k, const char *token,
   return ok;
 }
 
+static const EVP_MD *alg_md(int jwt_alg) {
+  switch (jwt_alg) {
+  case JWT_ALG_HS256:
+  case JWT_ALG_RS256:
+  case JWT_ALG_ES256:
+    return EVP_sha256();
+  case JWT_ALG_HS384:
+  case JWT_ALG_RS384:
+  case JWT_ALG_ES384:
+    return EVP_sha384();
+  case JWT_ALG_HS512:
+  case JWT_ALG_RS512:
+    return EVP_sha512();
+  default:
+    return NULL;
+  }
+}
+
+/* The same check as libjwt's, made with OpenSSL, for tokens libjwt 1.10
+ * refuses before their signature only because their typ is not "JWT"
+ * (RFC 9068 access tokens: "at+jwt"). `input` is header.payload as sent;
+ * `sig` the decoded signature, whose length already fits the key. */
+static bool openssl_signature_ok(const sg_jwk *k, const char *input,
+                                 size_t input_len, const unsigned char *sig,
+                                 size_t sig_len) {
+  const EVP_MD *md = alg_md(k->jwt_alg);
+  if (md == NULL || sig_len != k->sig_len || k->material_len > INT_MAX)
+    return false;
+  bool ok = false;
+  if (k->is_hmac) {
+    unsigned char mac[EVP_MAX_MD_SIZE];
+    unsigned int mac_len = 0;
+    ok = HMAC(md, k->material, (int)k->material_len,
+              (const unsigned char *)input, input_len, mac, &mac_len) != NULL &&
+         mac_len == sig_len && CRYPTO_memcmp(mac, sig, sig_len) == 0;
+    OPENSSL_cleanse(mac, sizeof mac);
+    ERR_clear_error();
+    return ok;
+  }
+  BIO *b = BIO_new_mem_buf(k->material, (int)k->material_len);
+  EVP_PKEY *pk = b != NULL ? PEM_read_bio_PUBKEY(b, NULL, NULL, NULL) : NULL;
+  BIO_free(b);
+  EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+  unsigned char *der = NULL;
+  const unsigned char *vsig = sig;
+  size_t vlen = sig_len;
+  if (pk != NULL && EVP_PKEY_get_base_id(pk) == EVP_PKEY_EC) {
+    /* JWS carries r || s (RFC 7518 §3.4); OpenSSL verifies DER. */
+    size_t half = sig_len / 2;
+    ECDSA_SIG *es = ECDSA_SIG_new();
+    BIGNUM *r = BN_bin2bn(sig, (int)half, NULL);
+    BIGNUM *s = BN_bin2bn(sig + half, (int)half, NULL);
+    int der_len = 0;
+    if (es != NULL && r != NULL && s != NULL && ECDSA_SIG_set0(es, r, s) == 1) {
+      r = s = NULL; /* owned by es now */
+      der_len = i2d_ECDSA_SIG(es, &der);
+    }
+    BN_free(r);
+    BN_free(s);
+    ECDSA_SIG_free(es);
+    vsig = der;
+    vlen = der_len > 0 ? (size_t)der_len : 0;
+  }
+  ok = pk != NULL && ctx != NULL && vsig != NULL && vlen > 0 &&
+       EVP_DigestVerifyInit(ctx, NULL, md, NULL, pk) == 1 &&
+       EVP_DigestVerify(ctx, vsig, vlen, (const unsigned char *)input,
+                        input_len) == 1;
+  OPENSSL_free(der);
+  EVP_MD_CTX_free(ctx);
+  EVP_PKEY_free(pk);
+  ERR_clear_error();
+  return ok;
+}
+
+/* RFC 9068 §2.1: a JWT access token says "at+jwt" (or the media type
+ * "application/at+jwt"); other issuers say "JWT" or nothing. Other typs
+ * name other objects (a logout token, a DPoP proof, ...), never an
+ * access token. Compared case-insensitively (RFC 7515 §4.1.9). */
+static bool typ_accepted(const json_t *typ, bool *is_jwt) {
+  static const char *const names[] = {"JWT", "at+jwt", "application/at+jwt",
+                                      "application/jwt"};
+  if (!json_is_string(typ) ||
+      strlen(json_string_value(typ)) != json_string_length(typ))
+    return false;
+  for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+    if (strcasecmp(json_string_value(typ), names[i]) == 0) {
+      *is_jwt = i == 0;
+      return true;
+    }
+  }
+  return false;
+}
+
 int sg_jwt_verify(const sg_jwt_verifier *v, const char *token, size_t len,
                   int64_t now, sg_jwt_result *out) {
   if (out == NULL)
@@ -1495,10 +1595,11 @@ int sg_jwt_verify(const sg_jwt_verifier *v, const char *token, size_t len,
     goto done;
   }
   const json_t *typ = json_object_get(header, "typ");
-  if (typ != NULL && (!json_is_string(typ) ||
-                      strcasecmp(json_string_value(typ), "JWT") != 0)) {
+  bool typ_is_jwt = true; /* what libjwt 1.10 takes: "JWT" or none */
+  if (typ != NULL && !typ_accepted(typ, &typ_is_jwt)) {
     reason = SG_JWT_BAD_TYP;
-    detail = "header typ is not JWT";
+    detail = "header typ is not JWT, at+jwt, application/at+jwt or "
+             "application/jwt";
     goto done;
   }
   const json_t *kid = json_object_get(header, "kid");
@@ -1592,7 +1693,12 @@ int sg_jwt_verify(const sg_jwt_verifier *v, const char *token, size_t len,
     detail = "signature length does not fit the key";
     goto done;
   }
-  if (!libjwt_signature_ok(key, token, len)) {
+  /* buf held the payload since; the signature is decoded again. */
+  if (!(typ_is_jwt ? libjwt_signature_ok(key, token, len)
+                   : sg_b64url_decode(d2 + 1, slen, buf) == sig_n &&
+                         openssl_signature_ok(key, token,
+                                              (size_t)(d2 - token), buf,
+                                              (size_t)sig_n))) {
     reason = SG_JWT_BAD_SIGNATURE;
     detail = "signature does not verify";
     /* A provider's only key has no kid, so it was tried for this token's

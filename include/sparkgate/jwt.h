@@ -67,8 +67,11 @@
  * URL/discovery and algorithms are unchanged (sg_jwt_verifier_adopt_keys),
  * so a reload neither refetches nor drops keys.
  *
- * Known limit of libjwt 1.10: a header "typ" other than "JWT"
- * (case-insensitive), e.g. "at+jwt", is refused (reason "bad_typ").
+ * Header "typ": absent, "JWT", "at+jwt", "application/at+jwt" or
+ * "application/jwt" (case-insensitive; RFC 9068 access tokens say
+ * "at+jwt"); any other is refused (reason "bad_typ"). libjwt 1.10 refuses
+ * every typ but "JWT" before checking the signature, so the others have
+ * their signature checked with OpenSSL directly, the same check.
  *
  * Tokens are never logged, copied into messages or kept, only their
  * verified result. */
@@ -108,7 +111,7 @@ typedef enum sg_jwt_reason {
                                bounded, a required claim, the identity */
   SG_JWT_CLAIM_MISMATCH,    /* "claim_mismatch": a required claim differs */
   SG_JWT_CRIT_UNSUPPORTED,  /* "crit_unsupported": header has "crit" */
-  SG_JWT_BAD_TYP,           /* "bad_typ": header typ is not "JWT" */
+  SG_JWT_BAD_TYP,           /* "bad_typ": header typ not a JWT's */
   SG_JWT_BAD_IDENTITY,      /* "bad_identity": identity claim not a
                                non-empty string of printable ASCII without
                                leading or trailing space, or too long */

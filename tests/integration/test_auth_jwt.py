@@ -493,6 +493,34 @@ class JwtTest(AuthCase):
                            "jwt_invalid: missing_claim")
         self.assert_upstream_only([self.control()])
 
+    def test_rfc9068_access_token_typ_is_accepted(self):
+        """RFC 9068 JWT access tokens (what many identity providers issue
+        for an API) carry typ "at+jwt" or "application/at+jwt": accepted,
+        with every algorithm, as are "JWT", "application/jwt" and no typ.
+        Any other typ names another kind of object and is refused
+        (bad_typ), as is such a token whose signature does not verify."""
+        ok = []
+        for typ in ("at+jwt", "application/at+jwt", "AT+JWT", "application/jwt"):
+            tok = mint(self.idp.hmac, "HS256", claims(ISS_HMAC, "rfc9068-user"),
+                       headers={"typ": typ})
+            rec = self.call_ok(self.ch, bearer(tok))
+            self.assert_identity(rec, "rfc9068-user", "jwt", "corp-hmac")
+            ok.append(rec.header("x-test-case"))
+        at = {"typ": "at+jwt"}
+        rec = self.call_ok(self.ch, bearer(mint(self.idp.rsa, "RS256",
+                                                claims(ISS_RSA, "at-rsa"), headers=at)))
+        self.assert_identity(rec, "at-rsa", "jwt", "corp-rsa")
+        ok.append(rec.header("x-test-case"))
+        rec = self.call_ok(self.ch, bearer(mint(self.idp.ec, "ES256", claims(ISS_EC, "at-ec"),
+                                                kid="ec-1", headers=at)))
+        self.assert_identity(rec, "at-ec", "jwt", "corp-ec")
+        ok.append(rec.header("x-test-case"))
+        forged = mint(new_rsa(), "RS256", claims(ISS_RSA, "at-forged"), headers=at)
+        self.assert_denied(self.ch, bearer(forged), "jwt_invalid: bad_signature")
+        other = mint(self.idp.hmac, "HS256", claims(ISS_HMAC), headers={"typ": "dpop+jwt"})
+        self.assert_denied(self.ch, bearer(other), "jwt_invalid: bad_typ")
+        self.assert_upstream_only(ok + [self.control()])
+
     # -- identities --------------------------------------------------------------
     def test_non_ascii_identity_is_not_forwarded_raw(self):
         """The identity goes upstream as a gRPC metadata value, which is

@@ -661,12 +661,16 @@ static void test_alg_attacks(const sg_jwt_verifier *v) {
                     fmt("{\"alg\":\"RS256\",\"kid\":\"r1\",\"crit\":[]}"),
                     claims(CORP, NULL)),
                SG_JWT_CRIT_UNSUPPORTED);
-  /* typ other than JWT (libjwt 1.10 would refuse it anyway). */
-  CHECK_REASON(
-      tryf(v, &S_RSA1,
-           fmt("{\"alg\":\"RS256\",\"kid\":\"r1\",\"typ\":\"at+jwt\"}"),
-           claims(CORP, NULL)),
-      SG_JWT_BAD_TYP);
+  /* typ: what names a JWT (access token) passes, anything else fails. */
+  static const char *const bad_typs[] = {
+      "\"JOSE\"", "\"dpop+jwt\"", "\"logout+jwt\"", "\"at+jwt \"", "\"\"",
+      "5", "[\"JWT\"]"};
+  for (size_t i = 0; i < sizeof bad_typs / sizeof bad_typs[0]; i++)
+    CHECK_REASON(
+        tryf(v, &S_RSA1,
+             fmt("{\"alg\":\"RS256\",\"kid\":\"r1\",\"typ\":%s}", bad_typs[i]),
+             claims(CORP, NULL)),
+        SG_JWT_BAD_TYP);
   CHECK_REASON(tryf(v, &S_RSA1, fmt("{\"alg\":\"RS256\",\"kid\":5}"),
                     claims(CORP, NULL)),
                SG_JWT_MALFORMED);
@@ -680,6 +684,64 @@ static char *replace_part(const char *tok, int idx, const char *repl) {
   if (idx == 1)
     return fmt("%.*s.%s%s", (int)(d1 - tok), tok, repl, d2);
   return fmt("%.*s.%s", (int)(d2 - tok), tok, repl);
+}
+
+/* RFC 9068 access tokens ("at+jwt"), whose signature libjwt 1.10 will not
+ * check, verified for every algorithm, and still refused when anything
+ * signed differs. */
+static void test_access_token_typ(const sg_jwt_verifier *v) {
+  static const char *const typs[] = {"at+jwt", "AT+JWT", "application/at+jwt",
+                                     "application/jwt", "jwt", NULL};
+  for (size_t i = 0; i < sizeof typs / sizeof typs[0]; i++) {
+    char *typ = typs[i] ? fmt(",\"typ\":\"%s\"", typs[i]) : fmt("%s", "");
+    CHECK_REASON(tryf(v, &S_RSA1, fmt("{\"alg\":\"RS256\",\"kid\":\"r1\"%s}", typ),
+                      claims(CORP, NULL)),
+                 SG_JWT_OK);
+    CHECK_REASON(tryf(v, &S_EC256, fmt("{\"alg\":\"ES256\",\"kid\":\"e1\"%s}", typ),
+                      claims(CORP, NULL)),
+                 SG_JWT_OK);
+    CHECK_REASON(tryf(v, &S_HMAC, fmt("{\"alg\":\"HS256\",\"kid\":\"h1\"%s}", typ),
+                      claims(CORP, NULL)),
+                 SG_JWT_OK);
+    free(typ);
+  }
+  /* Tampered payload, another key's signature, a flipped bit. */
+  static const struct {
+    const signer *s;
+    const char *alg, *kid;
+  } keys[] = {{&S_RSA1, "RS256", "r1"},
+              {&S_EC256, "ES256", "e1"},
+              {&S_HMAC, "HS256", "h1"}};
+  for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+    char *h = fmt("{\"alg\":\"%s\",\"kid\":\"%s\",\"typ\":\"at+jwt\"}",
+                  keys[i].alg, keys[i].kid);
+    char *p = claims(CORP, NULL);
+    char *tok = mint(keys[i].s, h, p);
+    char *other_p = claims(CORP, ",\"x\":1");
+    char *other_pb = b64url((const unsigned char *)other_p, strlen(other_p));
+    char *tampered = replace_part(tok, 1, other_pb);
+    sg_jwt_result r;
+    CHECK_REASON(verify_tok(v, tampered, &r), SG_JWT_BAD_SIGNATURE);
+    sg_jwt_result_clear(&r);
+    char *flipped = strdup(tok);
+    char *last = flipped + strlen(flipped) - 2;
+    *last = *last == 'A' ? 'B' : 'A';
+    CHECK_REASON(verify_tok(v, flipped, &r), SG_JWT_BAD_SIGNATURE);
+    sg_jwt_result_clear(&r);
+    free(h);
+    free(p);
+    free(tok);
+    free(other_p);
+    free(other_pb);
+    free(tampered);
+    free(flipped);
+  }
+  signer wrong = S_RSA2;
+  wrong.alg = "RS256";
+  CHECK_REASON(tryf(v, &wrong, fmt("{\"alg\":\"RS256\",\"kid\":\"r1\","
+                                   "\"typ\":\"at+jwt\"}"),
+                    claims(CORP, NULL)),
+               SG_JWT_BAD_SIGNATURE);
 }
 
 static void test_tampering(const sg_jwt_verifier *v) {
@@ -1337,6 +1399,29 @@ static void test_other_algs(void) {
   CHECK_REASON(tryf(v, &s, hdr("HS512", "d"), claims(CORP, NULL)), SG_JWT_OK);
   CHECK_REASON(tryf(v, &S_EC384, hdr("ES384", "e"), claims(CORP, NULL)),
                SG_JWT_OK);
+  /* The same with typ at+jwt, whose signature OpenSSL checks. */
+  CHECK_REASON(tryf(v, &S_EC384, fmt("{\"alg\":\"ES384\",\"kid\":\"e\","
+                                     "\"typ\":\"at+jwt\"}"),
+                    claims(CORP, NULL)),
+               SG_JWT_OK);
+  CHECK_REASON(tryf(v, &s, fmt("{\"alg\":\"HS512\",\"kid\":\"d\","
+                               "\"typ\":\"at+jwt\"}"),
+                    claims(CORP, NULL)),
+               SG_JWT_OK);
+  s = S_RSA2;
+  s.alg = "RS512";
+  CHECK_REASON(tryf(v, &s, fmt("{\"alg\":\"RS512\",\"kid\":\"b\","
+                               "\"typ\":\"at+jwt\"}"),
+                    claims(CORP, NULL)),
+               SG_JWT_OK);
+  s = S_RSA1;
+  s.alg = "RS384";
+  CHECK_REASON(tryf(v, &s, fmt("{\"alg\":\"RS384\",\"kid\":\"a\","
+                               "\"typ\":\"at+jwt\"}"),
+                    claims(CORP, NULL)),
+               SG_JWT_OK);
+  s = S_HMAC;
+  s.alg = "HS512";
   /* Right alg, right kid, wrong secret. */
   unsigned char wrong[64];
   memset(wrong, 'k', sizeof wrong);
@@ -1898,6 +1983,7 @@ int main(void) {
   test_issuer_audience(v);
   test_alg_attacks(v);
   test_tampering(v);
+  test_access_token_typ(v);
   test_duplicates(v);
   test_oversized(v);
   test_required_claims(v);
