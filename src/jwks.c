@@ -842,9 +842,17 @@ int sg_jwks_parse_fetched(const char *buf, size_t len, unsigned alg_mask,
       continue;
     }
     if (alg_mask != 0 && (alg_mask & SG_JWK_ALG_BIT(k.jwt_alg)) == 0) {
-      sg_debug("%s: JWKS keys[%zu] ignored: alg %s is not in the provider's "
-               "algorithms",
-               label, i, k.alg);
+      /* An RSA JWK without "alg" is taken as RS256: with algorithms that
+       * leave RS256 out, it is dropped, and the operator must be told why
+       * (a debug line would leave "no usable signing key" unexplained). */
+      if (json_object_get(j, "alg") == NULL)
+        sg_warn("%s: JWKS keys[%zu] ignored: it names no \"alg\", so it is "
+                "taken as %s, which is not in the provider's algorithms",
+                label, i, k.alg);
+      else
+        sg_debug("%s: JWKS keys[%zu] ignored: alg %s is not in the "
+                 "provider's algorithms",
+                 label, i, k.alg);
       sg_jwk_clear(&k);
       ignored++;
       continue;

@@ -1077,6 +1077,7 @@ static void load_provider(struct loader *L, struct provider *p,
     n_static = p->n_keys;
   }
 
+  size_t n_alg_dropped = 0;
   json_t *jwks = network ? NULL : json_object_get(pj, "jwks_file");
   if (jwks != NULL) {
     const char *fname = get_string(L, path, pj, "jwks_file", false);
@@ -1090,6 +1091,7 @@ static void load_provider(struct loader *L, struct provider *p,
         sg_jwks_load_file(file, kpath, &jk, &njk, jwks_report, L) == 0) {
       for (size_t i = 0; i < njk; i++) {
         if (!alg_allowed(algorithms, jk[i].alg)) {
+          n_alg_dropped++;
           sg_jwk_clear(&jk[i]);
           continue;
         }
@@ -1129,7 +1131,14 @@ static void load_provider(struct loader *L, struct provider *p,
              path, network ? "fallback_jwks_file" : "jwks_file", p->n_keys);
     }
   }
-  if (!network && p->n_keys == 0 && L->errors == errors_before)
+  if (!network && p->n_keys == 0 && L->errors == errors_before &&
+      n_alg_dropped > 0)
+    lerr(L,
+         "%s: no usable key: the %zu key(s) of jwks_file have an alg not in "
+         "\"algorithms\" (an RSA key without \"alg\" is taken as RS256); "
+         "add the alg there, or \"alg\" to the JWKS keys",
+         path, n_alg_dropped);
+  else if (!network && p->n_keys == 0 && L->errors == errors_before)
     lerr(L,
          "%s: no usable key; add \"keys\" or a \"jwks_file\" with a "
          "signing key (JWKS keys with \"use\" other than \"sig\" or of "

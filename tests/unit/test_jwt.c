@@ -1073,6 +1073,11 @@ static void test_load_errors(void) {
                     "\"hmac_short.key\"}]}]",
                     "at least 48");
 
+  /* JWKS keys all outside "algorithms" (rsa-2 names no alg: RS256): the
+   * error says why, not only that no key is usable. */
+  EXPECT_LOAD_ERROR("[{\"name\":\"a\",\"issuer\":\"i\",\"audiences\":[\"s\"],"
+                    "\"jwks_file\":\"jwks.json\",\"algorithms\":[\"RS512\"]}]",
+                    "an RSA key without \"alg\" is taken as RS256");
   /* The issuer's public key given as an HMAC secret: algorithm confusion
    * by configuration, refused at load whatever the key file holds. */
   EXPECT_LOAD_ERROR("[{\"name\":\"a\",\"issuer\":\"i\",\"audiences\":[\"s\"],"
