@@ -665,6 +665,15 @@ static void on_connected(sg_upstream *up) {
     upstream_free(up, "cannot create HTTP/2 session (out of memory)");
     return;
   }
+  /* A backend that takes nothing we write for this long is hung: without
+   * a bound, nothing else ends the connection while it holds a stream,
+   * and a cancelled call's RST_STREAM waits behind the full output for
+   * ever, keeping the call, the connection and its generation. libevent's
+   * write timeout runs only while output waits; h2c writes through the
+   * bufferevent too (only its reads bypass it). */
+  uint32_t stall = pool_config(up->pool)->write_stall_timeout_ms;
+  struct timeval wtv = {stall / 1000, (suseconds_t)(stall % 1000) * 1000};
+  bufferevent_set_timeouts(up->bev, NULL, &wtv);
   if (up->ssl == NULL) {
     up->read_ev = event_new(up->pool->worker->base, bufferevent_getfd(up->bev),
                             EV_READ | EV_PERSIST, on_socket_readable, up);
@@ -694,7 +703,13 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
     return;
   }
   char reason[300];
-  if (events & BEV_EVENT_EOF) {
+  if (events & BEV_EVENT_TIMEOUT) {
+    /* Its streams get 14; after the SETTINGS, not a connect failure
+     * (below): the backend is not marked down, the next connect finds out.
+     * Calls already cancelled, whose RST_STREAM could not go out, go too. */
+    snprintf(reason, sizeof reason, "the backend read nothing for %u ms (write stall)",
+             pool_config(up->pool)->write_stall_timeout_ms);
+  } else if (events & BEV_EVENT_EOF) {
     /* Closing an idle connection is the backend's right, not a failure;
      * closing before its SETTINGS is (below). */
     snprintf(reason, sizeof reason, "the backend closed the connection");

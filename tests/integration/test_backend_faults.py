@@ -10,6 +10,7 @@ nothing here measures time.
 
 import os
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -860,6 +861,110 @@ class ZeroStreamsTest(UpCase):
                          "statuses, backend connections still open %s after the "
                          "calls ended (idle_timeout_ms 300); %d connections accepted, "
                          "%d HEADERS received" % ((codes, left), be.accepts, be.headers_seen))
+
+
+class StopsReadingBackend(ThreadedServer):
+    """python-h2, h2c or TLS: opens every flow-control window wide, takes
+    the first request's HEADERS, then never reads its socket again (a hung
+    server: alive, TCP window zero) and keeps the connection open."""
+
+    def __init__(self, tls=False):
+        self.ctx = None
+        if tls:
+            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.ctx.load_cert_chain(H.pki().server_cert, H.pki().server_key)
+            self.ctx.set_alpn_protocols(["h2"])
+        super().__init__(rcvbuf=16384)  # a small one backs up sooner
+
+    def serve(self, sock):
+        sock.settimeout(0.2)
+        try:
+            if self.ctx is not None:
+                sock.settimeout(5)
+                sock = self.ctx.wrap_socket(sock, server_side=True)
+                sock.settimeout(0.2)
+            c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            c.local_settings = h2.settings.Settings(client=False, initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+            c.initiate_connection()
+            c.increment_flow_control_window(2**31 - 1 - 65535)
+            sock.sendall(c.data_to_send())
+            got = False
+            while not self.closed.is_set() and not got:
+                try:
+                    data = sock.recv(65536)
+                except socket.timeout:
+                    continue
+                if not data:
+                    return
+                for ev in c.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        got = True
+                sock.sendall(c.data_to_send())
+            self.closed.wait(60)
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            sock.close()
+
+
+class StoppedReadingTest(H.SparkgateTestCase):
+    STALL_LOG = r"closed with 1 streams: the backend read nothing for %d ms \(write stall\)"
+
+    def start_proxy(self, be, stall_ms, tls=False):
+        cfg = H.base_config(be.port, workers=1,
+                            backend_tls={"ca": H.pki().ca_cert} if tls else None,
+                            admin={"address": "127.0.0.1", "port": 0},
+                            write_stall_timeout_ms=stall_ms,
+                            upstream={"connect_timeout_ms": 2000, "idle_timeout_ms": 500})
+        self.sg = self.start_sparkgate(cfg)
+        self.admin = int(self.sg.wait_for_log(ADMIN_RE, timeout=5).group(1))
+        return H.tls_channel(self.sg.port("public"))
+
+    def streams_open(self):
+        _, _, body = http_get(self.admin, "/metrics")
+        return sample(parse_prometheus(body.decode()), "sparkgate_streams_open")
+
+    def assert_released(self, be):
+        try:
+            H.wait_until(lambda: self.streams_open() == 0, 6, interval=0.1,
+                         what="the call released")
+            H.wait_until(lambda: H.established_connections_to(be.port) == 0, 3,
+                         interval=0.1, what="backend connection closed")
+        except TimeoutError as e:
+            self.fail("the proxy still holds the call or its backend connection "
+                      "(%s): streams open %r" % (e, self.streams_open()))
+
+    def test_cancelled_upload_is_released(self):
+        """An upload to a backend that stopped reading its socket, ended by
+        the client's deadline (4) before write_stall_timeout_ms: the
+        RST_STREAM that would end the backend leg cannot go out, so the
+        backend connection is closed after write_stall_timeout_ms (logged,
+        at warn) and the orphaned call with it: no stream, backend
+        connection or fd stays for as long as the backend stays hung."""
+        be = StopsReadingBackend()
+        self.addCleanup(be.close)
+        ch = self.start_proxy(be, 1500)
+        r = H.call_client_stream(ch, "AddArtifacts", [b"u" * (256 * 1024)] * 64,
+                                 timeout=0.5)
+        ch.close()
+        self.assertEqual(r.code, grpc.StatusCode.DEADLINE_EXCEEDED, r)
+        self.sg.wait_for_log(self.STALL_LOG % 1500, timeout=6)
+        self.assert_released(be)
+
+    def test_call_on_a_backend_that_stopped_reading_gets_14_over_tls(self):
+        """The same over TLS, the client still waiting (deadline far off):
+        after write_stall_timeout_ms the backend connection closes and its
+        call gets 14 (the backend is unavailable), not the deadline."""
+        be = StopsReadingBackend(tls=True)
+        self.addCleanup(be.close)
+        ch = self.start_proxy(be, 1000, tls=True)
+        self.addCleanup(ch.close)
+        r = H.call_client_stream(ch, "AddArtifacts", [b"u" * (256 * 1024)] * 64,
+                                 timeout=10)
+        self.assertEqual(r.code, UNAVAILABLE, r)
+        self.sg.wait_for_log(self.STALL_LOG % 1000, timeout=5)
+        self.assert_released(be)
 
 
 if __name__ == "__main__":
