@@ -172,8 +172,8 @@ void sg_conn_charge(sg_conn *c, unsigned cost, const char *what) {
   sg_warn("conn=%llu peer=%s: closing: too many %s (abuse budget spent): "
           "GOAWAY ENHANCE_YOUR_CALM",
           (unsigned long long)c->id, c->peer, what);
-  snprintf(c->close_reason, sizeof c->close_reason, "too many %s (abuse budget spent)",
-           what);
+  c->close_reason = "abuse budget spent on";
+  c->close_detail = what;
   nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
                         nghttp2_session_get_last_proc_stream_id(c->session),
                         NGHTTP2_ENHANCE_YOUR_CALM, NULL, 0);
@@ -413,15 +413,15 @@ static int on_invalid_frame_recv(nghttp2_session *session,
                      : NULL;
   if (s != NULL && !s->rejected && !s->header_overflow) {
     char why[128];
-    if (c->bad_header[0] != '\0')
-      snprintf(why, sizeof why, "invalid header field '%s'", c->bad_header);
+    if (c->worker->bad_header[0] != '\0')
+      snprintf(why, sizeof why, "invalid header field '%s'", c->worker->bad_header);
     else
       snprintf(why, sizeof why, "%s", nghttp2_strerror(lib_error));
-    c->bad_header[0] = '\0';
+    c->worker->bad_header[0] = '\0';
     reject_library_reset(c, s, why);
     return 0;
   }
-  c->bad_header[0] = '\0';
+  c->worker->bad_header[0] = '\0';
   sg_conn_charge(c, 5, "invalid frames");
   sg_info("conn=%llu peer=%s: invalid frame (type %u, stream %d): %s",
           (unsigned long long)c->id, c->peer, frame->hd.type,
@@ -448,11 +448,12 @@ static int on_error(nghttp2_session *session, int lib_error_code,
   name += sizeof name_tag - 1;
   const char *end = memmem(name, len - (size_t)(name - msg), value_tag, sizeof value_tag - 1);
   size_t nlen = end != NULL ? (size_t)(end - name) : 0;
-  snprintf(c->bad_header, sizeof c->bad_header, "%.*s", (int)nlen, name);
+  char *bad = c->worker->bad_header;
+  snprintf(bad, sizeof c->worker->bad_header, "%.*s", (int)nlen, name);
   /* A field nghttp2 drops (and the call goes on) is a debug matter; one it
    * resets the stream for is logged with the call (on_invalid_frame_recv). */
   sg_debug("conn=%llu peer=%s: %.*s: header field '%s' (value not logged)",
-           (unsigned long long)c->id, c->peer, (int)head, msg, c->bad_header);
+           (unsigned long long)c->id, c->peer, (int)head, msg, bad);
   return 0;
 }
 
@@ -551,8 +552,8 @@ static void on_read(struct bufferevent *bev, void *arg) {
       if (rv < 0) {
         sg_info("conn=%llu peer=%s: closing: %s", (unsigned long long)c->id,
                 c->peer, nghttp2_strerror((int)rv));
-        snprintf(c->close_reason, sizeof c->close_reason, "protocol error: %s",
-                 nghttp2_strerror((int)rv));
+        c->close_reason = "protocol error:";
+        c->close_detail = nghttp2_strerror((int)rv);
         evbuffer_drain(in, total);
         /* On these floods nghttp2 stops at once and says nothing: tell the
          * client why before closing. */
@@ -756,9 +757,7 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
     sg_info("conn=%llu peer=%s: closed: the client read nothing for %u ms "
             "(write stall)",
             (unsigned long long)c->id, c->peer, c->rt->config->write_stall_timeout_ms);
-    snprintf(c->close_reason, sizeof c->close_reason,
-             "the client read nothing for %u ms (write stall)",
-             c->rt->config->write_stall_timeout_ms);
+    c->close_reason = "write stall (the client read nothing)";
   }
   conn_free(c);
 }
@@ -996,7 +995,7 @@ void sg_conn_close_now(sg_conn *c, const char *reason) {
     return;
   sg_info("conn=%llu peer=%s: closed: %s", (unsigned long long)c->id, c->peer,
           reason);
-  snprintf(c->close_reason, sizeof c->close_reason, "%s", reason);
+  c->close_reason = reason;
   conn_free(c);
 }
 
@@ -1008,13 +1007,14 @@ static void conn_free(sg_conn *c) {
    * cancelled so the backend stops working for nobody. */
   while (!sg_list_empty(&c->streams)) {
     sg_stream *s = SG_CONTAINER_OF(c->streams.next, sg_stream, conn_link);
-    if (c->close_reason[0] == '\0') {
+    if (c->close_reason == NULL) {
       sg_stream_on_client_close(s, NGHTTP2_CANCEL); /* the client went away */
       continue;
     }
     if (s->reason[0] == '\0')
-      snprintf(s->reason, sizeof s->reason, "connection closed by the proxy: %s",
-               c->close_reason);
+      snprintf(s->reason, sizeof s->reason, "connection closed by the proxy: %s%s%s",
+               c->close_reason, c->close_detail != NULL ? " " : "",
+               c->close_detail != NULL ? c->close_detail : "");
     sg_stream_on_client_close(s, NGHTTP2_INTERNAL_ERROR);
   }
   sg_list_unlink(&c->worker_link);

@@ -80,11 +80,10 @@ struct sg_conn {
   bool closing;     /* flush what is queued, then free */
   bool freeing;     /* inside sg_conn_free: ignore library callbacks */
   /* Why the proxy ends the connection, when it is the proxy: the calls
-   * still open are logged with it instead of as cancelled by the client. */
-  char close_reason[96];
-  /* The header field nghttp2 just refused (its error message comes before
-   * the reset): the name only, never the value, which may be a token. */
-  char bad_header[64];
+   * still open are logged with it instead of as cancelled by the client.
+   * Static strings: an idle connection carries two pointers, not text. */
+  const char *close_reason;
+  const char *close_detail;
 };
 
 /* Takes ownership of |fd|. */
@@ -113,7 +112,8 @@ void sg_conn_recheck_certificate(sg_conn *c, sg_runtime *rt);
  * the connection's abuse budget. */
 void sg_conn_charge(sg_conn *c, unsigned cost, const char *what);
 
-/* Drops the connection now (drain deadline, fatal error). */
+/* Drops the connection now (drain deadline, fatal error). |reason| must
+ * outlive the connection (a string literal or nghttp2_strerror). */
 void sg_conn_close_now(sg_conn *c, const char *reason);
 
 #endif

@@ -81,6 +81,10 @@ struct sg_worker {
   struct sg_h2mem *h2mem;       /* nghttp2's allocations on this thread */
   struct evbuffer *h2_stage;    /* sg_h2io.stage of every session here */
   struct sg_clientcount *clients; /* connections per client address: the process table */
+  /* The header field nghttp2 just refused, between its error message and
+   * the stream's reset (one nghttp2_session_mem_recv on this thread): the
+   * name only, never the value, which may be a token. */
+  char bad_header[64];
 
   sg_list conns; /* sg_conn.worker_link */
   size_t n_conns;
