@@ -68,6 +68,9 @@ typedef struct loader {
   const char *file; /* named by each message */
   sg_config *cfg;
   sg_config_errors *errs;
+  /* auth.jwt_providers is there but did not load: its own errors say why,
+   * so "no providers are configured" would be wrong advice. */
+  bool jwt_providers_failed;
 } loader;
 
 #define LOAD_ERR(ld, path, ...) sg_jsonload_error(&(ld)->j, (path), __VA_ARGS__)
@@ -135,7 +138,8 @@ static void check_listener_auth(loader *ld) {
     if (l->auth_none || l->name == NULL)
       continue;
     /* With "mtls" too and "require": "any", certificates alone do. */
-    if ((l->auth.methods & SG_LISTENER_AUTH_JWT) && cfg->jwt == NULL &&
+    bool no_jwt = cfg->jwt == NULL && !ld->jwt_providers_failed;
+    if ((l->auth.methods & SG_LISTENER_AUTH_JWT) && no_jwt &&
         (!(l->auth.methods & SG_LISTENER_AUTH_MTLS) ||
          l->auth.require == SG_LISTENER_AUTH_REQUIRE_ALL))
       LOAD_ERR(ld, apath,
@@ -148,7 +152,7 @@ static void check_listener_auth(loader *ld) {
                "accepts mtls but the listener asks for no client certificate: "
                "set tls.client_certificates to \"optional\" or \"required\"");
     if (l->auth.require == SG_LISTENER_AUTH_REQUIRE_ALL &&
-        (l->auth.methods & SG_LISTENER_AUTH_JWT) && cfg->jwt == NULL)
+        (l->auth.methods & SG_LISTENER_AUTH_JWT) && no_jwt)
       LOAD_ERR(ld, apath, "requires a JWT but no auth.jwt_providers are configured");
   }
 }
@@ -352,8 +356,10 @@ static void load_auth(loader *ld, json_t *root) {
   if (providers != NULL && json_array_size(providers) > 0) {
     sg_jwt_options opts = {.max_token_bytes = max_token};
     if (sg_jwt_providers_load(providers, cfg->base_dir, "auth.jwt_providers",
-                              &opts, &cfg->jwt, report_jwt_error, ld) != 0)
+                              &opts, &cfg->jwt, report_jwt_error, ld) != 0) {
       cfg->jwt = NULL;
+      ld->jwt_providers_failed = true;
+    }
   }
 }
 

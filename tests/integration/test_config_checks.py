@@ -137,5 +137,29 @@ class JwtListenerNeedsProviderTest(Base):
         self.assertEqual(rc, 0, err)
 
 
+class ProviderThatFailedIsNotMissingTest(Base):
+    """A provider that fails to load (here: an HS256 secret too short) gets
+    its own error naming the key file. The listener that accepts JWT is not
+    also told "no auth.jwt_providers are configured: add a provider": the
+    provider is configured, and that advice would send the operator the
+    wrong way."""
+
+    def test_short_hmac_secret_is_not_reported_as_missing_providers(self):
+        d = H.tempdir("sg-conf-")
+        key = os.path.join(d, "hmac.key")
+        with open(key, "w") as f:
+            f.write("tooshort")
+        cfg = H.base_config(
+            1234, listeners=[H.tls_listener("public", auth={"methods": ["jwt"]})],
+            auth={"jwt_providers": [{"name": "idp", "issuer": "https://idp.test",
+                                     "audiences": ["spark"],
+                                     "keys": [{"alg": "HS256", "secret_file": key}]}]})
+        rc, out, err = H.check_config(cfg, directory=d)
+        self.assertEqual(rc, 1, (out, err))
+        self.assertIn("secret_file", err)
+        self.assertNotIn("no auth.jwt_providers are configured", err,
+                         "a provider that failed to load is reported as absent:\n" + err)
+
+
 if __name__ == "__main__":
     H.main()
