@@ -279,6 +279,9 @@ static bool reload_config(sg_main *m) {
    * from the same place keep the keys fetched so far (no refetch, never
    * "no keys" because of a reload). */
   sg_jwt_verifier_adopt_keys(rt->config->jwt, m->rt->config->jwt);
+  /* Only now, with nothing left to fail: a rejected configuration's tenants
+   * must never show on /metrics. */
+  sg_metrics_publish(m->metrics, rt->metrics);
   for (unsigned i = 0; i < m->n_workers; i++)
     sg_worker_post_runtime(m->workers[i], rt);
   sg_runtime_unref(m->rt);
@@ -360,6 +363,7 @@ static int run(sg_config *cfg) {
     fprintf(stderr, "sparkgate: %s: %s\n", cfg->path, err);
     goto out;
   }
+  sg_metrics_publish(m.metrics, m.rt->metrics);
   m.base = event_base_new();
   m.n_workers = cfg->workers;
   m.workers = calloc(m.n_workers, sizeof *m.workers);

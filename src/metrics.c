@@ -380,6 +380,7 @@ sg_metrics *sg_metrics_new(unsigned n_workers, const sg_metrics_reasons *reasons
   sg_metrics_gen *g = sg_metrics_gen_new(m, NULL);
   if (g == NULL)
     goto fail;
+  sg_metrics_publish(m, g);
   sg_metrics_gen_unref(g);
   return m;
 fail:
@@ -421,7 +422,7 @@ sg_metrics_gen *sg_metrics_gen_new(sg_metrics *m, const sg_metrics_dims *dims) {
   sg_metrics_gen *g = calloc(1, sizeof *g);
   if (g == NULL)
     return NULL;
-  g->refcount_ = 2; /* the caller's and m->current's */
+  g->refcount_ = 1; /* the caller's; sg_metrics_publish takes its own */
   g->m = m;
   g->workers = calloc(m->n_workers, sizeof *g->workers);
   size_t n = dims != NULL ? dims->n_tenants : 0;
@@ -452,10 +453,7 @@ sg_metrics_gen *sg_metrics_gen_new(sg_metrics *m, const sg_metrics_dims *dims) {
       gt->n_backends = b + 1;
     }
   }
-  sg_metrics_gen *old = m->current;
-  m->current = g;
   pthread_mutex_unlock(&m->lock);
-  sg_metrics_gen_unref(old);
   return g;
 
 fail_locked:
@@ -463,6 +461,15 @@ fail_locked:
   pthread_mutex_unlock(&m->lock);
   gen_free(g);
   return NULL;
+}
+
+void sg_metrics_publish(sg_metrics *m, sg_metrics_gen *g) {
+  sg_metrics_gen_ref(g);
+  pthread_mutex_lock(&m->lock);
+  sg_metrics_gen *old = m->current;
+  m->current = g;
+  pthread_mutex_unlock(&m->lock);
+  sg_metrics_gen_unref(old);
 }
 
 sg_metrics_gen *sg_metrics_gen_new_from_config(sg_metrics *m, const sg_config *cfg) {

@@ -99,7 +99,8 @@ sg_runtime *sg_runtime_new(sg_config *cfg, sg_metrics *metrics, char *err,
       }
     }
   }
-  /* Last: from here on /metrics shows this config's tenants. */
+  /* Built, not published: /metrics shows this config's tenants once the
+   * caller puts it in force (sg_metrics_publish). */
   if (metrics != NULL) {
     rt->metrics = sg_metrics_gen_new_from_config(metrics, cfg);
     if (rt->metrics == NULL) {

@@ -30,9 +30,10 @@
  * Counts recorded by streams still running on an old generation for a
  * tenant the new one removed are kept the same way.
  *
- * Threads: sg_metrics_new/free, sg_metrics_gen_new*, sg_metrics_reload and
- * sg_metrics_render are called from the main thread (render and gen_new
- * take a lock, so tests may call them from elsewhere). The record
+ * Threads: sg_metrics_new/free, sg_metrics_gen_new*, sg_metrics_publish,
+ * sg_metrics_reload and sg_metrics_render are called from the main thread
+ * (render, gen_new and publish take a lock, so tests may call them from
+ * elsewhere). The record
  * functions are called only by the worker thread a handle belongs to. */
 #ifndef SPARKGATE_METRICS_H
 #define SPARKGATE_METRICS_H
@@ -119,13 +120,18 @@ sg_metrics *sg_metrics_new(unsigned n_workers, const sg_metrics_reasons *reasons
 /* Every generation must have been released before. */
 void sg_metrics_free(sg_metrics *m);
 
-/* A new dimension generation; from now on /metrics renders its tenants.
- * Returns a reference for the caller (keep it with the runtime it was
- * built for: sg_runtime is the natural owner), or NULL when out of memory
- * (the previous generation stays current). */
+/* A new dimension generation. Returns a reference for the caller (keep it
+ * with the runtime it was built for: sg_runtime is the natural owner), or
+ * NULL when out of memory. /metrics goes on rendering the published
+ * generation until sg_metrics_publish: a configuration that is built but
+ * then rejected (a reload that fails later) never shows. */
 sg_metrics_gen *sg_metrics_gen_new(sg_metrics *m, const sg_metrics_dims *dims);
 /* Same, with tenants and backends named as in |cfg|. */
 sg_metrics_gen *sg_metrics_gen_new_from_config(sg_metrics *m, const sg_config *cfg);
+/* From now on /metrics renders |g|'s tenants and backends (it takes a
+ * reference; the one published before is released). Call once the
+ * configuration |g| was built for is in force. */
+void sg_metrics_publish(sg_metrics *m, sg_metrics_gen *g);
 sg_metrics_gen *sg_metrics_gen_ref(sg_metrics_gen *g);
 /* Any thread. */
 void sg_metrics_gen_unref(sg_metrics_gen *g);

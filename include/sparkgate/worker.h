@@ -29,7 +29,8 @@ struct sg_runtime {
 };
 
 /* |metrics| may be NULL (unit tests); otherwise the runtime records into a
- * new dimension generation of it. */
+ * new dimension generation of it (rt->metrics), which the caller publishes
+ * (sg_metrics_publish) once the runtime is in force. */
 sg_runtime *sg_runtime_new(sg_config *cfg, struct sg_metrics *metrics,
                            char *err, size_t errlen);
 sg_runtime *sg_runtime_ref(sg_runtime *rt);

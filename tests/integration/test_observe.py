@@ -4,7 +4,10 @@ the client saw it (docs/operations.md: access log, metrics, status table),
 also calls refused before their header block was complete.
 """
 
+import copy
+import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -16,7 +19,9 @@ import harness as H  # noqa: E402
 from test_attacks import (  # noqa: E402
     AttackCase, RawH2, attack_config, frame, hpack_block, INTERNAL_ERROR, MIB, SERVICE)
 from test_operations import (  # noqa: E402
-    parse_prometheus, sample, http_get, read_access_log, wait_access, ADMIN_RE)
+    parse_prometheus, sample, series, http_get, read_access_log, wait_access, ADMIN_RE)
+
+import grpc  # noqa: E402
 
 WAIT = 10.0
 
@@ -133,6 +138,74 @@ class OversizedHeaderCallCountedTest(ObservedCase):
                         "access-log line (refused by the proxy: it must have one)")
         self.assertIn("header list exceeds", lines[0].get("reason", ""), lines[0])
         self.assertIsNone(lines[0]["grpc_status"], lines[0])
+
+
+def h2c_config(backend_port, **top):
+    """One h2c listener "dev" (auth none), admin on 127.0.0.1 port 0."""
+    top.setdefault("admin", {"address": "127.0.0.1", "port": 0})
+    return H.base_config(backend_port, listeners=[H.h2c_listener("dev")], **top)
+
+
+def scrape(port):
+    status, _, body = http_get(port, "/metrics")
+    assert status == 200, body
+    return parse_prometheus(body.decode("utf-8"))
+
+
+class FailedReloadKeepsMetricsTest(H.SparkgateTestCase):
+    """operations.md, "Reload": "Any error leaves the running configuration
+    in force", and /metrics goes on showing that configuration's tenants
+    and backends. Here the reload fails after its runtime was built: the
+    access log path is a Unix socket, which passes the load check but
+    cannot be opened."""
+
+    def test_metrics_show_the_configuration_in_force_after_a_failed_reload(self):
+        up = self.standin()
+        cfg = h2c_config(up.port)
+        cfg["tenants"].append({
+            "name": "keep", "allow": {"any_identity": True}, "user_id": "off",
+            "backends": [{"name": "k1", "address": "127.0.0.1", "port": up.port}]})
+        sg = self.start_sparkgate(cfg)
+        admin = int(sg.wait_for_log(ADMIN_RE, timeout=5).group(1))
+
+        def tenants():
+            return sorted(dict(k)["tenant"]
+                          for k in series(scrape(admin), "sparkgate_request_bytes_total"))
+
+        def backends():
+            return sorted("%s/%s" % (dict(k)["tenant"], dict(k)["backend"])
+                          for k in series(scrape(admin), "sparkgate_upstream_connects_total"))
+
+        before_t, before_b = tenants(), backends()
+        self.assertEqual(before_t, ["default", "keep", "none"])
+
+        d = H.tempdir("sg-observe-")
+        sock_path = os.path.join(d, "access.log")
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(unix.close)
+        unix.bind(sock_path)  # open() of a socket fails with ENXIO
+        new = copy.deepcopy(cfg)
+        new["tenants"][1] = {
+            "name": "added", "allow": {"any_identity": True}, "user_id": "off",
+            "backends": [{"name": "a1", "address": "127.0.0.1", "port": up.port}]}
+        new["access_log"] = {"path": sock_path}
+        tmp = sg.config_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(new, f)
+        os.replace(tmp, sg.config_path)
+        mark = sg.mark()
+        sg.send_signal(signal.SIGHUP)
+        sg.wait_for_log(r"reload failed: access_log", timeout=WAIT, since=mark)
+
+        ch = H.h2c_channel(sg.port("dev"))
+        self.addCleanup(ch.close)
+        r = H.call_unary(ch, "Config", b"m", metadata=[("x-spark-tenant", "keep")])
+        self.assertEqual(r.code, grpc.StatusCode.OK, r)
+
+        self.assertEqual(tenants(), before_t,
+                         "/metrics shows the tenants of the configuration the reload "
+                         "rejected, not of the one in force")
+        self.assertEqual(backends(), before_b)
 
 
 if __name__ == "__main__":

@@ -251,6 +251,7 @@ static void test_two_workers(void) {
   sg_metrics_dims dims = {tenants, 2};
   sg_metrics_gen *g = sg_metrics_gen_new(m, &dims);
   CHECK(g != NULL);
+  sg_metrics_publish(m, g);
   CHECK(sg_metrics_for_worker(g, 2) == NULL);
 
   pthread_t th[2];
@@ -379,6 +380,7 @@ static void test_reload(void) {
   sg_metrics_tenant_dims t1[] = {{"a", a_backends, 1}, {"b", b_backends, 1}};
   sg_metrics_dims d1 = {t1, 2};
   sg_metrics_gen *g1 = sg_metrics_gen_new(m, &d1);
+  sg_metrics_publish(m, g1);
   sg_metrics_worker *w1 = sg_metrics_for_worker(g1, 0);
   sg_metrics_rpc_done(w1, 0, SG_METHOD_CONFIG, 0, 0.01, 5, 5);
   sg_metrics_rpc_done(w1, 1, SG_METHOD_CONFIG, 0, 0.01, 7, 7);
@@ -390,6 +392,7 @@ static void test_reload(void) {
   sg_metrics_dims d2 = {t2, 2};
   sg_metrics_gen *g2 = sg_metrics_gen_new(m, &d2);
   CHECK(g2 != NULL);
+  sg_metrics_publish(m, g2);
   sg_metrics_worker *w2 = sg_metrics_for_worker(g2, 0);
   sg_metrics_rpc_done(w2, 1, SG_METHOD_CONFIG, 0, 0.01, 1, 1); /* "a" */
   /* A stream still on the old configuration records with its indices. */
@@ -415,6 +418,7 @@ static void test_reload(void) {
   sg_metrics_tenant_dims t3[] = {{"b", b_backends, 1}};
   sg_metrics_dims d3 = {t3, 1};
   sg_metrics_gen *g3 = sg_metrics_gen_new(m, &d3);
+  sg_metrics_publish(m, g3);
   t = render(m);
   CHECK(sample(t, "sparkgate_request_bytes_total{tenant=\"b\"}") == 8);
   CHECK(sample(t, "sparkgate_rpcs_total{tenant=\"b\",method=\"Config\",grpc_status=\"0\"}") == 2);
@@ -426,6 +430,42 @@ static void test_reload(void) {
   sg_metrics_free(m);
 }
 
+/* A generation built for a configuration that is then rejected (a reload
+ * that fails after building its runtime) never shows: /metrics keeps the
+ * tenants of the published one until sg_metrics_publish. */
+static void test_unpublished_generation_is_not_rendered(void) {
+  sg_metrics *m = sg_metrics_new(1, NULL);
+  CHECK(m != NULL);
+  const char *const k_backends[] = {"k1"};
+  sg_metrics_tenant_dims t1[] = {{"keep", k_backends, 1}};
+  sg_metrics_dims d1 = {t1, 1};
+  sg_metrics_gen *g1 = sg_metrics_gen_new(m, &d1);
+  CHECK(g1 != NULL);
+  char *t = render(m);
+  CHECK(strstr(t, "tenant=\"keep\"") == NULL); /* built, not yet in force */
+  free(t);
+  sg_metrics_publish(m, g1);
+
+  const char *const r_backends[] = {"r1"};
+  sg_metrics_tenant_dims t2[] = {{"rejected", r_backends, 1}};
+  sg_metrics_dims d2 = {t2, 1};
+  sg_metrics_gen *g2 = sg_metrics_gen_new(m, &d2);
+  CHECK(g2 != NULL);
+  sg_metrics_gen_unref(g2); /* the reload failed: its runtime is dropped */
+  t = render(m);
+  CHECK(check_exposition(t) == 0);
+  CHECK(sample(t, "sparkgate_upstream_connects_total{tenant=\"keep\",backend=\"k1\"}") == 0);
+  CHECK(strstr(t, "rejected") == NULL);
+  free(t);
+
+  /* The published generation outlives its runtime's reference. */
+  sg_metrics_gen_unref(g1);
+  t = render(m);
+  CHECK(strstr(t, "tenant=\"keep\"") != NULL);
+  free(t);
+  sg_metrics_free(m);
+}
+
 static void test_from_config(void) {
   sg_backend_config backends[2] = {{.name = "s1"}, {.name = "s2"}};
   sg_tenant_config tenants[1] = {{.name = "default", .backends = backends, .n_backends = 2}};
@@ -433,6 +473,7 @@ static void test_from_config(void) {
   sg_metrics *m = sg_metrics_new(3, NULL);
   sg_metrics_gen *g = sg_metrics_gen_new_from_config(m, &cfg);
   CHECK(g != NULL);
+  sg_metrics_publish(m, g);
   sg_metrics_upstream_connect(sg_metrics_for_worker(g, 2), 0, 1, false);
   char *t = render(m);
   CHECK(sample(t, "sparkgate_upstream_connect_failures_total{tenant=\"default\","
@@ -449,6 +490,7 @@ int main(void) {
   test_method_from_path();
   test_two_workers();
   test_reload();
+  test_unpublished_generation_is_not_rendered();
   test_from_config();
   return check_report("test_metrics");
 }
