@@ -375,6 +375,16 @@ bool sg_accesslog_path_writable(const char *path) {
     }
     return access(path, W_OK) == 0;
   }
+  if (errno != ENOENT)
+    return false;
+  /* A symlink whose target does not exist: open_destination never creates
+   * through it (O_EXCL refuses an existing name, then the plain open finds
+   * no target), so only the link's own directory being writable must not
+   * pass. */
+  if (lstat(path, &st) == 0) {
+    errno = ENOENT;
+    return false;
+  }
   const char *slash = strrchr(path, '/');
   if (slash == NULL)
     return access(".", W_OK | X_OK) == 0;

@@ -58,7 +58,10 @@ typedef struct sg_access_record {
 } sg_access_record;
 
 /* Whether |path| is a file we may append to, or one we may create (the
- * configuration's check, before anything opens it); sets errno when not. */
+ * configuration's check, before anything opens it); sets errno when not.
+ * A symlink must point to an existing file: a dangling one (its target or
+ * the target's directory missing) is refused with ENOENT, as opening it
+ * would be. */
 bool sg_accesslog_path_writable(const char *path);
 
 /* Where the log goes: |path| NULL for stderr, else a file created if

@@ -119,6 +119,19 @@ class AccessLogCheckConfigTest(Base):
         rc, out, err = H.check_config(cfg)
         self.assertEqual(rc, 0, err)
 
+    def test_dangling_symlink_is_refused_at_load(self):
+        """A symlink whose target's directory is missing cannot be opened:
+        it is refused at load (the check used to look only at the link's
+        own directory, and the start or reload then failed at open)."""
+        cfg = good_config()
+        d = H.tempdir("sg-conf-")
+        link = os.path.join(d, "access.log")
+        os.symlink(os.path.join(d, "no-such-dir", "access.log"), link)
+        cfg["access_log"] = {"path": link}
+        rc, out, err = H.check_config(cfg, directory=d, name="bad-config.json")
+        self.assertEqual(rc, 1, "want exit 1; stdout:\n%s\nstderr:\n%s" % (out, err))
+        self.assertIn("access_log.path", err)
+
 
 class JwtListenerNeedsProviderTest(Base):
     """configuration.md: "A listener that accepts `jwt` needs at least one

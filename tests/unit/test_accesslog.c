@@ -2,6 +2,7 @@
  * valid-UTF-8 fields; lines from two threads never interleave; a reopen
  * after logrotate's rename sends new lines to the new file; the config
  * sub-object parser. */
+#include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -288,6 +289,42 @@ static void test_config(void) {
   CHECK_STR_CONTAINS(log.text, "access_log: must be an object");
 }
 
+/* The load-time check agrees with sg_accesslog_open about symlinks: a
+ * link to a file that can be opened passes; a dangling one (its target's
+ * directory missing, or only the target missing) is refused at load, not
+ * first found out by the open at start or reload. */
+static void test_path_writable_follows_symlinks(void) {
+  char file[128], good[128], missing_dir[128], missing_file[128], target[160];
+  snprintf(file, sizeof file, "%s/real.log", tmpdir);
+  snprintf(good, sizeof good, "%s/good-link.log", tmpdir);
+  snprintf(missing_dir, sizeof missing_dir, "%s/dangling-dir.log", tmpdir);
+  snprintf(missing_file, sizeof missing_file, "%s/dangling-file.log", tmpdir);
+  FILE *f = fopen(file, "w");
+  CHECK(f != NULL);
+  if (f != NULL)
+    fclose(f);
+  CHECK(symlink(file, good) == 0);
+  snprintf(target, sizeof target, "%s/no-such-dir/access.log", tmpdir);
+  CHECK(symlink(target, missing_dir) == 0);
+  CHECK(symlink("not-there.log", missing_file) == 0); /* relative, same dir */
+
+  CHECK(sg_accesslog_path_writable(file));
+  CHECK(sg_accesslog_path_writable(good));
+  errno = 0;
+  CHECK(!sg_accesslog_path_writable(missing_dir) && errno == ENOENT);
+  errno = 0;
+  CHECK(!sg_accesslog_path_writable(missing_file) && errno == ENOENT);
+  /* What the open would find: neither can be opened. */
+  char err[256];
+  CHECK(sg_accesslog_open(missing_dir, err, sizeof err) == -1);
+  CHECK(sg_accesslog_open(missing_file, err, sizeof err) == -1);
+  sg_accesslog_close();
+  unlink(good);
+  unlink(missing_dir);
+  unlink(missing_file);
+  unlink(file);
+}
+
 int main(void) {
   snprintf(tmpdir, sizeof tmpdir, "/tmp/sg-accesslog-XXXXXX");
   if (mkdtemp(tmpdir) == NULL) {
@@ -297,6 +334,7 @@ int main(void) {
   test_format();
   test_file_and_reopen();
   test_config();
+  test_path_writable_follows_symlinks();
   rmdir(tmpdir);
   return check_report("test_accesslog");
 }
