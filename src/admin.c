@@ -3,31 +3,63 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 
 #include <event2/buffer.h>
+#include <event2/bufferevent.h>
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
+#include <event2/listener.h>
 
+#include "sparkgate/list.h"
 #include "sparkgate/log.h"
 #include "sparkgate/metrics.h"
+#include "sparkgate/worker.h"
 
 /* Scrapes and probes are small and local: keep what a stuck or hostile
- * client can hold small too. */
+ * client can hold small too. evhttp's timeout restarts with every byte,
+ * so a client trickling its headers is never idle: a deadline bounds the
+ * whole request, and a cap what all clients hold together (see admin.h). */
 #define ADMIN_TIMEOUT_S 10
 #define ADMIN_MAX_HEADERS_BYTES 8192
 #define ADMIN_MAX_BODY_BYTES 1024
+
+/* One accepted connection, counted from evhttp's bufferevent callback to
+ * its close callback. */
+typedef struct admin_conn {
+  sg_list link; /* in sg_admin.conns */
+  sg_admin *admin;
+  /* Until bound: a reference to the bufferevent made for evhttp, whose
+   * callback argument is the evhttp_connection once evhttp set it up. */
+  struct bufferevent *bev;
+  struct evhttp_connection *evcon; /* once bound */
+  struct event *ev;                /* bind at once, then the deadline */
+} admin_conn;
 
 struct sg_admin {
   struct evhttp *http;
   sg_metrics *metrics;
   uint16_t port;
   int ready; /* atomic bool */
+  struct evconnlistener *listener; /* evhttp's; borrowed */
+  sg_list conns;                   /* admin_conn.link */
+  size_t n_conns;
+  size_t max_conns;     /* SG_ADMIN_MAX_CONNECTIONS */
+  unsigned deadline_ms; /* SG_ADMIN_REQUEST_DEADLINE_S */
+  bool capped; /* listener disabled at max_conns */
+  bool freeing;
+  sg_accept_backoff backoff;
+  sg_list live_link; /* in live_admins */
 };
+
+/* evhttp gives its listener's error callback the evhttp as argument: the
+ * admin servers of this process (main thread), to find ours by it. */
+static sg_list live_admins = {&live_admins, &live_admins};
 
 /* ---- config ------------------------------------------------------------- */
 
@@ -206,8 +238,131 @@ static void serve_metrics(sg_admin *a, struct evhttp_request *req) {
   evbuffer_free(b);
 }
 
+/* ---- connections: cap and deadline --------------------------------------- */
+
+static void listener_update(sg_admin *a) {
+  if (a->freeing || a->listener == NULL || a->backoff.paused)
+    return;
+  if (a->capped)
+    evconnlistener_disable(a->listener);
+  else
+    evconnlistener_enable(a->listener);
+}
+
+static void conn_gone(admin_conn *c) {
+  sg_admin *a = c->admin;
+  sg_list_unlink(&c->link);
+  event_free(c->ev);
+  free(c);
+  a->n_conns--;
+  if (a->capped && a->n_conns < a->max_conns) {
+    a->capped = false;
+    listener_update(a);
+  }
+}
+
+static void on_conn_close(struct evhttp_connection *evcon, void *arg) {
+  (void)evcon;
+  conn_gone(arg);
+}
+
+static void arm_deadline(admin_conn *c) {
+  unsigned ms = c->admin->deadline_ms;
+  struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
+  evtimer_add(c->ev, &tv);
+}
+
+static void on_conn_event(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  admin_conn *c = arg;
+  if (c->evcon == NULL) {
+    /* evhttp has set the connection up since the bufferevent callback:
+     * its callbacks' argument is the connection. None any more: evhttp
+     * freed it already (out of memory), and our reference kept it. */
+    struct bufferevent *bev = c->bev;
+    void *evcon = NULL;
+    bufferevent_getcb(bev, NULL, NULL, NULL, &evcon);
+    c->bev = NULL;
+    if (evcon == NULL) {
+      conn_gone(c);
+    } else {
+      c->evcon = evcon;
+      evhttp_connection_set_closecb(c->evcon, on_conn_close, c);
+      arm_deadline(c);
+    }
+    bufferevent_decref(bev);
+    return;
+  }
+  sg_debug("admin: closing a connection that sent no complete request for %u ms",
+           c->admin->deadline_ms);
+  struct evhttp_connection *evcon = c->evcon;
+  evhttp_connection_set_closecb(evcon, NULL, NULL);
+  conn_gone(c);
+  evhttp_connection_free(evcon);
+}
+
+/* evhttp calls this for each accepted connection, before it makes the
+ * connection object: counted here, bound to that object just after. */
+static struct bufferevent *on_new_conn(struct event_base *base, void *arg) {
+  sg_admin *a = arg;
+  sg_accept_backoff_accepted(&a->backoff);
+  struct bufferevent *bev = bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE);
+  admin_conn *c = calloc(1, sizeof *c);
+  if (bev == NULL || c == NULL || (c->ev = evtimer_new(base, on_conn_event, c)) == NULL) {
+    /* Out of memory: evhttp makes its own bufferevent (or drops the
+     * connection); this one goes uncounted. */
+    free(c);
+    if (bev != NULL)
+      bufferevent_free(bev);
+    return NULL;
+  }
+  c->admin = a;
+  c->bev = bev;
+  bufferevent_incref(bev);
+  sg_list_push_back(&a->conns, &c->link);
+  event_active(c->ev, EV_TIMEOUT, 0);
+  if (++a->n_conns >= a->max_conns && !a->capped) {
+    a->capped = true;
+    listener_update(a);
+    sg_warn("admin: %zu connections open, the most it takes: not accepting more until "
+            "one closes (each gets %u ms for a request)",
+            a->max_conns, a->deadline_ms);
+  }
+  return bev;
+}
+
+static admin_conn *conn_of(sg_admin *a, struct evhttp_connection *evcon) {
+  for (sg_list *n = a->conns.next; n != &a->conns; n = n->next) {
+    admin_conn *c = SG_CONTAINER_OF(n, admin_conn, link);
+    if (c->evcon == evcon)
+      return c;
+  }
+  return NULL;
+}
+
+static void on_accept_error(struct evconnlistener *l, void *arg) {
+  int err = EVUTIL_SOCKET_ERROR();
+  for (sg_list *n = live_admins.next; n != &live_admins; n = n->next) {
+    sg_admin *a = SG_CONTAINER_OF(n, sg_admin, live_link);
+    if (a->http == arg) {
+      sg_accept_backoff_failed(&a->backoff, l, err);
+      return;
+    }
+  }
+}
+
+static void on_accept_resume(void *arg) { listener_update(arg); }
+
+/* ---- requests ------------------------------------------------------------ */
+
 static void on_request(struct evhttp_request *req, void *arg) {
   sg_admin *a = arg;
+  /* A request came in whole: the connection gets a new deadline for its
+   * next one (keep-alive scrapes). */
+  admin_conn *c = conn_of(a, evhttp_request_get_connection(req));
+  if (c != NULL)
+    arm_deadline(c);
   const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
   const char *path = uri != NULL ? evhttp_uri_get_path(uri) : NULL;
   if (path == NULL || path[0] == '\0')
@@ -256,6 +411,14 @@ sg_admin *sg_admin_new(struct event_base *base, const sg_admin_config *cfg,
     return NULL;
   }
   a->metrics = metrics;
+  a->max_conns = SG_ADMIN_MAX_CONNECTIONS;
+  a->deadline_ms = SG_ADMIN_REQUEST_DEADLINE_S * 1000;
+  sg_list_init(&a->conns);
+  sg_list_init(&a->live_link);
+  if (sg_accept_backoff_init(&a->backoff, base, "admin listener", on_accept_resume, a) != 0) {
+    snprintf(err, errlen, "out of memory");
+    goto fail;
+  }
   a->http = evhttp_new(base);
   if (a->http == NULL) {
     snprintf(err, errlen, "admin: cannot create the HTTP server");
@@ -271,6 +434,7 @@ sg_admin *sg_admin_new(struct event_base *base, const sg_admin_config *cfg,
   evhttp_set_max_headers_size(a->http, ADMIN_MAX_HEADERS_BYTES);
   evhttp_set_max_body_size(a->http, ADMIN_MAX_BODY_BYTES);
   evhttp_set_gencb(a->http, on_request, a);
+  evhttp_set_bevcb(a->http, on_new_conn, a);
 
   bool v6 = strchr(cfg->address, ':') != NULL;
   struct evhttp_bound_socket *bound =
@@ -281,6 +445,9 @@ sg_admin *sg_admin_new(struct event_base *base, const sg_admin_config *cfg,
              evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
     goto fail;
   }
+  a->listener = evhttp_bound_socket_get_listener(bound);
+  evconnlistener_set_error_cb(a->listener, on_accept_error);
+  sg_list_push_back(&live_admins, &a->live_link);
   struct sockaddr_storage ss;
   socklen_t sslen = sizeof ss;
   if (getsockname(evhttp_bound_socket_get_fd(bound), (struct sockaddr *)&ss, &sslen) != 0) {
@@ -299,6 +466,11 @@ fail:
 
 uint16_t sg_admin_port(const sg_admin *a) { return a->port; }
 
+void sg_admin_set_limits(sg_admin *a, size_t max_connections, unsigned deadline_ms) {
+  a->max_conns = max_connections > 0 ? max_connections : 1;
+  a->deadline_ms = deadline_ms > 0 ? deadline_ms : 1;
+}
+
 void sg_admin_set_ready(sg_admin *a, bool ready) {
   __atomic_store_n(&a->ready, ready ? 1 : 0, __ATOMIC_RELEASE);
 }
@@ -310,7 +482,19 @@ bool sg_admin_ready(const sg_admin *a) {
 void sg_admin_free(sg_admin *a) {
   if (a == NULL)
     return;
+  a->freeing = true;
+  sg_list_unlink(&a->live_link);
+  sg_accept_backoff_clear(&a->backoff);
+  /* Frees the listener, then each connection (their close callbacks
+   * uncount the bound ones). */
   if (a->http != NULL)
     evhttp_free(a->http);
+  while (!sg_list_empty(&a->conns)) {
+    admin_conn *c = SG_CONTAINER_OF(a->conns.next, admin_conn, link);
+    struct bufferevent *bev = c->bev; /* not bound yet: our reference */
+    conn_gone(c);
+    if (bev != NULL)
+      bufferevent_decref(bev);
+  }
   free(a);
 }

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <arpa/inet.h>
@@ -175,9 +176,84 @@ static int bind_listener(const sg_listener_config *l, uint16_t *port, char *err,
   return fd;
 }
 
+/* ---- accept back-off ---------------------------------------------------- */
+
+static uint64_t backoff_now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static const char *backoff_hint(int err) {
+  if (err == EMFILE || err == ENFILE)
+    return "; raise the descriptor limit (LimitNOFILE=, ulimit -n) or lower "
+           "max_connections";
+  return "";
+}
+
+static void on_backoff_timer(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  sg_accept_backoff *b = arg;
+  b->paused = false;
+  b->resume(b->arg);
+}
+
+int sg_accept_backoff_init(sg_accept_backoff *b, struct event_base *base,
+                           const char *what, void (*resume)(void *arg), void *arg) {
+  memset(b, 0, sizeof *b);
+  snprintf(b->what, sizeof b->what, "%s", what);
+  b->resume = resume;
+  b->arg = arg;
+  b->timer = evtimer_new(base, on_backoff_timer, b);
+  return b->timer != NULL ? 0 : -1;
+}
+
+void sg_accept_backoff_clear(sg_accept_backoff *b) {
+  if (b->timer != NULL)
+    event_free(b->timer);
+  b->timer = NULL;
+  b->paused = false;
+}
+
+void sg_accept_backoff_failed(sg_accept_backoff *b, struct evconnlistener *l, int err) {
+  uint64_t now = backoff_now_ms();
+  b->last_error = err;
+  if (b->failures++ == 0) {
+    b->started_ms = b->logged_ms = now;
+    sg_warn("%s: accept failed: %s; retrying every %d ms until it succeeds%s", b->what,
+            evutil_socket_error_to_string(err), SG_ACCEPT_PAUSE_MS, backoff_hint(err));
+  } else if (now - b->logged_ms >= 60000) {
+    b->logged_ms = now;
+    sg_warn("%s: accept failed %llu times in %llu s: %s%s", b->what,
+            (unsigned long long)b->failures,
+            (unsigned long long)((now - b->started_ms) / 1000),
+            evutil_socket_error_to_string(err), backoff_hint(err));
+  }
+  if (b->timer == NULL)
+    return; /* cleared: the listener is going away */
+  evconnlistener_disable(l);
+  b->paused = true;
+  struct timeval tv = {0, SG_ACCEPT_PAUSE_MS * 1000};
+  evtimer_add(b->timer, &tv);
+}
+
+void sg_accept_backoff_accepted(sg_accept_backoff *b) {
+  if (b->failures == 0)
+    return;
+  sg_info("%s: accepting again; accept failed %llu times over %.1f s: %s", b->what,
+          (unsigned long long)b->failures,
+          (double)(backoff_now_ms() - b->started_ms) / 1000.0,
+          evutil_socket_error_to_string(b->last_error));
+  b->failures = 0;
+}
+
+/* ---- client listeners ---------------------------------------------------- */
+
 struct sg_listener_ctx {
   sg_worker *worker;
   size_t index;
+  sg_accept_backoff backoff;
 };
 typedef struct sg_listener_ctx listener_ctx;
 
@@ -185,18 +261,22 @@ static void on_accept(struct evconnlistener *listener, evutil_socket_t fd,
                       struct sockaddr *addr, int addrlen, void *arg) {
   (void)listener;
   listener_ctx *lc = arg;
+  sg_accept_backoff_accepted(&lc->backoff);
   sg_conn_accept(lc->worker, lc->index, fd, addr, addrlen);
 }
 
 static void on_accept_error(struct evconnlistener *listener, void *arg) {
-  (void)listener;
   listener_ctx *lc = arg;
-  int err = EVUTIL_SOCKET_ERROR();
-  /* EMFILE and friends: log and keep the listener; libevent retries on the
-   * next readiness. */
-  sg_warn("listener %s: accept failed: %s",
-          lc->worker->current->rt->config->listeners[lc->index].name,
-          evutil_socket_error_to_string(err));
+  sg_accept_backoff_failed(&lc->backoff, listener, EVUTIL_SOCKET_ERROR());
+}
+
+/* The back-off's pause is over. A drain freed the listeners (and cleared
+ * the timer): nothing to enable then. */
+static void on_accept_resume(void *arg) {
+  listener_ctx *lc = arg;
+  sg_worker *w = lc->worker;
+  if (!w->draining && w->listeners[lc->index] != NULL)
+    evconnlistener_enable(w->listeners[lc->index]);
 }
 
 /* ---- generations ------------------------------------------------------ */
@@ -421,6 +501,7 @@ static void on_drain(evutil_socket_t fd, short what, void *arg) {
     return;
   w->draining = true;
   for (size_t i = 0; i < w->n_listeners; i++) {
+    sg_accept_backoff_clear(&w->listener_ctxs[i].backoff);
     if (w->listeners[i] != NULL) {
       evconnlistener_free(w->listeners[i]);
       w->listeners[i] = NULL;
@@ -551,6 +632,13 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
     listener_ctx *lc = &w->listener_ctxs[i];
     lc->worker = w;
     lc->index = i;
+    char what[80];
+    snprintf(what, sizeof what, "listener %s", cfg->listeners[i].name);
+    if (sg_accept_backoff_init(&lc->backoff, w->base, what, on_accept_resume, lc) != 0) {
+      close(fd);
+      snprintf(err, errlen, "out of memory");
+      goto fail;
+    }
     w->listeners[i] = evconnlistener_new(w->base, on_accept, lc,
                                          LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC,
                                          0 /* listening already: keep its backlog */, fd);
@@ -612,7 +700,9 @@ void sg_worker_free(sg_worker *w) {
     generation_free(SG_CONTAINER_OF(w->retired.next, sg_generation, link));
   generation_free(w->current);
   for (size_t i = 0; i < w->n_listeners; i++) {
-    if (w->listeners[i] != NULL)
+    if (w->listener_ctxs != NULL)
+      sg_accept_backoff_clear(&w->listener_ctxs[i].backoff);
+    if (w->listeners != NULL && w->listeners[i] != NULL)
       evconnlistener_free(w->listeners[i]);
   }
   free(w->listeners);

@@ -37,6 +37,15 @@ typedef void (*sg_config_report_fn)(void *ctx, const char *json_path, const char
 #define SG_ADMIN_DEFAULT_ADDRESS "127.0.0.1"
 #define SG_ADMIN_DEFAULT_PORT 9901
 
+/* Open admin connections at most: at the cap the listener stops
+ * accepting (further connects wait in the kernel's backlog) until one
+ * closes. Probes and scrapes need a handful; the cap keeps whoever reaches
+ * the port from taking the descriptors client connections need. */
+#define SG_ADMIN_MAX_CONNECTIONS 64
+/* Seconds a connection has, from its accept or its last request, to send
+ * a complete request; then it is closed (however slowly bytes trickle). */
+#define SG_ADMIN_REQUEST_DEADLINE_S 10
+
 /* Root "admin": {"address": "127.0.0.1", "port": 9901}
  * Absent "admin" (or null): no admin listener. Present: "address" (numeric
  * IPv4 or IPv6) defaults to 127.0.0.1, "port" to 9901; port 0 lets the
@@ -65,7 +74,9 @@ int sg_admin_config_check_listeners(const sg_admin_config *a,
 
 typedef struct sg_admin sg_admin;
 
-/* Binds |cfg->address|:|cfg->port| and serves on |base| (the main loop).
+/* Binds |cfg->address|:|cfg->port| and serves on |base| (the main loop),
+ * at most SG_ADMIN_MAX_CONNECTIONS connections at a time. accept() failing
+ * for want of descriptors pauses the listener (sg_accept_backoff).
  * |metrics| may be NULL (then /metrics is 404) and must outlive the
  * server. Logs "admin listening on ADDR:PORT" with the real port ([::1]
  * style for IPv6). Not ready until sg_admin_set_ready(a, true). Returns
@@ -75,6 +86,10 @@ sg_admin *sg_admin_new(struct event_base *base, const sg_admin_config *cfg,
 
 /* The bound port (the kernel's choice for port 0). */
 uint16_t sg_admin_port(const sg_admin *a);
+
+/* Other limits than SG_ADMIN_MAX_CONNECTIONS and the request deadline
+ * (tests); applies to connections accepted from now on. */
+void sg_admin_set_limits(sg_admin *a, size_t max_connections, unsigned deadline_ms);
 
 /* /readyz answers 200 when true, 503 when false. Set true once every
  * worker runs; false when a drain starts. Any thread. */

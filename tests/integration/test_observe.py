@@ -7,6 +7,7 @@ also calls refused before their header block was complete.
 import copy
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -206,6 +207,134 @@ class FailedReloadKeepsMetricsTest(H.SparkgateTestCase):
                          "/metrics shows the tenants of the configuration the reload "
                          "rejected, not of the one in force")
         self.assertEqual(backends(), before_b)
+
+
+def open_fds(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def connect_many(port, n):
+    """n non-blocking connects to 127.0.0.1:port, not waited for (a full
+    accept queue must not make the test wait); returns the sockets."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        socks.append(s)
+    return socks
+
+
+def close_all(socks):
+    for s in socks:
+        try:
+            s.close()
+        except OSError:
+            pass
+
+
+def stop_then_elide(test, sg, since):
+    """At cleanup, before the harness prints the log of a failed test: stop
+    sparkgate (which ends any flood of accept-failure lines), then replace
+    those lines by a count so that the log stays readable."""
+    def run():
+        sg.stop()
+        with sg._cond:
+            tail = sg.lines[since:]
+            kept = [l for l in tail if "accept failed" not in l
+                    and "Error from accept() call" not in l]
+            if len(kept) != len(tail):
+                kept.append("[test: %d accept-failure lines elided]" % (len(tail) - len(kept)))
+            sg.lines[since:] = kept
+    test.addCleanup(run)
+
+
+class AdminConnectionsCannotStarveDataPathTest(H.SparkgateTestCase):
+    """operations.md: the admin listener holds at most 64 connections and
+    gives each 10 s for a request, so that whoever reaches the admin port
+    (on Kubernetes it binds 0.0.0.0) cannot take the descriptors client
+    connections need. Here RLIMIT_NOFILE is what the process holds plus
+    150, and 400 connections are opened to the admin port: a gRPC call on
+    the data path still succeeds."""
+
+    def test_many_admin_connections_leave_the_data_path_serving(self):
+        up = self.standin()
+        sg = self.start_sparkgate(h2c_config(up.port, workers=1))
+        admin = int(sg.wait_for_log(ADMIN_RE, timeout=5).group(1))
+        ch = H.h2c_channel(sg.port("dev"))
+        r = H.call_unary(ch, "Config", b"warm")  # upstream connection made
+        ch.close()
+        self.assertEqual(r.code, grpc.StatusCode.OK, r)
+
+        stop_then_elide(self, sg, sg.mark())
+        limit = open_fds(sg.pid) + 150
+        resource.prlimit(sg.pid, resource.RLIMIT_NOFILE, (limit, limit))
+        socks = connect_many(admin, 400)
+        self.addCleanup(close_all, socks)
+        time.sleep(0.5)  # let the main loop accept what it will
+
+        ch = H.h2c_channel(sg.port("dev"))
+        self.addCleanup(ch.close)
+        r = H.call_unary(ch, "Config", b"m", timeout=3)
+        held = open_fds(sg.pid)
+        self.assertEqual(r.code, grpc.StatusCode.OK,
+                         "with 400 admin connections open (the process holds %d of %d "
+                         "descriptors) a client call fails: %r"
+                         % (held, limit, r))
+        sg.wait_for_log(r"admin: 64 connections open, the most it takes", timeout=5)
+
+
+class AcceptErrorBackoffTest(H.SparkgateTestCase):
+    """operations.md: when accept() fails for want of descriptors, each
+    listener (client and admin) pauses and retries every 200 ms, logging
+    once when it starts and once when it accepts again, instead of retrying
+    at once in a busy loop (100% CPU, one log line per try). The
+    descriptors are used up by client connections here; one more connection
+    then waits in each accept queue for ~1 s."""
+
+    MAX_LINES = 20  # in ~1.5 s; a back-off of even 100 ms logs at most ~15
+
+    def exhaust(self):
+        up = self.standin()
+        sg = self.start_sparkgate(h2c_config(up.port, workers=1))
+        admin = int(sg.wait_for_log(ADMIN_RE, timeout=5).group(1))
+        stop_then_elide(self, sg, sg.mark())
+        limit = open_fds(sg.pid) + 40
+        resource.prlimit(sg.pid, resource.RLIMIT_NOFILE, (limit, limit))
+        socks = connect_many(sg.port("dev"), 80)
+        socks += connect_many(admin, 5)
+        self.addCleanup(close_all, socks)
+        mark = sg.mark()
+        time.sleep(1.0)
+        close_all(socks)
+        time.sleep(0.5)
+        with sg._cond:
+            lines = sg.lines[mark:]
+        # Once descriptors are free again the process serves.
+        ch = H.h2c_channel(sg.port("dev"))
+        self.addCleanup(ch.close)
+        r = H.call_unary(ch, "Config", b"m", timeout=5)
+        self.assertEqual(r.code, grpc.StatusCode.OK, r)
+        return lines
+
+    def test_client_listener_does_not_spin_on_emfile(self):
+        lines = self.exhaust()
+        n = sum(1 for l in lines if "listener dev: accept failed" in l)
+        self.assertGreater(n, 0, "accept never failed: the test did not exhaust descriptors")
+        self.assertLessEqual(n, self.MAX_LINES,
+                             "%d 'accept failed' lines in ~1.5 s: the worker retries accept "
+                             "in a busy loop while descriptors are exhausted" % n)
+
+    def test_admin_listener_does_not_spin_on_emfile(self):
+        lines = self.exhaust()
+        self.assertTrue(any("listener dev: accept failed" in l for l in lines),
+                        "accept never failed: the test did not exhaust descriptors")
+        n = sum(1 for l in lines if "Error from accept() call" in l
+                or "admin listener: accept failed" in l)
+        self.assertLessEqual(n, self.MAX_LINES,
+                             "%d admin accept-failure lines in ~1.5 s: the admin listener "
+                             "retries accept in a busy loop on the main thread while "
+                             "descriptors are exhausted" % n)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
  * /readyz following the ready flag, 404, 405, HEAD; the "listening" log
  * line; bind errors; the "admin" config sub-object and its clash check
  * against client listeners. */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -350,8 +351,96 @@ static void test_config(void) {
   CHECK_STR_CONTAINS(log.text, "admin: must be an object");
 }
 
+static int count_fds(void) {
+  int n = 0;
+  DIR *d = opendir("/proc/self/fd");
+  if (d == NULL)
+    return -1;
+  while (readdir(d) != NULL)
+    n++;
+  closedir(d);
+  return n;
+}
+
+static void run_for(struct event_base *base, double seconds) {
+  double end = now_s() + seconds;
+  while (now_s() < end) {
+    event_base_loop(base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
+    usleep(2000);
+  }
+}
+
+static int connect_loopback(uint16_t port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  struct sockaddr_in in = {.sin_family = AF_INET, .sin_port = htons(port)};
+  in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, (struct sockaddr *)&in, sizeof in) != 0) {
+    close(fd);
+    return -1;
+  }
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  return fd;
+}
+
+/* Whoever reaches the admin port holds at most the cap of connections
+ * (the rest wait in the kernel's backlog), and a client that trickles its
+ * request a byte at a time (never idle long enough for evhttp's timeout)
+ * is closed at the request deadline; freed slots let the next ones in. */
+static void test_connection_cap_and_deadline(void) {
+  struct event_base *base = event_base_new();
+  sg_admin_config cfg = {.enabled = true, .address = "127.0.0.1", .port = 0};
+  char err[256];
+  int saved;
+  char *tmp = capture_stderr_begin(&saved);
+  sg_admin *a = sg_admin_new(base, &cfg, NULL, err, sizeof err);
+  CHECK(a != NULL);
+  if (a == NULL) {
+    free(capture_stderr_end(saved, tmp));
+    event_base_free(base);
+    return;
+  }
+  enum { CAP = 3, CLIENTS = 6 };
+  sg_admin_set_limits(a, CAP, 400);
+  uint16_t port = sg_admin_port(a);
+  int before = count_fds();
+  int cl[CLIENTS];
+  for (int i = 0; i < CLIENTS; i++)
+    cl[i] = connect_loopback(port);
+  run_for(base, 0.1);
+  /* Server side: exactly the cap accepted. */
+  CHECK(count_fds() - before - CLIENTS == CAP);
+
+  /* cl[0] trickles a request for 1.5 s: closed at the 400 ms deadline. */
+  bool closed = false;
+  const char *req = "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaa";
+  for (size_t i = 0; !closed && i < 30; i++) {
+    send(cl[0], req + (i % strlen(req)), 1, MSG_NOSIGNAL);
+    run_for(base, 0.05);
+    char buf[64];
+    ssize_t n = recv(cl[0], buf, sizeof buf, 0);
+    closed = n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK);
+  }
+  CHECK(closed);
+
+  /* Once the clients are gone, nothing is held and the listener serves. */
+  for (int i = 0; i < CLIENTS; i++)
+    if (cl[i] >= 0)
+      close(cl[i]);
+  run_for(base, 0.2);
+  CHECK(count_fds() == before);
+  char *r = get(base, port, "GET", "/healthz");
+  CHECK(status_of(r) == 200);
+  free(r);
+  char *log = capture_stderr_end(saved, tmp);
+  CHECK_STR_CONTAINS(log, "admin: 3 connections open, the most it takes");
+  free(log);
+  sg_admin_free(a);
+  event_base_free(base);
+}
+
 int main(void) {
   test_server();
+  test_connection_cap_and_deadline();
   test_ipv6_and_no_metrics();
   test_config();
   return check_report("test_admin");
