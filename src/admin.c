@@ -19,7 +19,7 @@
 #include "sparkgate/list.h"
 #include "sparkgate/log.h"
 #include "sparkgate/metrics.h"
-#include "sparkgate/worker.h"
+#include "sparkgate/accept_backoff.h"
 
 /* Scrapes and probes are small and local: keep what a stuck or hostile
  * client can hold small too. evhttp's timeout restarts with every byte,
