@@ -345,9 +345,8 @@ static bool admit_limits(sg_stream *s) {
   sg_tenant_state *st = sg_generation_tenant_state(s->gen, s->tenant->index);
   const char *limit = sg_tenant_state_admit(st, s->method, sg_monotonic_ms());
   if (limit != NULL) {
-    char why[128];
-    snprintf(why, sizeof why, "tenant %s is over its limit %s", s->tenant->name,
-             limit);
+    char why[192];
+    sg_tenant_limit_reason(s->tenant, limit, why, sizeof why);
     sg_stream_reject(s, (sg_grpc_status)s->tenant->limits.over_limit_status,
                      "sparkgate: tenant over its limit, retry later", why);
     return false;

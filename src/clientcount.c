@@ -88,7 +88,7 @@ static slot *find(sg_clientcount *cc, const sg_client_key *k, bool insert) {
 }
 
 bool sg_clientcount_take(sg_clientcount *cc, const sg_client_key *key,
-                         uint32_t limit) {
+                         uint32_t limit, bool *counted) {
   pthread_mutex_lock(&cc->lock);
   slot *s = find(cc, key, true);
   bool ok = s == NULL /* full: not limited (documented) */ ||
@@ -96,6 +96,8 @@ bool sg_clientcount_take(sg_clientcount *cc, const sg_client_key *key,
   if (s != NULL && ok)
     s->count++;
   pthread_mutex_unlock(&cc->lock);
+  if (counted != NULL)
+    *counted = s != NULL && ok;
   return ok;
 }
 

@@ -662,6 +662,16 @@ static int read_client_certificate(sg_conn *c) {
   return 0;
 }
 
+/* 1 when the connection's client certificate (if any) verifies under
+ * |rt|'s listener settings, 0 when not (|*why|), -1 out of memory. */
+static int certificate_verdict(sg_conn *c, sg_runtime *rt, const char **why) {
+  const sg_listener_config *l = &rt->config->listeners[c->listener_index];
+  SSL_CTX *ctx = rt->listener_tls[c->listener_index];
+  if (!c->has_cert || ctx == NULL || l->client_cert_mode == SG_CLIENT_CERT_NONE)
+    return 1; /* certificates no longer count there */
+  return sg_tls_reverify_client(ctx, c->ssl, why);
+}
+
 static void on_established(sg_conn *c) {
   if (c->ssl != NULL && !sg_tls_alpn_is_h2(c->ssl)) {
     sg_info("conn=%llu peer=%s: rejected: client did not negotiate ALPN h2",
@@ -681,6 +691,19 @@ static void on_established(sg_conn *c) {
   if (cert_rv != 0) {
     sg_error("conn=%llu peer=%s: cannot read the client certificate (out of memory)",
              (unsigned long long)c->id, c->peer);
+    conn_free(c);
+    return;
+  }
+  /* A reload while the handshake ran re-checked the connections open then,
+   * not this one (no certificate yet): its certificate was verified under
+   * the configuration of its accept, which may trust what is now revoked. */
+  const char *why = NULL;
+  if (c->ssl != NULL && c->rt != c->worker->current->rt &&
+      (cert_rv = certificate_verdict(c, c->worker->current->rt, &why)) != 1) {
+    sg_info("conn=%llu peer=%s: rejected: client certificate refused under the "
+            "reloaded configuration: %s", (unsigned long long)c->id, c->peer,
+            cert_rv == 0 && why != NULL ? why : "cannot check it: out of memory");
+    count_tls_failure(c, SG_TLS_FAIL_CERT_VERIFY);
     conn_free(c);
     return;
   }
@@ -869,23 +892,22 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
   }
   uint32_t per_client = rt->config->max_connections_per_client;
   sg_client_key key = sg_client_key_of(addr);
-  if (per_client > 0) {
-    if (!sg_clientcount_take(w->clients, &key, per_client)) {
-      refuse_at_accept(gen, l, fd, addr, true, per_client);
-      release_conn_slot();
-      return;
-    }
+  bool counted = false;
+  if (!sg_clientcount_take(w->clients, &key, per_client, &counted)) {
+    refuse_at_accept(gen, l, fd, addr, true, per_client);
+    release_conn_slot();
+    return;
   }
   sg_conn *c = calloc(1, sizeof *c);
   if (c == NULL) {
-    if (per_client > 0)
+    if (counted)
       sg_clientcount_release(w->clients, &key);
     evutil_closesocket(fd);
     release_conn_slot();
     return;
   }
   c->client = key;
-  c->client_counted = per_client > 0;
+  c->client_counted = counted;
   c->worker = w;
   c->gen = gen;
   c->rt = rt;
@@ -973,12 +995,8 @@ void sg_conn_start_drain(sg_conn *c) {
 void sg_conn_recheck_certificate(sg_conn *c, sg_runtime *rt) {
   if (!c->has_cert || c->cert_stale || c->freeing || c->ssl == NULL)
     return;
-  const sg_listener_config *l = &rt->config->listeners[c->listener_index];
-  SSL_CTX *ctx = rt->listener_tls[c->listener_index];
-  if (ctx == NULL || l->client_cert_mode == SG_CLIENT_CERT_NONE)
-    return; /* certificates no longer count there */
   const char *why = NULL;
-  int ok = sg_tls_reverify_client(ctx, c->ssl, &why);
+  int ok = certificate_verdict(c, rt, &why);
   if (ok == 1)
     return;
   c->cert_stale = true;

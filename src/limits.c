@@ -1,6 +1,8 @@
 #include "sparkgate/limits.h"
 
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* A bucket under its new rate and burst; what it held (up to the new
  * burst) stays, unless it did not limit before. */
@@ -81,4 +83,21 @@ bool sg_tenant_state_take_upload(sg_tenant_state *st, size_t n,
   if (st->tenant->limits.upload_bytes_per_minute == 0)
     return true;
   return sg_token_bucket_take(&st->usage->uploads, now_ms, n);
+}
+
+void sg_tenant_limit_reason(const sg_route_tenant *t, const char *limit, char *out,
+                            size_t outlen) {
+  const sg_route_limits *l = &t->limits;
+  char value[64] = "";
+  if (strcmp(limit, "max_concurrent_rpcs") == 0)
+    snprintf(value, sizeof value, " (%u calls per worker)", l->max_concurrent_rpcs);
+  else if (strcmp(limit, "max_concurrent_executions") == 0)
+    snprintf(value, sizeof value, " (%u per worker)", l->max_concurrent_executions);
+  else if (strcmp(limit, "requests_per_second") == 0)
+    snprintf(value, sizeof value, " (%u/s, burst %u, per worker)", l->requests_per_second,
+             l->burst);
+  else if (strcmp(limit, "upload_bytes_per_minute") == 0)
+    snprintf(value, sizeof value, " (%llu bytes per worker)",
+             (unsigned long long)l->upload_bytes_per_minute);
+  snprintf(out, outlen, "tenant %s is over its limit %s%s", t->name, limit, value);
 }

@@ -614,8 +614,8 @@ void sg_stream_on_request_data(sg_stream *s, const uint8_t *data, size_t len) {
        s->method == SG_SPARK_ANALYZE_PLAN) &&
       s->tenant_state != NULL &&
       !sg_tenant_state_take_upload(s->tenant_state, len, s->last_activity_ms)) {
-    char why[128];
-    snprintf(why, sizeof why, "tenant %s spent its upload quota", s->tenant->name);
+    char why[192];
+    sg_tenant_limit_reason(s->tenant, "upload_bytes_per_minute", why, sizeof why);
     sg_stream_reject(s, (sg_grpc_status)s->tenant->limits.over_limit_status,
                      "sparkgate: tenant over its upload quota, retry later", why);
     return;
@@ -911,6 +911,7 @@ void sg_stream_on_response_headers(sg_stream *s, bool end_stream) {
   if (end_stream) {
     s->resp_eof = true;
     record_grpc_status(s, &s->resp_headers);
+    end_request_early(s); /* a client still sending holds its slots otherwise */
   }
   /* A trailers-only response stays trailers-only: one HEADERS frame with
    * END_STREAM, as gRPC clients expect for immediate errors. */

@@ -227,6 +227,28 @@ static void generation_free(sg_generation *g) {
 }
 
 /* |prev|: the configuration this one replaces (NULL at start). */
+static const sg_tenant_state *tenant_state_in(const sg_generation *g, const char *name) {
+  if (g->rt->config->routes == NULL)
+    return NULL;
+  const sg_route_tenant *t = sg_route_table_find(g->rt->config->routes, name, strlen(name));
+  return t != NULL && t->index < g->n_tenant_states ? &g->tenant_states[t->index] : NULL;
+}
+
+/* What a tenant's calls hold and have used, by name: in the configuration
+ * being replaced, or else in the newest older one that still has calls (a
+ * tenant removed by one reload and put back by the next keeps counting
+ * the calls it still has in flight). */
+static const sg_tenant_state *tenant_state_before(const sg_worker *w,
+                                                  const sg_generation *prev,
+                                                  const char *name) {
+  if (prev == NULL)
+    return NULL;
+  const sg_tenant_state *was = tenant_state_in(prev, name);
+  for (const sg_list *n = w->retired.prev; was == NULL && n != &w->retired; n = n->prev)
+    was = tenant_state_in(SG_CONTAINER_OF(n, sg_generation, link), name);
+  return was;
+}
+
 static sg_generation *generation_new(sg_worker *w, sg_runtime *rt,
                                      const sg_generation *prev) {
   const sg_config *cfg = rt->config;
@@ -256,14 +278,7 @@ static sg_generation *generation_new(sg_worker *w, sg_runtime *rt,
   for (size_t t = 0; t < cfg->n_tenants; t++) {
     /* A tenant the replaced configuration had too (by name) keeps what its
      * calls hold and have used: a reload lifts no limit. */
-    const sg_tenant_state *was = NULL;
-    if (prev != NULL && prev->rt->config->routes != NULL) {
-      const char *name = cfg->tenants[t].name;
-      const sg_route_tenant *pt =
-          sg_route_table_find(prev->rt->config->routes, name, strlen(name));
-      if (pt != NULL && pt->index < prev->n_tenant_states)
-        was = &prev->tenant_states[pt->index];
-    }
+    const sg_tenant_state *was = tenant_state_before(w, prev, cfg->tenants[t].name);
     if (sg_tenant_state_init(&g->tenant_states[t], &cfg->tenants[t], now, was) != 0) {
       generation_free(g);
       return NULL;

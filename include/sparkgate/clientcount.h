@@ -28,10 +28,14 @@ void sg_clientcount_free(sg_clientcount *cc);
 /* The key of a peer address (the port is not part of it). */
 sg_client_key sg_client_key_of(const struct sockaddr *addr);
 
-/* Counts one more connection from |key| unless it already has |limit|;
- * returns false (and counts nothing) when it has. */
+/* Counts one more connection from |key| unless it already has |limit|
+ * (0: no limit); returns false (and counts nothing) when it has. Every
+ * connection is counted, also without a limit, so that a limit a reload
+ * sets finds the connections already open. |*counted| (may be NULL) says
+ * whether it was: not when the table is full, and then it is not limited
+ * either. */
 bool sg_clientcount_take(sg_clientcount *cc, const sg_client_key *key,
-                         uint32_t limit);
+                         uint32_t limit, bool *counted);
 /* A connection counted by sg_clientcount_take has closed. */
 void sg_clientcount_release(sg_clientcount *cc, const sg_client_key *key);
 

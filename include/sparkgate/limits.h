@@ -46,6 +46,11 @@ void sg_tenant_state_clear(sg_tenant_state *st);
 const char *sg_tenant_state_admit(sg_tenant_state *st, int method,
                                   uint64_t now_ms);
 
+/* "tenant T is over its limit L (value)" into |out|: the denial's reason,
+ * the same words for every limit, with the value in force. */
+void sg_tenant_limit_reason(const sg_route_tenant *t, const char *limit, char *out,
+                            size_t outlen);
+
 /* The call admitted by sg_tenant_state_admit has ended. */
 void sg_tenant_state_release(sg_tenant_state *st, int method);
 

@@ -1133,7 +1133,7 @@ class LimitsTest(TenantCase):
         r = g_client(self.ch, "AddArtifacts", chunks, self.md("lim-upload", tag))
         self.assertEqual((r.code, r.details),
                          (grpc.StatusCode.RESOURCE_EXHAUSTED, MSG_UPLOAD), r)
-        self.sg.wait_for_log(r"tenant lim-upload spent its upload quota", timeout=5, since=mark)
+        self.sg.wait_for_log(r"tenant lim-upload is over its limit upload_bytes_per_minute \(\d+ bytes per worker\)", timeout=5, since=mark)
         self.assert_no_complete(tag)
         # Control calls are not metered: they still go.
         tag, r = self.unary("lim-upload", "Config")

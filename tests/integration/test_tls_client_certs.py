@@ -655,5 +655,69 @@ class ExpiredCertificateResumptionTest(_ResumptionCase):
             self.fail("\n".join(failures))
 
 
+# ---------------------------------------------------------------------------
+# A certificate revoked by a reload while a connection was still in its
+# TLS handshake.
+
+class HandshakeHookContext:
+    """Looks like an SSLContext to H2Client: runs |before()| once the TCP
+    connection is there (accepted by sparkgate) and before the handshake."""
+
+    def __init__(self, ctx, before):
+        self.ctx, self.before = ctx, before
+
+    def wrap_socket(self, raw, server_hostname=None):
+        try:
+            self.before()
+            return self.ctx.wrap_socket(raw, server_hostname=server_hostname)
+        except BaseException:
+            raw.close()
+            raise
+
+
+
+class RevokedDuringHandshakeTest(_ResumptionCase):
+    """configuration.md, listeners[].tls "connections": "A reload applies
+    it to new connections, and verifies the client certificates of open
+    ones again under the new client_ca and crl". A connection accepted
+    before the reload that finishes its TLS handshake after it (a client
+    may take up to tls_handshake_timeout_ms) was verified under the
+    accept-time CRL: it is checked again under the new one, and a revoked
+    certificate authenticates nothing."""
+
+    def test_certificate_revoked_while_handshaking_is_refused(self):
+        sg = self.start([self.listener("m")])
+        port = sg.port("m")
+        # Control: alice works before the revocation.
+        ok, err = probe(port, self.alice[0], self.alice[1])
+        self.assertTrue(ok, err)
+
+        def revoke_and_reload():
+            time.sleep(0.2)  # sparkgate accepts the TCP connection
+            self.ca.revoke(self.alice[2])
+            self.ca.crl("rev-ca.crl")
+            reload_and_wait(sg)
+
+        ctx = HandshakeHookContext(client_ctx(self.alice[0], self.alice[1]),
+                                 revoke_and_reload)
+        # Control: a connection made after the reload is refused.
+        r = err = None
+        try:
+            with H.H2Client(port, ssl_context=ctx, timeout=8) as c:
+                ok2, err2 = probe(port, self.alice[0], self.alice[1])
+                self.assertFalse(ok2, "control: the revoked certificate still handshakes")
+                r = c.request(SERVICE + "Config", body=H.grpc_frame(b"x"),
+                              extra=[("x-test-case", "mid-handshake")])
+        except (ssl.SSLError, OSError, TimeoutError, AssertionError) as e:
+            err = "%s: %s" % (type(e).__name__, e)
+        time.sleep(0.3)
+        reached = [x for x in self.up.calls() if x.header("x-test-case") == "mid-handshake"]
+        self.assertFalse(reached, "a call authenticated by a client certificate revoked by "
+                         "a reload (new CRL + SIGHUP) reached the backend as %r "
+                         "(grpc-status %r, error %r)"
+                         % (reached and reached[0].header("x-sparkgate-identity"),
+                            grpc_status(r), err))
+
+
 if __name__ == "__main__":
     H.main()
