@@ -38,6 +38,56 @@ class MessagingResetBudgetTest(AttackCase):
     has started as fast as it likes: the rapid-reset attack without a
     single client RST_STREAM."""
 
+    def flood(self, extra, ending, count, what):
+        """Rounds of 90 live ExecutePlan calls on one h2c connection: each
+        sends one whole message and gets its first response message (the
+        backend is running it), then |ending| is sent on every stream.
+        Until the budget ends the connection (asserted: GOAWAY
+        ENHANCE_YOUR_CALM); |count(stream)| picks the streams the proxy
+        refused, of which there must be some."""
+        mark = self.sg.mark()
+        md = H.standin_md("stall", count=1, stall_ms=30000)
+        rounds, per_round, streams = 20, 90, 0
+        with RawH2(self.h2c_port, tls=False) as c:
+            c.wait(lambda: c.settings_acked, 5, "SETTINGS ACK")
+            block = hpack_block(c.request_headers(extra=md + extra))
+            body = H.grpc_frame(b"first message")
+            for _ in range(rounds):
+                sids = []
+                out = []
+                for _ in range(per_round):
+                    sid = c.next_sid
+                    c.next_sid += 2
+                    c.streams[sid] = Stream(sid)
+                    sids.append(sid)
+                    out.append(headers_frames(sid, block) +
+                               data_frames(sid, body, end_stream=False))
+                if not c.send(b"".join(out)):
+                    break
+                c.wait(lambda: c.goaway is not None or
+                       all(c.streams[s].data or c.streams[s].done for s in sids),
+                       15, "the backend answering every call of the round")
+                if c.goaway is not None or c.closed:
+                    break
+                if not c.send(b"".join(frame(DATA, END_STREAM, s, ending) for s in sids)):
+                    break
+                c.wait(lambda: c.goaway is not None or
+                       all(c.streams[s].done for s in sids), 15, "the refusals")
+                streams += per_round
+                if c.goaway is not None or c.closed:
+                    break
+            refused = sum(1 for s in c.streams.values() if count(s))
+            self.assertGreater(refused, 0, "no call was refused: %r" % (c.goaway,))
+            self.assertIsNotNone(
+                c.goaway, "%d calls started at the backend, then %s and cancelled there "
+                "(%d rounds), and the connection goes on: the abuse budget does not see "
+                "them" % (refused, what, streams // per_round))
+            self.assertEqual(c.goaway[1], ENHANCE_YOUR_CALM, c.goaway)
+        self.sg.wait_for_log(r"closing: too many .*\(abuse budget spent\)", timeout=5,
+                             since=mark)
+        self.assert_same_process()
+        self.control("after the flood")
+
     def test_server_reset_for_content_length_spends_the_budget(self):
         """Rounds of 90 live ExecutePlan calls (each declares content-length
         99999, sends one whole message without END_STREAM, and gets its first
@@ -47,50 +97,10 @@ class MessagingResetBudgetTest(AttackCase):
         1000-token burst, refilled at 200/s); these must be cut off too,
         with GOAWAY(ENHANCE_YOUR_CALM) and the budget's log line, well before
         1800 backend calls have been started and cancelled."""
-        mark = self.sg.mark()
-        md = H.standin_md("stall", count=1, stall_ms=30000)
-        rounds, per_round, streams = 20, 90, 0
-        with RawH2(self.h2c_port, tls=False) as c:
-            c.wait(lambda: c.settings_acked, 5, "SETTINGS ACK")
-            block = hpack_block(c.request_headers(extra=md + [("content-length", "99999")]))
-            body = H.grpc_frame(b"made you reset")
-            for _ in range(rounds):
-                sids = []
-                out = []
-                for _ in range(per_round):
-                    sid = c.next_sid
-                    c.next_sid += 2
-                    c.streams[sid] = Stream(sid)
-                    sids.append(sid)
-                    out.append(headers_frames(sid, block) +
-                               data_frames(sid, body, end_stream=False))
-                if not c.send(b"".join(out)):
-                    break
-                c.wait(lambda: c.goaway is not None or
-                       all(c.streams[s].data or c.streams[s].done for s in sids),
-                       15, "the backend answering every call of the round")
-                if c.goaway is not None or c.closed:
-                    break
-                # The body ends 99942 bytes short of its content-length.
-                if not c.send(b"".join(frame(DATA, END_STREAM, s, b"") for s in sids)):
-                    break
-                c.wait(lambda: c.goaway is not None or
-                       all(c.streams[s].done for s in sids), 15, "the resets")
-                streams += per_round
-                if c.goaway is not None or c.closed:
-                    break
-            resets = sum(1 for s in c.streams.values() if s.reset == PROTOCOL_ERROR)
-            self.assertGreater(resets, 0, "no stream was reset: %r" % (c.goaway,))
-            self.assertIsNotNone(
-                c.goaway, "%d calls started at the backend and reset by the proxy for a "
-                "content-length mismatch (%d rounds), and the connection goes on: server "
-                "resets the client provokes are not charged to the abuse budget "
-                "(MadeYouReset, CVE-2025-8671)" % (resets, streams // per_round))
-            self.assertEqual(c.goaway[1], ENHANCE_YOUR_CALM, c.goaway)
-        self.sg.wait_for_log(r"closing: too many .*\(abuse budget spent\)", timeout=5,
-                             since=mark)
-        self.assert_same_process()
-        self.control("after the reset flood")
+        # Each body ends short of its declared content-length.
+        self.flood([("content-length", "99999")], b"",
+                   lambda s: s.reset == PROTOCOL_ERROR,
+                   "reset by the proxy for a content-length mismatch (MadeYouReset)")
 
     def test_malformed_later_message_spends_the_budget(self):
         """The same at the gRPC level: a valid first ExecutePlan message
@@ -99,49 +109,9 @@ class MessagingResetBudgetTest(AttackCase):
         backend call is cancelled. docs/security.md: "malformed ...
         requests take from" the budget, so a client cannot start and
         cancel backend calls this way without end."""
-        mark = self.sg.mark()
-        md = H.standin_md("stall", count=1, stall_ms=30000)
-        rounds, per_round, streams = 20, 90, 0
-        with RawH2(self.h2c_port, tls=False) as c:
-            c.wait(lambda: c.settings_acked, 5, "SETTINGS ACK")
-            block = hpack_block(c.request_headers(extra=md))
-            body = H.grpc_frame(b"first message")
-            bad = b"\x02\x00\x00\x00\x01x"  # flag byte 2: not a gRPC message
-            for _ in range(rounds):
-                sids = []
-                out = []
-                for _ in range(per_round):
-                    sid = c.next_sid
-                    c.next_sid += 2
-                    c.streams[sid] = Stream(sid)
-                    sids.append(sid)
-                    out.append(headers_frames(sid, block) +
-                               data_frames(sid, body, end_stream=False))
-                if not c.send(b"".join(out)):
-                    break
-                c.wait(lambda: c.goaway is not None or
-                       all(c.streams[s].data or c.streams[s].done for s in sids),
-                       15, "the backend answering every call of the round")
-                if c.goaway is not None or c.closed:
-                    break
-                if not c.send(b"".join(frame(DATA, END_STREAM, s, bad) for s in sids)):
-                    break
-                c.wait(lambda: c.goaway is not None or
-                       all(c.streams[s].done for s in sids), 15, "the refusals")
-                streams += per_round
-                if c.goaway is not None or c.closed:
-                    break
-            refused = sum(1 for s in c.streams.values() if s.grpc_status == 3)
-            self.assertGreater(refused, 0, "no call was refused: %r" % (c.goaway,))
-            self.assertIsNotNone(
-                c.goaway, "%d calls started at the backend, then refused as malformed "
-                "(grpc-status 3) and cancelled there, and the connection goes on: "
-                "the abuse budget does not see them" % refused)
-            self.assertEqual(c.goaway[1], ENHANCE_YOUR_CALM, c.goaway)
-        self.sg.wait_for_log(r"closing: too many .*\(abuse budget spent\)", timeout=5,
-                             since=mark)
-        self.assert_same_process()
-        self.control("after the malformed-message flood")
+        bad = b"\x02\x00\x00\x00\x01x"  # flag byte 2: not a gRPC message
+        self.flood([], bad, lambda s: s.grpc_status == 3,
+                   "refused as malformed (grpc-status 3)")
 
 
 class MessagingResetLoggedTest(AttackCase):
