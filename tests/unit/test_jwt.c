@@ -1405,26 +1405,24 @@ static void test_other_algs(void) {
   CHECK_REASON(tryf(v, &S_EC384, hdr("ES384", "e"), claims(CORP, NULL)),
                SG_JWT_OK);
   /* The same with typ at+jwt, whose signature OpenSSL checks. */
-  CHECK_REASON(tryf(v, &S_EC384, fmt("{\"alg\":\"ES384\",\"kid\":\"e\","
-                                     "\"typ\":\"at+jwt\"}"),
-                    claims(CORP, NULL)),
-               SG_JWT_OK);
-  CHECK_REASON(tryf(v, &s, fmt("{\"alg\":\"HS512\",\"kid\":\"d\","
-                               "\"typ\":\"at+jwt\"}"),
-                    claims(CORP, NULL)),
-               SG_JWT_OK);
-  s = S_RSA2;
-  s.alg = "RS512";
-  CHECK_REASON(tryf(v, &s, fmt("{\"alg\":\"RS512\",\"kid\":\"b\","
-                               "\"typ\":\"at+jwt\"}"),
-                    claims(CORP, NULL)),
-               SG_JWT_OK);
-  s = S_RSA1;
-  s.alg = "RS384";
-  CHECK_REASON(tryf(v, &s, fmt("{\"alg\":\"RS384\",\"kid\":\"a\","
-                               "\"typ\":\"at+jwt\"}"),
-                    claims(CORP, NULL)),
-               SG_JWT_OK);
+  const struct {
+    const signer *base;
+    const char *alg, *kid;
+  } at_jwt[] = {
+      {&S_EC384, "ES384", "e"},
+      {&S_HMAC, "HS512", "d"},
+      {&S_RSA2, "RS512", "b"},
+      {&S_RSA1, "RS384", "a"},
+  };
+  for (size_t i = 0; i < sizeof at_jwt / sizeof at_jwt[0]; i++) {
+    s = *at_jwt[i].base;
+    s.alg = at_jwt[i].alg;
+    CHECK_REASON(tryf(v, &s,
+                      fmt("{\"alg\":\"%s\",\"kid\":\"%s\",\"typ\":\"at+jwt\"}",
+                          at_jwt[i].alg, at_jwt[i].kid),
+                      claims(CORP, NULL)),
+                 SG_JWT_OK);
+  }
   s = S_HMAC;
   s.alg = "HS512";
   /* Right alg, right kid, wrong secret. */
