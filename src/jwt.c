@@ -7,6 +7,7 @@
 #include "sparkgate/jwks.h"
 #include "sparkgate/keyfetch.h"
 #include "sparkgate/memcache.h"
+#include "sparkgate/route.h"
 
 #include <jwt.h>
 #include <limits.h>
@@ -994,6 +995,12 @@ static void load_provider(struct loader *L, struct provider *p,
              "min_refresh_s, max_refresh_s, min_refetch_interval_s");
   int oom = 0;
   p->name = dup_or_null(get_string(L, path, pj, "name", true), &oom);
+  /* The name goes to backends as x-sparkgate-identity-provider and into
+   * metrics labels, like a tenant name: same rule. Not echoed, since a bad
+   * one may hold a line break. */
+  if (p->name != NULL && !sg_route_name_is_valid(p->name))
+    lerr(L, "%s.name: not a valid provider name: 1 to 64 letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit", path);
   p->issuer = dup_or_null(get_string(L, path, pj, "issuer", true), &oom);
 
   json_t *aud = json_object_get(pj, "audiences");

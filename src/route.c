@@ -22,7 +22,6 @@ struct sg_route_ix_ {
 
 #define SG_ROUTE_MAX_CREDENTIAL_BYTES 65536
 #define SG_ROUTE_MAX_HOST_LEN 253
-#define SG_ROUTE_MAX_TENANT_NAME 64
 
 static const char *const default_selectors[] = {
     "jwt_claim:tenant", "header:x-spark-tenant", "authority", "identity", NULL};
@@ -334,9 +333,9 @@ static void backend_free(sg_backend_config *b) {
 
 /* ---- tenant sections ---------------------------------------------------- */
 
-static bool valid_tenant_name(const char *s) {
+bool sg_route_name_is_valid(const char *s) {
   size_t n = strlen(s);
-  if (n == 0 || n > SG_ROUTE_MAX_TENANT_NAME || !isalnum((unsigned char)s[0]))
+  if (n == 0 || n > SG_ROUTE_MAX_NAME_LEN || !isalnum((unsigned char)s[0]))
     return false;
   for (size_t i = 0; i < n; i++) {
     unsigned char c = (unsigned char)s[i];
@@ -708,7 +707,7 @@ static void load_tenant(loader *ld, const json_t *obj, const char *path,
   const char *name = sg_jsonload_string(ld, obj, path, "name", true);
   sg_jsonload_key_path(kp, sizeof kp, path, "name");
   t->name = sg_jsonload_strdup(ld, kp, name != NULL ? name : "");
-  if (name != NULL && !valid_tenant_name(name)) {
+  if (name != NULL && !sg_route_name_is_valid(name)) {
     lerr(ld, kp, "'%s' is not a valid tenant name: 1 to 64 letters, digits, "
                  "'.', '_' or '-', starting with a letter or digit", name);
   } else if (name != NULL && strcmp(name, "none") == 0) {

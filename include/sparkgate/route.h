@@ -47,6 +47,15 @@ const char *sg_spark_method_name(sg_spark_method m);
  * or -1 when the path names no SparkConnectService method. */
 int sg_spark_method_from_path(const char *path, size_t len);
 
+/* ---- names --------------------------------------------------------------- */
+
+/* The rule for a configured name that is sent to backends as a header
+ * value and used as a metrics label (a tenant, a JWT provider): 1 to 64
+ * letters, digits, '.', '_' or '-', starting with a letter or digit. Such a
+ * name needs no escaping anywhere and cannot carry a CR/LF into a header. */
+#define SG_ROUTE_MAX_NAME_LEN 64
+bool sg_route_name_is_valid(const char *s);
+
 /* ---- the table ----------------------------------------------------------- */
 
 typedef enum sg_route_selector_kind {

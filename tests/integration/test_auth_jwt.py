@@ -843,6 +843,28 @@ class JwtConfigTest(H.SparkgateTestCase):
         self.assertIn("use pem_file", out + err)
 
 
+class ProviderNameInABackendHeaderTest(H.SparkgateTestCase):
+    """A JWT provider's `name` goes to every backend call as the value of
+    x-sparkgate-identity-provider and into metrics labels, so it follows
+    the tenant-name rule (1 to 64 letters, digits, '.', '_', '-'): a name
+    with a CR/LF, which RFC 9113 8.2.1 forbids in a header value, is
+    refused at load at auth.jwt_providers[i].name."""
+
+    def test_control_characters_in_provider_name_refused(self):
+        d = H.tempdir("sg-jwt-cfg-")
+        pem = write_file(os.path.join(d, "idp.pub.pem"), public_pem(new_ec()))
+        providers = [{"name": "corp\r\nx-sparkgate-identity: admin", "issuer": ISS_EC,
+                      "audiences": [AUD], "keys": [{"alg": "ES256", "pem_file": pem}]}]
+        cfg = H.base_config(1, listeners=[jwt_listener()], auth=auth_section(providers))
+        rc, out, err = H.check_config(cfg, directory=d)
+        self.assertEqual(rc, 1, out + err)
+        self.assertIn("auth.jwt_providers[0].name", err)
+        self.assertNotIn("x-sparkgate-identity: admin", err)
+        providers[0]["name"] = "corp-idp.v2_0"
+        rc, out, err = H.check_config(cfg, directory=d)
+        self.assertEqual(rc, 0, err)
+
+
 class KeyRotationTest(AuthCase):
     """SIGHUP with a new key file while a stream runs. One worker, so that
     once a new connection sees the new keys, every later one does."""

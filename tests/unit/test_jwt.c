@@ -1075,6 +1075,16 @@ static void test_load_errors(void) {
 
   /* JWKS keys all outside "algorithms" (rsa-2 names no alg: RS256): the
    * error says why, not only that no key is usable. */
+  /* The name goes to backends as a header value and into metrics labels:
+   * the tenant-name rule, so no CR/LF (RFC 9113 8.2.1) or anything else
+   * that would need escaping. */
+  EXPECT_LOAD_ERROR("[{\"name\":\"corp\\r\\nx-sparkgate-identity: admin\","
+                    "\"issuer\":\"i\",\"audiences\":[\"s\"],"
+                    "\"keys\":[{\"alg\":\"RS256\",\"pem_file\":\"rsa1.pub.pem\"}]}]",
+                    "auth.jwt_providers[0].name: not a valid provider name");
+  EXPECT_LOAD_ERROR("[{\"name\":\"corp idp\",\"issuer\":\"i\",\"audiences\":[\"s\"],"
+                    "\"keys\":[{\"alg\":\"RS256\",\"pem_file\":\"rsa1.pub.pem\"}]}]",
+                    "auth.jwt_providers[0].name: ");
   EXPECT_LOAD_ERROR("[{\"name\":\"a\",\"issuer\":\"i\",\"audiences\":[\"s\"],"
                     "\"jwks_file\":\"jwks.json\",\"algorithms\":[\"RS512\"]}]",
                     "an RSA key without \"alg\" is taken as RS256");

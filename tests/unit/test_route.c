@@ -698,6 +698,24 @@ static bool address_loads(const char *address, const char *needle) {
 
 /* A backend address is an IP address or a host name: anything else is a
  * load error at its path, not a backend that fails every call with 14. */
+/* The rule shared by tenant and JWT provider names (header values and
+ * metrics labels). */
+static void test_name_rule(void) {
+  CHECK(sg_route_name_is_valid("acme"));
+  CHECK(sg_route_name_is_valid("0.corp_idp-2"));
+  char longest[SG_ROUTE_MAX_NAME_LEN + 2];
+  memset(longest, 'a', SG_ROUTE_MAX_NAME_LEN);
+  longest[SG_ROUTE_MAX_NAME_LEN] = '\0';
+  CHECK(sg_route_name_is_valid(longest));
+  longest[SG_ROUTE_MAX_NAME_LEN] = 'a';
+  longest[SG_ROUTE_MAX_NAME_LEN + 1] = '\0';
+  CHECK(!sg_route_name_is_valid(longest));
+  static const char *const bad[] = {"", "-a", ".a", "a b", "corp\r\nx: y", "a\n", "caf\xc3\xa9",
+                                    "a:b", "a/b", NULL};
+  for (const char *const *b = bad; *b != NULL; b++)
+    CHECK(!sg_route_name_is_valid(*b));
+}
+
 static void test_backend_address(void) {
   static const char *const good[] = {
       "127.0.0.1", "::1", "fe80::1", "::ffff:10.0.0.1", "h", "localhost",
@@ -1204,6 +1222,7 @@ int main(void) {
   test_load_by_path();
   test_validation_errors();
   test_overlaps_across_many_tenants();
+  test_name_rule();
   test_backend_address();
   test_selection();
   test_methods();
