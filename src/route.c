@@ -305,11 +305,22 @@ static void load_backend(loader *ld, const json_t *obj, const char *path,
   const char *sni = sg_jsonload_string(ld, tls, tpath, "sni", false);
   sg_jsonload_key_path(kp, sizeof kp, tpath, "sni");
   b->tls_sni = sg_jsonload_strdup(ld, kp, sni);
+  /* The name the certificate must carry: one that is no host name (a URL,
+   * a host with a port) matches no certificate, so every call would get 14. */
+  why = sni != NULL ? backend_address_problem(sni) : NULL;
+  if (why != NULL)
+    lerr(ld, kp, "'%s': %s", sni, why);
   b->tls_cert_file = sg_jsonload_file(ld, tls, tpath, "cert", false);
   b->tls_key_file = sg_jsonload_file(ld, tls, tpath, "key", false);
   if ((b->tls_cert_file == NULL) != (b->tls_key_file == NULL))
     lerr(ld, tpath, "\"cert\" and \"key\" go together: give both or neither");
   b->tls_verify = sg_jsonload_bool(ld, tls, tpath, "verify", true);
+  /* Without verification the CA is never read: a wrong file would load
+   * now and fail only the day "verify" is turned back on. */
+  if (!b->tls_verify && json_object_get(tls, "ca") != NULL) {
+    sg_jsonload_key_path(kp, sizeof kp, tpath, "ca");
+    lerr(ld, kp, "\"ca\" has no effect with \"verify\": false: remove one");
+  }
   /* Build the context once so a bad CA or a key that does not match its
    * certificate fails the load, not the first call to this backend. */
   if (ld->errors == errors_before) {

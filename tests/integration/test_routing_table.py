@@ -387,5 +387,42 @@ class TenantNamedNoneTest(H.SparkgateTestCase):
         self.assertEqual(rc, 0, err)
 
 
+# ---------------------------------------------------------------------------
+# Backend TLS settings that can never work are refused at load (docs/routing.md,
+# "Backends"): each would otherwise load and answer every call with 14, which
+# PySpark retries without end.
+
+class BackendTlsCheckedAtLoadTest(H.SparkgateTestCase):
+    def test_sni_that_is_not_a_host_name_fails_the_load(self):
+        """"sni" is a host name or an IP address, checked like "address": a
+        URL or a name with a port can never match a certificate, so the load
+        fails with an error at tenants[i].backends[j].tls.sni saying what to
+        fix."""
+        cfg = H.base_config(1234, backend_tls={"ca": H.pki().ca_cert,
+                                               "sni": "https://spark.internal:15002"})
+        rc, out, err = H.check_config(cfg)
+        self.assertNotEqual(rc, 0, out + err)
+        self.assertIn("tenants[0].backends[0].tls.sni", err)
+        self.assertIn("without a scheme", err)
+        cfg = H.base_config(1234, backend_tls={"ca": H.pki().ca_cert, "sni": "localhost."})
+        rc, out, err = H.check_config(cfg)
+        self.assertEqual(rc, 0, err)
+
+    def test_bad_ca_file_with_verify_false_fails_the_load(self):
+        """With "verify": false the "ca" file would never be read, so a
+        wrong file (here a private key) would load and fail only the day
+        verification is turned back on. "ca" with "verify": false is refused
+        as contradictory, at tenants[i].backends[j].tls.ca."""
+        p = H.pki()
+        cfg = H.base_config(1234, backend_tls={"ca": p.client_cn_key, "verify": False})
+        rc, out, err = H.check_config(cfg)
+        self.assertNotEqual(rc, 0, out + err)
+        self.assertIn("tenants[0].backends[0].tls.ca", err)
+        self.assertIn('no effect with "verify": false', err)
+        cfg = H.base_config(1234, backend_tls={"verify": False})
+        rc, out, err = H.check_config(cfg)
+        self.assertEqual(rc, 0, err)
+
+
 if __name__ == "__main__":
     H.main()
