@@ -624,14 +624,24 @@ static void load_credential(loader *ld, const json_t *obj, const char *path,
     start++;
   while (len > start && isspace((unsigned char)secret[len - 1]))
     len--;
-  bool printable = true;
+  /* A gRPC header value is printable ASCII: anything else (a UTF-8 byte
+   * order mark an editor added, a pasted typographic quote) would go to the
+   * backend and be refused on every call. */
+  bool printable = true, ascii = true;
   for (size_t i = start; i < len; i++) {
     unsigned char ch = (unsigned char)secret[i];
     if (ch < 0x21 || ch == 0x7f)
       printable = false;
+    else if (ch > 0x7e)
+      ascii = false;
   }
+  static const char bom[] = "\xef\xbb\xbf";
   const char *what = file != NULL ? "file" : "variable";
-  if (len == start)
+  if (len - start >= 3 && memcmp(secret + start, bom, 3) == 0)
+    lerr(ld, vp, "the %s '%s' starts with a UTF-8 byte order mark: %s", what,
+         t->credential_origin,
+         file != NULL ? "save the file without it" : "remove it from the value");
+  else if (len == start)
     lerr(ld, vp, "the %s '%s' is empty: it must hold the backend token", what,
          t->credential_origin);
   else if (len - start > SG_ROUTE_MAX_CREDENTIAL_BYTES)
@@ -640,6 +650,10 @@ static void load_credential(loader *ld, const json_t *obj, const char *path,
   else if (!printable)
     lerr(ld, vp, "the %s '%s' holds spaces or control characters inside the "
                  "token: it must hold the token only (it goes into a header)",
+         what, t->credential_origin);
+  else if (!ascii)
+    lerr(ld, vp, "the %s '%s' holds non-ASCII bytes inside the token: it must "
+                 "hold the token only, in printable ASCII (it goes into a header)",
          what, t->credential_origin);
   else {
     t->credential_len = len - start;

@@ -424,5 +424,32 @@ class BackendTlsCheckedAtLoadTest(H.SparkgateTestCase):
         self.assertEqual(rc, 0, err)
 
 
+class CredentialNonAsciiTest(H.SparkgateTestCase):
+    def test_credential_with_non_ascii_bytes_fails_the_load(self):
+        """The token goes into a request header, whose value is printable
+        ASCII (docs/routing.md, "Upstream credential"). A file saved with a
+        UTF-8 byte order mark, or holding any byte outside 0x21-0x7e, fails
+        the load with a message that says what to fix and never shows the
+        token; it would otherwise go to the backend as "Bearer \\ufeff..."
+        and be refused on every call."""
+        d = H.tempdir("sg-rr-cred-")
+        bom = os.path.join(d, "bom")
+        with open(bom, "wb") as f:
+            f.write(b"\xef\xbb\xbfS3cretToken\n")
+        accented = os.path.join(d, "accented")
+        with open(accented, "wb") as f:
+            f.write("S3cret\u00e9Token\n".encode("utf-8"))
+        cfg = inline_config([tenant("a", upstream_credential={"file": bom}),
+                             tenant("b", upstream_credential={"file": accented})],
+                            selectors=["header:x-spark-tenant"])
+        rc, out, err = H.check_config(cfg, directory=d)
+        self.assertNotEqual(rc, 0, out + err)
+        self.assertNotIn("S3cret", out + err)
+        self.assertIn("tenants[0].upstream_credential.file", err)
+        self.assertIn("byte order mark: save the file without it", err)
+        self.assertIn("tenants[1].upstream_credential.file", err)
+        self.assertIn("non-ASCII", err)
+
+
 if __name__ == "__main__":
     H.main()

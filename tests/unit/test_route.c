@@ -578,6 +578,30 @@ static void test_validation_errors(void) {
                "tenants[0].upstream_credential", "either");
   EXPECT_ERROR("{\"tenants\":[" T("a", ",\"upstream_credential\":{\"file\":\"secrets/spaced-token\"}") "]}",
                "tenants[0].upstream_credential.file", "token only");
+  /* A header value is printable ASCII: a byte order mark (said as such)
+   * or any other non-ASCII byte is refused, the value never shown. */
+  setenv("SG_TEST_ROUTE_BOM", "\xef\xbb\xbf" "bom-very-secret", 1);
+  EXPECT_ERROR("{\"tenants\":[" T("a", ",\"upstream_credential\":{\"env\":\"SG_TEST_ROUTE_BOM\"}") "]}",
+               "tenants[0].upstream_credential.env", "UTF-8 byte order mark");
+  setenv("SG_TEST_ROUTE_UTF8", "caf\xc3\xa9-very-secret", 1);
+  EXPECT_ERROR("{\"tenants\":[" T("a", ",\"upstream_credential\":{\"env\":\"SG_TEST_ROUTE_UTF8\"}") "]}",
+               "tenants[0].upstream_credential.env", "non-ASCII");
+  setenv("SG_TEST_ROUTE_HIGH", "x\xff", 1);
+  EXPECT_ERROR("{\"tenants\":[" T("a", ",\"upstream_credential\":{\"env\":\"SG_TEST_ROUTE_HIGH\"}") "]}",
+               "tenants[0].upstream_credential.env", "non-ASCII");
+  for (const char *const *var = (const char *const[]){"SG_TEST_ROUTE_BOM", "SG_TEST_ROUTE_UTF8",
+                                                       NULL};
+       *var != NULL; var++) {
+    char text[512];
+    snprintf(text, sizeof text,
+             "{\"tenants\":[" T("a", ",\"upstream_credential\":{\"env\":\"%s\"}") "]}", *var);
+    r.n = 0;
+    t = load_text(text, &r);
+    CHECK(t == NULL);
+    for (size_t i = 0; i < r.n; i++)
+      CHECK(strstr(r.msg[i], "very-secret") == NULL);
+    reports_clear(&r);
+  }
   setenv("SG_TEST_ROUTE_SECRET", "pass word-very-secret", 1);
   r.n = 0;
   t = load_text("{\"tenants\":[" T("a", ",\"upstream_credential\":{\"env\":\"SG_TEST_ROUTE_SECRET\"}") "]}", &r);
