@@ -451,5 +451,22 @@ class CredentialNonAsciiTest(H.SparkgateTestCase):
         self.assertIn("non-ASCII", err)
 
 
+class LimitsDocTest(H.SparkgateTestCase):
+    """routing.md, "Limits": `max_message_bytes` cannot be 0 (at least
+    1024), so "absent or 0 means no limit" is not said of every key; and the
+    limit is on the message as forwarded, after a `user_id` rewrite that can
+    lengthen it (a message of exactly N bytes may be refused)."""
+
+    def test_limits_section_says_what_the_loader_and_the_rewrite_do(self):
+        doc = read_doc("routing.md")
+        self.assertNotIn("Every key is optional; absent or `0` means no limit.", doc)
+        self.assertIn("`max_message_bytes` always applies", doc)
+        self.assertIn("It applies to the message as forwarded", doc)
+        cfg = inline_config([tenant("a", limits={"max_message_bytes": 0})])
+        rc, out, err = H.check_config(cfg)
+        self.assertEqual(rc, 1, out)
+        self.assertIn("tenants[0].limits.max_message_bytes", err)
+
+
 if __name__ == "__main__":
     H.main()
