@@ -1,14 +1,18 @@
 #include "sparkgate/tls.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include <nghttp2/nghttp2.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
+
+#include "sparkgate/log.h"
 
 /* TLS 1.2 suites: forward secrecy and AEAD only, which is also what RFC 9113
  * 9.2.2 asks of HTTP/2. TLS 1.3 suites are OpenSSL's defaults. */
@@ -51,6 +55,110 @@ static void set_ctx_error(char *err, size_t errlen, const char *what) {
   snprintf(err, errlen, "%s: %s", what, ossl);
 }
 
+/* OpenSSL's default passphrase callback reads the terminal (or stdin): an
+ * encrypted key would stop the start, or the main loop in a reload, for
+ * ever. There is no passphrase setting, so an encrypted key is refused;
+ * |u|, when set, records that a passphrase was asked for. */
+static int no_passphrase_cb(char *buf, int size, int rwflag, void *u) {
+  (void)buf;
+  (void)size;
+  (void)rwflag;
+  if (u != NULL)
+    *(bool *)u = true;
+  return -1;
+}
+
+/* SSL_CTX_use_PrivateKey_file without a prompt. Returns its result, and
+ * whether the key turned out to be encrypted. */
+static int use_key_file(SSL_CTX *ctx, const char *path, bool *encrypted) {
+  *encrypted = false;
+  SSL_CTX_set_default_passwd_cb_userdata(ctx, encrypted);
+  int rv = SSL_CTX_use_PrivateKey_file(ctx, path, SSL_FILETYPE_PEM);
+  /* |encrypted| lives on the caller's stack; the callback stays. */
+  SSL_CTX_set_default_passwd_cb_userdata(ctx, NULL);
+  return rv;
+}
+
+static void set_encrypted_key_error(char *err, size_t errlen, const char *what,
+                                    const char *file) {
+  ERR_clear_error();
+  snprintf(err, errlen, "%s '%s' is encrypted: give an unencrypted PEM key (e.g. "
+           "openssl pkey -in K -out K.plain)", what, file);
+}
+
+/* "expired on <date>" or "is not valid before <date>" when |x| is outside its
+ * dates now, else "" (also when the dates cannot be read: the handshake
+ * will say). */
+static const char *cert_dates_problem(X509 *x, char *buf, size_t buflen) {
+  const ASN1_TIME *when = NULL;
+  const char *what = NULL;
+  if (X509_cmp_current_time(X509_get0_notAfter(x)) < 0) {
+    when = X509_get0_notAfter(x);
+    what = "expired on";
+  } else if (X509_cmp_current_time(X509_get0_notBefore(x)) > 0) {
+    when = X509_get0_notBefore(x);
+    what = "is not valid before";
+  }
+  buf[0] = '\0';
+  struct tm tm;
+  if (when != NULL && ASN1_TIME_to_tm(when, &tm) == 1) {
+    char date[64];
+    strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S UTC", &tm);
+    snprintf(buf, buflen, "%s %s", what, date);
+  }
+  ERR_clear_error();
+  return buf;
+}
+
+const char *sg_tls_cert_dates_problem(const SSL *ssl, char *buf, size_t buflen) {
+  X509 *own = SSL_get_certificate(ssl);
+  if (own == NULL) {
+    buf[0] = '\0';
+    return buf;
+  }
+  return cert_dates_problem(own, buf, buflen);
+}
+
+/* A certificate outside its dates is kept, with a warning: refusing it
+ * would make a configuration that loaded yesterday fail today, on a
+ * restart (every listener and tenant down, not just this one) or on a
+ * reload (an unrelated change refused). Each load builds the contexts
+ * twice (checked at load, then put in force), so one warning a minute per
+ * file and date is enough. */
+static void warn_cert_dates(SSL_CTX *ctx, const char *what, const char *file,
+                            const char *consequence) {
+  char problem[128];
+  X509 *x = SSL_CTX_get0_certificate(ctx);
+  if (x == NULL || cert_dates_problem(x, problem, sizeof problem)[0] == '\0')
+    return;
+  static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+  static struct {
+    char line[512];
+    time_t at;
+  } warned[16];
+  char line[512];
+  snprintf(line, sizeof line, "%s '%s' %s: %s", what, file, problem, consequence);
+  struct timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  bool seen = false;
+  size_t oldest = 0;
+  pthread_mutex_lock(&lock);
+  for (size_t i = 0; i < sizeof warned / sizeof warned[0] && !seen; i++) {
+    if (strcmp(warned[i].line, line) == 0 && now.tv_sec - warned[i].at < 60) {
+      seen = true;
+    } else if (warned[i].at < warned[oldest].at) {
+      oldest = i;
+    }
+  }
+  if (!seen) {
+    snprintf(warned[oldest].line, sizeof warned[oldest].line, "%s", line);
+    warned[oldest].at = now.tv_sec;
+  }
+  pthread_mutex_unlock(&lock);
+  if (!seen)
+    sg_warn("%s", line);
+}
+
 /* Only h2: a client that cannot speak HTTP/2 cannot speak gRPC, and
  * answering it over HTTP/1.1 would only widen the attack surface. */
 static int alpn_select_cb(SSL *ssl, const unsigned char **out,
@@ -88,6 +196,7 @@ static SSL_CTX *ctx_new(const SSL_METHOD *method, char *err, size_t errlen) {
                                SSL_OP_CIPHER_SERVER_PREFERENCE |
                                SSL_OP_SINGLE_ECDH_USE);
   SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+  SSL_CTX_set_default_passwd_cb(ctx, no_passphrase_cb);
   /* AES-128-GCM first: as safe in practice and a third cheaper per byte,
    * which is what a proxy of Arrow batches spends its time on. */
   if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1 ||
@@ -113,7 +222,7 @@ static int load_crl_file(X509_STORE *store, const char *path, char *err,
   }
   int n = 0, rv = 0;
   X509_CRL *crl;
-  while ((crl = PEM_read_bio_X509_CRL(bio, NULL, NULL, NULL)) != NULL) {
+  while ((crl = PEM_read_bio_X509_CRL(bio, NULL, no_passphrase_cb, NULL)) != NULL) {
     if (X509_STORE_add_crl(store, crl) != 1)
       rv = -1;
     X509_CRL_free(crl);
@@ -205,8 +314,11 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
     set_error(err, errlen, "cannot load certificate chain", l->tls_cert_file);
     goto fail;
   }
-  if (SSL_CTX_use_PrivateKey_file(ctx, l->tls_key_file, SSL_FILETYPE_PEM) != 1) {
-    if (ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH &&
+  bool encrypted;
+  if (use_key_file(ctx, l->tls_key_file, &encrypted) != 1) {
+    if (encrypted)
+      set_encrypted_key_error(err, errlen, "private key", l->tls_key_file);
+    else if (ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH &&
         errno != ENOMEM) {
       snprintf(err, errlen, "private key '%s' does not match certificate '%s'",
                l->tls_key_file, l->tls_cert_file);
@@ -225,6 +337,10 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
     ERR_clear_error();
     goto fail;
   }
+  char what[128];
+  snprintf(what, sizeof what, "listener %s certificate", l->name);
+  warn_cert_dates(ctx, what, l->tls_cert_file,
+                  "clients that check it refuse every connection to this listener");
   SSL_CTX_set_alpn_select_cb(ctx, alpn_select_cb, NULL);
 
   /* Sessions resume only on the listener that made them: the id context is
@@ -309,12 +425,19 @@ SSL_CTX *sg_tls_client_ctx_new(const sg_backend_config *b, char *err,
       set_error(err, errlen, "cannot load client certificate", b->tls_cert_file);
       goto fail;
     }
-    if (SSL_CTX_use_PrivateKey_file(ctx, b->tls_key_file, SSL_FILETYPE_PEM) != 1 ||
-        SSL_CTX_check_private_key(ctx) != 1) {
+    bool encrypted;
+    int used = use_key_file(ctx, b->tls_key_file, &encrypted);
+    if (used != 1 && encrypted) {
+      set_encrypted_key_error(err, errlen, "client key", b->tls_key_file);
+      goto fail;
+    }
+    if (used != 1 || SSL_CTX_check_private_key(ctx) != 1) {
       set_error(err, errlen, "cannot load client key (or it does not match)",
                 b->tls_key_file);
       goto fail;
     }
+    warn_cert_dates(ctx, "client certificate", b->tls_cert_file,
+                    "backends that ask for one refuse every connection");
   }
   return ctx;
 fail:

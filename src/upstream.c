@@ -720,14 +720,31 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
       snprintf(reason, sizeof reason, "cannot resolve %s: %s",
                up->pool->backend->address, evutil_gai_strerror(dns_err));
     } else if (tls_err != 0) {
-      char buf[256];
-      ERR_error_string_n(tls_err, buf, sizeof buf);
+      char cause[256];
       long vr = SSL_get_verify_result(up->ssl);
-      if (vr != X509_V_OK)
-        snprintf(reason, sizeof reason, "TLS handshake failed: %s",
-                 X509_verify_cert_error_string(vr));
-      else
-        snprintf(reason, sizeof reason, "TLS handshake failed: %s", buf);
+      if (vr != X509_V_OK) {
+        snprintf(cause, sizeof cause, "%s", X509_verify_cert_error_string(vr));
+      } else if (ERR_GET_LIB(tls_err) == 0) {
+        /* Not an OpenSSL error but libevent's SSL_ERROR_SYSCALL (5): a
+         * socket error, or an end of file mid-handshake. errno may have
+         * moved on since (deferred callbacks): only a socket's error is
+         * taken for the cause. */
+        int err = EVUTIL_SOCKET_ERROR();
+        bool sock = err == ECONNRESET || err == EPIPE || err == ETIMEDOUT ||
+                    err == ECONNABORTED || err == EHOSTUNREACH || err == ENETUNREACH;
+        snprintf(cause, sizeof cause, "%s",
+                 sock ? evutil_socket_error_to_string(err)
+                      : "the backend closed (or reset) the connection during the handshake");
+      } else {
+        ERR_error_string_n(tls_err, cause, sizeof cause);
+      }
+      /* A backend that refuses our expired certificate may only close the
+       * connection: then the cause is on this side. */
+      char dates[128];
+      sg_tls_cert_dates_problem(up->ssl, dates, sizeof dates);
+      snprintf(reason, sizeof reason, "TLS handshake failed: %s%s%s%s", cause,
+               dates[0] != '\0' ? " (our client certificate " : "", dates,
+               dates[0] != '\0' ? ")" : "");
     } else {
       int err = EVUTIL_SOCKET_ERROR();
       snprintf(reason, sizeof reason, "%s",
@@ -747,11 +764,21 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
   (void)what;
   sg_upstream *up = arg;
   if (up->state == SG_UPSTREAM_CONNECTING || !up->got_settings) {
+    const char *stage = "connected, but no HTTP/2 SETTINGS from the backend within";
+    if (up->state == SG_UPSTREAM_CONNECTING) {
+      /* Over TLS, CONNECTING lasts until the handshake is done: a TCP
+       * connect that went through sends the operator to the TLS side
+       * (a plain-TCP port, a wedged TLS terminator), not to routes. */
+      struct sockaddr_storage peer;
+      socklen_t peer_len = sizeof peer;
+      evutil_socket_t sock = bufferevent_getfd(up->bev);
+      bool tcp_up = up->ssl != NULL && sock >= 0 &&
+                    getpeername(sock, (struct sockaddr *)&peer, &peer_len) == 0;
+      stage = tcp_up ? "TCP connected, but the TLS handshake was not finished within"
+                    : "connect timed out after";
+    }
     char reason[128];
-    snprintf(reason, sizeof reason,
-             up->state == SG_UPSTREAM_CONNECTING
-                 ? "connect timed out after %u ms"
-                 : "connected, but no HTTP/2 SETTINGS from the backend within %u ms",
+    snprintf(reason, sizeof reason, "%s %u ms", stage,
              pool_config(up->pool)->upstream_connect_timeout_ms);
     count_connect(up->pool, false);
     pool_mark_down(up->pool, reason);
@@ -789,6 +816,16 @@ static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err,
     if (up->ssl == NULL)
       goto fail;
     const char *name = b->tls_sni != NULL ? b->tls_sni : b->address;
+    /* "spark.internal." is the same name as "spark.internal", but OpenSSL
+     * matches the certificate's names byte for byte, and SNI goes without
+     * the dot (RFC 6066 3). */
+    char undotted[256];
+    size_t name_len = strlen(name);
+    if (name_len > 1 && name_len < sizeof undotted && name[name_len - 1] == '.') {
+      memcpy(undotted, name, name_len - 1);
+      undotted[name_len - 1] = '\0';
+      name = undotted;
+    }
     if (!is_ip_literal(name))
       SSL_set_tlsext_host_name(up->ssl, name);
     if (b->tls_verify) {

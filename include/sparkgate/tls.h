@@ -30,6 +30,11 @@ int sg_tls_alpn_is_h2(const SSL *ssl);
  * when not (|why| says why), -1 when it could not be checked (memory). */
 int sg_tls_reverify_client(SSL_CTX *ctx, SSL *ssl, const char **why);
 
+/* Why |ssl|'s own certificate (a client certificate to a backend) is not
+ * valid now: "expired on <date>" or "is not valid before <date>"; "" when
+ * it is, or there is none. For a failed handshake's log line. */
+const char *sg_tls_cert_dates_problem(const SSL *ssl, char *buf, size_t buflen);
+
 /* The first queued OpenSSL error as text (and clears the queue), for logs. */
 const char *sg_tls_last_error(char *buf, size_t buflen);
 

@@ -4,12 +4,107 @@ tenants[].backends[].tls.ca and the expected name (sni, else the address),
 and any failure to do so is UNAVAILABLE (14) to the client, with the
 backend never seeing the call."""
 
+import json
 import os
+import signal
+import socket
+import ssl
+import struct
+import subprocess
 import sys
+import threading
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 import harness as H  # noqa: E402
 import grpc  # noqa: E402
+from raw_backend import RawBackend  # noqa: E402
+
+
+class TlsRawBackend(RawBackend):
+    """RawBackend behind TLS (python ssl), recording the SNI of each
+    handshake."""
+
+    def __init__(self, plan, cert, key):
+        self.snis = []
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        ctx.set_alpn_protocols(["h2"])
+        ctx.sni_callback = lambda sslobj, name, c: self.snis.append(name)
+        self.ctx = ctx
+        super().__init__(plan)
+
+    def _serve(self, sock, index, behaviour):
+        sock.settimeout(5)
+        try:
+            tls = self.ctx.wrap_socket(sock, server_side=True)
+        except (OSError, ssl.SSLError):
+            sock.close()
+            return
+        return super()._serve(tls, index, behaviour)
+
+
+class ResetInHandshakeBackend:
+    """Accepts, reads the ClientHello, resets the connection (RST): a TLS
+    backend (or a balancer in front of one) that drops the handshake."""
+
+    def __init__(self):
+        self.closed = threading.Event()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.closed.is_set():
+            try:
+                c, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            c.settimeout(2)
+            try:
+                c.recv(4096)
+            except OSError:
+                pass
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+
+    def close(self):
+        self.closed.set()
+        self.sock.close()
+        self.thread.join(5)
+
+
+def encrypted_copy(key):
+    """|key| encrypted with a passphrase, in a new file named *-enc.key."""
+    out = os.path.join(H.tempdir(), os.path.basename(key).replace(".key", "-enc.key"))
+    subprocess.run(["openssl", "pkey", "-in", key, "-out", out, "-aes256",
+                    "-passout", "pass:secret"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+class StdinPipeSparkgate(H.Sparkgate):
+    """A sparkgate whose stdin is a pipe kept open (a supervisor's, docker
+    -i): OpenSSL's default passphrase prompt would read it for ever. Its
+    own session, so no terminal either."""
+
+    def spawn(self):
+        self.proc = subprocess.Popen(
+            H._argv(["-c", self.config_path] + self.args), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=H._child_env(self.env),
+            start_new_session=True)
+        with H._lock:
+            H._live_procs.add(self.proc)
+        for stream, sink in ((self.proc.stderr, self.lines),
+                             (self.proc.stdout, self.stdout_lines)):
+            t = threading.Thread(target=self._read, args=(stream, sink, H.VERBOSE),
+                                 daemon=True)
+            t.start()
+            self._readers.append(t)
+        return self
 
 
 class UpstreamTlsTest(H.SparkgateTestCase):
@@ -94,6 +189,118 @@ class UpstreamTlsTest(H.SparkgateTestCase):
         up = self.standin(tls=True, client_ca=p.ca_cert)
         sg, ch = self.proxy(up, {"ca": p.ca_cert, "sni": "localhost"})
         self.assertUnavailable(up, ch)
+
+
+    def test_sni_with_trailing_dot_matches_the_certificate(self):
+        """A host name with a trailing dot is the same (absolute) name, and
+        "sni" defaults to the address: the certificate for "localhost"
+        verifies against "localhost.", and the SNI goes without the dot
+        (RFC 6066 3)."""
+        p = H.pki()
+        b = TlsRawBackend(["ok"], p.server_cert, p.server_key)
+        self.addCleanup(b.close)
+        sg, ch = self.proxy(b, {"ca": p.ca_cert, "sni": "localhost."})
+        r = H.call_unary(ch, "Config", b"dot", timeout=15)
+        self.assertEqual(r.code, grpc.StatusCode.OK, r)
+        self.assertEqual(b.snis, ["localhost"])
+
+
+class UpstreamTlsDiagnosticsTest(H.SparkgateTestCase):
+    """What the log says when TLS to a backend (or a key) cannot work."""
+
+    def proxy(self, port, tls, connect_timeout_ms=3000):
+        cfg = H.base_config(port, backend_tls=tls, workers=1)
+        cfg["upstream"] = {"connect_timeout_ms": connect_timeout_ms}
+        sg = self.start_sparkgate(cfg)
+        ch = H.tls_channel(sg.port("public"))
+        self.addCleanup(ch.close)
+        return sg, ch
+
+    def down_reason(self, sg):
+        return sg.wait_for_log(r"backend spark-1 of tenant default is down: (.*); retrying",
+                               timeout=5).group(1)
+
+    def test_encrypted_client_key_fails_the_load_without_prompting(self):
+        """An encrypted backend "key" cannot be used (there is no passphrase
+        setting): the start fails at once naming the file, and never waits
+        on OpenSSL's passphrase prompt, even with stdin open."""
+        p = H.pki()
+        enc = encrypted_copy(p.client_cn_key)
+        cfg = H.base_config(1234, backend_tls={"ca": p.ca_cert, "cert": p.client_cn_cert,
+                                               "key": enc})
+        sg = StdinPipeSparkgate(cfg)
+        self.addCleanup(sg.stop, check=False)
+        with self.assertRaisesRegex(AssertionError, "exited") as cm:
+            sg.start(timeout=5)
+        self.assertIn("client-cn-enc.key' is encrypted", str(cm.exception))
+        self.assertNotIn("pass phrase", str(cm.exception))
+
+    def test_encrypted_listener_key_fails_a_reload_without_prompting(self):
+        """A reload to an encrypted listener key fails (naming the file)
+        and keeps the configuration in force: the main loop never waits on
+        a passphrase prompt, so signals and calls go on."""
+        p = H.pki()
+        up = self.standin()
+        cfg = H.base_config(up.port, workers=1)
+        sg = StdinPipeSparkgate(cfg)
+        self.addCleanup(sg.stop, check=False)
+        sg.start()
+        cfg["listeners"][0]["tls"]["key"] = encrypted_copy(p.server_key)
+        with open(sg.config_path, "w") as f:
+            json.dump(cfg, f)
+        mark = sg.mark()
+        sg.send_signal(signal.SIGHUP)
+        sg.wait_for_log(r"server-enc\.key' is encrypted", timeout=5, since=mark)
+        sg.wait_for_log(r"reload failed", timeout=5, since=mark)
+        ch = H.tls_channel(sg.port("public"))
+        self.addCleanup(ch.close)
+        r = H.call_unary(ch, "Config", b"still here", timeout=10)
+        self.assertEqual(r.code, grpc.StatusCode.OK, r)
+
+    def test_expired_client_certificate_is_reported_at_load(self):
+        """A backend client certificate ("cert") outside its dates loads
+        with a warning naming the file and the date (refusing it would stop
+        every tenant on a restart), and a handshake that then fails says
+        that our certificate has expired."""
+        p = H.pki()
+        up = self.standin(tls=True, client_ca=p.ca_cert)
+        sg, ch = self.proxy(up.port, {"ca": p.ca_cert, "sni": "localhost",
+                                      "cert": p.client_expired_cert,
+                                      "key": p.client_expired_key})
+        sg.wait_for_log(r"warn.*client certificate '.*client-expired\.pem' expired on "
+                        r"2021-01-01", timeout=3)
+        r = H.call_unary(ch, "Config", b"x", timeout=15)
+        self.assertEqual(r.code, grpc.StatusCode.UNAVAILABLE, r)
+        self.assertRegex(self.down_reason(sg), r"our client certificate expired on 2021-01-01")
+
+    def test_backend_resetting_during_handshake_is_logged_with_a_cause(self):
+        """A backend that resets the connection in the middle of the TLS
+        handshake: 14, and the log says the connection was reset (not
+        libevent's SSL_ERROR_SYSCALL code as an OpenSSL error)."""
+        b = ResetInHandshakeBackend()
+        self.addCleanup(b.close)
+        sg, ch = self.proxy(b.port, {"ca": H.pki().ca_cert, "sni": "localhost"})
+        r = H.call_unary(ch, "Config", b"x", timeout=15)
+        self.assertEqual(r.code, grpc.StatusCode.UNAVAILABLE, r)
+        reason = self.down_reason(sg)
+        self.assertNotRegex(reason, r"lib\(0\)|reason\(\d+\)")
+        self.assertRegex(reason, r"(?i)reset")
+
+    def test_tls_handshake_timeout_is_not_called_a_connect_timeout(self):
+        """A backend that accepts TCP and never answers the ClientHello is
+        cut at connect_timeout_ms, and the log names the TLS handshake,
+        not the connect."""
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        self.addCleanup(s.close)
+        sg, ch = self.proxy(s.getsockname()[1], {"ca": H.pki().ca_cert, "sni": "localhost"},
+                            connect_timeout_ms=1000)
+        r = H.call_unary(ch, "Config", b"x", timeout=15)
+        self.assertEqual(r.code, grpc.StatusCode.UNAVAILABLE, r)
+        reason = self.down_reason(sg)
+        self.assertRegex(reason, r"TLS handshake")
+        self.assertNotIn("connect timed out", reason)
 
 
 if __name__ == "__main__":
