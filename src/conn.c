@@ -874,9 +874,11 @@ static void refuse_at_accept(sg_generation *gen, const sg_listener_config *l, in
   format_peer(addr, peer, sizeof peer);
   sg_warn("listener %s: refused connection from %s: %s (%u) reached", l->name, peer,
           per_client ? "max_connections_per_client" : "max_connections", cap);
-  evutil_closesocket(fd);
+  /* Counted before the close: a client that sees its connection closed
+   * and then reads the metrics finds the refusal there. */
   if (gen->metrics != NULL)
     sg_metrics_conn_refused(gen->metrics, per_client);
+  evutil_closesocket(fd);
 }
 
 void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
