@@ -293,6 +293,15 @@ static bool reload_config(sg_main *m) {
   return true;
 }
 
+/* The signals run() handles on its loop; main() holds them until then. */
+static void startup_signals(sigset_t *set) {
+  sigemptyset(set);
+  sigaddset(set, SIGTERM);
+  sigaddset(set, SIGINT);
+  sigaddset(set, SIGHUP);
+  sigaddset(set, SIGUSR1);
+}
+
 static void on_second_signal(int sig) {
   (void)sig;
   static const char msg[] = "sparkgate: second signal while draining: exiting now\n";
@@ -313,7 +322,11 @@ static void on_signal(evutil_socket_t sig, short what, void *arg) {
     start_drain(m);
     break;
   case SIGHUP:
-    if (!m->draining)
+    /* The calls still running keep the configuration they started with;
+     * say so, or the operator cannot tell whether the new file is in force. */
+    if (m->draining)
+      sg_warn("SIGHUP ignored: draining; the configuration in force stays until exit");
+    else
       reload(m);
     break;
   case SIGUSR1: {
@@ -419,6 +432,12 @@ static int run(sg_config *cfg) {
     sigs[i] = evsignal_new(m.base, signos[i], on_signal, &m);
     evsignal_add(sigs[i], NULL);
   }
+  /* main() held these since before the configuration was loaded; one that
+   * came in meanwhile is now delivered to the loop as a normal reload,
+   * drain or reopen. Threads started below block every signal. */
+  sigset_t startup;
+  startup_signals(&startup);
+  pthread_sigmask(SIG_UNBLOCK, &startup, NULL);
 
   /* Workers must not take process signals: the main loop handles them. */
   sigset_t all, old;
@@ -525,6 +544,18 @@ int main(int argc, char **argv) {
   }
 
   signal(SIGPIPE, SIG_IGN);
+  /* Loading a large configuration, building TLS contexts and binding take
+   * a while, and config-reloaders send SIGHUP at any moment: until run()
+   * has its handlers, the default action would kill the process. Held
+   * here, delivered by run(). A check only exits: SIGHUP and SIGUSR1 mean
+   * nothing to it, while SIGTERM and SIGINT keep ending it at once. */
+  sigset_t startup;
+  startup_signals(&startup);
+  if (check_only) {
+    sigdelset(&startup, SIGTERM);
+    sigdelset(&startup, SIGINT);
+  }
+  pthread_sigmask(SIG_BLOCK, &startup, NULL);
 #ifdef __GLIBC__
   /* Stream buffers come and go in 16 KiB pieces at gigabytes per second:
    * without these, glibc hands freed memory back to the kernel and takes

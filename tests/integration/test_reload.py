@@ -116,6 +116,62 @@ class SecondSigtermWhileDrainingTest(AttackCase):
                              "timeout is 20 s)" % rc)
 
 
+class SighupWhileDrainingIsLoggedTest(AttackCase):
+    """A SIGHUP while draining does not reload (the calls still running
+    keep the configuration in force until exit), and the log says so at
+    warn level: the operator (or a config-reloader that logged sending
+    it) can tell the new file is not in force."""
+
+    config_overrides = {"workers": 1, "drain_timeout_ms": 20000}
+
+    def test_sighup_during_drain_is_logged(self):
+        with RawH2(self.h2c_port, tls=False) as c:
+            c.live_call()
+            mark = self.sg.mark()
+            self.sg.send_signal(signal.SIGTERM)
+            self.sg.wait_for_log(r"draining", timeout=10, since=mark)
+            mark = self.sg.mark()
+            self.sg.send_signal(signal.SIGHUP)
+            self.sg.wait_for_log(r"warn.*SIGHUP ignored: draining", timeout=5, since=mark)
+            self.assertTrue(self.sg.alive(), "sparkgate exited on SIGHUP while draining")
+            self.assertIsNone(self.sg.find_log(r"reload", since=mark), self.sg.log_text(10))
+
+
+class SighupDuringStartupTest(H.SparkgateTestCase):
+    """Config-reloaders send SIGHUP whenever a watched file changes,
+    whatever sparkgate is doing. A SIGHUP that arrives while sparkgate
+    still starts (here: loading a large routing table) is held until the
+    start is done and then taken as a normal reload; it never kills the
+    process."""
+
+    def test_sighup_while_loading_is_a_reload_once_started(self):
+        d = H.tempdir("sg-start-hup-")
+        up = self.standin()
+        tenants = [{"name": "t%d" % i, "hosts": ["h%d.example" % i],
+                    "backends": [{"name": "b%d" % i, "address": "127.0.0.1",
+                                  "port": up.port}],
+                    "allow": {"any_identity": True}, "user_id": "off"}
+                   for i in range(20000)]
+        rt = os.path.join(d, "routes.json")
+        with open(rt, "w") as f:
+            json.dump({"tenants": tenants, "tenant_selectors": ["authority"]}, f)
+        cfg = {"workers": 1, "listeners": [H.h2c_listener("dev")], "routing_table": rt,
+               "allowed_path_prefixes": [SERVICE]}
+        sg = H.Sparkgate(cfg, config_dir=d)
+        sg.spawn()
+        self.addCleanup(sg.kill)
+        time.sleep(0.1)  # exec'd, loading the routing table
+        sg.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and sg.alive() and not sg.find_log(H.READY_RE):
+            time.sleep(0.05)
+        rc = sg.proc.poll()
+        self.assertIsNone(rc, "sparkgate was killed by a SIGHUP sent while it started "
+                          "(exit status %r, -1 = SIGHUP); log:\n%s" % (rc, sg.log_text()))
+        self.assertTrue(sg.find_log(H.READY_RE), sg.log_text())
+        sg.wait_for_log(r"reload done", timeout=20)
+
+
 # ---------------------------------------------------------------------------
 # Reload and tenant limits.
 
