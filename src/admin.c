@@ -78,6 +78,16 @@ static bool numeric_address(const char *s) {
   return inet_pton(AF_INET, s, buf) == 1 || inet_pton(AF_INET6, s, buf) == 1;
 }
 
+/* "::ffff:a.b.c.d": true, with a.b.c.d in |v4|. Refused: the admin socket
+ * is dual-stack, so it is a.b.c.d, and the overlap check with the client
+ * listeners would have to know that. One spelling per address is simpler. */
+static bool v4_mapped(const char *s, char *v4, size_t v4_size) {
+  struct in6_addr a6;
+  if (inet_pton(AF_INET6, s, &a6) != 1 || !IN6_IS_ADDR_V4MAPPED(&a6))
+    return false;
+  return inet_ntop(AF_INET, &a6.s6_addr[12], v4, (socklen_t)v4_size) != NULL;
+}
+
 int sg_admin_config_parse(const json_t *value, const char *json_path, sg_admin_config *out,
                           sg_config_report_fn report, void *ctx) {
   memset(out, 0, sizeof *out);
@@ -100,6 +110,14 @@ int sg_admin_config_parse(const json_t *value, const char *json_path, sg_admin_c
           !numeric_address(json_string_value(v))) {
         report_at(report, ctx, json_path, key,
                   "must be a numeric IPv4 or IPv6 address such as \"127.0.0.1\" or \"::1\"");
+        errors++;
+        continue;
+      }
+      char v4[INET_ADDRSTRLEN], msg[160];
+      if (v4_mapped(json_string_value(v), v4, sizeof v4)) {
+        snprintf(msg, sizeof msg, "'%s' is an IPv4-mapped IPv6 address: write it as the "
+                 "IPv4 address %s", json_string_value(v), v4);
+        report_at(report, ctx, json_path, key, msg);
         errors++;
         continue;
       }

@@ -97,6 +97,28 @@ class ListenerAddressSpellingTest(Base):
         self.assertRejected(cfg, "listeners[1]")
 
 
+class Ipv4MappedAddressTest(Base):
+    """An IPv4-mapped IPv6 address ("::ffff:127.0.0.1") is refused at load
+    for a listener and for the admin listener, with the IPv4 spelling to
+    use. A client listener is IPv6-only and cannot bind one (the start used
+    to fail with "Invalid argument" after --check-config said OK); the
+    admin listener is dual-stack, where it is the IPv4 address, and it
+    slipped past the check against client listeners on the same port."""
+
+    def test_listener_address_is_refused(self):
+        cfg = good_config(port=0)
+        cfg["listeners"][0]["address"] = "::ffff:127.0.0.1"
+        err = self.assertRejected(cfg, "listeners[0].address")
+        self.assertIn("write it as the IPv4 address 127.0.0.1", err)
+
+    def test_admin_address_is_refused(self):
+        port = H.free_port()
+        cfg = good_config(port=port)
+        cfg["admin"] = {"address": "::ffff:127.0.0.1", "port": port}
+        err = self.assertRejected(cfg, "admin.address")
+        self.assertIn("write it as the IPv4 address 127.0.0.1", err)
+
+
 class AccessLogCheckConfigTest(Base):
     """--check-config agrees with a start about the access log: a path in
     a directory that does not exist fails both (the check used to say OK

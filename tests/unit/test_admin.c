@@ -338,6 +338,10 @@ static void test_config(void) {
   CHECK(parse("{\"admin\": {\"address\": \"localhost\"}}", &c, &log) == -1);
   CHECK(!c.enabled && c.address == NULL);
   CHECK_STR_CONTAINS(log.text, "admin.address: must be a numeric IPv4 or IPv6 address");
+  CHECK(parse("{\"admin\": {\"address\": \"::ffff:127.0.0.1\"}}", &c, &log) == -1);
+  CHECK(!c.enabled && c.address == NULL);
+  CHECK_STR_CONTAINS(log.text, "admin.address: '::ffff:127.0.0.1' is an IPv4-mapped");
+  CHECK_STR_CONTAINS(log.text, "write it as the IPv4 address 127.0.0.1");
   CHECK(parse("{\"admin\": {\"port\": 70000}}", &c, &log) == -1);
   CHECK_STR_CONTAINS(log.text, "admin.port: must be an integer from 0 to 65535");
   CHECK(parse("{\"admin\": {\"port\": \"9901\"}}", &c, &log) == -1);

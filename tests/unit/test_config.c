@@ -174,6 +174,19 @@ static void test_refcount(void) {
   sg_config_unref(again);
 }
 
+static void test_v4_mapped_listener_address(void) {
+  sg_config *cfg;
+  sg_config_errors errs = {0};
+  CHECK(load("{\"listeners\":[{\"address\":\"::ffff:127.0.0.1\",\"port\":1,"
+             "\"insecure\":true}],\"tenants\":[{\"name\":\"t\","
+             "\"allow\":{\"any_identity\":true},"
+             "\"backends\":[{\"address\":\"127.0.0.1\",\"port\":1}]}]}",
+             &cfg, &errs) == -1);
+  CHECK_STR_CONTAINS(find_error(&errs, "listeners[0].address"),
+                     "write it as the IPv4 address 127.0.0.1");
+  sg_config_errors_clear(&errs);
+}
+
 int main(void) {
   test_minimal_h2c();
   test_tls_listener();
@@ -184,5 +197,6 @@ int main(void) {
   test_duplicates();
   test_auth_defaults_are_safe();
   test_refcount();
+  test_v4_mapped_listener_address();
   return check_report("config");
 }
