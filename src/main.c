@@ -1,4 +1,5 @@
 /* sparkgate: command line, signals, and the start and stop of workers. */
+#include <errno.h>
 #include <getopt.h>
 #include <malloc.h>
 #include <signal.h>
@@ -6,6 +7,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include <event2/buffer.h>
 #include <event2/event.h>
@@ -293,6 +298,41 @@ static bool reload_config(sg_main *m) {
   return true;
 }
 
+/* The workers bind their listeners with SO_REUSEPORT (one socket each), so
+ * the kernel would let any process of this user bind the same address and
+ * port too and split the clients between both without a word. A plain
+ * bind (SO_REUSEADDR as the listeners have it, so that connections left in
+ * TIME_WAIT do not count) fails where a socket listens already. Other
+ * errors are left to the real bind, which says them. */
+static bool port_in_use(const sg_listener_config *l) {
+  struct sockaddr_storage ss;
+  socklen_t sslen;
+  memset(&ss, 0, sizeof ss);
+  if (strchr(l->address, ':') != NULL) {
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+    in6->sin6_family = AF_INET6;
+    in6->sin6_port = htons(l->port);
+    inet_pton(AF_INET6, l->address, &in6->sin6_addr);
+    sslen = sizeof *in6;
+  } else {
+    struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+    in->sin_family = AF_INET;
+    in->sin_port = htons(l->port);
+    inet_pton(AF_INET, l->address, &in->sin_addr);
+    sslen = sizeof *in;
+  }
+  int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    return false;
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (ss.ss_family == AF_INET6) /* as the listeners: an IPv4 socket is no conflict */
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+  bool in_use = bind(fd, (struct sockaddr *)&ss, sslen) != 0 && errno == EADDRINUSE;
+  close(fd);
+  return in_use;
+}
+
 /* The signals run() handles on its loop; main() holds them until then. */
 static void startup_signals(sigset_t *set) {
   sigemptyset(set);
@@ -394,8 +434,16 @@ static int run(sg_config *cfg) {
   /* The first fetches start once the loop runs; calls that need those
    * keys get UNAVAILABLE (14) until they are in. */
   sg_keyfetch_update(m.keyfetch, cfg->jwt);
-  for (size_t i = 0; i < cfg->n_listeners; i++)
-    ports[i] = cfg->listeners[i].port;
+  for (size_t i = 0; i < cfg->n_listeners; i++) {
+    const sg_listener_config *l = &cfg->listeners[i];
+    if (l->port != 0 && port_in_use(l)) {
+      bool v6 = strchr(l->address, ':') != NULL;
+      sg_error("listener %s: %s%s%s:%u is already in use (another sparkgate?)", l->name,
+               v6 ? "[" : "", l->address, v6 ? "]" : "", l->port);
+      goto out;
+    }
+    ports[i] = l->port;
+  }
   for (unsigned i = 0; i < m.n_workers; i++) {
     m.workers[i] = sg_worker_new(i, m.rt, ports, err, sizeof err);
     if (m.workers[i] == NULL) {

@@ -228,5 +228,37 @@ class RefuseToStartTest(H.SparkgateTestCase):
         self.assertFalse(H.port_is_open(port))
 
 
+class SecondProcessOnTheSamePortTest(H.SparkgateTestCase):
+    """A second sparkgate with a listener on an address:port that a running
+    one serves refuses to start (exit 1, "already in use"), as any server
+    does. Listeners set SO_REUSEPORT, with which the kernel would let it
+    bind, say `ready` and get part of that port's clients, whatever its
+    TLS, auth and tenants (a debugging copy with "auth": "none", an old
+    binary left running)."""
+
+    def test_second_process_refuses_a_port_in_use(self):
+        up = self.standin()
+        port = H.free_port()
+        cfg = H.base_config(up.port, listeners=[H.h2c_listener("dev", port=port)],
+                            workers=1)
+        first = self.start_sparkgate(cfg)
+        self.assertEqual(first.port("dev"), port)
+
+        second = H.Sparkgate(cfg)
+        self._started.append(second)
+        self.addCleanup(second.stop, check=False)
+        second.spawn()
+        H.wait_until(lambda: not second.alive() or second.find_log(H.READY_RE), 15,
+                     what="the second sparkgate to exit or be ready")
+        self.assertIsNone(second.find_log(H.READY_RE),
+                          "a second sparkgate took 127.0.0.1:%d, which the first one "
+                          "serves; log:\n%s" % (port, second.log_text()))
+        self.assertEqual(second.wait(5), 1, second.log_text())
+        self.assertIsNotNone(
+            second.find_log(r"listener dev: 127\.0\.0\.1:%d is already in use" % port),
+            second.log_text())
+        self.assertTrue(first.alive())
+
+
 if __name__ == "__main__":
     H.main()
