@@ -631,7 +631,7 @@ int sg_config_load_string(const char *path, const char *json, sg_config **out,
 
 int sg_config_load(const char *path, sg_config **out, sg_config_errors *errs) {
   json_error_t jerr;
-  FILE *f = sg_jsonload_fopen(path);
+  FILE *f = sg_jsonload_fopen_config(path);
   if (f == NULL) {
     sg_config_errors_add(errs, "%s: cannot open: %s", path,
                          sg_jsonload_strerror(errno));

@@ -1,12 +1,14 @@
 #include "sparkgate/jsonload.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 /* ---- parsing ----------------------------------------------------------- */
 
@@ -167,7 +169,13 @@ char *sg_jsonload_resolve(const char *base_dir, const char *name) {
   return p;
 }
 
+/* No open() or read() of a file gives this errno on Linux: it stands for
+ * "opened, but a FIFO, a device or a socket" (see sg_jsonload_fopen). */
+#define ERR_NOT_REGULAR EMEDIUMTYPE
+
 const char *sg_jsonload_strerror(int errnum) {
+  if (errnum == ERR_NOT_REGULAR)
+    return "is not a regular file (a FIFO, a device or a socket)";
   return errnum == ENOMEM ? "out of memory" : strerror(errnum);
 }
 
@@ -319,15 +327,40 @@ char *sg_jsonload_strdup(sg_jsonload *ld, const char *json_path,
   return d;
 }
 
-FILE *sg_jsonload_fopen(const char *path) {
-  FILE *f = fopen(path, "rb");
-  struct stat st;
-  if (f != NULL && fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) {
-    fclose(f);
-    errno = EISDIR;
+/* O_NONBLOCK: opening a FIFO nobody writes to would block for ever (the
+ * main loop too, at a reload). What is opened is then checked by fstat. */
+static FILE *open_checked(const char *path, bool pipes_too) {
+  int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0)
     return NULL;
+  struct stat st;
+  int err = 0;
+  if (fstat(fd, &st) != 0)
+    err = errno;
+  else if (S_ISDIR(st.st_mode))
+    err = EISDIR;
+  else if (!S_ISREG(st.st_mode) && !pipes_too)
+    err = ERR_NOT_REGULAR;
+  /* Reads block again: on a FIFO they wait for its writer, and one that
+   * has none gives end of file at once. */
+  else if (!S_ISREG(st.st_mode) && fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0)
+    err = errno;
+  FILE *f = err == 0 ? fdopen(fd, "rb") : NULL;
+  if (f == NULL) {
+    if (err == 0)
+      err = errno;
+    close(fd);
+    errno = err;
   }
   return f;
+}
+
+FILE *sg_jsonload_fopen(const char *path) {
+  return open_checked(path, false);
+}
+
+FILE *sg_jsonload_fopen_config(const char *path) {
+  return open_checked(path, true);
 }
 
 char *sg_jsonload_readable(sg_jsonload *ld, const char *json_path,

@@ -126,14 +126,14 @@ static int read_file(const char *path, size_t max, unsigned char **buf,
                      size_t *len, char *err, size_t errlen) {
   *buf = NULL;
   *len = 0;
-  FILE *f = fopen(path, "rb");
+  FILE *f = sg_jsonload_fopen(path); /* a FIFO would block: refused */
   if (f == NULL && errno == ENOMEM) {
     snprintf(err, errlen, "out of memory while opening %s", path);
     return -1;
   }
   if (f == NULL) {
     snprintf(err, errlen, "cannot open %s: %s; point it at a readable file",
-             path, strerror(errno));
+             path, sg_jsonload_strerror(errno));
     return -1;
   }
   struct stat st;

@@ -140,10 +140,17 @@ json_t *sg_jsonload_array(sg_jsonload *ld, const json_t *obj,
 char *sg_jsonload_strdup(sg_jsonload *ld, const char *json_path,
                          const char *s);
 
-/* fopen(path, "rb") for a file to read, failing with errno EISDIR on a
- * directory (which fopen opens, and whose read error would reach the
- * parser as an empty file). */
+/* fopen(path, "rb") for a regular file to read, without blocking: fails
+ * with errno EISDIR on a directory (which fopen opens, and whose read
+ * error would reach the parser as an empty file), and on a FIFO, a device
+ * or a socket with an errno that sg_jsonload_strerror calls "is not a
+ * regular file" (a FIFO nobody writes to would block for ever). */
 FILE *sg_jsonload_fopen(const char *path);
+
+/* The same for the configuration file named on the command line, which
+ * may also be a pipe (`-c <(generate-config)`): one without a writer reads
+ * as empty (invalid JSON) instead of blocking. */
+FILE *sg_jsonload_fopen_config(const char *path);
 
 /* |name| resolved against ld->base_dir, after checking that the file can
  * be read now (reported when not: finding out on first use is too late).

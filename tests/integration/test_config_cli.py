@@ -4,9 +4,11 @@
 each naming the file and the JSON path), and a bad config keeping the
 process from starting at all."""
 
+import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
@@ -206,6 +208,44 @@ class BadConfigTest(H.SparkgateTestCase):
         rc, out, err = H.run_cli(["--check-config", "-c", path])
         self.assertEqual(rc, 1, err)
         self.assertIn("does-not-exist.json", err)
+
+
+class ConfigFileIsAFifoTest(H.SparkgateTestCase):
+    """Nothing sparkgate reads at load blocks on a FIFO nobody writes to (a
+    left-over named pipe, a wrong path under /run), which would hang
+    --check-config, a start, or a SIGHUP reload on the main loop (which
+    also serves /healthz). The configuration file itself may be a pipe
+    (`-c <(generate-config)`): one without a writer reads as empty, an
+    invalid JSON error. A file named inside the configuration must be a
+    regular file."""
+
+    def test_config_file_fifo_without_writer_is_an_error(self):
+        d = H.tempdir("sg-fifo-")
+        fifo = os.path.join(d, "sparkgate.json")
+        os.mkfifo(fifo)
+        rc, out, err = H.run_cli(["--check-config", "-c", fifo], timeout=5)
+        self.assertEqual(rc, 1, "stdout:\n%s\nstderr:\n%s" % (out, err))
+        self.assertIn(fifo, err)
+        self.assertIn("invalid JSON", err)
+
+    def test_config_from_a_pipe_is_read(self):
+        cfg = good_config()
+        p = subprocess.run([H.sparkgate_bin(), "--check-config", "-c", "/dev/stdin"],
+                           input=json.dumps(cfg), capture_output=True, text=True,
+                           timeout=10)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("OK", p.stdout)
+
+    def test_fifo_named_in_the_config_is_refused(self):
+        d = H.tempdir("sg-fifo-")
+        fifo = os.path.join(d, "server.pem")
+        os.mkfifo(fifo)
+        cfg = good_config()
+        cfg["listeners"][0]["tls"]["cert"] = fifo
+        rc, out, err = H.check_config(cfg, timeout=5)
+        self.assertEqual(rc, 1, "stdout:\n%s\nstderr:\n%s" % (out, err))
+        self.assertIn("listeners[0].tls.cert: cannot read '%s': is not a regular file"
+                      % fifo, err)
 
 
 class RefuseToStartTest(H.SparkgateTestCase):
