@@ -220,6 +220,29 @@ static bool listeners_compatible(const sg_config *old, const sg_config *cfg,
   return true;
 }
 
+/* Said at every start and successful reload, like an insecure listener:
+ * without verification anyone on the path gets every token and query. A
+ * large routing table could hold thousands: the first few name the
+ * problem, --check-config lists them all. */
+static void warn_unverified_backends(const sg_config *cfg) {
+  enum { SHOWN = 16 };
+  size_t n = 0;
+  for (size_t i = 0; i < cfg->n_tenants; i++) {
+    const sg_tenant_config *t = &cfg->tenants[i];
+    for (size_t j = 0; j < t->n_backends; j++) {
+      const sg_backend_config *b = &t->backends[j];
+      if (!b->tls || b->tls_verify)
+        continue;
+      if (n++ < SHOWN)
+        sg_warn("backend %s of tenant %s: TLS verification is OFF (\"verify\": false): "
+                "anyone on the path can impersonate it", b->name, t->name);
+    }
+  }
+  if (n > SHOWN)
+    sg_warn("%zu more backends have TLS verification OFF; sparkgate --check-config "
+            "lists them (\"NOT VERIFIED\")", n - SHOWN);
+}
+
 static bool reload_config(sg_main *m);
 
 static void reload(sg_main *m) {
@@ -293,6 +316,7 @@ static bool reload_config(sg_main *m) {
   m->rt = rt;
   sg_keyfetch_update(m->keyfetch, rt->config->jwt);
   update_readiness(m);
+  warn_unverified_backends(rt->config);
   sg_info("reload done: new calls use the new configuration; calls in "
           "flight finish on the one they started with");
   return true;
@@ -467,6 +491,7 @@ static int run(sg_config *cfg) {
               "\"anonymous\"; use it for local development only",
               l->name);
   }
+  warn_unverified_backends(cfg);
   /* The admin server runs on this (main) loop: it stays up while workers
    * drain, so probes keep answering. */
   if (cfg->admin.enabled) {

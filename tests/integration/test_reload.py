@@ -282,5 +282,21 @@ class ReloadAddsAdminListenerTest(_H2cCase):
                       % self.sg.log_text(10))
 
 
+class VerifyFalseIsLoggedTest(H.SparkgateTestCase):
+    """A backend with "verify": false (no certificate or host name check: a
+    man in the middle gets every token and query) is named at warn level at
+    the start and after every successful reload, like an insecure
+    listener; not only in --check-config's summary."""
+
+    def test_verify_false_is_logged_at_start_and_reload(self):
+        up = self.standin(tls=True)
+        cfg = H.base_config(up.port, backend_tls={"verify": False}, workers=1)
+        sg = self.start_sparkgate(cfg)
+        want = r"warn.*backend spark-1 of tenant \S+: TLS verification is OFF"
+        sg.wait_for_log(want, timeout=5)
+        mark = reload_and_wait(self, sg)
+        sg.wait_for_log(want, timeout=5, since=mark)
+
+
 if __name__ == "__main__":
     H.main()
