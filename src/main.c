@@ -357,11 +357,12 @@ static bool port_in_use(const sg_listener_config *l) {
   return in_use;
 }
 
-/* The signals run() handles on its loop; main() holds them until then. */
+/* The signals whose default action would end a process that is asked to
+ * reload or reopen: main() holds them until run() handles them on its
+ * loop. SIGTERM and SIGINT are not held: a start that is told to stop
+ * (or that hangs) ends at once, as before it serves anything. */
 static void startup_signals(sigset_t *set) {
   sigemptyset(set);
-  sigaddset(set, SIGTERM);
-  sigaddset(set, SIGINT);
   sigaddset(set, SIGHUP);
   sigaddset(set, SIGUSR1);
 }
@@ -506,8 +507,8 @@ static int run(sg_config *cfg) {
     evsignal_add(sigs[i], NULL);
   }
   /* main() held these since before the configuration was loaded; one that
-   * came in meanwhile is now delivered to the loop as a normal reload,
-   * drain or reopen. Threads started below block every signal. */
+   * came in meanwhile is now delivered to the loop as a normal reload or
+   * reopen. Threads started below block every signal. */
   sigset_t startup;
   startup_signals(&startup);
   pthread_sigmask(SIG_UNBLOCK, &startup, NULL);
@@ -620,14 +621,9 @@ int main(int argc, char **argv) {
   /* Loading a large configuration, building TLS contexts and binding take
    * a while, and config-reloaders send SIGHUP at any moment: until run()
    * has its handlers, the default action would kill the process. Held
-   * here, delivered by run(). A check only exits: SIGHUP and SIGUSR1 mean
-   * nothing to it, while SIGTERM and SIGINT keep ending it at once. */
+   * here, delivered by run() (a check only exits: they mean nothing). */
   sigset_t startup;
   startup_signals(&startup);
-  if (check_only) {
-    sigdelset(&startup, SIGTERM);
-    sigdelset(&startup, SIGINT);
-  }
   pthread_sigmask(SIG_BLOCK, &startup, NULL);
 #ifdef __GLIBC__
   /* Stream buffers come and go in 16 KiB pieces at gigabytes per second:
