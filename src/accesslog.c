@@ -35,7 +35,14 @@ static int open_destination(const char *path, char *err, size_t errlen) {
       if (fd >= 0) {
         (void)fchmod(fd, 0640);
       } else if (errno == EEXIST) {
-        fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC | O_NOCTTY);
+        /* Not blocking: a FIFO nobody reads would hold the start (or the
+         * SIGUSR1 reopen) for ever; it fails with ENXIO instead. */
+        fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+        if (fd >= 0) {
+          int fl = fcntl(fd, F_GETFL);
+          if (fl >= 0)
+            (void)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+        }
         if (fd < 0 && errno != ENOENT)
           break;
       } else {
@@ -43,7 +50,8 @@ static int open_destination(const char *path, char *err, size_t errlen) {
       }
     }
     if (fd < 0)
-      snprintf(err, errlen, "access log %s: %s", path, strerror(errno));
+      snprintf(err, errlen, "access log %s: %s", path,
+               errno == ENXIO ? "a FIFO that nobody reads" : strerror(errno));
   }
   return fd;
 }

@@ -932,11 +932,19 @@ static bool load_network(struct loader *L, struct provider *p,
     if (ca != NULL && (f->ca_file = resolve_path(L, ca)) == NULL)
       oom = 1;
   }
-  if (ca == NULL || f->ca_file != NULL) {
+  /* OpenSSL opens the CA file as it is: a FIFO would block the load for
+   * ever. */
+  FILE *probe = f->ca_file != NULL ? sg_jsonload_fopen(f->ca_file) : NULL;
+  if (f->ca_file != NULL && probe == NULL)
+    lerr(L, "%s.ca_file: cannot read '%s': %s", path, f->ca_file,
+         sg_jsonload_strerror(errno));
+  else if (ca == NULL || f->ca_file != NULL) {
     f->tls = sg_keyfetch_tls_ctx_new(f->ca_file, err, sizeof err);
     if (f->tls == NULL)
       lerr(L, "%s.%s: %s", path, ca != NULL ? "ca_file" : "jwks_url", err);
   }
+  if (probe != NULL)
+    fclose(probe);
 
   if (json_object_get(pj, "fallback_jwks_file") != NULL) {
     const char *fname = get_string(L, path, pj, "fallback_jwks_file", false);

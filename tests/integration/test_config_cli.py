@@ -247,6 +247,29 @@ class ConfigFileIsAFifoTest(H.SparkgateTestCase):
         self.assertIn("listeners[0].tls.cert: cannot read '%s': is not a regular file"
                       % fifo, err)
 
+    def test_fifo_as_identity_provider_ca_file_is_refused(self):
+        d = H.tempdir("sg-fifo-")
+        fifo = os.path.join(d, "idp-ca.pem")
+        os.mkfifo(fifo)
+        cfg = good_config()
+        cfg["auth"] = {"jwt_providers": [{
+            "name": "idp", "issuer": "https://idp.test", "audiences": ["spark"],
+            "jwks_url": "https://idp.test/jwks", "ca_file": fifo}]}
+        rc, out, err = H.check_config(cfg, timeout=5)
+        self.assertEqual(rc, 1, "stdout:\n%s\nstderr:\n%s" % (out, err))
+        self.assertIn("auth.jwt_providers[0].ca_file: cannot read '%s': is not a regular "
+                      "file" % fifo, err)
+
+    def test_fifo_nobody_reads_as_access_log_fails_the_start(self):
+        d = H.tempdir("sg-fifo-")
+        fifo = os.path.join(d, "access.fifo")
+        os.mkfifo(fifo)
+        cfg = good_config()
+        cfg["access_log"] = {"path": fifo}
+        rc, out, err = H.run_cli(["-c", H.write_config(cfg)], timeout=10)
+        self.assertEqual(rc, 1, "stdout:\n%s\nstderr:\n%s" % (out, err))
+        self.assertIn("a FIFO that nobody reads", err)
+
 
 class RefuseToStartTest(H.SparkgateTestCase):
     def test_bad_config_never_listens(self):
