@@ -4,6 +4,7 @@
 #include <jansson.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -394,8 +395,13 @@ static void load_root(loader *ld, json_t *root) {
 
   cfg->workers = get_u32(ld, root, "", "workers", 0, 256, 0);
   if (cfg->workers == 0) {
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    cfg->workers = n > 0 ? (unsigned)n : 1;
+    /* The CPUs this process may run on (taskset, a container's cpuset,
+     * systemd's CPUAffinity=), not every CPU of the machine; capped at
+     * the documented maximum. */
+    cpu_set_t cpus;
+    long n = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus)
+                                                          : sysconf(_SC_NPROCESSORS_ONLN);
+    cfg->workers = n > 256 ? 256 : n > 0 ? (unsigned)n : 1;
   }
   cfg->log_level = SG_LOG_INFO;
   const char *level = sg_jsonload_string(&ld->j, root, "", "log_level", false);

@@ -4,7 +4,7 @@
 #include <string.h>
 #include <time.h>
 
-volatile sg_log_level sg_log_min_level = SG_LOG_INFO;
+sg_log_level sg_log_min_level = SG_LOG_INFO;
 
 static const char *const level_names[] = {"debug", "info", "warn", "error"};
 
@@ -22,7 +22,9 @@ const char *sg_log_level_name(sg_log_level level) {
   return (unsigned)level < 4 ? level_names[level] : "?";
 }
 
-void sg_log_set_level(sg_log_level level) { sg_log_min_level = level; }
+void sg_log_set_level(sg_log_level level) {
+  __atomic_store_n(&sg_log_min_level, level, __ATOMIC_RELAXED);
+}
 
 /* Copies |in| to |out| with every byte outside printable ASCII written
  * as \xNN. Log lines quote what clients choose (header names in

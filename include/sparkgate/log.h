@@ -13,9 +13,9 @@ typedef enum sg_log_level {
   SG_LOG_ERROR = 3,
 } sg_log_level;
 
-/* The level is global and read on every call without a lock: a torn read
- * of an int-sized enum is not possible on the platforms we support. */
-extern volatile sg_log_level sg_log_min_level;
+/* The level is global, set by the main thread (reload) and read by every
+ * worker on every log call: a relaxed atomic, which costs a plain load. */
+extern sg_log_level sg_log_min_level;
 
 /* Parses "debug", "info", "warn", "error"; returns -1 when unknown. */
 int sg_log_level_parse(const char *name, sg_log_level *out);
@@ -27,7 +27,7 @@ void sg_log_set_level(sg_log_level level);
  * debug lines on the data path cost a compare when disabled. */
 #define sg_log(level, ...)                                                     \
   do {                                                                         \
-    if ((level) >= sg_log_min_level)                                           \
+    if ((level) >= __atomic_load_n(&sg_log_min_level, __ATOMIC_RELAXED))      \
       sg_log_write((level), __VA_ARGS__);                                      \
   } while (0)
 

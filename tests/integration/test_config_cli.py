@@ -271,6 +271,22 @@ class ConfigFileIsAFifoTest(H.SparkgateTestCase):
         self.assertIn("a FIFO that nobody reads", err)
 
 
+class WorkersFollowAffinityTest(H.SparkgateTestCase):
+    def test_workers_0_counts_the_cpus_the_process_may_use(self):
+        """configuration.md: `"workers": 0` is one worker per CPU the
+        process may run on (its affinity: taskset, a container's cpuset),
+        not every CPU of the machine."""
+        cfg = good_config()
+        cfg["workers"] = 0
+        path = H.write_config(cfg)
+        cpu = min(os.sched_getaffinity(0))
+        p = subprocess.run([H.sparkgate_bin(), "--check-config", "-c", path],
+                           capture_output=True, text=True, timeout=20,
+                           preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("workers: 1,", p.stdout)
+
+
 class RefuseToStartTest(H.SparkgateTestCase):
     def test_bad_config_never_listens(self):
         port = H.free_port()

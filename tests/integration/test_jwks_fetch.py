@@ -633,7 +633,7 @@ class ConfigTest(H.SparkgateTestCase):
         self.check({"jwks_url": "https://idp.test/jwks", "min_refresh_s": 700,
                     "max_refresh_s": 600}, r"min_refresh_s: 700 is above max_refresh_s")
         self.check({"jwks_url": "https://idp.test/jwks", "ca_file": "/nonexistent/ca.pem"},
-                   r"ca_file: cannot load CA certificates from /nonexistent/ca\.pem")
+                   r"ca_file: cannot read '/nonexistent/ca\.pem': No such file")
         self.check({"jwks_url": "https://idp.test/jwks", "min_refetch_interval_s": 0},
                    r"min_refetch_interval_s: must be an integer from 1")
         self.check({"ca_file": ca, "keys": [{"alg": "RS256", "pem_file": ca}]},

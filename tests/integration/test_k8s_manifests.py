@@ -297,7 +297,7 @@ class K8sManifestTest(unittest.TestCase):
             self.assertEqual(ports, ex_backend_ports, case.name)
             # Same sections as the example, plus the ones a deployment needs.
             extra = set(case.config) - set(ex) - {"admin", "access_log", "auth",
-                                                   "tenant_selectors"}
+                                                   "tenant_selectors", "max_connections"}
             self.assertEqual(extra, set(), case.name)
 
     def test_embedded_configs_pass_check_config(self):

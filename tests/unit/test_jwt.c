@@ -1794,6 +1794,10 @@ static void test_network_fallback_and_errors(void) {
                     "keys fetched from an identity provider are RS* or ES*");
   EXPECT_LOAD_ERROR(NETP "\"jwks_url\":\"https://i.example/j\",\"ca_file\":"
                          "\"nope.pem\"}]",
+                    "ca_file: cannot read");
+  /* A file that is there but holds no certificate. */
+  EXPECT_LOAD_ERROR(NETP "\"jwks_url\":\"https://i.example/j\",\"ca_file\":"
+                         "\"hmac.key\"}]",
                     "ca_file: cannot load CA certificates from");
   EXPECT_LOAD_ERROR(NETP "\"jwks_url\":\"https://i.example/j\",\"algorithms\":"
                          "[\"RS384\"],\"fallback_jwks_file\":\"jwks.json\"}]",
