@@ -49,9 +49,18 @@ static int open_destination(const char *path, char *err, size_t errlen) {
         break;
       }
     }
-    if (fd < 0)
-      snprintf(err, errlen, "access log %s: %s", path,
-               errno == ENXIO ? "a FIFO that nobody reads" : strerror(errno));
+    if (fd < 0) {
+      int e = errno;
+      struct stat st;
+      const char *why = strerror(e);
+      if (e == ENXIO && stat(path, &st) == 0)
+        why = S_ISFIFO(st.st_mode) ? "a FIFO that nobody reads"
+              : S_ISSOCK(st.st_mode)
+                  ? "a socket, which cannot be opened as a file (a null path writes "
+                    "to stderr)"
+                  : why;
+      snprintf(err, errlen, "access log %s: %s", path, why);
+    }
   }
   return fd;
 }

@@ -394,6 +394,7 @@ static void load_root(loader *ld, json_t *root) {
   sg_jsonload_check_keys(&ld->j, root, "", keys);
 
   cfg->workers = get_u32(ld, root, "", "workers", 0, 256, 0);
+  cfg->workers_configured = cfg->workers;
   if (cfg->workers == 0) {
     /* The CPUs this process may run on (taskset, a container's cpuset,
      * systemd's CPUAffinity=), not every CPU of the machine; capped at
@@ -623,6 +624,7 @@ static void parse_error(const char *path, const json_error_t *jerr, bool oom,
 
 int sg_config_load_string(const char *path, const char *json, sg_config **out,
                           sg_config_errors *errs) {
+  sg_tls_new_load();
   json_error_t jerr;
   bool oom;
   json_t *root = sg_jsonload_parse(json, strlen(json), &jerr, &oom);
@@ -636,6 +638,7 @@ int sg_config_load_string(const char *path, const char *json, sg_config **out,
 }
 
 int sg_config_load(const char *path, sg_config **out, sg_config_errors *errs) {
+  sg_tls_new_load();
   json_error_t jerr;
   FILE *f = sg_jsonload_fopen_config(path);
   if (f == NULL) {

@@ -49,13 +49,23 @@
 #define SG_CONN_MIN_WINDOW_UPDATE 1024
 
 static void conn_free(sg_conn *c);
-static void conn_flush(sg_conn *c);
+static bool conn_flush(sg_conn *c);
 static void format_peer(const struct sockaddr *addr, char *out, size_t outlen);
 
 static void set_timer_ms(sg_conn *c, uint32_t ms) {
   struct timeval tv = {ms / 1000, (suseconds_t)(ms % 1000) * 1000};
   evtimer_add(c->timer, &tv);
   c->idle_timer_set = false;
+}
+
+/* The first cause wins: a GOAWAY the abuse budget asked for is sent, and
+ * then the write stall may close the connection; its calls were cut by
+ * the budget. Both strings are static (literals, nghttp2's messages). */
+static void set_close_reason(sg_conn *c, const char *reason, const char *detail) {
+  if (c->close_reason != NULL)
+    return;
+  c->close_reason = reason;
+  c->close_detail = detail;
 }
 
 static void set_idle_timer(sg_conn *c) {
@@ -172,8 +182,7 @@ void sg_conn_charge(sg_conn *c, unsigned cost, const char *what) {
   sg_warn("conn=%llu peer=%s: closing: too many %s (abuse budget spent): "
           "GOAWAY ENHANCE_YOUR_CALM",
           (unsigned long long)c->id, c->peer, what);
-  c->close_reason = "abuse budget spent on";
-  c->close_detail = what;
+  set_close_reason(c, "abuse budget spent on", what);
   nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
                         nghttp2_session_get_last_proc_stream_id(c->session),
                         NGHTTP2_ENHANCE_YOUR_CALM, NULL, 0);
@@ -354,7 +363,10 @@ static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
   if (frame->hd.type == NGHTTP2_DATA && frame->hd.length > 0 &&
       c->window_update_credits < SG_CONN_ABUSE_BURST)
     c->window_update_credits += 2; /* the stream's update and the connection's */
-  if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR)
+  if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR) {
+    /* A connection error nghttp2 found: it ends the connection without
+     * an error from mem_recv, and the calls still open are cut by it. */
+    set_close_reason(c, "sent GOAWAY", nghttp2_http2_strerror(frame->goaway.error_code));
     /* nghttp2 says why in the GOAWAY's debug data ("DATA: stream in
      * idle"): the client is told, so is the operator. */
     sg_info("conn=%llu peer=%s: sent GOAWAY %s (last stream %d)%s%.*s",
@@ -363,6 +375,7 @@ static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
             frame->goaway.last_stream_id, frame->goaway.opaque_data_len > 0 ? ": " : "",
             (int)(frame->goaway.opaque_data_len > 200 ? 200 : frame->goaway.opaque_data_len),
             (const char *)frame->goaway.opaque_data);
+  }
   if (frame->hd.type == NGHTTP2_RST_STREAM &&
       frame->rst_stream.error_code == NGHTTP2_PROTOCOL_ERROR)
     on_library_reset(c, frame->hd.stream_id);
@@ -408,7 +421,11 @@ static int on_invalid_frame_recv(nghttp2_session *session,
                                  const nghttp2_frame *frame, int lib_error,
                                  void *user) {
   sg_conn *c = user;
-  sg_stream *s = frame->hd.type == NGHTTP2_HEADERS
+  /* Only the two stream-level errors reset the stream; for the others
+   * (a HEADERS on a closed stream) nghttp2 ends the connection. */
+  bool stream_error = lib_error == NGHTTP2_ERR_HTTP_HEADER ||
+                      lib_error == NGHTTP2_ERR_HTTP_MESSAGING;
+  sg_stream *s = frame->hd.type == NGHTTP2_HEADERS && stream_error
                      ? nghttp2_session_get_stream_user_data(session, frame->hd.stream_id)
                      : NULL;
   if (s != NULL && !s->rejected && !s->header_overflow) {
@@ -499,24 +516,28 @@ static void resume_held_data(sg_conn *c) {
 }
 
 /* Moves frames from nghttp2 to the socket until the output buffer holds
- * the high-water mark; the write callback resumes below the low mark. */
-static void conn_flush(sg_conn *c) {
+ * the high-water mark; the write callback resumes below the low mark.
+ * Returns true when it freed the connection. */
+static bool conn_flush(sg_conn *c) {
   if (c->session == NULL || c->freeing)
-    return;
+    return false;
   struct evbuffer *out = bufferevent_get_output(c->bev);
   if (sg_h2io_release_data(&c->io))
     resume_held_data(c);
   int rv = sg_h2io_flush(&c->io, c->session);
   if (rv != 0) {
     sg_conn_close_now(c, nghttp2_strerror(rv));
-    return;
+    return true;
   }
   if (!nghttp2_session_want_read(c->session) &&
       !nghttp2_session_want_write(c->session)) {
     c->closing = true;
-    if (evbuffer_get_length(out) == 0)
+    if (evbuffer_get_length(out) == 0) {
       conn_free(c);
+      return true;
+    }
   }
+  return false;
 }
 
 static void on_send_ev(evutil_socket_t fd, short what, void *arg) {
@@ -552,20 +573,18 @@ static void on_read(struct bufferevent *bev, void *arg) {
       if (rv < 0) {
         sg_info("conn=%llu peer=%s: closing: %s", (unsigned long long)c->id,
                 c->peer, nghttp2_strerror((int)rv));
-        c->close_reason = "protocol error:";
-        c->close_detail = nghttp2_strerror((int)rv);
+        set_close_reason(c, "protocol error:", nghttp2_strerror((int)rv));
         evbuffer_drain(in, total);
         /* On these floods nghttp2 stops at once and says nothing: tell the
          * client why before closing. */
         if (rv == NGHTTP2_ERR_TOO_MANY_CONTINUATIONS || rv == NGHTTP2_ERR_FLOODED)
           write_final_goaway(c, NGHTTP2_ENHANCE_YOUR_CALM);
         /* Let nghttp2 queue its GOAWAY for the protocol error, then go. */
-        conn_flush(c);
-        if (!c->freeing) {
-          c->closing = true;
-          if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
-            conn_free(c);
-        }
+        if (conn_flush(c))
+          return;
+        c->closing = true;
+        if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
+          conn_free(c);
         return;
       }
       total += (size_t)rv;
@@ -780,7 +799,7 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
     sg_info("conn=%llu peer=%s: closed: the client read nothing for %u ms "
             "(write stall)",
             (unsigned long long)c->id, c->peer, c->rt->config->write_stall_timeout_ms);
-    c->close_reason = "write stall (the client read nothing)";
+    set_close_reason(c, "write stall (the client read nothing)", NULL);
   }
   conn_free(c);
 }
@@ -1015,7 +1034,7 @@ void sg_conn_close_now(sg_conn *c, const char *reason) {
     return;
   sg_info("conn=%llu peer=%s: closed: %s", (unsigned long long)c->id, c->peer,
           reason);
-  c->close_reason = reason;
+  set_close_reason(c, reason, NULL);
   conn_free(c);
 }
 

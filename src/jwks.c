@@ -7,6 +7,7 @@
 
 #include "sparkgate/jsonload.h"
 #include "sparkgate/log.h"
+#include "sparkgate/tls.h"
 
 #include <errno.h>
 #include <jwt.h>
@@ -293,9 +294,9 @@ static EVP_PKEY *pem_to_pkey(const unsigned char *buf, size_t len) {
   BIO *b = BIO_new_mem_buf(buf, (int)len);
   if (b == NULL)
     return NULL;
-  EVP_PKEY *pk = PEM_read_bio_PUBKEY(b, NULL, NULL, NULL);
+  EVP_PKEY *pk = PEM_read_bio_PUBKEY(b, NULL, sg_tls_no_passphrase_cb, NULL);
   if (pk == NULL && BIO_reset(b) == 1) {
-    X509 *x = PEM_read_bio_X509(b, NULL, NULL, NULL);
+    X509 *x = PEM_read_bio_X509(b, NULL, sg_tls_no_passphrase_cb, NULL);
     if (x != NULL) {
       pk = X509_get_pubkey(x);
       X509_free(x);

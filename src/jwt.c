@@ -8,6 +8,7 @@
 #include "sparkgate/keyfetch.h"
 #include "sparkgate/memcache.h"
 #include "sparkgate/route.h"
+#include "sparkgate/tls.h"
 
 #include <jwt.h>
 #include <limits.h>
@@ -1504,7 +1505,7 @@ static bool openssl_signature_ok(const sg_jwk *k, const char *input,
     return ok;
   }
   BIO *b = BIO_new_mem_buf(k->material, (int)k->material_len);
-  EVP_PKEY *pk = b != NULL ? PEM_read_bio_PUBKEY(b, NULL, NULL, NULL) : NULL;
+  EVP_PKEY *pk = b != NULL ? PEM_read_bio_PUBKEY(b, NULL, sg_tls_no_passphrase_cb, NULL) : NULL;
   BIO_free(b);
   EVP_MD_CTX *ctx = EVP_MD_CTX_new();
   unsigned char *der = NULL;

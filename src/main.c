@@ -196,7 +196,7 @@ static void on_worker_exit_ev(evutil_socket_t fd, short what, void *arg) {
 
 /* Listeners are bound once at start: a reload may change everything about
  * them but where they listen. */
-static bool listeners_compatible(const sg_config *old, const sg_config *cfg,
+static bool listeners_compatible(const sg_config *old, sg_config *cfg,
                                  char *err, size_t errlen) {
   if (old->n_listeners != cfg->n_listeners) {
     snprintf(err, errlen, "the number of listeners changed (%zu -> %zu): "
@@ -212,6 +212,10 @@ static bool listeners_compatible(const sg_config *old, const sg_config *cfg,
       return false;
     }
   }
+  /* "workers": 0 again is no change, even if the process's CPU affinity
+   * changed since the start: the workers running stay. */
+  if (old->workers_configured == 0 && cfg->workers_configured == 0)
+    cfg->workers = old->workers;
   if (old->workers != cfg->workers) {
     snprintf(err, errlen, "workers changed (%u -> %u): restart to change it",
              old->workers, cfg->workers);

@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
+#include <net/if.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -212,9 +213,29 @@ static void str_lower(char *s) {
  * PySpark retries without end. Returns NULL when |a| is fine, else what to
  * fix. '_' is allowed in labels: Kubernetes and SRV-style names use it and
  * resolvers accept it. */
+/* An IPv6 address with a zone ("fe80::1%eth0", for a link-local address):
+ * the zone is an interface name or number. */
+static bool is_scoped_ipv6(const char *a) {
+  const char *pct = strchr(a, '%');
+  char head[INET6_ADDRSTRLEN];
+  unsigned char buf[sizeof(struct in6_addr)];
+  if (pct == NULL || (size_t)(pct - a) >= sizeof head)
+    return false;
+  memcpy(head, a, (size_t)(pct - a));
+  head[pct - a] = '\0';
+  size_t zlen = strlen(pct + 1);
+  if (inet_pton(AF_INET6, head, buf) != 1 || zlen == 0 || zlen >= IF_NAMESIZE)
+    return false;
+  for (const char *z = pct + 1; *z != '\0'; z++)
+    if (!isalnum((unsigned char)*z) && *z != '.' && *z != '_' && *z != '-')
+      return false;
+  return true;
+}
+
 static const char *backend_address_problem(const char *a) {
   unsigned char buf[sizeof(struct in6_addr)];
-  if (inet_pton(AF_INET, a, buf) == 1 || inet_pton(AF_INET6, a, buf) == 1)
+  if (inet_pton(AF_INET, a, buf) == 1 || inet_pton(AF_INET6, a, buf) == 1 ||
+      is_scoped_ipv6(a))
     return NULL;
   size_t n = strlen(a);
   if (isspace((unsigned char)a[0]) || isspace((unsigned char)a[n - 1]))

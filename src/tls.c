@@ -55,11 +55,8 @@ static void set_ctx_error(char *err, size_t errlen, const char *what) {
   snprintf(err, errlen, "%s: %s", what, ossl);
 }
 
-/* OpenSSL's default passphrase callback reads the terminal (or stdin): an
- * encrypted key would stop the start, or the main loop in a reload, for
- * ever. There is no passphrase setting, so an encrypted key is refused;
- * |u|, when set, records that a passphrase was asked for. */
-static int no_passphrase_cb(char *buf, int size, int rwflag, void *u) {
+/* There is no passphrase setting, so an encrypted key is refused. */
+int sg_tls_no_passphrase_cb(char *buf, int size, int rwflag, void *u) {
   (void)buf;
   (void)size;
   (void)rwflag;
@@ -125,36 +122,44 @@ const char *sg_tls_cert_dates_problem(const SSL *ssl, char *buf, size_t buflen) 
  * reload (an unrelated change refused). Each load builds the contexts
  * twice (checked at load, then put in force), so one warning a minute per
  * file and date is enough. */
+/* A configuration load builds each TLS context twice (checked, then
+ * built for the workers): its warnings are said once per load, and again
+ * at the next load, a reload that should remind the operator. */
+static pthread_mutex_t warned_lock = PTHREAD_MUTEX_INITIALIZER;
+static unsigned long load_number = 1;
+static struct {
+  char line[512];
+  unsigned long load;
+} warned[16];
+
+void sg_tls_new_load(void) {
+  pthread_mutex_lock(&warned_lock);
+  load_number++;
+  pthread_mutex_unlock(&warned_lock);
+}
+
 static void warn_cert_dates(SSL_CTX *ctx, const char *what, const char *file,
                             const char *consequence) {
   char problem[128];
   X509 *x = SSL_CTX_get0_certificate(ctx);
   if (x == NULL || cert_dates_problem(x, problem, sizeof problem)[0] == '\0')
     return;
-  static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-  static struct {
-    char line[512];
-    time_t at;
-  } warned[16];
   char line[512];
   snprintf(line, sizeof line, "%s '%s' %s: %s", what, file, problem, consequence);
-  struct timespec now;
-  clock_gettime(CLOCK_MONOTONIC, &now);
   bool seen = false;
-  size_t oldest = 0;
-  pthread_mutex_lock(&lock);
+  size_t next = 0;
+  pthread_mutex_lock(&warned_lock);
   for (size_t i = 0; i < sizeof warned / sizeof warned[0] && !seen; i++) {
-    if (strcmp(warned[i].line, line) == 0 && now.tv_sec - warned[i].at < 60) {
+    if (warned[i].load == load_number && strcmp(warned[i].line, line) == 0)
       seen = true;
-    } else if (warned[i].at < warned[oldest].at) {
-      oldest = i;
-    }
+    else if (warned[i].load < warned[next].load)
+      next = i;
   }
   if (!seen) {
-    snprintf(warned[oldest].line, sizeof warned[oldest].line, "%s", line);
-    warned[oldest].at = now.tv_sec;
+    snprintf(warned[next].line, sizeof warned[next].line, "%s", line);
+    warned[next].load = load_number;
   }
-  pthread_mutex_unlock(&lock);
+  pthread_mutex_unlock(&warned_lock);
   if (!seen)
     sg_warn("%s", line);
 }
@@ -196,7 +201,7 @@ static SSL_CTX *ctx_new(const SSL_METHOD *method, char *err, size_t errlen) {
                                SSL_OP_CIPHER_SERVER_PREFERENCE |
                                SSL_OP_SINGLE_ECDH_USE);
   SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
-  SSL_CTX_set_default_passwd_cb(ctx, no_passphrase_cb);
+  SSL_CTX_set_default_passwd_cb(ctx, sg_tls_no_passphrase_cb);
   /* AES-128-GCM first: as safe in practice and a third cheaper per byte,
    * which is what a proxy of Arrow batches spends its time on. */
   if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1 ||
@@ -222,7 +227,7 @@ static int load_crl_file(X509_STORE *store, const char *path, char *err,
   }
   int n = 0, rv = 0;
   X509_CRL *crl;
-  while ((crl = PEM_read_bio_X509_CRL(bio, NULL, no_passphrase_cb, NULL)) != NULL) {
+  while ((crl = PEM_read_bio_X509_CRL(bio, NULL, sg_tls_no_passphrase_cb, NULL)) != NULL) {
     if (X509_STORE_add_crl(store, crl) != 1)
       rv = -1;
     X509_CRL_free(crl);

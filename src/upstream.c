@@ -826,6 +826,14 @@ static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err,
       undotted[name_len - 1] = '\0';
       name = undotted;
     }
+    /* A link-local address with its zone ("fe80::1%eth0"): the zone picks
+     * the interface to connect on; the certificate names the address. */
+    const char *zone = strchr(name, '%');
+    if (zone != NULL && (size_t)(zone - name) < sizeof undotted) {
+      memmove(undotted, name, (size_t)(zone - name));
+      undotted[zone - name] = '\0';
+      name = undotted;
+    }
     if (!is_ip_literal(name))
       SSL_set_tlsext_host_name(up->ssl, name);
     if (b->tls_verify) {

@@ -55,6 +55,7 @@ typedef struct sg_config {
   char *base_dir; /* relative file names in the config resolve here */
 
   unsigned workers; /* resolved: never 0 after load */
+  unsigned workers_configured; /* as written: 0 means "the CPUs of the affinity" */
   sg_log_level log_level;
 
   /* HTTP/2 front end */

@@ -38,4 +38,14 @@ const char *sg_tls_cert_dates_problem(const SSL *ssl, char *buf, size_t buflen);
 /* The first queued OpenSSL error as text (and clears the queue), for logs. */
 const char *sg_tls_last_error(char *buf, size_t buflen);
 
+/* A pem_password_cb for every PEM read: OpenSSL's default would prompt on
+ * the terminal (or read stdin) for an encrypted key and stop the start,
+ * or the main loop in a reload, for ever. It refuses; |u|, when set, is a
+ * bool set to true when a passphrase was asked for. */
+int sg_tls_no_passphrase_cb(char *buf, int size, int rwflag, void *u);
+
+/* A configuration load begins: warnings about certificates (outside their
+ * dates) are said again, once for this load. */
+void sg_tls_new_load(void);
+
 #endif

@@ -29,11 +29,15 @@ sys.path.insert(0, os.path.join(HERE, "..", "lib"))
 sys.path.insert(0, HERE)
 import harness as H  # noqa: E402
 import spark_proto  # noqa: E402
+from test_attacks import (RawH2, frame, window_update, DATA, PING, PROTOCOL_ERROR,  # noqa: E402
+                          SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW, headers_frames,
+                          hpack_block)
 
 import grpc  # noqa: E402
 import jwt as pyjwt  # noqa: E402
 
 SERVICE = H.SERVICE
+END_STREAM = 0x1
 ISS = "https://idp-logs.test"
 AUD = "spark"
 
@@ -297,6 +301,90 @@ class AccessLogEndings(Base):
         self.assertIsNotNone(rec, access_lines(self.alog))
         self.assertEqual(rec["grpc_status"], 12, rec)
         self.assertEqual(rec["bytes_in"], len(body), rec)
+
+
+# ---------------------------------------------------------------------------
+# Calls the proxy cuts: one cause, and only stream errors are stream resets
+
+class CallsCutByProxy(Base):
+
+    def test_call_cut_by_protocol_error_goaway_is_not_a_client_cancel(self):
+        """docs/operations.md (access log): grpc_status `1` (CANCELLED) is
+        for a call the client cancelled or went away from; a call the proxy
+        cut when nghttp2 ended the connection (here for DATA on stream 0:
+        GOAWAY PROTOCOL_ERROR, with no error from mem_recv) is null with
+        reason `connection closed by the proxy: ...`."""
+        up = self.standin()
+        sg = self.start_sparkgate(self.config(up.port, listeners=[H.h2c_listener("dev")]))
+        with RawH2(sg.port("dev"), tls=False) as c:
+            c.wait(lambda: c.settings_acked, 5, "SETTINGS ACK")
+            sid = c.live_call()
+            c.send(frame(DATA, END_STREAM, 0, b"abc"))  # a connection error
+            c.wait(lambda: c.goaway is not None, 5, "GOAWAY")
+            self.assertEqual(c.goaway[1], PROTOCOL_ERROR, c.goaway)
+            c.wait_closed(5)
+        rec = wait_access(self.alog, lambda x: x["stream_id"] == sid)
+        self.assertIsNotNone(rec, access_lines(self.alog))
+        self.assertIsNone(rec["grpc_status"],
+                          "a call the proxy cut (GOAWAY PROTOCOL_ERROR) is logged as a "
+                          "client cancel: %r" % rec)
+        self.assertIn("connection closed by the proxy", rec.get("reason") or "", rec)
+
+
+    def test_close_reason_does_not_mix_two_causes(self):
+        """The access-log reason of a call cut by the proxy names one
+        cause, the first: here the abuse budget (a client that reads nothing
+        floods PINGs), then the write stall that ends the connection."""
+        up = self.standin()
+        sg = self.start_sparkgate(self.config(
+            up.port, listeners=[H.h2c_listener("dev")], write_stall_timeout_ms=1000))
+        mark = sg.mark()
+        c = RawH2(sg.port("dev"), tls=False, rcvbuf=4096,
+                  settings=[(SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW)], auto_window=False)
+        self.addCleanup(c.close)
+        c.send(window_update(0, MAX_WINDOW - 65535))
+        sid = c.grpc_call(b"big result", extra=H.standin_md(
+            "stream", bytes=256 * H.MIB, chunk=64 * 1024))
+        up.wait_for_call(SERVICE + "ExecutePlan", timeout=10)
+        time.sleep(0.5)  # the proxy's output to this client fills up
+        c.send(b"".join(frame(PING, 0, 0, i.to_bytes(8, "big")) for i in range(1500)))
+        sg.wait_for_log(r"closed: the client read nothing", timeout=15, since=mark)
+        rec = wait_access(self.alog, lambda x: x["stream_id"] == sid)
+        self.assertIsNotNone(rec, access_lines(self.alog))
+        reason = rec.get("reason") or ""
+        self.assertIn("connection closed by the proxy", reason, rec)
+        mixed = "write stall" in reason and ("PING" in reason or "Flooding" in reason)
+        self.assertFalse(mixed, "the reason glues two causes together: %r" % reason)
+
+
+class InvalidHeadersConnectionError(Base):
+
+    def test_connection_error_on_headers_is_not_logged_as_stream_reset(self):
+        """A second HEADERS on a stream the client already ended is a
+        connection error (GOAWAY STREAM_CLOSED, no RST_STREAM): it is not
+        logged as `rejected (stream reset)` nor recorded as a malformed
+        request; only nghttp2's stream errors are stream resets."""
+        up = self.standin()
+        sg = self.start_sparkgate(self.config(up.port, listeners=[H.h2c_listener("dev")]))
+        mark = sg.mark()
+        with RawH2(sg.port("dev"), tls=False) as c:
+            c.wait(lambda: c.settings_acked, 5, "SETTINGS ACK")
+            sid = c.live_call()
+            c.send(headers_frames(sid, hpack_block([("x-late", "1")]), end_stream=True))
+            c.wait(lambda: c.goaway is not None, 5, "GOAWAY")
+            c.wait_closed(5)
+            self.assertIsNone(c.streams[sid].reset, c.streams[sid])
+        rec = wait_access(self.alog, lambda x: x["stream_id"] == sid)
+        self.assertIsNotNone(rec, access_lines(self.alog))
+        sg.wait_for_log(r"sent GOAWAY STREAM_CLOSED", timeout=5, since=mark)
+        claims = [l for l in sg.lines[mark:]
+                  if "stream=%d " % sid in l and "rejected (stream reset)" in l]
+        self.assertEqual(claims, [], "the log says the stream was reset; the client got "
+                         "no RST_STREAM but GOAWAY %r" % (c.goaway,))
+        self.assertFalse(rec["grpc_status"] == 1 and
+                         (rec.get("reason") or "").startswith("malformed"),
+                         "access log: cancelled by the client and malformed at once: %r"
+                         % rec)
 
 
 if __name__ == "__main__":

@@ -786,7 +786,7 @@ static void test_backend_address(void) {
   static const char *const good[] = {
       "127.0.0.1", "::1", "fe80::1", "::ffff:10.0.0.1", "h", "localhost",
       "spark-1.internal", "spark.internal.", "Spark_Connect-0.ns.svc.cluster.local",
-      "a1.b2.c3", NULL};
+      "a1.b2.c3", "fe80::1%eth0", "::1%lo", "fe80::1%2", NULL};
   static const char *const bad[][2] = {
       {"[::1]", "without brackets"},
       {"127.0.0.1:15002", "without a port"},
@@ -797,7 +797,10 @@ static void test_backend_address(void) {
       {"grpc://spark:15002/", "without a scheme"},
       {"x/y", "without a path"},
       {"1:2:3", "not a valid IPv6"},
-      {"fe80::1%eth0", "not a valid IPv6"},
+      {"fe80::1%", "not a valid IPv6"},
+      {"fe80::1%e th0", "not a valid IPv6"},
+      {"fe80::1%0123456789abcdef", "not a valid IPv6"},
+      {"10.0.0.1%eth0", "must be an IP address or a host name"},
       {"10.0.0.256", "not a valid IPv4"},
       {"10.1", "not a valid IPv4"},
       {"1.2.3.4.", "not a valid IPv4"},
