@@ -560,6 +560,13 @@ void sg_conn_schedule_send(sg_conn *c) {
 static void on_read(struct bufferevent *bev, void *arg) {
   sg_conn *c = arg;
   struct evbuffer *in = bufferevent_get_input(bev);
+  /* A closing connection reads nothing more: after a fatal error nghttp2
+   * stopped in the middle of a frame, and the same bytes fed again would
+   * be parsed out of step (a SETTINGS flood read as DATA on stream 0). */
+  if (c->closing) {
+    evbuffer_drain(in, evbuffer_get_length(in));
+    return;
+  }
   /* Feed nghttp2 straight from libevent's chain segments: no pullup copy. */
   for (;;) {
     struct evbuffer_iovec vec[8];
@@ -574,7 +581,7 @@ static void on_read(struct bufferevent *bev, void *arg) {
         sg_info("conn=%llu peer=%s: closing: %s", (unsigned long long)c->id,
                 c->peer, nghttp2_strerror((int)rv));
         set_close_reason(c, "protocol error:", nghttp2_strerror((int)rv));
-        evbuffer_drain(in, total);
+        evbuffer_drain(in, evbuffer_get_length(in));
         /* On these floods nghttp2 stops at once and says nothing: tell the
          * client why before closing. */
         if (rv == NGHTTP2_ERR_TOO_MANY_CONTINUATIONS || rv == NGHTTP2_ERR_FLOODED)
