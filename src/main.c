@@ -326,41 +326,6 @@ static bool reload_config(sg_main *m) {
   return true;
 }
 
-/* The workers bind their listeners with SO_REUSEPORT (one socket each), so
- * the kernel would let any process of this user bind the same address and
- * port too and split the clients between both without a word. A plain
- * bind (SO_REUSEADDR as the listeners have it, so that connections left in
- * TIME_WAIT do not count) fails where a socket listens already. Other
- * errors are left to the real bind, which says them. */
-static bool port_in_use(const sg_listener_config *l) {
-  struct sockaddr_storage ss;
-  socklen_t sslen;
-  memset(&ss, 0, sizeof ss);
-  if (strchr(l->address, ':') != NULL) {
-    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
-    in6->sin6_family = AF_INET6;
-    in6->sin6_port = htons(l->port);
-    inet_pton(AF_INET6, l->address, &in6->sin6_addr);
-    sslen = sizeof *in6;
-  } else {
-    struct sockaddr_in *in = (struct sockaddr_in *)&ss;
-    in->sin_family = AF_INET;
-    in->sin_port = htons(l->port);
-    inet_pton(AF_INET, l->address, &in->sin_addr);
-    sslen = sizeof *in;
-  }
-  int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0)
-    return false;
-  int one = 1;
-  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (ss.ss_family == AF_INET6) /* as the listeners: an IPv4 socket is no conflict */
-    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
-  bool in_use = bind(fd, (struct sockaddr *)&ss, sslen) != 0 && errno == EADDRINUSE;
-  close(fd);
-  return in_use;
-}
-
 /* The signals whose default action would end a process that is asked to
  * reload or reopen: main() holds them until run() handles them on its
  * loop. SIGTERM and SIGINT are not held: a start that is told to stop
@@ -465,7 +430,7 @@ static int run(sg_config *cfg) {
   sg_keyfetch_update(m.keyfetch, cfg->jwt);
   for (size_t i = 0; i < cfg->n_listeners; i++) {
     const sg_listener_config *l = &cfg->listeners[i];
-    if (l->port != 0 && port_in_use(l)) {
+    if (l->port != 0 && sg_listener_port_in_use(l)) {
       bool v6 = strchr(l->address, ':') != NULL;
       sg_error("listener %s: %s%s%s:%u is already in use (another sparkgate?)", l->name,
                v6 ? "[" : "", l->address, v6 ? "]" : "", l->port);

@@ -128,36 +128,58 @@ void sg_runtime_unref(sg_runtime *rt) {
 
 /* ---- listeners ---------------------------------------------------------- */
 
-static int bind_listener(const sg_listener_config *l, uint16_t *port, char *err,
-                         size_t errlen) {
-  struct sockaddr_storage ss;
-  socklen_t sslen;
-  memset(&ss, 0, sizeof ss);
+/* A socket for listener |l| on |port| with the listeners' options, and its
+ * address in |ss|; -1 (errno) when there is none. */
+static int listener_socket(const sg_listener_config *l, uint16_t port, bool reuseport,
+                           struct sockaddr_storage *ss, socklen_t *sslen) {
+  memset(ss, 0, sizeof *ss);
   if (strchr(l->address, ':') != NULL) {
-    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)ss;
     in6->sin6_family = AF_INET6;
-    in6->sin6_port = htons(*port);
+    in6->sin6_port = htons(port);
     inet_pton(AF_INET6, l->address, &in6->sin6_addr);
-    sslen = sizeof *in6;
+    *sslen = sizeof *in6;
   } else {
-    struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+    struct sockaddr_in *in = (struct sockaddr_in *)ss;
     in->sin_family = AF_INET;
-    in->sin_port = htons(*port);
+    in->sin_port = htons(port);
     inet_pton(AF_INET, l->address, &in->sin_addr);
-    sslen = sizeof *in;
+    *sslen = sizeof *in;
   }
-  int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) {
-    snprintf(err, errlen, "socket: %s", strerror(errno));
+  int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0)
     return -1;
-  }
   int one = 1;
   setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   /* One socket per worker on the same port: the kernel spreads new
    * connections over the workers without a shared accept lock. */
-  setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
-  if (ss.ss_family == AF_INET6)
+  if (reuseport)
+    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+  if (ss->ss_family == AF_INET6) /* an IPv4 listener on the port is no conflict */
     setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+  return fd;
+}
+
+bool sg_listener_port_in_use(const sg_listener_config *l) {
+  struct sockaddr_storage ss;
+  socklen_t sslen;
+  int fd = listener_socket(l, l->port, false, &ss, &sslen);
+  if (fd < 0)
+    return false;
+  bool in_use = bind(fd, (struct sockaddr *)&ss, sslen) != 0 && errno == EADDRINUSE;
+  close(fd);
+  return in_use;
+}
+
+static int bind_listener(const sg_listener_config *l, uint16_t *port, char *err,
+                         size_t errlen) {
+  struct sockaddr_storage ss;
+  socklen_t sslen;
+  int fd = listener_socket(l, *port, true, &ss, &sslen);
+  if (fd < 0) {
+    snprintf(err, errlen, "socket: %s", strerror(errno));
+    return -1;
+  }
   if (bind(fd, (struct sockaddr *)&ss, sslen) != 0 ||
       listen(fd, SG_LISTEN_BACKLOG) != 0) {
     snprintf(err, errlen, "cannot listen on %s%s%s:%u: %s",

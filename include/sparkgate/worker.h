@@ -112,6 +112,14 @@ struct sg_worker {
   bool draining;
 };
 
+/* The workers bind their listeners with SO_REUSEPORT (one socket each), so
+ * the kernel would let any process of this user bind the same address and
+ * port too and split the clients between both without a word. A plain
+ * bind (SO_REUSEADDR as the listeners have it, so that connections left in
+ * TIME_WAIT do not count) fails where a socket listens already. Other
+ * errors are left to the real bind, which says them. */
+bool sg_listener_port_in_use(const sg_listener_config *l);
+
 /* Binds the listeners of |rt| for worker |index|. |ports| holds the port of
  * each listener: 0 the first time (the kernel picks, and the chosen port is
  * written back), so that every worker binds the same port. */
