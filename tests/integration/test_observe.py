@@ -23,6 +23,7 @@ from test_operations import (  # noqa: E402
     parse_prometheus, sample, series, http_get, read_access_log, wait_access, ADMIN_RE)
 
 import grpc  # noqa: E402
+from test_operator_docs import h2c_config, scrape  # noqa: E402
 
 WAIT = 10.0
 
@@ -139,18 +140,6 @@ class OversizedHeaderCallCountedTest(ObservedCase):
                         "access-log line (refused by the proxy: it must have one)")
         self.assertIn("header list exceeds", lines[0].get("reason", ""), lines[0])
         self.assertIsNone(lines[0]["grpc_status"], lines[0])
-
-
-def h2c_config(backend_port, **top):
-    """One h2c listener "dev" (auth none), admin on 127.0.0.1 port 0."""
-    top.setdefault("admin", {"address": "127.0.0.1", "port": 0})
-    return H.base_config(backend_port, listeners=[H.h2c_listener("dev")], **top)
-
-
-def scrape(port):
-    status, _, body = http_get(port, "/metrics")
-    assert status == 200, body
-    return parse_prometheus(body.decode("utf-8"))
 
 
 class FailedReloadKeepsMetricsTest(H.SparkgateTestCase):
