@@ -16,6 +16,7 @@ import threading
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 import harness as H  # noqa: E402
+from threaded_server import ThreadedServer  # noqa: E402
 import grpc  # noqa: E402
 from raw_backend import RawBackend  # noqa: E402
 
@@ -43,38 +44,18 @@ class TlsRawBackend(RawBackend):
         return super()._serve(tls, index, behaviour)
 
 
-class ResetInHandshakeBackend:
+class ResetInHandshakeBackend(ThreadedServer):
     """Accepts, reads the ClientHello, resets the connection (RST): a TLS
     backend (or a balancer in front of one) that drops the handshake."""
 
-    def __init__(self):
-        self.closed = threading.Event()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self):
-        while not self.closed.is_set():
-            try:
-                c, _ = self.sock.accept()
-            except (socket.timeout, OSError):
-                continue
-            c.settimeout(2)
-            try:
-                c.recv(4096)
-            except OSError:
-                pass
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            c.close()
-
-    def close(self):
-        self.closed.set()
-        self.sock.close()
-        self.thread.join(5)
+    def serve(self, c):
+        c.settimeout(2)
+        try:
+            c.recv(4096)
+        except OSError:
+            pass
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
 
 
 def encrypted_copy(key):
