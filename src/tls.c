@@ -116,15 +116,13 @@ const char *sg_tls_cert_dates_problem(const SSL *ssl, char *buf, size_t buflen) 
   return cert_dates_problem(own, buf, buflen);
 }
 
-/* A certificate outside its dates is kept, with a warning: refusing it
- * would make a configuration that loaded yesterday fail today, on a
+/* A certificate or CRL outside its dates is kept, with a warning: refusing
+ * it would make a configuration that loaded yesterday fail today, on a
  * restart (every listener and tenant down, not just this one) or on a
- * reload (an unrelated change refused). Each load builds the contexts
- * twice (checked at load, then put in force), so one warning a minute per
- * file and date is enough. */
-/* A configuration load builds each TLS context twice (checked, then
- * built for the workers): its warnings are said once per load, and again
- * at the next load, a reload that should remind the operator. */
+ * reload (an unrelated change refused). A load builds each TLS context
+ * twice (checked, then built for the workers): each warning is said once
+ * per load, and again at the next load, a reload that should remind the
+ * operator. */
 static pthread_mutex_t warned_lock = PTHREAD_MUTEX_INITIALIZER;
 static unsigned long load_number = 1;
 static struct {
@@ -138,14 +136,7 @@ void sg_tls_new_load(void) {
   pthread_mutex_unlock(&warned_lock);
 }
 
-static void warn_cert_dates(SSL_CTX *ctx, const char *what, const char *file,
-                            const char *consequence) {
-  char problem[128];
-  X509 *x = SSL_CTX_get0_certificate(ctx);
-  if (x == NULL || cert_dates_problem(x, problem, sizeof problem)[0] == '\0')
-    return;
-  char line[512];
-  snprintf(line, sizeof line, "%s '%s' %s: %s", what, file, problem, consequence);
+static void warn_once_per_load(const char *line) {
   bool seen = false;
   size_t next = 0;
   pthread_mutex_lock(&warned_lock);
@@ -162,6 +153,47 @@ static void warn_cert_dates(SSL_CTX *ctx, const char *what, const char *file,
   pthread_mutex_unlock(&warned_lock);
   if (!seen)
     sg_warn("%s", line);
+}
+
+static void warn_cert_dates(SSL_CTX *ctx, const char *what, const char *file,
+                            const char *consequence) {
+  char problem[128];
+  X509 *x = SSL_CTX_get0_certificate(ctx);
+  if (x == NULL || cert_dates_problem(x, problem, sizeof problem)[0] == '\0')
+    return;
+  char line[512];
+  snprintf(line, sizeof line, "%s '%s' %s: %s", what, file, problem, consequence);
+  warn_once_per_load(line);
+}
+
+/* OpenSSL refuses every certificate a CRL covers while the CRL is outside
+ * its dates ("CRL has expired"): the whole listener, not one client. */
+static void warn_crl_dates(const X509_CRL *crl, const char *file,
+                           const sg_listener_config *l) {
+  const ASN1_TIME *next = X509_CRL_get0_nextUpdate(crl);
+  const ASN1_TIME *when = NULL;
+  const char *what = NULL, *refusal = NULL;
+  if (next != NULL && X509_cmp_current_time(next) < 0) {
+    when = next;
+    what = "expired on";
+    refusal = "CRL has expired";
+  } else if (X509_cmp_current_time(X509_CRL_get0_lastUpdate(crl)) > 0) {
+    when = X509_CRL_get0_lastUpdate(crl);
+    what = "is not valid before";
+    refusal = "CRL is not yet valid";
+  }
+  struct tm tm;
+  if (when != NULL && ASN1_TIME_to_tm(when, &tm) == 1) {
+    char date[64], line[512];
+    strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S UTC", &tm);
+    snprintf(line, sizeof line,
+             "CRL in '%s' %s %s: listener %s refuses every client certificate "
+             "under its CA (\"%s\") until the file is replaced and sparkgate "
+             "reloaded",
+             file, what, date, l->name, refusal);
+    warn_once_per_load(line);
+  }
+  ERR_clear_error();
 }
 
 /* Only h2: a client that cannot speak HTTP/2 cannot speak gRPC, and
@@ -216,10 +248,38 @@ static SSL_CTX *ctx_new(const SSL_METHOD *method, char *err, size_t errlen) {
   return ctx;
 }
 
+/* A CRL under the name of a client CA but from another key (the CA
+ * re-keyed, an old file) fails every handshake under that CA ("CRL
+ * signature failure"). True, with err set, for such a CRL. */
+static bool crl_from_another_key(X509_STORE *store, X509_CRL *crl, const char *path,
+                                 const sg_listener_config *l, char *err, size_t errlen) {
+  STACK_OF(X509_OBJECT) *objs = X509_STORE_get0_objects(store);
+  bool named = false, signed_by_ca = false;
+  for (int i = 0; i < sk_X509_OBJECT_num(objs) && !signed_by_ca; i++) {
+    X509 *ca = X509_OBJECT_get0_X509(sk_X509_OBJECT_value(objs, i));
+    if (ca == NULL || X509_NAME_cmp(X509_get_subject_name(ca), X509_CRL_get_issuer(crl)) != 0)
+      continue;
+    named = true;
+    EVP_PKEY *key = X509_get0_pubkey(ca);
+    signed_by_ca = key != NULL && X509_CRL_verify(crl, key) == 1;
+  }
+  ERR_clear_error();
+  if (!named || signed_by_ca)
+    return false;
+  char issuer[256];
+  X509_NAME_oneline(X509_CRL_get_issuer(crl), issuer, sizeof issuer);
+  snprintf(err, errlen,
+           "CRL file '%s': its CRL of '%s' is not signed by the key of that CA in "
+           "'%s': every client under it would be refused (\"CRL signature "
+           "failure\"); list the CRL this CA issued",
+           path, issuer, l->client_ca_file);
+  return true;
+}
+
 /* Only CRLs, and at least one: X509_STORE_load_file would take a
  * certificate listed here as one more trusted certificate, silently. */
-static int load_crl_file(X509_STORE *store, const char *path, char *err,
-                         size_t errlen) {
+static int load_crl_file(X509_STORE *store, const char *path,
+                         const sg_listener_config *l, char *err, size_t errlen) {
   BIO *bio = BIO_new_file(path, "r");
   if (bio == NULL) {
     set_error(err, errlen, "cannot read CRL file", path);
@@ -228,10 +288,20 @@ static int load_crl_file(X509_STORE *store, const char *path, char *err,
   int n = 0, rv = 0;
   X509_CRL *crl;
   while ((crl = PEM_read_bio_X509_CRL(bio, NULL, sg_tls_no_passphrase_cb, NULL)) != NULL) {
-    if (X509_STORE_add_crl(store, crl) != 1)
+    bool foreign = false;
+    if (l->client_cert_mode != SG_CLIENT_CERT_NONE) {
+      foreign = crl_from_another_key(store, crl, path, l, err, errlen);
+      if (!foreign)
+        warn_crl_dates(crl, path, l);
+    }
+    if (!foreign && X509_STORE_add_crl(store, crl) != 1)
       rv = -1;
     X509_CRL_free(crl);
     n++;
+    if (foreign) {
+      BIO_free(bio);
+      return -1;
+    }
   }
   ERR_clear_error(); /* the end of the file reads as "no start line" */
   BIO_free(bio);
@@ -391,7 +461,7 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
   /* Read in every mode, so that a bad file fails the load even where no
    * client certificate is asked for yet. */
   for (size_t i = 0; i < l->n_crl_files; i++) {
-    if (load_crl_file(SSL_CTX_get_cert_store(ctx), l->crl_files[i], err, errlen) != 0)
+    if (load_crl_file(SSL_CTX_get_cert_store(ctx), l->crl_files[i], l, err, errlen) != 0)
       goto fail;
   }
   if (l->n_crl_files > 0 && l->client_cert_mode != SG_CLIENT_CERT_NONE &&

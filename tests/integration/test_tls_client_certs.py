@@ -15,6 +15,7 @@ is stopped by the harness.
 import datetime
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -537,6 +538,89 @@ class ClientCertificateTest(H.SparkgateTestCase):
                          "the backend got identity %r and no x-forwarded-client-cert"
                          % rec.header("x-sparkgate-identity"))
 
+
+
+# ---------------------------------------------------------------------------
+# CRLs that would refuse every client
+
+def crl_file(ca, fname, last_update, next_update, signer=None):
+    """A CRL naming |ca| as its issuer, signed by |signer| (default |ca|)."""
+    crl = (x509.CertificateRevocationListBuilder()
+           .issuer_name(ca.subject).last_update(last_update).next_update(next_update)
+           .sign((signer or ca).key, hashes.SHA256()))
+    return ca._write(fname, crl.public_bytes(serialization.Encoding.PEM))
+
+
+def mtls_config(up_port, ca, crl):
+    return H.base_config(up_port, listeners=[H.tls_listener(
+        "m", auth={"methods": ["mtls"], "client_identity": "cn"},
+        client_certificates="required", client_ca=ca.cert_file, crl=[crl])], workers=1)
+
+
+class CrlUsabilityTest(H.SparkgateTestCase):
+    """A CRL that would make the listener refuse every client is said at
+    load: one outside its dates is warned about, one not signed by the CA
+    it names fails the load."""
+
+    def setUp(self):
+        super().setUp()
+        self.dir = H.tempdir("sg-rev-crl-")
+        self.ca = Ca(self.dir, "root", "review crl CA")
+        self.good = self.ca.issue("good", cn="good-client")
+        self.up = self.standin()
+
+    def handshake_refusal(self, sg):
+        """What a good client certificate gets now: None when the call
+        works, else the handshake refusal the log gives."""
+        mark = sg.mark()
+        r, err, _, _, _ = h2_call(sg.port("m"), client_ctx(self.good[0], self.good[1]),
+                                    "crl-probe")
+        if grpc_status(r) == 0:
+            return None
+        m = sg.wait_for_log(r"client certificate refused: (.*)$", timeout=5, since=mark)
+        return m.group(1)
+
+    def test_expired_crl_is_reported_at_load(self):
+        """A CRL whose nextUpdate has passed makes OpenSSL refuse every
+        client certificate of the listener ("CRL has expired"): sparkgate
+        says so when it loads the file, naming it and the date, as it does
+        for a listener certificate outside its dates."""
+        now = _now()
+        crl = crl_file(self.ca, "stale.crl", now - datetime.timedelta(days=40),
+                       now - datetime.timedelta(days=10))
+        cfg = mtls_config(self.up.port, self.ca, crl)
+        rc, out, err = H.check_config(cfg)
+        if rc != 0:   # refusing the file is a fine answer too
+            self.assertIn("stale.crl", err)
+            self.assertRegex(err, r"(?i)expired|next ?update")
+            return
+        sg = self.start_sparkgate(cfg)
+        # The listener is unusable for every client with this CRL:
+        self.assertEqual(self.handshake_refusal(sg), "CRL has expired")
+        said = [l for l in sg.lines if "stale.crl" in l and
+                re.search(r"(?i)expired|next ?update", l)]
+        self.assertTrue(said, "an expired CRL (every client of listener m is refused) "
+                        "loaded without a word; check-config said:\n%s%s" % (out, err))
+
+    def test_crl_not_signed_by_its_ca_fails_the_load(self):
+        """configuration.md, tls.crl: every CA of client_ca needs its CRL,
+        "a CA of client_ca without one fails the load". A CRL that names
+        the CA but is signed by another key (an old CA key, a CA re-keyed
+        under the same name) is no CRL of that CA: OpenSSL refuses every
+        client at the handshake ("CRL signature failure"). The load should
+        fail naming the file, as for a missing CRL."""
+        now = _now()
+        imposter = Ca(self.dir, "imposter", "review crl CA")   # same name, other key
+        crl = crl_file(self.ca, "foreign.crl", now - datetime.timedelta(minutes=5),
+                       now + datetime.timedelta(days=30), signer=imposter)
+        cfg = mtls_config(self.up.port, self.ca, crl)
+        rc, out, err = H.check_config(cfg)
+        if rc == 0:
+            sg = self.start_sparkgate(cfg)
+            why = self.handshake_refusal(sg)
+            self.fail("a CRL not signed by the client CA it names loaded (check-config rc 0); "
+                      "every client is then refused at the handshake: %r" % why)
+        self.assertIn("foreign.crl", err)
 
 
 # ---------------------------------------------------------------------------
