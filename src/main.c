@@ -247,6 +247,28 @@ static void warn_unverified_backends(const sg_config *cfg) {
             "lists them (\"NOT VERIFIED\")", n - SHOWN);
 }
 
+/* Said at every start and reload: a methods list copied from an older
+ * client's needs breaks PySpark 3.5+ only on long results, in production. */
+static void warn_missing_companions(const sg_config *cfg) {
+  enum { SHOWN = 16 };
+  size_t n = 0;
+  for (size_t i = 0; i < cfg->n_tenants; i++) {
+    char missing[128];
+    if (sg_route_tenant_missing_companions(&cfg->tenants[i], missing, sizeof missing)[0] ==
+        '\0')
+      continue;
+    if (n++ < SHOWN)
+      sg_warn("tenant %s allows ExecutePlan but not %s: PySpark calls them for every "
+              "query and session (a result streamed past the server's 2-minute cut "
+              "fails with 7, executions are never released); add them to its "
+              "\"methods\"",
+              cfg->tenants[i].name, missing);
+  }
+  if (n > SHOWN)
+    sg_warn("%zu more tenants allow ExecutePlan without the methods PySpark calls "
+            "with it; sparkgate --check-config lists them", n - SHOWN);
+}
+
 static bool reload_config(sg_main *m);
 
 static void reload(sg_main *m) {
@@ -321,6 +343,7 @@ static bool reload_config(sg_main *m) {
   sg_keyfetch_update(m->keyfetch, rt->config->jwt);
   update_readiness(m);
   warn_unverified_backends(rt->config);
+  warn_missing_companions(rt->config);
   sg_info("reload done: new calls use the new configuration; calls in "
           "flight finish on the one they started with");
   return true;
@@ -462,6 +485,7 @@ static int run(sg_config *cfg) {
               l->name);
   }
   warn_unverified_backends(cfg);
+  warn_missing_companions(cfg);
   /* The admin server runs on this (main) loop: it stays up while workers
    * drain, so probes keep answering. */
   if (cfg->admin.enabled) {

@@ -55,6 +55,27 @@ static int method_lookup(const char *name, size_t len) {
   return -1;
 }
 
+const char *sg_route_tenant_missing_companions(const sg_route_tenant *t, char *buf,
+                                               size_t buflen) {
+  static const sg_spark_method companions[] = {
+      SG_SPARK_REATTACH_EXECUTE, SG_SPARK_RELEASE_EXECUTE, SG_SPARK_RELEASE_SESSION,
+      SG_SPARK_FETCH_ERROR_DETAILS};
+  size_t used = 0;
+  buf[0] = '\0';
+  if (!sg_route_tenant_allows_method(t, SG_SPARK_EXECUTE_PLAN))
+    return buf;
+  for (size_t i = 0; i < sizeof companions / sizeof companions[0]; i++) {
+    if (sg_route_tenant_allows_method(t, (int)companions[i]))
+      continue;
+    int n = snprintf(buf + used, buflen - used, "%s%s", used > 0 ? ", " : "",
+                     method_names[companions[i]]);
+    if (n < 0 || (size_t)n >= buflen - used)
+      break;
+    used += (size_t)n;
+  }
+  return buf;
+}
+
 int sg_spark_method_from_path(const char *path, size_t len) {
   size_t plen = sizeof SG_SPARK_SERVICE_PREFIX - 1;
   if (path == NULL || len <= plen || memcmp(path, SG_SPARK_SERVICE_PREFIX, plen) != 0)
@@ -1750,6 +1771,10 @@ void sg_route_table_print_summary(const sg_route_table *t, FILE *f) {
         if (ten->methods & (1u << m))
           fprintf(f, " %s", method_names[m]);
       fprintf(f, "\n");
+      char missing[128];
+      if (sg_route_tenant_missing_companions(ten, missing, sizeof missing)[0] != '\0')
+        fprintf(f, "    WARNING: ExecutePlan without %s: PySpark calls them for "
+                   "every query and session\n", missing);
     }
     switch (ten->credential_source) {
     case SG_ROUTE_CREDENTIAL_NONE: fprintf(f, "    credential: none\n"); break;

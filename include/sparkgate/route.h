@@ -231,6 +231,13 @@ static inline bool sg_route_tenant_allows_method(const sg_route_tenant *t,
          (t->methods & (1u << method)) != 0;
 }
 
+/* The methods PySpark (3.5+) calls along with ExecutePlan that |t| refuses,
+ * as "ReattachExecute, ReleaseExecute" in buf ("" when none): without
+ * them a result streamed longer than the server's 2-minute cut fails with
+ * PERMISSION_DENIED, and executions are never released. */
+const char *sg_route_tenant_missing_companions(const sg_route_tenant *t, char *buf,
+                                               size_t buflen);
+
 /* ---- backend choice (weighted rendezvous hashing) ------------------------ */
 
 #define SG_ROUTE_PICK_OK 0

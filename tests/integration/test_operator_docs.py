@@ -479,6 +479,44 @@ class DeploymentDocExampleTest(H.SparkgateTestCase):
             self.assertIn(what, doc)
 
 
+class RoutingDocMethodsExampleTest(Base):
+    """PySpark 3.5+ follows every ExecutePlan with ReleaseExecute, continues
+    a result the server cut (every 2 minutes) with ReattachExecute, and
+    calls ReleaseSession and FetchErrorDetails: routing.md's example tenant
+    allows them wherever it allows ExecutePlan, and a tenant that does not
+    is warned about at start and by --check-config."""
+
+    COMPANIONS = ("ReattachExecute", "ReleaseExecute", "ReleaseSession", "FetchErrorDetails")
+
+    def test_routing_doc_example_allows_what_pyspark_calls(self):
+        import json
+        m = re.search(r"## Shape\s*```json\n(.*?)```", read_doc("routing.md"), re.S)
+        self.assertIsNotNone(m, "routing.md has no '## Shape' JSON example")
+        for t in json.loads(m.group(1))["tenants"]:
+            methods = t.get("methods")
+            if methods is None or "ExecutePlan" not in methods:
+                continue
+            missing = [x for x in self.COMPANIONS if x not in methods]
+            self.assertEqual(missing, [], "routing.md example tenant %r allows ExecutePlan "
+                             "but not %s" % (t["name"], missing))
+
+    def test_execute_plan_without_its_companions_is_warned_about(self):
+        up = self.standin()
+        cfg = h2c_config(up.port)
+        cfg["tenants"][0]["methods"] = ["ExecutePlan", "Config", "ReleaseSession"]
+        rc, out, err = H.check_config(cfg)
+        self.assertEqual(rc, 0, err)
+        self.assertRegex(out, r"WARNING: ExecutePlan without ReattachExecute, ReleaseExecute, "
+                         r"FetchErrorDetails")
+        sg = self.start_sparkgate(cfg)
+        sg.wait_for_log(r"tenant default allows ExecutePlan but not ReattachExecute, "
+                        r"ReleaseExecute, FetchErrorDetails", timeout=5)
+        cfg["tenants"][0]["methods"] = ["Config", "Interrupt"]   # no ExecutePlan: nothing to say
+        rc, out, err = H.check_config(cfg)
+        self.assertEqual(rc, 0, err)
+        self.assertNotIn("WARNING: ExecutePlan", out)
+
+
 class DocumentedMetricFamiliesTest(H.SparkgateTestCase):
     """operations.md, "Every metric": each documented metric is served with
     its documented type, and the labels of its series are the documented

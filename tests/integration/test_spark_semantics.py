@@ -432,6 +432,22 @@ class RewriteEdgesTest(TenantCase):
         self.check(bodies, splitter=lambda w: [w[i:i + 1] for i in range(len(w))],
                    what="shapes in 1-byte frames")
 
+    def test_late_user_context_in_a_later_message(self):
+        """With rewrite, every message's new length must be known before
+        its prefix goes on, so the 64 KiB window holds for each message,
+        not only the first: a user_context past it in message 2 is
+        refused with 3, logged with the message number, and operations.md
+        says so in the row of status 3."""
+        window = 64 * 1024
+        sess = new_session()
+        m1 = fb(1, sess) + fb(2, fb(1, "anonymous")) + fb(15, b"first")
+        m2 = fb(1, sess) + fb(15, b"x" * (window + 5000)) + fb(2, fb(1, "anonymous"))
+        tag, r = self.run_upload([m1, m2], lambda w: [w])
+        self.assertEqual(h2_status(r)[0], 3, r)
+        self.sg.wait_for_log(r"message 2: user_context after the first 65536 bytes", timeout=5)
+        self.assertRegex(read_doc("operations.md"),
+                         r"\| 3 INVALID_ARGUMENT \|[^|]*rewrite[^|]*64 KiB of any message")
+
     def test_random_messages_random_splits(self):
         rng = random.Random(20240611)
         sess = new_session()
