@@ -14,6 +14,7 @@ over 64 KiB was refused by the proxy's own upstream session and answered
 backend's RST_STREAM(CANCEL) before headers was 14, not CANCELLED.
 """
 
+import json
 import os
 import socket
 import sys
@@ -30,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
 import grpc  # noqa: E402
+from test_operations import ADMIN_RE, http_get, parse_prometheus, series  # noqa: E402
 from test_attacks import (  # noqa: E402
     RawH2, attack_config, CANCEL, NO_ERROR, DATA, FLAG_END_STREAM,
     SETTINGS_INITIAL_WINDOW_SIZE, frame, hpack_block, headers_frames, data_frames,
@@ -820,6 +822,63 @@ class SharedBackendConnectionTest(ScriptCase):
         self.sg.wait_for_log(r"closed with \d+ streams: the backend's frames broke HTTP/2 "
                              r"\(sent GOAWAY COMPRESSION_ERROR: a header field over 64 KiB",
                              timeout=10)
+
+
+class ObservedScriptCase(ScriptCase):
+    """ScriptCase with an admin listener (metrics) and an access log."""
+
+    def start(self, script, **top):
+        self.access_path = os.path.join(H.tempdir("sg-review-streams-"), "access.log")
+        top.setdefault("admin", {"address": "127.0.0.1", "port": 0})
+        top.setdefault("access_log", {"path": self.access_path})
+        super().start(script, **top)
+        self.admin = int(self.sg.wait_for_log(ADMIN_RE, timeout=5).group(1))
+
+    def rpcs_by_status(self):
+        status, _, body = http_get(self.admin, "/metrics")
+        self.assertEqual(status, 200, body)
+        out = {}
+        for labels, v in series(parse_prometheus(body.decode("utf-8")),
+                                "sparkgate_rpcs_total").items():
+            code = dict(labels)["grpc_status"]
+            out[code] = out.get(code, 0) + v
+        return out
+
+    def access_records(self):
+        try:
+            with open(self.access_path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+
+class StatusInResponseHeadersRecordedTest(ObservedScriptCase):
+    def test_status_in_headers_without_trailers_is_logged_and_counted(self):
+        """A backend that puts grpc-status in its response headers and ends
+        the stream with END_STREAM on DATA (no trailers) is passed on as is
+        and the client sees that status (test_stream_semantics
+        MetadataTest.test_status_in_headers_and_no_trailers_is_passed_as_is).
+        The access log and sparkgate_rpcs_total must say the same:
+        docs/operations.md says grpc_status is null only "when the stream
+        was reset without one", and counts 2 (UNKNOWN) only for a call that
+        ended with none. Before, the call was logged null and counted as 2:
+        such a successful call showed up as an error on the dashboards."""
+        def script(api, req, ev):
+            if ev == "end":
+                api.headers(req.sid, RESP + [("grpc-status", "0")])
+                api.data(req.sid, gframe(b"only"), end=True)
+        self.start(script)
+        c = self.raw()
+        s = c.wait_stream(c.request(c.request_headers(PATH), gframe(b"q")))
+        # What the client sees: the answer and status 0, no reset.
+        self.assertEqual((s.grpc_status, s.reset), (0, None), s)
+        self.assertEqual(H.grpc_unframe(s.data), [b"only"])
+        H.wait_until(lambda: self.access_records(), 5, what="the access-log line")
+        recs = self.access_records()
+        self.assertEqual([r["grpc_status"] for r in recs], [0],
+                         "the client got grpc-status 0; the access log says %r" % recs)
+        self.assertEqual(self.rpcs_by_status(), {"0": 1.0},
+                         "sparkgate_rpcs_total by grpc_status")
 
 
 if __name__ == "__main__":
