@@ -97,6 +97,8 @@ static void leg_closed(sg_upstream *up, sg_stream *s, uint32_t error_code,
 static bool leg_unsent(const sg_upstream *up, const sg_stream *s);
 static void cancel_unsent(sg_upstream *up, sg_stream *s);
 static void attach(sg_upstream_pool *pool, sg_stream *s, const sg_upstream *avoid);
+static unsigned capacity(const sg_upstream *up);
+static void move_over_capacity(sg_upstream *up);
 
 static void count_connect(sg_upstream_pool *pool, bool ok) {
   if (pool->metrics != NULL)
@@ -280,6 +282,8 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
         n = next;
       }
       schedule_send(up);
+    } else if (!(frame->hd.flags & NGHTTP2_FLAG_ACK) && up->state != SG_UPSTREAM_GOAWAY) {
+      move_over_capacity(up);
     }
     break;
   case NGHTTP2_GOAWAY:
@@ -338,6 +342,33 @@ static bool leg_unsent(const sg_upstream *up, const sg_stream *s) {
 static void cancel_unsent(sg_upstream *up, sg_stream *s) {
   nghttp2_submit_rst_stream(up->session, NGHTTP2_FLAG_NONE, s->up_id, NGHTTP2_CANCEL);
   nghttp2_session_set_stream_user_data(up->session, s->up_id, NULL);
+}
+
+/* Calls given to this connection before its SETTINGS, beyond the streams
+ * the backend takes, and not sent yet: to other connections, where they
+ * need not wait for the ones before them to end. */
+static void move_over_capacity(sg_upstream *up) {
+  unsigned room = capacity(up);
+  if (up->n_streams <= room)
+    return;
+  unsigned kept = 0;
+  sg_list *n = up->streams.next;
+  while (n != &up->streams && up->n_streams > room) {
+    sg_list *next = n->next;
+    sg_stream *w = SG_CONTAINER_OF(n, sg_stream, up_link);
+    if (kept < room || !leg_unsent(up, w)) {
+      kept++;
+    } else {
+      cancel_unsent(up, w);
+      sg_list_unlink(&w->up_link);
+      up->n_streams--;
+      w->up = NULL;
+      w->up_state = SG_UPSTREAM_LEG_NONE;
+      sg_stream_set_up_window(w, 0);
+      attach(up->pool, w, up);
+    }
+    n = next;
+  }
 }
 
 static int on_stream_close(nghttp2_session *session, int32_t stream_id,
@@ -596,8 +627,24 @@ static void submit_stream(sg_upstream *up, sg_stream *s) {
   sg_list_unlink(&s->up_link);
   if (id < 0) {
     up->n_streams--;
+    if (id == NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE) {
+      /* This connection's stream ids are spent: it takes no more calls
+       * and closes once its own end. The call, never sent, goes on
+       * another. */
+      sg_info("upstream %s conn=%llu: no stream ids left: a new connection "
+              "takes the next calls", up->pool->backend->name, (unsigned long long)up->id);
+      up->state = SG_UPSTREAM_GOAWAY;
+      s->up = NULL;
+      s->up_state = SG_UPSTREAM_LEG_NONE;
+      if (up->n_streams == 0)
+        schedule_send(up); /* flush, then close */
+      attach(up->pool, s, up);
+      return;
+    }
     sg_stream_on_upstream_close(s, NGHTTP2_INTERNAL_ERROR,
                                 nghttp2_strerror(id));
+    if (up->n_streams == 0)
+      idle_or_connect_deadline(up); /* attach() stopped its idle countdown */
     return;
   }
   s->up_id = id;
@@ -615,6 +662,11 @@ static int start_session(sg_upstream *up) {
   if (nghttp2_option_new(&opt) != 0)
     return -1;
   nghttp2_option_set_no_auto_window_update(opt, 1);
+  /* Until the backend's SETTINGS say how many streams it takes, one: a
+   * backend that takes fewer than nghttp2's assumed 100 refuses the rest,
+   * and a call refused twice fails. The calls waiting for those SETTINGS
+   * go out then, or to other connections (on_frame_recv). */
+  nghttp2_option_set_peer_max_concurrent_streams(opt, 1);
   /* Enough CONTINUATION frames (16 KiB each) for the header list we
    * advertise: at 8, a 150 KiB trailer block of one call ended the
    * connection and every call on it. */
@@ -719,6 +771,22 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
     if (dns_err != 0) {
       snprintf(reason, sizeof reason, "cannot resolve %s: %s",
                up->pool->backend->address, evutil_gai_strerror(dns_err));
+    } else if (tls_err != 0 && up->got_settings) {
+      /* Past the handshake (its SETTINGS came: with TLS 1.3 a backend may
+       * refuse our certificate only after our side finished): a backend
+       * going away without close_notify (a restart) reads as an OpenSSL
+       * error, but certificates are not what the operator should look at. */
+      int err = EVUTIL_SOCKET_ERROR();
+      bool sock = err == ECONNRESET || err == EPIPE || err == ETIMEDOUT;
+      if (ERR_GET_LIB(tls_err) == 0 || ERR_GET_REASON(tls_err) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+        snprintf(reason, sizeof reason, "%s",
+                 sock ? evutil_socket_error_to_string(err)
+                      : "the backend closed the connection (no TLS close_notify)");
+      } else {
+        char cause[256];
+        ERR_error_string_n(tls_err, cause, sizeof cause);
+        snprintf(reason, sizeof reason, "TLS error: %s", cause);
+      }
     } else if (tls_err != 0) {
       char cause[256];
       long vr = SSL_get_verify_result(up->ssl);
@@ -986,6 +1054,9 @@ static unsigned capacity(const sg_upstream *up) {
     return 0;
   if (up->state == SG_UPSTREAM_CONNECTING || up->session == NULL)
     return SG_UPSTREAM_STREAMS_PER_CONN;
+  /* 2^30 calls spend a connection's stream ids (RFC 9113 5.1.1). */
+  if (nghttp2_session_get_next_stream_id(up->session) > INT32_MAX)
+    return 0;
   uint32_t remote = nghttp2_session_get_remote_settings(
       up->session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
   return remote < SG_UPSTREAM_STREAMS_PER_CONN ? remote : SG_UPSTREAM_STREAMS_PER_CONN;

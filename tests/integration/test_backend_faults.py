@@ -9,9 +9,11 @@ nothing here measures time.
 """
 
 import os
+import shutil
 import socket
 import ssl
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -965,6 +967,224 @@ class StoppedReadingTest(H.SparkgateTestCase):
         self.assertEqual(r.code, UNAVAILABLE, r)
         self.sg.wait_for_log(self.STALL_LOG % 1000, timeout=5)
         self.assert_released(be)
+
+
+# ---------------------------------------------------------------------------
+# Stream ids run out on a long-lived backend connection
+
+# An upstream (client) nghttp2 session runs out of stream ids after 2^30
+# requests: nghttp2_submit_request then returns
+# NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE for good, and
+# nghttp2_session_get_next_stream_id says 2^31. A billion calls is days of
+# a busy proxy's life, not a test's: this preload makes each upstream
+# session run out after SG_SHIM_STREAM_IDS requests, exactly as nghttp2
+# does (both calls answer as they would then). Client-side (server)
+# sessions are left alone.
+STREAM_ID_SHIM_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <nghttp2/nghttp2.h>
+
+#define SLOTS 4096
+static struct { void *s; long used; } tab[SLOTS];
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+
+static long limit(void) {
+  const char *e = getenv("SG_SHIM_STREAM_IDS");
+  return e != NULL ? atol(e) : 3;
+}
+static int slot(void *s) {
+  for (int i = 0; i < SLOTS; i++)
+    if (tab[i].s == s) return i;
+  return -1;
+}
+static int exhausted(void *s) {
+  pthread_mutex_lock(&mu);
+  int i = slot(s);
+  int out = i >= 0 && tab[i].used >= limit();
+  pthread_mutex_unlock(&mu);
+  return out;
+}
+
+int nghttp2_session_client_new3(nghttp2_session **out, const nghttp2_session_callbacks *cbs,
+                                void *user, const nghttp2_option *opt, nghttp2_mem *mem) {
+  int (*real)(nghttp2_session **, const nghttp2_session_callbacks *, void *,
+              const nghttp2_option *, nghttp2_mem *) =
+      (int (*)(nghttp2_session **, const nghttp2_session_callbacks *, void *,
+               const nghttp2_option *, nghttp2_mem *))dlsym(RTLD_NEXT,
+                                                            "nghttp2_session_client_new3");
+  int rv = real(out, cbs, user, opt, mem);
+  if (rv == 0) {
+    pthread_mutex_lock(&mu);
+    int i = slot(*out);
+    if (i < 0) i = slot(NULL);
+    if (i >= 0) { tab[i].s = *out; tab[i].used = 0; }
+    pthread_mutex_unlock(&mu);
+  }
+  return rv;
+}
+
+void nghttp2_session_del(nghttp2_session *s) {
+  void (*real)(nghttp2_session *) =
+      (void (*)(nghttp2_session *))dlsym(RTLD_NEXT, "nghttp2_session_del");
+  pthread_mutex_lock(&mu);
+  int i = slot(s);
+  if (s != NULL && i >= 0) tab[i].s = NULL;
+  pthread_mutex_unlock(&mu);
+  real(s);
+}
+
+int32_t nghttp2_submit_request(nghttp2_session *s, const nghttp2_priority_spec *pri,
+                               const nghttp2_nv *nva, size_t nvlen,
+                               const nghttp2_data_provider *prd, void *user) {
+  int32_t (*real)(nghttp2_session *, const nghttp2_priority_spec *, const nghttp2_nv *,
+                  size_t, const nghttp2_data_provider *, void *) =
+      (int32_t (*)(nghttp2_session *, const nghttp2_priority_spec *, const nghttp2_nv *,
+                   size_t, const nghttp2_data_provider *, void *))dlsym(
+          RTLD_NEXT, "nghttp2_submit_request");
+  if (exhausted(s))
+    return NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE;
+  int32_t id = real(s, pri, nva, nvlen, prd, user);
+  if (id > 0) {
+    pthread_mutex_lock(&mu);
+    int i = slot(s);
+    if (i >= 0) tab[i].used++;
+    pthread_mutex_unlock(&mu);
+  }
+  return id;
+}
+
+uint32_t nghttp2_session_get_next_stream_id(nghttp2_session *s) {
+  uint32_t (*real)(nghttp2_session *) =
+      (uint32_t (*)(nghttp2_session *))dlsym(RTLD_NEXT, "nghttp2_session_get_next_stream_id");
+  return exhausted(s) ? (1u << 31) : real(s);
+}
+"""
+
+
+def build_stream_id_shim(test):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        test.skipTest("no C compiler for the nghttp2 preload")
+    d = H.tempdir("sg-shim-")
+    src, so = os.path.join(d, "shim.c"), os.path.join(d, "shim.so")
+    with open(src, "w") as f:
+        f.write(STREAM_ID_SHIM_C)
+    p = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", so, src, "-ldl", "-lpthread"],
+                       capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        test.skipTest("cannot build the nghttp2 preload: %s" % p.stderr[-500:])
+    return so
+
+
+class StreamIdsRunOut(H.SparkgateTestCase):
+    def test_a_connection_out_of_stream_ids_is_replaced(self):
+        """An upstream connection whose stream ids are spent (2^30 requests
+        on one HTTP/2 connection, RFC 9113 5.1.1: "a client ... MUST
+        establish a new connection") takes no more calls: the next call
+        goes on a new connection and succeeds, and the spent one closes
+        once its calls end. (Before, the call got 14 "No more Stream ID
+        available" and the spent connection stayed in the pool, with room
+        and no idle timer: every later call to that backend got 14.)"""
+        so = build_stream_id_shim(self)
+        standin = self.standin()
+        cfg = H.base_config(standin.port, workers=1, upstream={"idle_timeout_ms": 1000})
+        asan = os.environ.get("ASAN_OPTIONS", "abort_on_error=0:detect_leaks=1")
+        sg = self.start_sparkgate(cfg, env={
+            "LD_PRELOAD": so, "SG_SHIM_STREAM_IDS": "3",
+            "ASAN_OPTIONS": asan + ":verify_asan_link_order=0"})
+        ch = H.tls_channel(sg.port("public"))
+        self.addCleanup(ch.close)
+        codes = []
+        for i in range(6):
+            r = unary(ch, "AnalyzePlan", b"call %d" % i, timeout=10)
+            codes.append(r.code.value[0])
+        # And after a pause longer than upstream.idle_timeout_ms.
+        time.sleep(2.0)
+        r = unary(ch, "AnalyzePlan", b"after a pause", timeout=10)
+        codes.append(r.code.value[0])
+        why = sg.find_log(r"grpc-status 14: .*")
+        self.assertEqual(codes, [0] * 7,
+                         "calls after the backend connection ran out of stream ids: %s"
+                         % (why.group(0) if why else "no 14 logged"))
+
+
+# ---------------------------------------------------------------------------
+# A backend that allows one stream per connection
+
+class OneStreamPerConnection(Script):
+    """Advertises SETTINGS_MAX_CONCURRENT_STREAMS 1 and holds to it as
+    grpc-java/netty does: a stream over the limit is refused with
+    RST_STREAM(REFUSED_STREAM) (RFC 9113 5.1.2). Each admitted call is
+    answered (its message echoed) a moment later."""
+
+    HOLD_S = 0.3
+
+    def on_connect(self, c):
+        c.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1})
+        # python-h2 would end the connection on a stream over its own limit;
+        # the limit is enforced here instead, by refusing the stream.
+        c.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000})
+        c.state["active"] = set()
+        c.state["due"] = []
+
+    def on_request(self, c, sid, headers):
+        active = c.state["active"]
+        if active:
+            with c.backend.lock:
+                c.backend.refused = getattr(c.backend, "refused", 0) + 1
+            c.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        active.add(sid)
+
+    def on_request_end(self, c, sid, body):
+        if sid in c.state["active"]:
+            c.state["due"].append((time.monotonic() + self.HOLD_S, sid, body))
+
+    def on_tick(self, c):
+        now = time.monotonic()
+        for item in list(c.state["due"]):
+            if item[0] <= now:
+                c.state["due"].remove(item)
+                c.answer(item[1], [item[2][5:]])
+                c.state["active"].discard(item[1])
+
+
+class SmallStreamLimit(UpCase):
+    def test_calls_over_a_backends_stream_limit_are_not_failed(self):
+        """A healthy backend that takes one stream per connection
+        (SETTINGS_MAX_CONCURRENT_STREAMS 1), six calls at once: the
+        proxy may open more connections (it does, one per call, for calls
+        that arrive once it knows the limit), so all six succeed; none is
+        sent over the advertised limit. (Before, nghttp2 sent all six
+        before the backend's SETTINGS arrived, as it assumes 100 until then;
+        the backend refused five, the retry did the same on one new
+        connection, and four calls got 14 from a backend that was up.)"""
+        self.start_with([OneStreamPerConnection()])
+        c = H.H2Client(self.sg.port("public"))
+        self.addCleanup(c.close)
+        # All six in one write: the proxy reads them at once.
+        sids = []
+        for i in range(6):
+            sid = c.conn.get_next_available_stream_id()
+            c.responses[sid] = H.H2Response(sid)
+            c.conn.send_headers(sid, c.grpc_headers(SERVICE + "AnalyzePlan"))
+            c.conn.send_data(sid, H.grpc_frame(b"call %d" % i), end_stream=True)
+            sids.append(sid)
+        c._flush()
+        got = {}
+        for sid in sids:
+            r = c.wait(sid, timeout=10)
+            got[sid] = r.trailer("grpc-status", r.header("grpc-status"))
+        self.assertEqual(list(got.values()), ["0"] * 6,
+                         "grpc-status of 6 concurrent calls on a backend allowing 1 stream "
+                         "per connection: %r; streams the backend refused: %d; backend "
+                         "connections: %d" % (got, getattr(self.be, "refused", 0),
+                                              self.be.n_conns()))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ backend never seeing the call."""
 
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -16,6 +17,7 @@ import threading
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 import harness as H  # noqa: E402
+from test_backend_faults import unary  # noqa: E402
 from threaded_server import ThreadedServer  # noqa: E402
 import grpc  # noqa: E402
 from raw_backend import RawBackend  # noqa: E402
@@ -282,6 +284,36 @@ class UpstreamTlsDiagnosticsTest(H.SparkgateTestCase):
         reason = self.down_reason(sg)
         self.assertRegex(reason, r"TLS handshake")
         self.assertNotIn("connect timed out", reason)
+
+
+# ---------------------------------------------------------------------------
+# What the log says when an established TLS backend connection breaks
+
+class TlsConnectionBreaksMidCall(H.SparkgateTestCase):
+    def test_established_tls_connection_closing_is_not_called_a_handshake_failure(self):
+        """A TLS backend whose handshake went through, and that carried the
+        call (it was read by the backend), closes the connection without
+        an answer (a server process going away: GOAWAY, then close, with
+        no TLS close_notify). The call gets 14, and the warn line
+        "closed with 1 streams: <reason>" (also the access log's reason)
+        must say what happened: the backend closed (or reset) the
+        connection, not "TLS handshake failed: ... unexpected eof while
+        reading", which sent the operator to certificates and TLS settings
+        for a backend restart."""
+        p = H.pki()
+        be = TlsRawBackend(["goaway_processed", "ok"], p.server_cert, p.server_key)
+        self.addCleanup(be.close)
+        cfg = H.base_config(be.port, workers=1, backend_tls={"ca": p.ca_cert})
+        sg = self.start_sparkgate(cfg)
+        ch = H.tls_channel(sg.port("public"))
+        self.addCleanup(ch.close)
+        r = unary(ch, "AnalyzePlan", b"x", timeout=10)
+        self.assertEqual(r.code.value[0], 14, r)
+        self.assertEqual(len(be.snapshot()[0]), 1, "the backend did not get the call")
+        m = sg.wait_for_log(r"conn=\d+: closed with 1 streams: (.*)", timeout=5)
+        self.assertNotRegex(m.group(1), re.compile("handshake", re.I),
+                            "an established TLS connection's close is logged as a "
+                            "handshake failure: %s" % m.group(0))
 
 
 if __name__ == "__main__":
