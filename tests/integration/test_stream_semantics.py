@@ -447,22 +447,6 @@ class MetadataTest(ScriptCase):
         self.assertEqual(s.headers[1], trl, s)
         self.assertEqual(H.grpc_unframe(s.data), [b"m1", b""])
 
-    def test_status_in_headers_and_no_trailers_is_passed_as_is(self):
-        # The backend ends with END_STREAM on DATA, no trailers, its status in
-        # the response headers: the client must see the same (not a status
-        # the proxy made up, not a reset).
-        def script(api, req, ev):
-            if ev == "end":
-                api.headers(req.sid, RESP + [("grpc-status", "0")])
-                api.data(req.sid, gframe(b"only"), end=True)
-        self.start(script)
-        c = self.raw()
-        s = c.wait_stream(c.request(c.request_headers(PATH), gframe(b"q")))
-        self.assertEqual(len(s.headers), 1, s)
-        self.assertEqual(s.grpc_status, 0, s)
-        self.assertTrue(s.ended and s.reset is None, s)
-        self.assertEqual(H.grpc_unframe(s.data), [b"only"])
-
     def test_request_metadata_forwarded_and_trailers_too(self):
         def script(api, req, ev):
             if ev == "end":
@@ -855,10 +839,9 @@ class ObservedScriptCase(ScriptCase):
 class StatusInResponseHeadersRecordedTest(ObservedScriptCase):
     def test_status_in_headers_without_trailers_is_logged_and_counted(self):
         """A backend that puts grpc-status in its response headers and ends
-        the stream with END_STREAM on DATA (no trailers) is passed on as is
-        and the client sees that status (test_stream_semantics
-        MetadataTest.test_status_in_headers_and_no_trailers_is_passed_as_is).
-        The access log and sparkgate_rpcs_total must say the same:
+        the stream with END_STREAM on DATA (no trailers) is passed on as is:
+        the client sees that status, not one the proxy made up, not a
+        reset. The access log and sparkgate_rpcs_total must say the same:
         docs/operations.md says grpc_status is null only "when the stream
         was reset without one", and counts 2 (UNKNOWN) only for a call that
         ended with none. Before, the call was logged null and counted as 2:
@@ -870,8 +853,9 @@ class StatusInResponseHeadersRecordedTest(ObservedScriptCase):
         self.start(script)
         c = self.raw()
         s = c.wait_stream(c.request(c.request_headers(PATH), gframe(b"q")))
-        # What the client sees: the answer and status 0, no reset.
-        self.assertEqual((s.grpc_status, s.reset), (0, None), s)
+        # What the client sees: one header block, status 0, a clean end.
+        self.assertEqual(len(s.headers), 1, s)
+        self.assertEqual((s.grpc_status, s.reset, s.ended), (0, None, True), s)
         self.assertEqual(H.grpc_unframe(s.data), [b"only"])
         H.wait_until(lambda: self.access_records(), 5, what="the access-log line")
         recs = self.access_records()
