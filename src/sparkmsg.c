@@ -494,7 +494,7 @@ static void commit(sg_sparkmsg *s) {
   uint64_t new_len = s->msg_len - (have_uc ? s->uc_field_len : 0) + field_len;
   if (new_len > s->max_message_bytes || new_len > UINT32_MAX) {
     reject(s, SG_SPARKMSG_MESSAGE_TOO_LARGE,
-           "rewritten message exceeds %llu bytes",
+           "rewritten message exceeds limits.max_message_bytes (%llu)",
            (unsigned long long)s->max_message_bytes);
     return;
   }
@@ -683,7 +683,7 @@ static void on_prefix(sg_sparkmsg *s, const uint8_t *end, bool emit_copy) {
     return;
   }
   if (len > s->max_message_bytes) {
-    reject(s, SG_SPARKMSG_MESSAGE_TOO_LARGE, "%llu bytes, limit %llu",
+    reject(s, SG_SPARKMSG_MESSAGE_TOO_LARGE, "%llu bytes, over limits.max_message_bytes (%llu)",
            (unsigned long long)len, (unsigned long long)s->max_message_bytes);
     return;
   }

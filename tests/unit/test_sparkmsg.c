@@ -163,6 +163,7 @@ typedef struct result {
   char session_id[160];
   bool user_id_present;
   char user_id[160];
+  char error[256];
 } result;
 
 static sg_sparkmsg_options opts_mode(sg_sparkmsg_user_mode mode) {
@@ -184,6 +185,7 @@ static sg_sparkmsg *new_or_die(const sg_sparkmsg_options *o) {
 
 static void collect(sg_sparkmsg *s, sink *k, result *r) {
   r->reason = sg_sparkmsg_finish(s);
+  snprintf(r->error, sizeof r->error, "%s", sg_sparkmsg_error(s));
   r->out = k->out;
   r->messages = sg_sparkmsg_messages(s);
   sg_sparkmsg_header h;
@@ -1011,6 +1013,7 @@ static void test_framing(void) {
   o.max_message_bytes = body.len - 1;
   r = run(&o, &in, 0);
   CHECK(r.reason == SG_SPARKMSG_MESSAGE_TOO_LARGE);
+  CHECK(strstr(r.error, "over limits.max_message_bytes") != NULL); /* what to change */
   b_free(&r.out);
   o.max_message_bytes = body.len;
   r = run(&o, &in, 0);
@@ -1023,6 +1026,7 @@ static void test_framing(void) {
   o.max_message_bytes = body.len;
   r = run(&o, &in, 0);
   CHECK(r.reason == SG_SPARKMSG_MESSAGE_TOO_LARGE);
+  CHECK(strstr(r.error, "exceeds limits.max_message_bytes") != NULL);
   CHECK(r.out.len == 0);
   b_free(&r.out);
 
