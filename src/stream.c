@@ -1174,10 +1174,6 @@ ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
         sg_nv_array_free(stack_nv, nva);
       }
     }
-    /* Without trailers (or without grpc-status in them) a status the
-     * response headers carried is the call's, as the client reads it. */
-    if (!s->late_status && s->grpc_status < 0)
-      record_grpc_status(s, &s->resp_headers);
     return 0;
   }
   if (sg_h2io_hold_data(user)) {

@@ -836,33 +836,48 @@ class ObservedScriptCase(ScriptCase):
             return []
 
 
-class StatusInResponseHeadersRecordedTest(ObservedScriptCase):
-    def test_status_in_headers_without_trailers_is_logged_and_counted(self):
-        """A backend that puts grpc-status in its response headers and ends
-        the stream with END_STREAM on DATA (no trailers) is passed on as is:
-        the client sees that status, not one the proxy made up, not a
-        reset. The access log and sparkgate_rpcs_total must say the same:
-        docs/operations.md says grpc_status is null only "when the stream
-        was reset without one", and counts 2 (UNKNOWN) only for a call that
-        ended with none. Before, the call was logged null and counted as 2:
-        such a successful call showed up as an error on the dashboards."""
+class StatusInResponseHeadersTest(ObservedScriptCase):
+    def test_status_in_headers_without_trailers_is_passed_as_is_and_logged_as_none(self):
+        """A backend puts grpc-status 0 in response headers that do not end
+        the stream, then ends it without a grpc-status in trailers
+        (END_STREAM on DATA, or trailers without one). sparkgate passes
+        the frames on as they are (not a status it made up, not a reset),
+        and logs and counts what a gRPC client makes of it: grpcio,
+        PySpark's client, takes a status only from headers that end the
+        stream and reports UNKNOWN; the access log says null and
+        sparkgate_rpcs_total counts 2, never 0 for a call that failed."""
         def script(api, req, ev):
-            if ev == "end":
-                api.headers(req.sid, RESP + [("grpc-status", "0")])
+            if ev != "end":
+                return
+            api.headers(req.sid, RESP + [("grpc-status", "0")])
+            if req.body == gframe(b"trailers-without-status"):
+                api.data(req.sid, gframe(b"only"))
+                api.trailers(req.sid, [("x-not-a-status", "1")])
+            else:
                 api.data(req.sid, gframe(b"only"), end=True)
         self.start(script)
+        # The frames as the backend sent them: one header block, a clean end.
         c = self.raw()
-        s = c.wait_stream(c.request(c.request_headers(PATH), gframe(b"q")))
-        # What the client sees: one header block, status 0, a clean end.
+        s = c.wait_stream(c.request(c.request_headers(PATH), gframe(b"raw")))
         self.assertEqual(len(s.headers), 1, s)
         self.assertEqual((s.grpc_status, s.reset, s.ended), (0, None, True), s)
         self.assertEqual(H.grpc_unframe(s.data), [b"only"])
-        H.wait_until(lambda: self.access_records(), 5, what="the access-log line")
-        recs = self.access_records()
-        self.assertEqual([r["grpc_status"] for r in recs], [0],
-                         "the client got grpc-status 0; the access log says %r" % recs)
-        self.assertEqual(self.rpcs_by_status(), {"0": 1.0},
-                         "sparkgate_rpcs_total by grpc_status")
+        # What a gRPC client makes of them.
+        ch = H.h2c_channel(self.h2c_port)
+        self.addCleanup(ch.close)
+        call = ch.unary_unary(PATH, request_serializer=lambda b: b,
+                              response_deserializer=lambda b: b)
+        seen = []
+        for body in (b"no-trailers", b"trailers-without-status"):
+            try:
+                call(body, timeout=5)
+                seen.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                seen.append(e.code())
+        self.assertEqual(seen, [grpc.StatusCode.UNKNOWN] * 2, seen)
+        H.wait_until(lambda: len(self.access_records()) >= 3, 5, what="three access-log lines")
+        self.assertEqual([r["grpc_status"] for r in self.access_records()], [None] * 3)
+        self.assertEqual(self.rpcs_by_status(), {"2": 3.0}, "sparkgate_rpcs_total by grpc_status")
 
 
 if __name__ == "__main__":
