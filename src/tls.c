@@ -317,6 +317,17 @@ static int load_crl_file(X509_STORE *store, const char *path,
   return 0;
 }
 
+/* A CRL whose authorityKeyIdentifier names another key than |ca|'s: OpenSSL
+ * does not use it for |ca|'s certificates. */
+static bool crl_names_another_key(X509_CRL *crl, const X509 *ca) {
+  const ASN1_OCTET_STRING *skid = X509_get0_subject_key_id((X509 *)ca);
+  AUTHORITY_KEYID *akid = X509_CRL_get_ext_d2i(crl, NID_authority_key_identifier, NULL, NULL);
+  bool other = akid != NULL && akid->keyid != NULL && skid != NULL &&
+               ASN1_OCTET_STRING_cmp(akid->keyid, skid) != 0;
+  AUTHORITY_KEYID_free(akid);
+  return other;
+}
+
 /* With CRLs, every CA of a client's chain needs one (CRL_CHECK_ALL:
  * revoking an intermediate must work too); a CA of the client_ca bundle
  * without a CRL would refuse every client under it at the handshake
@@ -329,19 +340,39 @@ static bool ca_without_crl(X509_STORE *store, const sg_listener_config *l,
     if (ca == NULL)
       continue;
     const X509_NAME *name = X509_get_subject_name(ca);
-    bool found = false;
-    for (int j = 0; j < sk_X509_OBJECT_num(objs) && !found; j++) {
+    EVP_PKEY *key = X509_get0_pubkey(ca);
+    bool found = false, foreign = false;
+    for (int j = 0; j < sk_X509_OBJECT_num(objs); j++) {
       X509_CRL *crl = X509_OBJECT_get0_X509_CRL(sk_X509_OBJECT_value(objs, j));
-      found = crl != NULL && X509_NAME_cmp(X509_CRL_get_issuer(crl), name) == 0;
+      if (crl == NULL || X509_NAME_cmp(X509_CRL_get_issuer(crl), name) != 0 ||
+          crl_names_another_key(crl, ca))
+        continue;
+      /* OpenSSL may check this CA's clients against any CRL under its
+       * name (a CA re-keyed under the same name, both trusted during the
+       * roll-over): one signed by the other key refuses them all. */
+      if (key != NULL && X509_CRL_verify(crl, key) == 1)
+        found = true;
+      else
+        foreign = true;
     }
-    if (!found) {
+    ERR_clear_error();
+    if (!found || foreign) {
       char subject[256];
       X509_NAME_oneline(name, subject, sizeof subject);
-      snprintf(err, errlen,
-               "client CA '%s' in '%s' has no CRL in tls.crl: with CRLs, every CA "
-               "of a client's chain needs its CRL listed, or its clients are "
-               "refused",
-               subject, l->client_ca_file);
+      if (foreign)
+        snprintf(err, errlen,
+                 "client CA '%s' in '%s': tls.crl holds a CRL under its name that "
+                 "this CA did not sign (another CA of the same name did?), and "
+                 "OpenSSL may check its clients against it (\"CRL signature "
+                 "failure\"): CRLs of CAs that share a name need an "
+                 "authorityKeyIdentifier",
+                 subject, l->client_ca_file);
+      else
+        snprintf(err, errlen,
+                 "client CA '%s' in '%s' has no CRL in tls.crl: with CRLs, every CA "
+                 "of a client's chain needs its CRL listed, or its clients are "
+                 "refused",
+                 subject, l->client_ca_file);
       return true;
     }
   }

@@ -623,6 +623,100 @@ class CrlUsabilityTest(H.SparkgateTestCase):
         self.assertIn("foreign.crl", err)
 
 
+def rollover():
+    """client_ca holds two CAs named "rollover CA" (old key, new key)."""
+    d = H.tempdir("sg-rev-rollover-")
+    old = Ca(d, "old", "rollover CA")
+    new = Ca(d, "new", "rollover CA")
+    bundle = os.path.join(d, "bundle.pem")
+    with open(bundle, "wb") as out:
+        for ca in (old, new):
+            with open(ca.cert_file, "rb") as f:
+                out.write(f.read())
+    return d, old, new, bundle
+
+
+def rollover_config(up_port, bundle, crls):
+    return H.base_config(up_port, listeners=[H.tls_listener(
+        "m", auth={"methods": ["mtls"], "client_identity": "cn"},
+        client_certificates="required", client_ca=bundle, crl=crls)], workers=1)
+
+
+class SameNameClientCasTest(H.SparkgateTestCase):
+    """A CA re-keyed under the same name, both keys trusted during the
+    roll-over: each needs a CRL of its own that OpenSSL will pick for it."""
+
+    def refusals(self, sg, cas):
+        """For each CA, what a client certificate it issued gets: None when
+        the call works, else the handshake refusal the log gives."""
+        out = {}
+        for name, ca in cas:
+            cert, key, _ = ca.issue("client-" + name, cn="client-" + name)
+            mark = sg.mark()
+            r, err, _, _, _ = h2_call(sg.port("m"), client_ctx(cert, key), "probe-" + name)
+            if grpc_status(r) == 0:
+                out[name] = None
+            else:
+                m = sg.wait_for_log(r"client certificate refused: (.*)$", timeout=5,
+                                    since=mark)
+                out[name] = m.group(1)
+        return out
+
+    def test_ca_whose_only_crl_is_its_namesakes_fails_the_load(self):
+        """configuration.md, tls.crl: "a CA of client_ca without one fails
+        the load, as does a CRL that names a CA of client_ca but is not
+        signed by its key (a CA re-keyed under the same name)". During a
+        CA roll-over client_ca holds the old and the new CA (same name,
+        other keys); tls.crl lists only the new key's CRL. That CRL names
+        the old CA too and is not signed by its key: every client under the
+        old CA is refused at the handshake ("CRL signature failure"). The
+        load must fail, naming the CA without a CRL of its own."""
+        d, old, new, bundle = rollover()
+        now = _now()
+        crl = crl_file(new, "new.crl", now - datetime.timedelta(minutes=5),
+                       now + datetime.timedelta(days=30))
+        up = self.standin()
+        cfg = rollover_config(up.port, bundle, [crl])
+        rc, out, err = H.check_config(cfg)
+        if rc == 0:
+            sg = self.start_sparkgate(cfg)
+            got = self.refusals(sg, [("old", old), ("new", new)])
+            self.fail("client_ca has two CAs named 'rollover CA' and tls.crl only the new "
+                      "key's CRL: check-config rc 0, and clients get %r" % got)
+        self.assertIn("rollover CA", err)
+
+    def test_same_named_cas_each_with_its_crl_all_clients_served(self):
+        """Both CAs of the roll-over have their own CRL, each signed by its
+        own key, in one CRL file (CRLs without an authorityKeyIdentifier,
+        as `openssl ca -gencrl` makes them unless crl_extensions is set).
+        OpenSSL picks the CRL for a certificate by issuer name (and
+        authorityKeyIdentifier when the CRL has one): both CRLs score the
+        same, one is used for both CAs, and every client of the other CA
+        is refused ("CRL signature failure"). Either both CAs' clients are
+        served, or the load fails saying why (CRLs of CAs sharing a
+        name need an authorityKeyIdentifier)."""
+        d, old, new, bundle = rollover()
+        now = _now()
+        lu, nu = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=30)
+        paths = [crl_file(new, "new.crl", lu, nu), crl_file(old, "old.crl", lu, nu)]
+        both = os.path.join(d, "both.crl")
+        with open(both, "wb") as out:
+            for p in paths:
+                with open(p, "rb") as f:
+                    out.write(f.read())
+        up = self.standin()
+        cfg = rollover_config(up.port, bundle, [both])
+        rc, out, err = H.check_config(cfg)
+        if rc != 0:
+            self.assertRegex(err, r"both\.crl|rollover CA")
+            return
+        sg = self.start_sparkgate(cfg)
+        got = self.refusals(sg, [("old", old), ("new", new)])
+        self.assertEqual(got, {"old": None, "new": None},
+                         "two CAs named 'rollover CA', each with its own CRL in tls.crl: "
+                         "the configuration loaded, and clients were refused: %r" % got)
+
+
 # ---------------------------------------------------------------------------
 # Backend TLS: what the client gets and what the log says
 
