@@ -578,8 +578,16 @@ static void on_read(struct bufferevent *bev, void *arg) {
       ssize_t rv = nghttp2_session_mem_recv(c->session, vec[i].iov_base,
                                             vec[i].iov_len);
       if (rv < 0) {
-        sg_info("conn=%llu peer=%s: closing: %s", (unsigned long long)c->id,
-                c->peer, nghttp2_strerror((int)rv));
+        if (rv == NGHTTP2_ERR_BAD_CLIENT_MAGIC && c->ssl == NULL && vec[i].iov_len > 0 &&
+            ((const uint8_t *)vec[i].iov_base)[0] == 0x16)
+          /* A TLS record (handshake) where the preface should be. */
+          sg_info("conn=%llu peer=%s: closing: a TLS ClientHello on cleartext (h2c) "
+                  "listener %s: the client uses TLS; it should connect without "
+                  "it (PySpark: no use_ssl), or to a TLS listener",
+                  (unsigned long long)c->id, c->peer, c->listener->name);
+        else
+          sg_info("conn=%llu peer=%s: closing: %s", (unsigned long long)c->id,
+                  c->peer, nghttp2_strerror((int)rv));
         set_close_reason(c, "protocol error:", nghttp2_strerror((int)rv));
         evbuffer_drain(in, evbuffer_get_length(in));
         /* On these floods nghttp2 stops at once and says nothing: tell the
@@ -758,6 +766,18 @@ static void on_established(sg_conn *c) {
   conn_flush(c);
 }
 
+/* A client gone before its TLS handshake ended: |sock_err| its socket's
+ * error, 0 for an end of file. */
+static void handshake_abandoned(sg_conn *c, int sock_err) {
+  bool reset = sock_err == ECONNRESET || sock_err == EPIPE || sock_err == ECONNABORTED ||
+               sock_err == ETIMEDOUT;
+  sg_info("conn=%llu peer=%s: TLS handshake failed: the client %s",
+          (unsigned long long)c->id, c->peer,
+          reset ? evutil_socket_error_to_string(sock_err)
+                : "closed the connection");
+  count_tls_failure(c, SG_TLS_FAIL_CLOSED);
+}
+
 static void on_event(struct bufferevent *bev, short events, void *arg) {
   (void)bev;
   sg_conn *c = arg;
@@ -766,11 +786,20 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
     return;
   }
   if (events & BEV_EVENT_EOF) {
-    log_peer_closed(c, "end of stream");
+    if (!c->established)
+      handshake_abandoned(c, 0);
+    else
+      log_peer_closed(c, "end of stream");
   } else if (events & BEV_EVENT_ERROR) {
     char err[256] = "";
     unsigned long e = c->ssl != NULL ? bufferevent_get_openssl_error(c->bev) : 0;
-    if (e != 0) {
+    if (e != 0 && !c->established &&
+        (ERR_GET_LIB(e) == 0 || ERR_GET_REASON(e) == SSL_R_UNEXPECTED_EOF_WHILE_READING) &&
+        SSL_get_verify_result(c->ssl) == X509_V_OK) {
+      /* libevent's SSL_ERROR_SYSCALL (5) or an end of file: the client went
+       * away (a load balancer's TCP check, a killed client). */
+      handshake_abandoned(c, EVUTIL_SOCKET_ERROR());
+    } else if (e != 0) {
       ERR_error_string_n(e, err, sizeof err);
       long vr = SSL_get_verify_result(c->ssl);
       if (!c->established && vr != X509_V_OK) {
@@ -786,6 +815,13 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
                 "offer ALPN h2 (gRPC needs HTTP/2)",
                 (unsigned long long)c->id, c->peer);
         count_tls_failure(c, SG_TLS_FAIL_NO_H2);
+      } else if (!c->established && (ERR_GET_REASON(e) == SSL_R_WRONG_VERSION_NUMBER ||
+                                      ERR_GET_REASON(e) == SSL_R_HTTP_REQUEST)) {
+        sg_info("conn=%llu peer=%s: TLS handshake failed: the client does not "
+                "speak TLS (cleartext HTTP/2 or HTTP/1.1?) on TLS listener %s: it "
+                "should connect with TLS (PySpark: sc://HOST:PORT/;use_ssl=true)",
+                (unsigned long long)c->id, c->peer, c->listener->name);
+        count_tls_failure(c, SG_TLS_FAIL_PROTOCOL);
       } else if (!c->established) {
         sg_info("conn=%llu peer=%s: TLS handshake failed: %s",
                 (unsigned long long)c->id, c->peer, err);

@@ -10,6 +10,8 @@ import os
 import resource
 import signal
 import socket
+import struct
+import ssl
 import sys
 import time
 
@@ -324,6 +326,164 @@ class AcceptErrorBackoffTest(H.SparkgateTestCase):
                              "%d admin accept-failure lines in ~1.5 s: the admin listener "
                              "retries accept in a busy loop on the main thread while "
                              "descriptors are exhausted" % n)
+
+
+# ---------------------------------------------------------------------------
+# Connections that end before HTTP/2: counted and logged with the cause
+
+def tls_failures(samples, reason):
+    return samples.get(("sparkgate_tls_handshake_failures_total",
+                        frozenset({("reason", reason)})), 0.0)
+
+
+def client_hello():
+    """The bytes of a real ClientHello (ALPN h2, SNI localhost)."""
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = H.client_ssl_context().wrap_bio(inc, out, server_hostname="localhost")
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return out.read()
+
+
+# A TLS 1.2-framed close_notify alert (level warning, description 0), as a
+# client sends it when it gives up before the handshake is done.
+CLOSE_NOTIFY = bytes.fromhex("15030300020100")
+
+
+class _TlsFrontCase(H.SparkgateTestCase):
+    """One TLS listener "public", the admin listener, one worker, short
+    handshake timeout."""
+
+    def setUp(self):
+        super().setUp()
+        self.up = self.standin()
+        cfg = H.base_config(self.up.port, workers=1, tls_handshake_timeout_ms=1000,
+                            admin={"address": "127.0.0.1", "port": 0})
+        self.sg = self.start_sparkgate(cfg)
+        self.port = self.sg.port("public")
+        self.admin = int(self.sg.wait_for_log(ADMIN_RE, timeout=5).group(1))
+
+    def connect(self):
+        return socket.create_connection(("127.0.0.1", self.port), timeout=5)
+
+
+class HandshakeClosedByClientTest(_TlsFrontCase):
+    def test_client_that_closes_during_the_handshake_is_counted_closed_and_logged(self):
+        """A client that connects and goes away before the TLS handshake is
+        done (a TCP health check of a load balancer, a client killed, a
+        client that closes right after its ClientHello, with or without
+        close_notify, or with a reset) must be counted under
+        sparkgate_tls_handshake_failures_total{reason="closed"} and logged at
+        info with a line that says the client closed or reset the
+        connection."""
+        ch = client_hello()
+
+        def fin():
+            self.connect().close()
+
+        def rst():
+            s = self.connect()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+
+        def hello_then_fin():
+            s = self.connect()
+            s.sendall(ch)
+            s.recv(1)  # the server's first flight has started: mid-handshake
+            s.close()
+
+        def hello_then_reset():
+            s = self.connect()
+            s.sendall(ch)
+            s.recv(1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+
+        def hello_then_close_notify():
+            s = self.connect()
+            s.sendall(ch)
+            s.recv(1)
+            s.sendall(CLOSE_NOTIFY)
+            time.sleep(0.2)
+            s.close()
+
+        for name, act in (("connect and close", fin), ("connect and reset", rst),
+                          ("ClientHello and close", hello_then_fin),
+                          ("ClientHello and reset", hello_then_reset),
+                          ("ClientHello and close_notify", hello_then_close_notify)):
+            with self.subTest(name):
+                before = scrape(self.admin)
+                mark = self.sg.mark()
+                act()
+                # Bounded: the close is seen within a moment (the handshake
+                # timeout, 1 s, would count as "timeout" instead).
+                deadline = time.monotonic() + 5
+                while (time.monotonic() < deadline and
+                       self.sg.find_log(r"conn=\d+ peer=127\.0\.0\.1:\d+: ", since=mark) is None):
+                    time.sleep(0.05)
+                time.sleep(0.2)
+                after = scrape(self.admin)
+                info = [x for x in self.sg.lines[mark:] if " info " in x and "conn=" in x]
+                self.assertEqual(len(info), 1, "%s: want one info line saying why, got %r"
+                                 % (name, self.sg.lines[mark:]))
+                self.assertNotRegex(info[0], r"lib\(0\)|reason\(5\)",
+                                    "%s: libevent's SSL_ERROR_SYSCALL printed as an "
+                                    "OpenSSL error" % name)
+                self.assertRegex(info[0], r"(?i)clos|reset",
+                                 "%s: the line does not say the client closed" % name)
+                self.assertEqual(
+                    (tls_failures(after, "closed") - tls_failures(before, "closed"),
+                     tls_failures(after, "protocol") - tls_failures(before, "protocol")),
+                    (1, 0), "%s: counted as (closed, protocol); log: %s" % (name, info))
+        self.assertTrue(self.sg.alive())
+
+
+class WrongProtocolLogTest(H.SparkgateTestCase):
+    def test_cleartext_client_on_tls_listener_and_tls_client_on_h2c_listener_are_named(self):
+        """The most common client misconfiguration is the wrong transport:
+        PySpark without ";use_ssl=true" speaks cleartext HTTP/2 (prior
+        knowledge, "PRI * HTTP/2.0") to a TLS listener, and a client with
+        use_ssl=true sends a TLS ClientHello to an "insecure" h2c listener.
+        Each refusal must leave a line that says so (and so what to fix),
+        not OpenSSL's "wrong version number" or nghttp2's "bad client
+        magic"."""
+        up = self.standin()
+        sg = self.start_sparkgate(H.base_config(
+            up.port, workers=1,
+            listeners=[H.tls_listener("public"), H.h2c_listener("dev")]))
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
+
+        def refusal_line(port, data):
+            mark = sg.mark()
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            try:
+                s.sendall(data)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:  # until the proxy closes
+                    try:
+                        if not s.recv(4096):
+                            break
+                    except socket.timeout:
+                        pass
+                    except OSError:
+                        break
+            finally:
+                s.close()
+            m = sg.wait_for_log(r"conn=\d+ peer=127\.0\.0\.1:\d+: (?:closing|rejected|"
+                                r"TLS handshake failed|closed).*", timeout=5, since=mark)
+            return m.group(0)
+
+        with self.subTest("cleartext HTTP/2 to the TLS listener"):
+            line = refusal_line(sg.port("public"), preface)
+            self.assertRegex(line, r"(?i)cleartext|plaintext|not TLS|without TLS|use_ssl",
+                             "cleartext HTTP/2 on the TLS listener is not named as such")
+        with self.subTest("TLS to the h2c listener"):
+            line = refusal_line(sg.port("dev"), client_hello())
+            self.assertRegex(line, r"\bTLS\b",
+                             "a TLS ClientHello on the h2c listener is not named as such")
+        self.assertTrue(sg.alive())
 
 
 if __name__ == "__main__":
