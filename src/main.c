@@ -171,6 +171,8 @@ static void start_drain(sg_main *m) {
   if (m->admin != NULL)
     sg_admin_set_ready(m->admin, false);
   sg_notify_stopping();
+  sg_notify_status("draining: no new connections; calls in flight have %u ms",
+                   m->rt->config->drain_timeout_ms);
   for (unsigned i = 0; i < m->n_workers; i++)
     sg_worker_request_drain(m->workers[i]);
 }
@@ -511,9 +513,13 @@ static int run(sg_config *cfg) {
   sigfillset(&all);
   pthread_sigmask(SIG_BLOCK, &all, &old);
   for (unsigned i = 0; i < m.n_workers; i++) {
-    if (sg_worker_start(m.workers[i]) != 0) {
+    int rv = sg_worker_start(m.workers[i]);
+    if (rv != 0) {
       pthread_sigmask(SIG_SETMASK, &old, NULL);
-      sg_error("cannot start worker thread %u", i);
+      sg_error("cannot start worker thread %u of %u: %s: raise the task limit "
+               "(systemd TasksMax=, the pod's pids limit, ulimit -u) or the memory "
+               "limit, or lower \"workers\" (0: one per CPU)",
+               i, m.n_workers, strerror(rv));
       goto out;
     }
   }

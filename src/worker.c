@@ -640,8 +640,9 @@ static void *worker_main(void *arg) {
 }
 
 int sg_worker_start(sg_worker *w) {
-  if (pthread_create(&w->thread, NULL, worker_main, w) != 0)
-    return -1;
+  int rv = pthread_create(&w->thread, NULL, worker_main, w);
+  if (rv != 0)
+    return rv;
   w->thread_started = true;
   return 0;
 }

@@ -125,6 +125,7 @@ bool sg_listener_port_in_use(const sg_listener_config *l);
  * written back), so that every worker binds the same port. */
 sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
                          char *err, size_t errlen);
+/* 0, or pthread_create's error number. */
 int sg_worker_start(sg_worker *w);
 /* Thread-safe: asks the worker to stop accepting and drain. */
 void sg_worker_request_drain(sg_worker *w);

@@ -7,10 +7,13 @@ RawH2, AttackCase and attack_config come from test_attacks.py. Every
 wait is bounded.
 """
 
+import errno
 import os
+import resource
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -19,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
 import grpc  # noqa: E402
+from test_operations import NotifySocket, state_messages  # noqa: E402
 from test_attacks import (  # noqa: E402
     AttackCase, RawH2, attack_config, INTERNAL_ERROR, UPSTREAM_CONNECT_TIMEOUT_MS,
     HEADERS, CONTINUATION, PING, FLAG_END_HEADERS, frame, data_frames, hpack_block)
@@ -26,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from spark_standin import StandIn  # noqa: E402
 
 SERVICE = H.SERVICE
+WAIT = 15.0
 
 
 # ---------------------------------------------------------------------------
@@ -232,6 +237,97 @@ class HeaderBlockOutlivesIdleTest(AttackCase):
             c.wait(lambda: c.pings_acked, 10, "PING ACK after the late block")
         self.control("after a late header block")
         self.assert_upstream_saw_nothing()
+
+
+# ---------------------------------------------------------------------------
+# A worker thread that cannot be created
+
+class WorkerThreadStartFailureTest(H.SparkgateTestCase):
+    """pthread_create fails in production when a container's pids limit,
+    systemd's TasksMax= or `ulimit -u` is below "workers" (0: one per CPU
+    of the node), or when the thread stacks do not fit (RLIMIT_STACK sets
+    glibc's default stack size). sparkgate used to exit 1 with
+
+        error sparkgate: cannot start worker thread 0
+
+    and nothing else, and the operator could not tell a task limit from
+    a memory limit. Like every other start failure, the line says why
+    (the error pthread_create returned) and what to change. Here the stack limit is set above the address space, so every
+    thread creation fails with EAGAIN/ENOMEM."""
+
+    def test_failed_worker_thread_is_logged_with_its_reason(self):
+        up = self.standin()
+        cfg = H.base_config(up.port, workers=2)
+        path = H.write_config(cfg)
+        huge = 1 << 48  # 256 TiB: no thread stack of that size can be mapped
+
+        def limit_stack():
+            resource.setrlimit(resource.RLIMIT_STACK, (huge, resource.RLIM_INFINITY))
+
+        p = subprocess.Popen([H.sparkgate_bin(), "-c", path], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=H._child_env(), preexec_fn=limit_stack)
+        try:
+            out, err = p.communicate(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate(timeout=5)
+            self.fail("sparkgate did not exit when its worker threads could not start:\n%s"
+                      % err.decode(errors="replace"))
+        err = err.decode(errors="replace")
+        self.assertEqual(p.returncode, 1, err)
+        lines = [l for l in err.splitlines() if "cannot start worker thread" in l]
+        self.assertTrue(lines, "no line about the worker thread:\n" + err)
+        reasons = (os.strerror(errno.EAGAIN), os.strerror(errno.ENOMEM))
+        self.assertTrue(any(r in lines[0] for r in reasons),
+                        "the failed worker thread is logged without its reason "
+                        "(want %r or %r in the line): %r" % (reasons[0], reasons[1], lines[0]))
+
+
+# ---------------------------------------------------------------------------
+# systemd's status line during a drain
+
+class DrainStatusTest(H.SparkgateTestCase):
+    """At start sparkgate sends READY=1 and STATUS=serving; a reload updates
+    STATUS= too; at SIGTERM, STOPPING=1 and a STATUS= that says it is
+    draining, so that `systemctl status sparkgate` does not show "serving"
+    for the whole drain (30 s by default, with calls still running)."""
+
+    def test_status_line_says_draining(self):
+        up = self.standin()
+        d = H.tempdir("sg-rev-lc-notify-")
+        ns = NotifySocket(d)
+        self.addCleanup(ns.close)
+        cfg = H.base_config(up.port, workers=1, drain_timeout_ms=20000)
+        sg = self.start_sparkgate(cfg, env={"NOTIFY_SOCKET": ns.path})
+        ns.collect_until(lambda got: "READY" in state_messages(got)
+                         and any("STATUS" in m for m in got), WAIT)
+
+        # A call in flight keeps the drain going while the status is read.
+        ch = H.tls_channel(sg.port())
+        self.addCleanup(ch.close)
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault(
+            "r", H.call_unary(ch, "AnalyzePlan", b"slow",
+                              metadata=H.standin_md(delay_ms=2500), timeout=20)),
+            daemon=True)
+        t.start()
+        up.wait_for(lambda recs: [r for r in recs if r.method == SERVICE + "AnalyzePlan"],
+                    timeout=WAIT)
+
+        sg.send_signal(signal.SIGTERM)
+        got = ns.collect_until(lambda g: "STOPPING" in state_messages(g), WAIT)
+        self.assertTrue(sg.alive(), "exited with a call in flight")
+        t.join(WAIT)
+        self.assertEqual(result["r"].code, grpc.StatusCode.OK, result["r"])
+        self.assertEqual(sg.wait(WAIT), 0, sg.log_text())
+        got += ns.drain()
+        after = got[[i for i, m in enumerate(got) if m.get("STOPPING") == "1"][0]:]
+        statuses = [m["STATUS"] for m in after if "STATUS" in m]
+        self.assertTrue(any("drain" in s.lower() for s in statuses),
+                        "no STATUS= about the drain from STOPPING=1 to the exit: "
+                        "`systemctl status` still shows \"serving\" while draining; "
+                        "messages: %r" % got)
 
 
 if __name__ == "__main__":
