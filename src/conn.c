@@ -860,8 +860,12 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
     return;
   }
   if (!c->got_settings) {
-    sg_info("conn=%llu peer=%s: closed: no HTTP/2 preface and SETTINGS within %u ms",
-            (unsigned long long)c->id, c->peer, c->rt->config->tls_handshake_timeout_ms);
+    if (c->draining) /* the drain's short grace, not the handshake deadline */
+      sg_info("conn=%llu peer=%s: closed: draining, and the client had not sent "
+              "its HTTP/2 preface and SETTINGS", (unsigned long long)c->id, c->peer);
+    else
+      sg_info("conn=%llu peer=%s: closed: no HTTP/2 preface and SETTINGS within %u ms",
+              (unsigned long long)c->id, c->peer, c->rt->config->tls_handshake_timeout_ms);
     conn_free(c);
     return;
   }

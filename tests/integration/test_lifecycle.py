@@ -330,5 +330,25 @@ class DrainStatusTest(H.SparkgateTestCase):
                         "messages: %r" % got)
 
 
+class DrainBeforePrefaceTest(H.SparkgateTestCase):
+    def test_connection_without_preface_at_drain_is_logged_as_drained(self):
+        """A TLS connection that has not sent its HTTP/2 preface when the
+        drain starts is closed after the drain's short grace, and the line
+        says so, not "no preface within <tls_handshake_timeout_ms> ms",
+        a deadline that had not passed."""
+        up = self.standin()
+        sg = self.start_sparkgate(H.base_config(up.port, workers=1,
+                                                tls_handshake_timeout_ms=60000))
+        raw = socket.create_connection(("127.0.0.1", sg.port()), timeout=10)
+        tls = H.client_ssl_context().wrap_socket(raw, server_hostname="localhost")
+        self.addCleanup(tls.close)
+        mark = sg.mark()
+        sg.send_signal(signal.SIGTERM)
+        sg.wait_for_log(r"closed: draining, and the client had not sent its HTTP/2 preface",
+                        timeout=WAIT, since=mark)
+        self.assertIsNone(sg.find_log(r"no HTTP/2 preface and SETTINGS within", since=mark))
+        self.assertEqual(sg.wait(WAIT), 0, sg.log_text())
+
+
 if __name__ == "__main__":
     H.main()
