@@ -57,6 +57,7 @@ struct sg_upstream_pool {
   bool down;
   uint32_t backoff_ms;
   struct event *probe;
+  bool said_stream_limit; /* the backend's low stream limit was logged */
 };
 
 #define SG_UPSTREAM_BACKOFF_MIN_MS 500
@@ -283,6 +284,14 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
       }
       schedule_send(up);
     } else if (!(frame->hd.flags & NGHTTP2_FLAG_ACK) && up->state != SG_UPSTREAM_GOAWAY) {
+      unsigned room = capacity(up);
+      if (room < SG_UPSTREAM_STREAMS_PER_CONN && !up->pool->said_stream_limit) {
+        /* Once per pool: why this backend gets many connections. */
+        up->pool->said_stream_limit = true;
+        sg_info("upstream %s: the backend takes at most %u call%s per connection "
+                "(SETTINGS_MAX_CONCURRENT_STREAMS): calls beyond that open "
+                "more connections", up->pool->backend->name, room, room == 1 ? "" : "s");
+      }
       move_over_capacity(up);
     }
     break;

@@ -1185,6 +1185,9 @@ class SmallStreamLimit(UpCase):
                          "per connection: %r; streams the backend refused: %d; backend "
                          "connections: %d" % (got, getattr(self.be, "refused", 0),
                                               self.be.n_conns()))
+        # Said once, however many connections the limit made it open.
+        said = [l for l in self.sg.lines if "the backend takes at most 1 call per connection" in l]
+        self.assertEqual(len(said), 1, said or self.sg.log_text())
 
 
 if __name__ == "__main__":
