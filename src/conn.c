@@ -1048,6 +1048,9 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
 
 void sg_conn_start_drain(sg_conn *c) {
   if (!c->established) {
+    /* Nothing of it started: the client retries elsewhere (gRPC 14). */
+    sg_info("conn=%llu peer=%s: closed: draining, and its TLS handshake had not "
+            "finished", (unsigned long long)c->id, c->peer);
     conn_free(c);
     return;
   }

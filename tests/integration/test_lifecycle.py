@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
 import grpc  # noqa: E402
-from test_operations import NotifySocket, state_messages  # noqa: E402
+from test_operations import (  # noqa: E402
+    ADMIN_RE, NotifySocket, http_get, parse_prometheus, sample, state_messages)
 from test_attacks import (  # noqa: E402
     AttackCase, RawH2, attack_config, INTERNAL_ERROR, UPSTREAM_CONNECT_TIMEOUT_MS,
     HEADERS, CONTINUATION, PING, FLAG_END_HEADERS, frame, data_frames, hpack_block)
@@ -342,11 +343,34 @@ class DrainBeforePrefaceTest(H.SparkgateTestCase):
         raw = socket.create_connection(("127.0.0.1", sg.port()), timeout=10)
         tls = H.client_ssl_context().wrap_socket(raw, server_hostname="localhost")
         self.addCleanup(tls.close)
+        # The server's SETTINGS: its side of the handshake is done too.
+        self.assertTrue(tls.recv(9), "no SETTINGS from sparkgate")
         mark = sg.mark()
         sg.send_signal(signal.SIGTERM)
         sg.wait_for_log(r"closed: draining, and the client had not sent its HTTP/2 preface",
                         timeout=WAIT, since=mark)
         self.assertIsNone(sg.find_log(r"no HTTP/2 preface and SETTINGS within", since=mark))
+        self.assertEqual(sg.wait(WAIT), 0, sg.log_text())
+
+    def test_connection_mid_handshake_at_drain_is_logged(self):
+        """A connection whose TLS handshake has not finished when the drain
+        starts is closed at once (the client retries elsewhere), with a
+        line that says so."""
+        up = self.standin()
+        sg = self.start_sparkgate(H.base_config(up.port, workers=1,
+                                                tls_handshake_timeout_ms=60000,
+                                                admin={"address": "127.0.0.1", "port": 0}))
+        admin = int(sg.wait_for_log(ADMIN_RE, timeout=WAIT).group(1))
+        raw = socket.create_connection(("127.0.0.1", sg.port()), timeout=10)
+        self.addCleanup(raw.close)
+        # Accepted (not only queued in the backlog) before the drain starts.
+        H.wait_until(lambda: sample(parse_prometheus(http_get(admin, "/metrics")[2].decode()),
+                                    "sparkgate_connections_open") == 1,
+                     WAIT, what="the connection accepted")
+        mark = sg.mark()
+        sg.send_signal(signal.SIGTERM)
+        sg.wait_for_log(r"peer=127\.0\.0\.1:%d: closed: draining, and its TLS handshake "
+                        r"had not finished" % raw.getsockname()[1], timeout=WAIT, since=mark)
         self.assertEqual(sg.wait(WAIT), 0, sg.log_text())
 
 
