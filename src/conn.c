@@ -771,10 +771,13 @@ static void on_established(sg_conn *c) {
 static void handshake_abandoned(sg_conn *c, int sock_err) {
   bool reset = sock_err == ECONNRESET || sock_err == EPIPE || sock_err == ECONNABORTED ||
                sock_err == ETIMEDOUT;
-  sg_info("conn=%llu peer=%s: TLS handshake failed: the client %s",
-          (unsigned long long)c->id, c->peer,
-          reset ? evutil_socket_error_to_string(sock_err)
-                : "closed the connection");
+  if (reset)
+    sg_info("conn=%llu peer=%s: TLS handshake failed: the client reset the "
+            "connection (%s)", (unsigned long long)c->id, c->peer,
+            evutil_socket_error_to_string(sock_err));
+  else
+    sg_info("conn=%llu peer=%s: TLS handshake failed: the client closed the "
+            "connection", (unsigned long long)c->id, c->peer);
   count_tls_failure(c, SG_TLS_FAIL_CLOSED);
 }
 

@@ -248,6 +248,16 @@ static SSL_CTX *ctx_new(const SSL_METHOD *method, char *err, size_t errlen) {
   return ctx;
 }
 
+/* A CRL whose authorityKeyIdentifier names another certificate than |ca|
+ * (by key id, or issuer and serial): OpenSSL does not use it for |ca|'s
+ * certificates (X509_check_akid, as its CRL lookup does). */
+static bool crl_names_another_ca(X509_CRL *crl, X509 *ca) {
+  AUTHORITY_KEYID *akid = X509_CRL_get_ext_d2i(crl, NID_authority_key_identifier, NULL, NULL);
+  bool other = akid != NULL && X509_check_akid(ca, akid) != X509_V_OK;
+  AUTHORITY_KEYID_free(akid);
+  return other;
+}
+
 /* A CRL under the name of a client CA but from another key (the CA
  * re-keyed, an old file) fails every handshake under that CA ("CRL
  * signature failure"). True, with err set, for such a CRL. */
@@ -257,7 +267,8 @@ static bool crl_from_another_key(X509_STORE *store, X509_CRL *crl, const char *p
   bool named = false, signed_by_ca = false;
   for (int i = 0; i < sk_X509_OBJECT_num(objs) && !signed_by_ca; i++) {
     X509 *ca = X509_OBJECT_get0_X509(sk_X509_OBJECT_value(objs, i));
-    if (ca == NULL || X509_NAME_cmp(X509_get_subject_name(ca), X509_CRL_get_issuer(crl)) != 0)
+    if (ca == NULL || X509_NAME_cmp(X509_get_subject_name(ca), X509_CRL_get_issuer(crl)) != 0 ||
+        crl_names_another_ca(crl, ca))
       continue;
     named = true;
     EVP_PKEY *key = X509_get0_pubkey(ca);
@@ -317,17 +328,6 @@ static int load_crl_file(X509_STORE *store, const char *path,
   return 0;
 }
 
-/* A CRL whose authorityKeyIdentifier names another key than |ca|'s: OpenSSL
- * does not use it for |ca|'s certificates. */
-static bool crl_names_another_key(X509_CRL *crl, const X509 *ca) {
-  const ASN1_OCTET_STRING *skid = X509_get0_subject_key_id((X509 *)ca);
-  AUTHORITY_KEYID *akid = X509_CRL_get_ext_d2i(crl, NID_authority_key_identifier, NULL, NULL);
-  bool other = akid != NULL && akid->keyid != NULL && skid != NULL &&
-               ASN1_OCTET_STRING_cmp(akid->keyid, skid) != 0;
-  AUTHORITY_KEYID_free(akid);
-  return other;
-}
-
 /* With CRLs, every CA of a client's chain needs one (CRL_CHECK_ALL:
  * revoking an intermediate must work too); a CA of the client_ca bundle
  * without a CRL would refuse every client under it at the handshake
@@ -345,7 +345,7 @@ static bool ca_without_crl(X509_STORE *store, const sg_listener_config *l,
     for (int j = 0; j < sk_X509_OBJECT_num(objs); j++) {
       X509_CRL *crl = X509_OBJECT_get0_X509_CRL(sk_X509_OBJECT_value(objs, j));
       if (crl == NULL || X509_NAME_cmp(X509_CRL_get_issuer(crl), name) != 0 ||
-          crl_names_another_key(crl, ca))
+          crl_names_another_ca(crl, ca))
         continue;
       /* OpenSSL may check this CA's clients against any CRL under its
        * name (a CA re-keyed under the same name, both trusted during the

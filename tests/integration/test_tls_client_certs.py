@@ -642,6 +642,27 @@ def rollover_config(up_port, bundle, crls):
         client_certificates="required", client_ca=bundle, crl=crls)], workers=1)
 
 
+def crl_with_akid(ca, fname, akid):
+    """A CRL of |ca| (signed by its key) carrying |akid|."""
+    now = _now()
+    crl = (x509.CertificateRevocationListBuilder()
+           .issuer_name(ca.subject)
+           .last_update(now - datetime.timedelta(minutes=5))
+           .next_update(now + datetime.timedelta(days=30))
+           .add_extension(akid, critical=False)
+           .sign(ca.key, hashes.SHA256()))
+    return ca._write(fname, crl.public_bytes(serialization.Encoding.PEM))
+
+
+def issuer_serial_akid(ca):
+    """authorityKeyIdentifier by the CA certificate's issuer and serial only
+    (no keyIdentifier), as `authorityKeyIdentifier=issuer:always` makes it."""
+    return x509.AuthorityKeyIdentifier(
+        key_identifier=None,
+        authority_cert_issuer=[x509.DirectoryName(ca.cert.issuer)],
+        authority_cert_serial_number=ca.cert.serial_number)
+
+
 class SameNameClientCasTest(H.SparkgateTestCase):
     """A CA re-keyed under the same name, both keys trusted during the
     roll-over: each needs a CRL of its own that OpenSSL will pick for it."""
@@ -715,6 +736,61 @@ class SameNameClientCasTest(H.SparkgateTestCase):
         self.assertEqual(got, {"old": None, "new": None},
                          "two CAs named 'rollover CA', each with its own CRL in tls.crl: "
                          "the configuration loaded, and clients were refused: %r" % got)
+
+    def test_crls_told_apart_by_akid_issuer_and_serial_load(self):
+        """A CA roll-over (two client CAs named "rollover CA", other keys),
+        each with its own CRL whose authorityKeyIdentifier names the CA
+        certificate by issuer and serial number (no keyIdentifier).
+        OpenSSL tells the two CRLs apart by it (X509_check_akid compares
+        the serial), so every client of both CAs is served, and this loaded
+        before 195f03f. configuration.md asks CRLs of CAs sharing a name
+        for "an authorityKeyIdentifier": these have one. The load must
+        succeed and both CAs' clients be served."""
+        d, old, new, bundle = rollover()
+        crls = [crl_with_akid(old, "old-is.crl", issuer_serial_akid(old)),
+                crl_with_akid(new, "new-is.crl", issuer_serial_akid(new))]
+        up = self.standin()
+        cfg = rollover_config(up.port, bundle, crls)
+        rc, out, err = H.check_config(cfg)
+        self.assertEqual(rc, 0, "CRLs told apart by authorityKeyIdentifier issuer+serial "
+                         "(which OpenSSL uses) fail the load: %s" % (err or out))
+        sg = self.start_sparkgate(cfg)
+        got = self.refusals(sg, [("old", old), ("new", new)])
+        self.assertEqual(got, {"old": None, "new": None})
+
+    def test_ca_whose_crl_names_another_certificate_of_its_key_fails_the_load(self):
+        """A client CA certificate renewed with the same key and name (a new
+        serial), and its CRL's authorityKeyIdentifier names the previous
+        certificate: keyIdentifier (same key: matches) plus issuer and
+        serial (the old certificate's: does not match), as `openssl ca`
+        writes with `authorityKeyIdentifier=keyid:always,issuer:always`.
+        OpenSSL's X509_check_akid refuses that CRL for the renewed CA
+        (serial mismatch): every client is refused at the handshake with
+        "unable to get certificate CRL". configuration.md: "a CA of
+        client_ca without one fails the load". The load must fail naming
+        the CA (or, if it loads, clients must be served)."""
+        d = H.tempdir("sg-rev-renewed-")
+        ca = Ca(d, "ca", "renewed CA")
+        skid = ca.cert.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier).value.digest
+        crl = crl_with_akid(ca, "renewed.crl", x509.AuthorityKeyIdentifier(
+            key_identifier=skid,
+            authority_cert_issuer=[x509.DirectoryName(ca.cert.issuer)],
+            authority_cert_serial_number=ca.cert.serial_number ^ 1))
+        up = self.standin()
+        cfg = mtls_config(up.port, ca, crl)
+        rc, out, err = H.check_config(cfg)
+        if rc == 0:
+            sg = self.start_sparkgate(cfg)
+            cert, key, _ = ca.issue("client", cn="client")
+            r, _, _, _, _ = h2_call(sg.port("m"), client_ctx(cert, key), "renewed")
+            if grpc_status(r) == 0:
+                return
+            m = sg.wait_for_log(r"client certificate refused: (.*)$", timeout=5)
+            self.fail("the only CRL of client CA 'renewed CA' names another certificate in "
+                      "its authorityKeyIdentifier (OpenSSL never uses it): the load "
+                      "succeeded and every client is refused: %r" % m.group(1))
+        self.assertIn("renewed CA", err)
 
 
 # ---------------------------------------------------------------------------
