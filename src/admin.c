@@ -1,5 +1,6 @@
 #include "sparkgate/admin.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -425,7 +426,7 @@ sg_admin *sg_admin_new(struct event_base *base, const sg_admin_config *cfg,
                        sg_metrics *metrics, char *err, size_t errlen) {
   sg_admin *a = calloc(1, sizeof *a);
   if (a == NULL) {
-    snprintf(err, errlen, "out of memory");
+    snprintf(err, errlen, "admin: out of memory");
     return NULL;
   }
   a->metrics = metrics;
@@ -434,7 +435,7 @@ sg_admin *sg_admin_new(struct event_base *base, const sg_admin_config *cfg,
   sg_list_init(&a->conns);
   sg_list_init(&a->live_link);
   if (sg_accept_backoff_init(&a->backoff, base, "admin listener", on_accept_resume, a) != 0) {
-    snprintf(err, errlen, "out of memory");
+    snprintf(err, errlen, "admin: out of memory");
     goto fail;
   }
   a->http = evhttp_new(base);
@@ -458,9 +459,15 @@ sg_admin *sg_admin_new(struct event_base *base, const sg_admin_config *cfg,
   struct evhttp_bound_socket *bound =
       evhttp_bind_socket_with_handle(a->http, cfg->address, cfg->port);
   if (bound == NULL) {
-    snprintf(err, errlen, "admin: cannot listen on %s%s%s:%u: %s", v6 ? "[" : "",
-             cfg->address, v6 ? "]" : "", (unsigned)cfg->port,
-             evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+    int e = EVUTIL_SOCKET_ERROR();
+    if (e == EADDRINUSE)
+      snprintf(err, errlen, "admin.port: %s%s%s:%u is already in use (another "
+               "sparkgate?): change admin.port or stop the other process",
+               v6 ? "[" : "", cfg->address, v6 ? "]" : "", (unsigned)cfg->port);
+    else
+      snprintf(err, errlen, "admin: cannot listen on %s%s%s:%u: %s", v6 ? "[" : "",
+               cfg->address, v6 ? "]" : "", (unsigned)cfg->port,
+               evutil_socket_error_to_string(e));
     goto fail;
   }
   a->listener = evhttp_bound_socket_get_listener(bound);

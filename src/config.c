@@ -281,12 +281,16 @@ static void load_listener(loader *ld, json_t *obj, const char *path,
    * other errors do not hide this one. */
   if (l->tls_cert_file != NULL && l->tls_key_file != NULL &&
       ld->j.errors == errors_before) {
-    char err[512];
-    SSL_CTX *ctx = sg_tls_server_ctx_new(l, err, sizeof err);
-    if (ctx == NULL)
-      LOAD_ERR(ld, tpath, "%s", err);
-    else
+    char err[512], keypath[300];
+    const char *key = NULL;
+    SSL_CTX *ctx = sg_tls_server_ctx_new(l, &key, err, sizeof err);
+    if (ctx == NULL) {
+      if (key != NULL)
+        sg_jsonload_key_path(keypath, sizeof keypath, tpath, key);
+      LOAD_ERR(ld, key != NULL ? keypath : tpath, "%s", err);
+    } else {
       SSL_CTX_free(ctx);
+    }
   }
 }
 
@@ -696,6 +700,9 @@ void sg_config_print_summary(const sg_config *cfg, void *stdio_file) {
       fprintf(f, "  %s  %s%s%s:%u  tls cert=%s client-certificates=%s\n",
               l->name, v6 ? "[" : "", l->address, v6 ? "]" : "", l->port,
               l->tls_cert_file, client_cert_mode_name(l->client_cert_mode));
+    if (sg_listener_client_ca_unused(l))
+      fprintf(f, "    WARNING: tls.client_ca is set but client_certificates is "
+                 "\"none\": no client certificate is asked for\n");
     if (l->auth_none)
       fprintf(f, "    auth: NONE (every request is forwarded unauthenticated)\n");
     else

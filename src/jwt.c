@@ -633,7 +633,7 @@ static void check_keys(struct loader *L, const char *path, json_t *obj,
   void *iter = NULL;
   const char *k;
   while ((k = sg_jsonload_next_unknown_key(obj, known, &iter)) != NULL)
-    lerr(L, "%s: unknown key \"%s\"; known keys are %s", path, k, known_list);
+    lerr(L, "%s.%s: unknown key; known keys are %s", path, k, known_list);
 }
 
 static const char *get_string(struct loader *L, const char *path, json_t *obj,

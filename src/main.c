@@ -11,6 +11,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 #include <event2/buffer.h>
 #include <event2/event.h>
@@ -249,6 +250,15 @@ static void warn_unverified_backends(const sg_config *cfg) {
             "lists them (\"NOT VERIFIED\")", n - SHOWN);
 }
 
+/* Said at every start and reload, as --check-config marks it. */
+static void warn_unused_client_cas(const sg_config *cfg) {
+  for (size_t i = 0; i < cfg->n_listeners; i++)
+    if (sg_listener_client_ca_unused(&cfg->listeners[i]))
+      sg_warn("listener %s: tls.client_ca is set but client_certificates is "
+              "\"none\": no client certificate is asked for; set \"optional\" or "
+              "\"required\", or remove client_ca", cfg->listeners[i].name);
+}
+
 /* Said at every start and reload: a methods list copied from an older
  * client's needs breaks PySpark 3.5+ only on long results, in production. */
 static void warn_missing_companions(const sg_config *cfg) {
@@ -288,6 +298,12 @@ static bool reload_config(sg_main *m) {
   sg_config *cfg = NULL;
   sg_config_errors errs = {0};
   if (sg_config_load(path, &cfg, &errs) != 0) {
+    struct stat st;
+    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode))
+      /* `-c <(generate-config)`: what the pipe held was read at start. */
+      sg_error("reload: config error: %s is not a regular file (a pipe?): what it "
+               "held was read at start and cannot be read again; restart sparkgate "
+               "to change the configuration, or give -c a regular file", path);
     for (size_t i = 0; i < errs.count; i++)
       sg_error("reload: config error: %s", errs.messages[i]);
     if (errs.count == 0)
@@ -346,6 +362,7 @@ static bool reload_config(sg_main *m) {
   update_readiness(m);
   warn_unverified_backends(rt->config);
   warn_missing_companions(rt->config);
+  warn_unused_client_cas(rt->config);
   sg_info("reload done: new calls use the new configuration; calls in "
           "flight finish on the one they started with");
   return true;
@@ -488,12 +505,13 @@ static int run(sg_config *cfg) {
   }
   warn_unverified_backends(cfg);
   warn_missing_companions(cfg);
+  warn_unused_client_cas(cfg);
   /* The admin server runs on this (main) loop: it stays up while workers
    * drain, so probes keep answering. */
   if (cfg->admin.enabled) {
     m.admin = sg_admin_new(m.base, &cfg->admin, m.metrics, err, sizeof err);
     if (m.admin == NULL) {
-      sg_error("admin: %s", err);
+      sg_error("%s", err); /* it names admin */
       goto out;
     }
   }

@@ -367,11 +367,15 @@ static void load_backend(loader *ld, const json_t *obj, const char *path,
    * certificate fails the load, not the first call to this backend. */
   if (ld->errors == errors_before) {
     char err[512];
-    SSL_CTX *ctx = sg_tls_client_ctx_new(b, err, sizeof err);
-    if (ctx == NULL)
-      lerr(ld, tpath, "%s", err);
-    else
+    const char *key = NULL;
+    SSL_CTX *ctx = sg_tls_client_ctx_new(b, &key, err, sizeof err);
+    if (ctx == NULL) {
+      if (key != NULL)
+        sg_jsonload_key_path(kp, sizeof kp, tpath, key);
+      lerr(ld, key != NULL ? kp : tpath, "%s", err);
+    } else {
       SSL_CTX_free(ctx);
+    }
   }
 }
 

@@ -4,8 +4,10 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/stat.h>
 
 #include <nghttp2/nghttp2.h>
 #include <openssl/err.h>
@@ -47,6 +49,49 @@ static void set_error(char *err, size_t errlen, const char *what,
   char ossl[256];
   sg_tls_last_error(ossl, sizeof ossl);
   snprintf(err, errlen, "%s '%s': %s", what, file, ossl);
+}
+
+/* What a PEM file the wrong way round holds, said plainly: OpenSSL only
+ * says "no start line". NULL when the file looks right (or cannot be read:
+ * OpenSSL's message says why). */
+static const char *pem_mixup(const char *file, bool want_cert) {
+  struct stat st;
+  if (stat(file, &st) != 0 || !S_ISREG(st.st_mode))
+    return NULL;
+  FILE *f = fopen(file, "re");
+  if (f == NULL)
+    return NULL;
+  static const size_t cap = 256 * 1024;
+  char *text = malloc(cap + 1);
+  size_t n = text != NULL ? fread(text, 1, cap, f) : 0;
+  fclose(f);
+  if (text == NULL)
+    return NULL;
+  text[n] = '\0';
+  bool pem = strstr(text, "-----BEGIN ") != NULL;
+  bool has_key = strstr(text, "PRIVATE KEY-----") != NULL;
+  bool has_cert = strstr(text, "CERTIFICATE-----") != NULL;
+  free(text);
+  if (!pem && n > 0)
+    return "it is not PEM text (DER? convert it: openssl x509 -inform der, or "
+           "openssl pkey -inform der)";
+  if (want_cert && has_key && !has_cert)
+    return "it holds a private key, not a certificate: are cert and key swapped?";
+  if (!want_cert && has_cert && !has_key)
+    return "it holds a certificate, not a private key: are cert and key swapped?";
+  return NULL;
+}
+
+/* set_error, saying what the file holds when it is the wrong kind. */
+static void set_file_error(char *err, size_t errlen, const char *what,
+                           const char *file, bool want_cert) {
+  const char *mixup = pem_mixup(file, want_cert);
+  if (mixup == NULL) {
+    set_error(err, errlen, what, file);
+    return;
+  }
+  ERR_clear_error();
+  snprintf(err, errlen, "%s '%s': %s", what, file, mixup);
 }
 
 static void set_ctx_error(char *err, size_t errlen, const char *what) {
@@ -411,17 +456,23 @@ static SSL_TICKET_RETURN ticket_decrypted(SSL *ssl, SSL_SESSION *sess,
   }
 }
 
-SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
-                               size_t errlen) {
+SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, const char **key,
+                               char *err, size_t errlen) {
+  const char *unused_key;
+  if (key == NULL)
+    key = &unused_key;
+  *key = NULL;
   SSL_CTX *ctx = ctx_new(TLS_server_method(), err, errlen);
   if (ctx == NULL)
     return NULL;
   if (SSL_CTX_use_certificate_chain_file(ctx, l->tls_cert_file) != 1) {
-    set_error(err, errlen, "cannot load certificate chain", l->tls_cert_file);
+    set_file_error(err, errlen, "cannot load certificate chain", l->tls_cert_file, true);
+    *key = "cert";
     goto fail;
   }
   bool encrypted;
   if (use_key_file(ctx, l->tls_key_file, &encrypted) != 1) {
+    *key = "key";
     if (encrypted)
       set_encrypted_key_error(err, errlen, "private key", l->tls_key_file);
     else if (ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH &&
@@ -430,11 +481,12 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
                l->tls_key_file, l->tls_cert_file);
       ERR_clear_error();
     } else {
-      set_error(err, errlen, "cannot load private key", l->tls_key_file);
+      set_file_error(err, errlen, "cannot load private key", l->tls_key_file, false);
     }
     goto fail;
   }
   if (SSL_CTX_check_private_key(ctx) != 1) {
+    *key = "key";
     if (errno == ENOMEM)
       set_error(err, errlen, "cannot check private key", l->tls_key_file);
     else
@@ -468,7 +520,8 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
 
   if (l->client_cert_mode != SG_CLIENT_CERT_NONE) {
     if (SSL_CTX_load_verify_locations(ctx, l->client_ca_file, NULL) != 1) {
-      set_error(err, errlen, "cannot load client CA bundle", l->client_ca_file);
+      set_file_error(err, errlen, "cannot load client CA bundle", l->client_ca_file, true);
+      *key = "client_ca";
       goto fail;
     }
     /* The names a client picks its certificate by: the file loaded just
@@ -476,6 +529,7 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
     STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(l->client_ca_file);
     if (names == NULL) {
       set_error(err, errlen, "cannot load client CA names", l->client_ca_file);
+      *key = "client_ca";
       goto fail;
     }
     SSL_CTX_set_client_CA_list(ctx, names);
@@ -492,20 +546,28 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
   /* Read in every mode, so that a bad file fails the load even where no
    * client certificate is asked for yet. */
   for (size_t i = 0; i < l->n_crl_files; i++) {
-    if (load_crl_file(SSL_CTX_get_cert_store(ctx), l->crl_files[i], l, err, errlen) != 0)
+    if (load_crl_file(SSL_CTX_get_cert_store(ctx), l->crl_files[i], l, err, errlen) != 0) {
+      *key = "crl";
       goto fail;
+    }
   }
   if (l->n_crl_files > 0 && l->client_cert_mode != SG_CLIENT_CERT_NONE &&
-      ca_without_crl(SSL_CTX_get_cert_store(ctx), l, err, errlen))
+      ca_without_crl(SSL_CTX_get_cert_store(ctx), l, err, errlen)) {
+    *key = "crl";
     goto fail;
+  }
   return ctx;
 fail:
   SSL_CTX_free(ctx);
   return NULL;
 }
 
-SSL_CTX *sg_tls_client_ctx_new(const sg_backend_config *b, char *err,
-                               size_t errlen) {
+SSL_CTX *sg_tls_client_ctx_new(const sg_backend_config *b, const char **key,
+                               char *err, size_t errlen) {
+  const char *unused_key;
+  if (key == NULL)
+    key = &unused_key;
+  *key = NULL;
   SSL_CTX *ctx = ctx_new(TLS_client_method(), err, errlen);
   if (ctx == NULL)
     return NULL;
@@ -517,7 +579,8 @@ SSL_CTX *sg_tls_client_ctx_new(const sg_backend_config *b, char *err,
   if (b->tls_verify) {
     if (b->tls_ca_file != NULL) {
       if (SSL_CTX_load_verify_locations(ctx, b->tls_ca_file, NULL) != 1) {
-        set_error(err, errlen, "cannot load CA bundle", b->tls_ca_file);
+        set_file_error(err, errlen, "cannot load CA bundle", b->tls_ca_file, true);
+        *key = "ca";
         goto fail;
       }
     } else if (SSL_CTX_set_default_verify_paths(ctx) != 1) {
@@ -528,20 +591,23 @@ SSL_CTX *sg_tls_client_ctx_new(const sg_backend_config *b, char *err,
   }
   if (b->tls_cert_file != NULL) {
     if (SSL_CTX_use_certificate_chain_file(ctx, b->tls_cert_file) != 1) {
-      set_error(err, errlen, "cannot load client certificate", b->tls_cert_file);
+      set_file_error(err, errlen, "cannot load client certificate", b->tls_cert_file, true);
+      *key = "cert";
       goto fail;
     }
     bool encrypted;
     int used = use_key_file(ctx, b->tls_key_file, &encrypted);
+    *key = "key";
     if (used != 1 && encrypted) {
       set_encrypted_key_error(err, errlen, "client key", b->tls_key_file);
       goto fail;
     }
     if (used != 1 || SSL_CTX_check_private_key(ctx) != 1) {
-      set_error(err, errlen, "cannot load client key (or it does not match)",
-                b->tls_key_file);
+      set_file_error(err, errlen, "cannot load client key (or it does not match)",
+                     b->tls_key_file, false);
       goto fail;
     }
+    *key = NULL;
     warn_cert_dates(ctx, "client certificate", b->tls_cert_file,
                     "backends that ask for one refuse every connection");
   }

@@ -60,6 +60,12 @@ struct sg_upstream_pool {
   bool said_stream_limit; /* the backend's low stream limit was logged */
 };
 
+/* Why an h2c backend connection ended before the backend's SETTINGS:
+ * the commonest cause is a backend that speaks TLS, or the wrong port. */
+#define SG_UPSTREAM_CLOSED_BEFORE_SETTINGS                                       \
+  "the backend closed the connection before its HTTP/2 SETTINGS (a TLS "       \
+  "server? give the backend \"tls\"; or not Spark Connect on that port)"
+
 #define SG_UPSTREAM_BACKOFF_MIN_MS 500
 #define SG_UPSTREAM_BACKOFF_MAX_MS 30000
 
@@ -594,10 +600,12 @@ static void on_socket_readable(evutil_socket_t fd, short what, void *arg) {
     if (n == -2)
       break;
     if (n <= 0) {
-      char reason[128];
+      char reason[192];
       bool broken = n < 0 || up->n_streams > 0;
       snprintf(reason, sizeof reason, "%s",
-               n == 0 ? "the backend closed the connection" : strerror(errno));
+               n < 0 ? strerror(errno)
+               : up->got_settings ? "the backend closed the connection"
+                                  : SG_UPSTREAM_CLOSED_BEFORE_SETTINGS);
       if (broken)
         sg_debug("upstream %s conn=%llu: %s", up->pool->backend->name,
                  (unsigned long long)up->id, reason);
@@ -608,9 +616,13 @@ static void on_socket_readable(evutil_socket_t fd, short what, void *arg) {
     }
     ssize_t rv = nghttp2_session_mem_recv(up->session, data, (size_t)n);
     if (rv < 0) {
-      char reason[128];
-      snprintf(reason, sizeof reason, "HTTP/2 protocol error from the backend: %s",
-               nghttp2_strerror((int)rv));
+      char reason[192];
+      if (!up->got_settings && (data[0] == 0x15 || data[0] == 0x16) && n > 1 && data[1] == 3)
+        /* A TLS record (an alert, a handshake) where SETTINGS should be. */
+        snprintf(reason, sizeof reason, "the backend answered with TLS: give it \"tls\"");
+      else
+        snprintf(reason, sizeof reason, "HTTP/2 protocol error from the backend: %s",
+                 nghttp2_strerror((int)rv));
       if (!up->got_settings)
         connect_failed(up, reason);
       upstream_free(up, reason);
@@ -773,7 +785,9 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
   } else if (events & BEV_EVENT_EOF) {
     /* Closing an idle connection is the backend's right, not a failure;
      * closing before its SETTINGS is (below). */
-    snprintf(reason, sizeof reason, "the backend closed the connection");
+    snprintf(reason, sizeof reason, "%s",
+             up->got_settings || up->ssl != NULL ? "the backend closed the connection"
+                                                 : SG_UPSTREAM_CLOSED_BEFORE_SETTINGS);
   } else {
     int dns_err = bufferevent_socket_get_dns_error(bev);
     unsigned long tls_err = up->ssl != NULL ? bufferevent_get_openssl_error(bev) : 0;
@@ -812,6 +826,11 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
         snprintf(cause, sizeof cause, "%s",
                  sock ? evutil_socket_error_to_string(err)
                       : "the backend closed (or reset) the connection during the handshake");
+      } else if (ERR_GET_REASON(tls_err) == SSL_R_WRONG_VERSION_NUMBER ||
+                 ERR_GET_REASON(tls_err) == SSL_R_PACKET_LENGTH_TOO_LONG) {
+        snprintf(cause, sizeof cause,
+                 "the backend does not answer with TLS (an h2c server?): remove "
+                 "\"tls\" from the backend, or check its port");
       } else {
         ERR_error_string_n(tls_err, cause, sizeof cause);
       }

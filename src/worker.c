@@ -77,7 +77,7 @@ sg_runtime *sg_runtime_new(sg_config *cfg, sg_metrics *metrics, char *err,
     if (l->insecure)
       continue;
     char terr[512];
-    rt->listener_tls[i] = sg_tls_server_ctx_new(l, terr, sizeof terr);
+    rt->listener_tls[i] = sg_tls_server_ctx_new(l, NULL, terr, sizeof terr);
     if (rt->listener_tls[i] == NULL) {
       snprintf(err, errlen, "listeners[%zu].tls: %s", i, terr);
       goto fail;
@@ -94,7 +94,7 @@ sg_runtime *sg_runtime_new(sg_config *cfg, sg_metrics *metrics, char *err,
       if (!tc->backends[b].tls)
         continue;
       char terr[512];
-      rt->backend_tls[t][b] = sg_tls_client_ctx_new(&tc->backends[b], terr, sizeof terr);
+      rt->backend_tls[t][b] = sg_tls_client_ctx_new(&tc->backends[b], NULL, terr, sizeof terr);
       if (rt->backend_tls[t][b] == NULL) {
         snprintf(err, errlen, "tenants[%zu].backends[%zu].tls: %s", t, b, terr);
         goto fail;

@@ -130,4 +130,12 @@ void sg_config_unref(sg_config *cfg);
 /* Writes the one-screen summary that --check-config prints. */
 void sg_config_print_summary(const sg_config *cfg, void *stdio_file);
 
+/* A client CA that nothing reads: client_certificates "none". Loaded and
+ * checked anyway (so that turning the mode on later cannot fail on it),
+ * but an operator who wrote it expects client certificates. */
+static inline bool sg_listener_client_ca_unused(const sg_listener_config *l) {
+  return !l->insecure && l->client_ca_file != NULL &&
+         l->client_cert_mode == SG_CLIENT_CERT_NONE;
+}
+
 #endif

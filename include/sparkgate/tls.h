@@ -11,13 +11,16 @@
 #include "sparkgate/config.h"
 
 /* Builds the server context of a TLS listener. Returns NULL with a message
- * in |err| that names the file at fault. */
-SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, char *err,
-                               size_t errlen);
+ * in |err| that names the file at fault, and in |*key| (when |key| is not
+ * NULL) the "tls" key that names it ("cert", "key", "client_ca", "crl"),
+ * or NULL when no one file is at fault. */
+SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, const char **key,
+                               char *err, size_t errlen);
 
-/* Builds the context used to connect to a TLS backend. */
-SSL_CTX *sg_tls_client_ctx_new(const sg_backend_config *b, char *err,
-                               size_t errlen);
+/* Builds the context used to connect to a TLS backend; |key| as above
+ * ("ca", "cert", "key"). */
+SSL_CTX *sg_tls_client_ctx_new(const sg_backend_config *b, const char **key,
+                               char *err, size_t errlen);
 
 /* Whether |ssl| negotiated "h2" through ALPN. */
 int sg_tls_alpn_is_h2(const SSL *ssl);

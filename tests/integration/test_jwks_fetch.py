@@ -643,7 +643,7 @@ class ConfigTest(H.SparkgateTestCase):
         self.check({"jwks_url": "https://idp.test/jwks", "fallback_jwks_file": "/nonexistent.json"},
                    r"fallback_jwks_file: cannot open /nonexistent\.json")
         self.check({"jwks_url": "https://idp.test/jwks", "jwks_uri": "x"},
-                   r'unknown key "jwks_uri"')
+                   r"\.jwks_uri: unknown key")
 
 
 if __name__ == "__main__":

@@ -236,7 +236,8 @@ static void test_server(void) {
   sg_admin *b = sg_admin_new(base, &again, m, err, sizeof err);
   free(capture_stderr_end(saved, tmp));
   CHECK(b == NULL);
-  CHECK_STR_CONTAINS(err, "cannot listen on 127.0.0.1:");
+  CHECK_STR_CONTAINS(err, "admin.port: 127.0.0.1:");
+  CHECK_STR_CONTAINS(err, "is already in use");
 
   sg_admin_free(a);
   sg_metrics_free(m);

@@ -1168,11 +1168,11 @@ static void test_load_errors(void) {
   EXPECT_LOAD_ERROR("[{\"name\":\"a\",\"issuer\":\"i\",\"audiences\":[\"s\"],"
                     "\"keys\":[{\"alg\":\"RS256\",\"pem_file\":"
                     "\"rsa1.pub.pem\"}],\"leeway\":5}]",
-                    "auth.jwt_providers[0]: unknown key \"leeway\"");
+                    "auth.jwt_providers[0].leeway: unknown key");
   EXPECT_LOAD_ERROR("[{\"name\":\"a\",\"issuer\":\"i\",\"audiences\":[\"s\"],"
                     "\"keys\":[{\"alg\":\"RS256\",\"pem_file\":"
                     "\"rsa1.pub.pem\",\"use\":\"sig\"}]}]",
-                    "keys[0]: unknown key \"use\"");
+                    "keys[0].use: unknown key");
   EXPECT_LOAD_ERROR("[{\"name\":\"a\",\"issuer\":\"i\",\"audiences\":[],"
                     "\"keys\":[{\"alg\":\"RS256\",\"pem_file\":"
                     "\"rsa1.pub.pem\"}]}]",
@@ -1230,7 +1230,7 @@ static void test_load_errors(void) {
                 FIX, &e);
   CHECK(v == NULL && e.n == 3);
   CHECK(errs_have(&e, "[0].name: must be a non-empty string"));
-  CHECK(errs_have(&e, "unknown key \"bogus\""));
+  CHECK(errs_have(&e, ".bogus: unknown key"));
   CHECK(errs_have(&e, "keys[0].secret_file"));
 
   /* One provider's errors do not hide another's. */
@@ -1240,7 +1240,7 @@ static void test_load_errors(void) {
                 "{\"name\":\"b\",\"issuer\":\"j\",\"audiences\":[\"s\"]}]",
                 FIX, &e);
   CHECK(v == NULL && e.n == 2);
-  CHECK(errs_have(&e, "auth.jwt_providers[0]: unknown key \"bogus\""));
+  CHECK(errs_have(&e, "auth.jwt_providers[0].bogus: unknown key"));
   CHECK(errs_have(&e, "auth.jwt_providers[1]: no usable key"));
 
   /* Absolute paths ignore base_dir; a NULL report callback is fine. */

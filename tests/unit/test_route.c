@@ -460,7 +460,7 @@ static void test_validation_errors(void) {
   /* A file that exists but is no CA bundle fails at load, not on use. */
   EXPECT_ERROR("{\"tenants\":[{\"name\":\"a\"," ALLOW_ALICE ",\"backends\":["
                "{\"address\":\"h\",\"port\":1,\"tls\":{\"ca\":\"secrets/acme-token\"}}]}]}",
-               "tenants[0].backends[0].tls", "CA");
+               "tenants[0].backends[0].tls.ca", "not PEM");
   /* "sni" is a name a certificate can carry: a URL or a host with a port
    * would match none, and every call would get 14. */
   EXPECT_ERROR("{\"tenants\":[{\"name\":\"a\"," ALLOW_ALICE ",\"backends\":["
