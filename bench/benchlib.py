@@ -225,7 +225,9 @@ def percentiles(log_path):
         with open(log_path, encoding="ascii", errors="replace") as f:
             for line in f:
                 parts = line.split("\t")
-                if len(parts) >= 3 and parts[1].strip().isdigit():
+                # Answered calls only: a 403 or 503 is no latency of the job.
+                if len(parts) >= 3 and parts[1].strip().isdigit() and \
+                        200 <= int(parts[1]) < 300:
                     durations.append(int(parts[2]))
     except OSError:
         return {}
@@ -258,7 +260,8 @@ def cmd_result(args):
     elif r["succeeded"] == 0:
         fatal.append("0 of %d requests succeeded" % r.get("total", 0))
     else:
-        bad = r["failed"] + r["errored"] + r["timeout"]
+        # h2load: errored is part of failed, timeout part of errored.
+        bad = r["failed"]
         if bad:
             # A handful of failures in a timed run (streams cut at the end)
             # is noted; more than 1% makes the figures meaningless.
@@ -266,7 +269,13 @@ def cmd_result(args):
                 "%d of %d requests failed" % (bad, r["done"]))
         # h2load counts any HTTP 200 as success; a gRPC error made by the
         # proxy is a 200 without the upstream's body.
-        if args.expect_body_bytes:
+        warm = re.search(r"with (\d+(?:\.\d+)?)s of warm-up time", text)
+        if args.expect_body_bytes and warm and float(warm.group(1)) > 0:
+            # Its byte count spans the warm-up too: replies without a body
+            # in the measured period would not show.
+            fatal.append("h2load ran with --warm-up-time: its byte count cannot "
+                         "show replies without a body (run the warm-up separately)")
+        elif args.expect_body_bytes:
             want = r["succeeded"] * args.expect_body_bytes
             if r.get("data_bytes", 0) < want:
                 fatal.append("got %d response bytes, expected %d (a proxy-made gRPC error?)"
@@ -284,12 +293,19 @@ def cmd_result(args):
     if r.get("scenario") == "upload" and req_s:
         r["mbps"] = args.upload_bytes * r.get("succeeded", 0) / req_s / 1e6
     if r.get("scenario") == "conns" and r.get("elapsed_s"):
-        r["conn_per_s"] = r.get("done", 0) / r["elapsed_s"]
+        r["conn_per_s"] = r.get("succeeded", 0) / r["elapsed_s"]
     if args.cpu_s is not None and args.wall_s:
         r["proxy_cpu_s"] = args.cpu_s
         r["proxy_cores"] = args.cpu_s / args.wall_s
-        if r.get("scenario") == "conns" and r.get("done"):
-            r["cpu_us_per_conn"] = args.cpu_s / r["done"] * 1e6
+        # Per call (connection): the CPU read must span the whole h2load run
+        # whose calls it is divided by.
+        if r.get("elapsed_s") and args.wall_s < 0.98 * r["elapsed_s"]:
+            fatal.append("the proxy's CPU was read over %.2f s of h2load's %.2f s"
+                         % (args.wall_s, r["elapsed_s"]))
+            r["ok"] = False
+            r["note"] = "; ".join(fatal + warnings)
+        if r.get("scenario") == "conns" and r.get("succeeded"):
+            r["cpu_us_per_conn"] = args.cpu_s / r["succeeded"] * 1e6
         if r.get("scenario") in ("unary", "scaling") and r.get("done"):
             r["cpu_us_per_call"] = args.cpu_s / r["done"] * 1e6
     # How busy the core of the load generator and the upstream was over the
@@ -302,9 +318,17 @@ def cmd_result(args):
     print(json.dumps(r))
 
 
+# with_peer's labels that stand for several scenarios of the tables.
+SCENARIO_GROUPS = {
+    "bulk": ("download", "upload"),
+    "auth": ("auth-hs256-reused", "auth-hs256-fresh", "auth-es256-reused", "auth-es256-fresh"),
+}
+
+
 def cmd_failed(args):
-    print(json.dumps({"peer": args.peer, "scenario": args.scenario, "run": args.run,
-                      "ok": False, "note": args.note}))
+    for scen in SCENARIO_GROUPS.get(args.scenario, (args.scenario,)):
+        print(json.dumps({"peer": args.peer, "scenario": scen, "run": args.run,
+                          "ok": False, "note": args.note}))
 
 
 # ---- the proxy's processes: CPU and memory ------------------------------------
@@ -377,25 +401,6 @@ def rss_kib(pid):
 
 def cmd_cpu(args):
     print("%.6f" % cpu_seconds(args.pid))
-
-
-def core_jiffies(cpus):
-    """(busy, total) jiffies of the listed CPUs from /proc/stat: busy is all
-    but idle and iowait, so softirq work (loopback TCP) counts."""
-    busy = total = 0
-    with open("/proc/stat", encoding="ascii") as f:
-        for line in f:
-            name, *vals = line.split()
-            if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
-                continue
-            v = [int(x) for x in vals[:8]]
-            total += sum(v)
-            busy += sum(v) - v[3] - v[4]
-    return busy, total
-
-
-def cmd_corestat(args):
-    print("%d:%d" % core_jiffies({int(c) for c in args.cpus.split(",")}))
 
 
 # ---- Python HTTP/2 clients (idle connections, per-call tokens) -----------------
@@ -925,13 +930,13 @@ def scaling_table(res):
     # cost), and one worker can use one core at most.
     d = res.median(BASELINE, "unary", "rps")
     e = res.median("sparkgate-1w", "scaling", "rps_per_core")
-    if d and e:
+    if d and e and one:
         both = 2.0 / (1.0 / d + 1.0 / e)
         out += ["", "Ceiling on this machine: with every call costing sparkgate 1/%.0f "
                 "core-seconds and the load generator and upstream at least 1/%.0f (`direct`'s "
                 "unary req/s), two cores carry at most %.0f req/s, so 2 workers ÷ 1 worker "
-                "can reach at most **%.2f×** here, whatever the proxy does."
-                % (e, d, both, both / min(e, both))]
+                "(%.0f req/s) can reach at most **%.2f×** here, whatever the proxy does."
+                % (e, d, both, one, both / one)]
     return out
 
 
@@ -1008,7 +1013,7 @@ def main():
     p.add_argument("--cpu-s", type=float)
     p.add_argument("--wall-s", type=float)
     p.add_argument("--load-core", help="BUSY:TOTAL,BUSY:TOTAL jiffies of the load's CPU "
-                   "at the start and the end (corestat)")
+                   "at the start and the end (bench/run's core_jiffies)")
     p.add_argument("--note")
     p.set_defaults(fn=cmd_result)
     p = sub.add_parser("failed")
@@ -1020,9 +1025,6 @@ def main():
     p = sub.add_parser("cpu")
     p.add_argument("pid", type=int)
     p.set_defaults(fn=cmd_cpu)
-    p = sub.add_parser("corestat")
-    p.add_argument("cpus", help="comma-separated CPU numbers")
-    p.set_defaults(fn=cmd_corestat)
     p = sub.add_parser("idle")
     p.add_argument("--peer", required=True)
     p.add_argument("--run", type=int, default=1)
