@@ -229,13 +229,14 @@ static void warn_crl_dates(const X509_CRL *crl, const char *file,
   }
   struct tm tm;
   if (when != NULL && ASN1_TIME_to_tm(when, &tm) == 1) {
-    char date[64], line[512];
+    char date[64], issuer[160], line[512];
     strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S UTC", &tm);
+    X509_NAME_oneline(X509_CRL_get_issuer(crl), issuer, sizeof issuer);
     snprintf(line, sizeof line,
-             "CRL in '%s' %s %s: listener %s refuses every client certificate "
-             "under its CA (\"%s\") until the file is replaced and sparkgate "
-             "reloaded",
-             file, what, date, l->name, refusal);
+             "CRL of '%s' in '%s' %s %s: listener %s refuses every client "
+             "certificate under that CA (\"%s\") until the file is replaced and "
+             "sparkgate reloaded",
+             issuer, file, what, date, l->name, refusal);
     warn_once_per_load(line);
   }
   ERR_clear_error();

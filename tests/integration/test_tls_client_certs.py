@@ -601,6 +601,7 @@ class CrlUsabilityTest(H.SparkgateTestCase):
                 re.search(r"(?i)expired|next ?update", l)]
         self.assertTrue(said, "an expired CRL (every client of listener m is refused) "
                         "loaded without a word; check-config said:\n%s%s" % (out, err))
+        self.assertIn("review crl CA", said[0], "the warning does not name the CA")
 
     def test_crl_not_signed_by_its_ca_fails_the_load(self):
         """configuration.md, tls.crl: every CA of client_ca needs its CRL,
