@@ -54,7 +54,9 @@ static void set_error(char *err, size_t errlen, const char *what,
 /* What a PEM file the wrong way round holds, said plainly: OpenSSL only
  * says "no start line". NULL when the file looks right (or cannot be read:
  * OpenSSL's message says why). */
-static const char *pem_mixup(const char *file, bool want_cert) {
+typedef enum pem_want { PEM_WANT_CERT, PEM_WANT_KEY, PEM_WANT_CA } pem_want;
+
+static const char *pem_mixup(const char *file, pem_want want) {
   struct stat st;
   if (stat(file, &st) != 0 || !S_ISREG(st.st_mode))
     return NULL;
@@ -75,17 +77,19 @@ static const char *pem_mixup(const char *file, bool want_cert) {
   if (!pem && n > 0)
     return "it is not PEM text (DER? convert it: openssl x509 -inform der, or "
            "openssl pkey -inform der)";
-  if (want_cert && has_key && !has_cert)
+  if (want == PEM_WANT_CERT && has_key && !has_cert)
     return "it holds a private key, not a certificate: are cert and key swapped?";
-  if (!want_cert && has_cert && !has_key)
+  if (want == PEM_WANT_KEY && has_cert && !has_key)
     return "it holds a certificate, not a private key: are cert and key swapped?";
+  if (want == PEM_WANT_CA && has_key && !has_cert)
+    return "it holds a private key, not CA certificates";
   return NULL;
 }
 
 /* set_error, saying what the file holds when it is the wrong kind. */
 static void set_file_error(char *err, size_t errlen, const char *what,
-                           const char *file, bool want_cert) {
-  const char *mixup = pem_mixup(file, want_cert);
+                           const char *file, pem_want want) {
+  const char *mixup = pem_mixup(file, want);
   if (mixup == NULL) {
     set_error(err, errlen, what, file);
     return;
@@ -467,7 +471,8 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, const char **key,
   if (ctx == NULL)
     return NULL;
   if (SSL_CTX_use_certificate_chain_file(ctx, l->tls_cert_file) != 1) {
-    set_file_error(err, errlen, "cannot load certificate chain", l->tls_cert_file, true);
+    set_file_error(err, errlen, "cannot load certificate chain", l->tls_cert_file,
+                   PEM_WANT_CERT);
     *key = "cert";
     goto fail;
   }
@@ -482,7 +487,7 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, const char **key,
                l->tls_key_file, l->tls_cert_file);
       ERR_clear_error();
     } else {
-      set_file_error(err, errlen, "cannot load private key", l->tls_key_file, false);
+      set_file_error(err, errlen, "cannot load private key", l->tls_key_file, PEM_WANT_KEY);
     }
     goto fail;
   }
@@ -521,7 +526,8 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, const char **key,
 
   if (l->client_cert_mode != SG_CLIENT_CERT_NONE) {
     if (SSL_CTX_load_verify_locations(ctx, l->client_ca_file, NULL) != 1) {
-      set_file_error(err, errlen, "cannot load client CA bundle", l->client_ca_file, true);
+      set_file_error(err, errlen, "cannot load client CA bundle", l->client_ca_file,
+                     PEM_WANT_CA);
       *key = "client_ca";
       goto fail;
     }
@@ -546,6 +552,17 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, const char **key,
   }
   /* Read in every mode, so that a bad file fails the load even where no
    * client certificate is asked for yet. */
+  if (l->client_cert_mode == SG_CLIENT_CERT_NONE && l->client_ca_file != NULL) {
+    X509_STORE *check = X509_STORE_new();
+    if (check == NULL || X509_STORE_load_file(check, l->client_ca_file) != 1) {
+      set_file_error(err, errlen, "cannot load client CA bundle", l->client_ca_file,
+                     PEM_WANT_CA);
+      *key = "client_ca";
+      X509_STORE_free(check);
+      goto fail;
+    }
+    X509_STORE_free(check);
+  }
   for (size_t i = 0; i < l->n_crl_files; i++) {
     if (load_crl_file(SSL_CTX_get_cert_store(ctx), l->crl_files[i], l, err, errlen) != 0) {
       *key = "crl";
@@ -580,7 +597,7 @@ SSL_CTX *sg_tls_client_ctx_new(const sg_backend_config *b, const char **key,
   if (b->tls_verify) {
     if (b->tls_ca_file != NULL) {
       if (SSL_CTX_load_verify_locations(ctx, b->tls_ca_file, NULL) != 1) {
-        set_file_error(err, errlen, "cannot load CA bundle", b->tls_ca_file, true);
+        set_file_error(err, errlen, "cannot load CA bundle", b->tls_ca_file, PEM_WANT_CA);
         *key = "ca";
         goto fail;
       }
@@ -592,7 +609,8 @@ SSL_CTX *sg_tls_client_ctx_new(const sg_backend_config *b, const char **key,
   }
   if (b->tls_cert_file != NULL) {
     if (SSL_CTX_use_certificate_chain_file(ctx, b->tls_cert_file) != 1) {
-      set_file_error(err, errlen, "cannot load client certificate", b->tls_cert_file, true);
+      set_file_error(err, errlen, "cannot load client certificate", b->tls_cert_file,
+                     PEM_WANT_CERT);
       *key = "cert";
       goto fail;
     }
@@ -605,7 +623,7 @@ SSL_CTX *sg_tls_client_ctx_new(const sg_backend_config *b, const char **key,
     }
     if (used != 1 || SSL_CTX_check_private_key(ctx) != 1) {
       set_file_error(err, errlen, "cannot load client key (or it does not match)",
-                     b->tls_key_file, false);
+                     b->tls_key_file, PEM_WANT_KEY);
       goto fail;
     }
     *key = NULL;

@@ -240,6 +240,22 @@ class ClientCaWithoutClientCertificatesTest(Base):
     --check-config summary says so. It should be refused (or at least
     warned about, naming `listeners[0].tls.client_ca`)."""
 
+    def test_bad_client_ca_fails_the_load_in_every_mode(self):
+        """configuration.md (tls.client_ca): with `client_certificates`
+        "none" it is still "loaded and checked", so that the reload that
+        later turns client certificates on cannot be the first to fail on
+        it: a client_ca holding a private key fails the load at
+        listeners[0].tls.client_ca, saying what it holds."""
+        p = H.pki()
+        cfg = good_config()
+        cfg["listeners"][0]["tls"]["client_ca"] = p.server_key   # not a CA bundle
+        rc, out, err = self.check(cfg)
+        self.assertEqual(rc, 1, "a client_ca holding no certificate was accepted with "
+                         "client_certificates none:\n%s\n%s" % (out, err))
+        hits = self.error_lines(err, "listeners[0].tls.client_ca")
+        self.assertTrue(hits, err)
+        self.assertIn("it holds a private key, not CA certificates", hits[0])
+
     def test_client_ca_with_client_certificates_none(self):
         p = H.pki()
         cfg = good_config()
