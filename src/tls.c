@@ -177,7 +177,7 @@ static unsigned long load_number = 1;
 static struct {
   char line[512];
   unsigned long load;
-} warned[16];
+} warned[64]; /* distinct warnings of one load; more are said again */
 
 void sg_tls_new_load(void) {
   pthread_mutex_lock(&warned_lock);
