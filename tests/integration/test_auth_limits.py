@@ -56,15 +56,7 @@ def issue_client_cert(directory, name, uris=(), dns=(), cn="authlimits-client"):
     if sans:
         b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = b.sign(ca_key, hashes.SHA256())
-    cpath = os.path.join(directory, name + ".pem")
-    kpath = os.path.join(directory, name + ".key")
-    with open(cpath, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(kpath, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    return cpath, kpath
+    return H.write_cert_and_key(directory, name, cert, key)
 
 
 # ---------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import os
 import resource
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from test_attacks import (  # noqa: E402
     HEADERS, CONTINUATION, PING, FLAG_END_HEADERS, frame, data_frames, hpack_block)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "standin"))
 from spark_standin import StandIn  # noqa: E402
+from threaded_server import ResettingServer  # noqa: E402
 
 SERVICE = H.SERVICE
 WAIT = 15.0
@@ -72,44 +72,6 @@ class FinishedResponseNoWindowTest(AttackCase):
 # ---------------------------------------------------------------------------
 # A probe that reaches a socket which closes before SETTINGS.
 
-class _AcceptThenClose:
-    """Listens on |port|; every accepted connection is read briefly (the
-    client preface) and then closed with a reset (no TIME_WAIT)."""
-
-    def __init__(self, port):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        self.accepts = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.accepts += 1
-            conn.settimeout(0.5)
-            try:
-                conn.recv(4096)
-            except OSError:
-                pass
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.close()
-
-    def close(self):
-        self._stop.set()
-        self._t.join(5)
-        self.sock.close()
-
-
 class BackendProbeStopsTest(H.SparkgateTestCase):
     """A backend marked down is probed with backoff until it answers. A probe
     whose TCP connect succeeds but whose connection then ends before the
@@ -129,7 +91,7 @@ class BackendProbeStopsTest(H.SparkgateTestCase):
         self.assertEqual(r.code, grpc.StatusCode.UNAVAILABLE, r)
         sg.wait_for_log(r"backend spark-1 of tenant default is down", timeout=5)
         # 2. Something that accepts and closes takes the first probe.
-        fake = _AcceptThenClose(port)
+        fake = ResettingServer(port=port)
         try:
             H.wait_until(lambda: fake.accepts >= 1, 5, what="the first probe")
             time.sleep(0.3)

@@ -49,19 +49,10 @@ def expired_cert(directory):
             .not_valid_before(datetime.datetime(2020, 1, 1))
             .not_valid_after(datetime.datetime(2021, 1, 1))
             .sign(k, hashes.SHA256()))
-    cert_path = os.path.join(directory, "expired.pem")
-    key_path = os.path.join(directory, "expired.key")
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as f:
-        f.write(k.private_bytes(serialization.Encoding.PEM,
-                                serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()))
-    return cert_path, key_path
+    return H.write_cert_and_key(directory, "expired", cert, k)
 
 
 def _private_pem(key):
-    from cryptography.hazmat.primitives import serialization
     return key.private_bytes(serialization.Encoding.PEM,
                              serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())

@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import ssl
-import struct
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import threading
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 import harness as H  # noqa: E402
 from test_backend_faults import unary  # noqa: E402
-from threaded_server import ThreadedServer  # noqa: E402
+from threaded_server import ResettingServer  # noqa: E402
 import grpc  # noqa: E402
 from raw_backend import RawBackend  # noqa: E402
 
@@ -46,18 +45,9 @@ class TlsRawBackend(RawBackend):
         return super()._serve(tls, index, behaviour)
 
 
-class ResetInHandshakeBackend(ThreadedServer):
+class ResetInHandshakeBackend(ResettingServer):
     """Accepts, reads the ClientHello, resets the connection (RST): a TLS
     backend (or a balancer in front of one) that drops the handshake."""
-
-    def serve(self, c):
-        c.settimeout(2)
-        try:
-            c.recv(4096)
-        except OSError:
-            pass
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        c.close()
 
 
 def encrypted_copy(key):

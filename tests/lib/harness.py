@@ -147,6 +147,21 @@ def tempdir(prefix="sg-test-"):
     return d
 
 
+def write_cert_and_key(directory, name, cert, key):
+    """Writes a `cryptography` certificate and private key as NAME.pem and
+    NAME.key (PEM, PKCS#8, unencrypted) in |directory|; returns the paths."""
+    from cryptography.hazmat.primitives import serialization
+    cpath = os.path.join(directory, name + ".pem")
+    kpath = os.path.join(directory, name + ".key")
+    with open(cpath, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(kpath, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cpath, kpath
+
+
 _pki = None
 
 
