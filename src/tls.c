@@ -51,11 +51,11 @@ static void set_error(char *err, size_t errlen, const char *what,
   snprintf(err, errlen, "%s '%s': %s", what, file, ossl);
 }
 
+typedef enum pem_want { PEM_WANT_CERT, PEM_WANT_KEY, PEM_WANT_CA } pem_want;
+
 /* What a PEM file the wrong way round holds, said plainly: OpenSSL only
  * says "no start line". NULL when the file looks right (or cannot be read:
  * OpenSSL's message says why). */
-typedef enum pem_want { PEM_WANT_CERT, PEM_WANT_KEY, PEM_WANT_CA } pem_want;
-
 static const char *pem_mixup(const char *file, pem_want want) {
   struct stat st;
   if (stat(file, &st) != 0 || !S_ISREG(st.st_mode))

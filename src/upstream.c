@@ -616,13 +616,9 @@ static void on_socket_readable(evutil_socket_t fd, short what, void *arg) {
     }
     ssize_t rv = nghttp2_session_mem_recv(up->session, data, (size_t)n);
     if (rv < 0) {
-      char reason[192];
-      if (!up->got_settings && (data[0] == 0x15 || data[0] == 0x16) && n > 1 && data[1] == 3)
-        /* A TLS record (an alert, a handshake) where SETTINGS should be. */
-        snprintf(reason, sizeof reason, "the backend answered with TLS: give it \"tls\"");
-      else
-        snprintf(reason, sizeof reason, "HTTP/2 protocol error from the backend: %s",
-                 nghttp2_strerror((int)rv));
+      char reason[128];
+      snprintf(reason, sizeof reason, "HTTP/2 protocol error from the backend: %s",
+               nghttp2_strerror((int)rv));
       if (!up->got_settings)
         connect_failed(up, reason);
       upstream_free(up, reason);
