@@ -632,9 +632,13 @@ static int start_session(sg_conn *c) {
    * and the call hung without a status. */
   nghttp2_option_set_max_send_header_block_length(opt, SG_RESPONSE_MAX_HEADER_LIST_BYTES);
   /* Debian's 1.52.0-1+deb12u3 carries the rapid-reset and CONTINUATION
-   * limits; make them explicit. */
+   * limits; make them explicit. The CONTINUATION cap leaves room for the
+   * largest header list we accept in 16 KiB frames (an HPACK block is no
+   * larger than the list it decodes to) and 8 more: at a flat 8, a list
+   * over 144 KiB ended the connection whatever max_header_list_bytes said,
+   * and grpcio reported UNAVAILABLE, which PySpark retries. */
   nghttp2_option_set_stream_reset_rate_limit(opt, 1000, 33);
-  nghttp2_option_set_max_continuations(opt, 8);
+  nghttp2_option_set_max_continuations(opt, cfg->max_header_list_bytes / 16384 + 8);
   int rv = nghttp2_session_server_new3(&c->session, server_callbacks(), c, opt,
                                        sg_h2mem_nghttp2(c->worker->h2mem));
   nghttp2_option_del(opt);

@@ -281,6 +281,25 @@ static void warn_missing_companions(const sg_config *cfg) {
             "with it; sparkgate --check-config lists them", n - SHOWN);
 }
 
+/* Warned at every start and reload, not refused: a trusted service
+ * account's tenant may be meant to act for everyone on a shared server. */
+static void warn_off_tenants_sharing_backends(const sg_config *cfg) {
+  static const char *const uid_names[] = {"rewrite", "enforce", "off"};
+  for (size_t i = 0; i < cfg->n_tenants; i++) {
+    const sg_route_tenant *t = &cfg->tenants[i];
+    const sg_backend_config *shared = NULL;
+    const sg_route_tenant *other =
+        sg_route_tenant_off_shares_backend(cfg->tenants, cfg->n_tenants, t, &shared);
+    if (other != NULL)
+      sg_warn("tenant %s (user_id off) shares backend %s:%u with tenant %s (user_id %s): "
+              "its callers can write %s's users into user_context.user_id and reach "
+              "their Spark sessions there; give %s Spark servers of its own, or set "
+              "its user_id to rewrite",
+              t->name, shared->address, (unsigned)shared->port, other->name,
+              uid_names[other->user_id], other->name, t->name);
+  }
+}
+
 static bool reload_config(sg_main *m);
 
 static void reload(sg_main *m) {
@@ -362,6 +381,7 @@ static bool reload_config(sg_main *m) {
   update_readiness(m);
   warn_unverified_backends(rt->config);
   warn_missing_companions(rt->config);
+  warn_off_tenants_sharing_backends(rt->config);
   warn_unused_client_cas(rt->config);
   sg_info("reload done: new calls use the new configuration; calls in "
           "flight finish on the one they started with");
@@ -505,6 +525,7 @@ static int run(sg_config *cfg) {
   }
   warn_unverified_backends(cfg);
   warn_missing_companions(cfg);
+  warn_off_tenants_sharing_backends(cfg);
   warn_unused_client_cas(cfg);
   /* The admin server runs on this (main) loop: it stays up while workers
    * drain, so probes keep answering. */

@@ -6,6 +6,7 @@
 #include <net/if.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "sparkgate/jsonload.h"
 #include "sparkgate/tls.h"
@@ -74,6 +75,38 @@ const char *sg_route_tenant_missing_companions(const sg_route_tenant *t, char *b
     used += (size_t)n;
   }
   return buf;
+}
+
+static bool same_backend_address(const sg_backend_config *a, const sg_backend_config *b) {
+  if (a->port != b->port)
+    return false;
+  unsigned char na[16], nb[16];
+  int fam[] = {AF_INET, AF_INET6};
+  for (size_t i = 0; i < 2; i++)
+    if (inet_pton(fam[i], a->address, na) == 1)
+      return inet_pton(fam[i], b->address, nb) == 1 &&
+             memcmp(na, nb, fam[i] == AF_INET ? 4 : 16) == 0;
+  return strcasecmp(a->address, b->address) == 0;
+}
+
+const sg_route_tenant *sg_route_tenant_off_shares_backend(const sg_route_tenant *tenants,
+                                                          size_t n_tenants,
+                                                          const sg_route_tenant *t,
+                                                          const sg_backend_config **shared) {
+  if (t->user_id != SG_ROUTE_USER_ID_OFF)
+    return NULL;
+  for (size_t i = 0; i < n_tenants; i++) {
+    const sg_route_tenant *o = &tenants[i];
+    if (o == t || o->user_id == SG_ROUTE_USER_ID_OFF)
+      continue;
+    for (size_t a = 0; a < t->n_backends; a++)
+      for (size_t b = 0; b < o->n_backends; b++)
+        if (same_backend_address(&t->backends[a], &o->backends[b])) {
+          *shared = &t->backends[a];
+          return o;
+        }
+  }
+  return NULL;
 }
 
 int sg_spark_method_from_path(const char *path, size_t len) {
@@ -1780,6 +1813,14 @@ void sg_route_table_print_summary(const sg_route_table *t, FILE *f) {
         fprintf(f, "    WARNING: ExecutePlan without %s: PySpark calls them for "
                    "every query and session\n", missing);
     }
+    const sg_backend_config *shared = NULL;
+    const sg_route_tenant *other =
+        sg_route_tenant_off_shares_backend(t->tenants, t->n_tenants, ten, &shared);
+    if (other != NULL)
+      fprintf(f, "    WARNING: tenant %s (user_id off) shares backend %s:%u with tenant %s "
+                 "(user_id %s): its callers can reach %s's Spark sessions there\n",
+              ten->name, shared->address, (unsigned)shared->port, other->name,
+              uid_names[other->user_id], other->name);
     switch (ten->credential_source) {
     case SG_ROUTE_CREDENTIAL_NONE: fprintf(f, "    credential: none\n"); break;
     case SG_ROUTE_CREDENTIAL_FILE:

@@ -876,8 +876,13 @@ static void record_grpc_status(sg_stream *s, const sg_header_list *list) {
   if (st == NULL)
     return;
   nghttp2_vec v = header_value(st);
+  /* Empty, or longer than any code: the client sees UNKNOWN, so the call
+   * stays without a status (null in the log, 2 in the metrics), not 0 or
+   * the first digits of it. */
+  if (v.len == 0 || v.len > 3)
+    return;
   int code = 0;
-  for (size_t i = 0; i < v.len && i < 3; i++) {
+  for (size_t i = 0; i < v.len; i++) {
     if (v.base[i] < '0' || v.base[i] > '9')
       return;
     code = code * 10 + (v.base[i] - '0');

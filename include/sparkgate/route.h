@@ -238,6 +238,17 @@ static inline bool sg_route_tenant_allows_method(const sg_route_tenant *t,
 const char *sg_route_tenant_missing_companions(const sg_route_tenant *t, char *buf,
                                                size_t buflen);
 
+/* For a tenant whose user_id is "off": the first tenant of |tenants| that
+ * rewrites or enforces user_id and lists one of |t|'s backends too (the
+ * same address, as written or as the same numeric IP, and port), with
+ * that backend in *shared; NULL when there is none. Spark keys sessions
+ * by user_id and session_id and believes the user_id it is sent, so the
+ * off tenant's callers could reach the other tenant's sessions there. */
+const sg_route_tenant *sg_route_tenant_off_shares_backend(const sg_route_tenant *tenants,
+                                                          size_t n_tenants,
+                                                          const sg_route_tenant *t,
+                                                          const sg_backend_config **shared);
+
 /* ---- backend choice (weighted rendezvous hashing) ------------------------ */
 
 #define SG_ROUTE_PICK_OK 0

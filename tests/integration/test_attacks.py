@@ -738,8 +738,8 @@ class HeaderAttackTest(AttackCase):
 
     def test_continuation_flood(self):
         # HEADERS without END_HEADERS, then CONTINUATION frames that never
-        # end the block: nghttp2's cap (8 CONTINUATIONs) ends the connection,
-        # with GOAWAY(ENHANCE_YOUR_CALM).
+        # end the block: nghttp2's cap (9 CONTINUATIONs at the default
+        # header list limit) ends the connection, with GOAWAY(ENHANCE_YOUR_CALM).
         mark = self.sg.mark()
         with RssWatch(self.pid) as watch, RawH2(self.tls_port) as c:
             c.send(frame(HEADERS, 0, 1, hpack_block(c.request_headers())))

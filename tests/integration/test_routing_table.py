@@ -372,6 +372,50 @@ class UnnamedBackendNameTest(H.SparkgateTestCase):
         self.assertIn("Name your backends", doc)
 
 
+class OffTenantSharingABackendTest(H.SparkgateTestCase):
+    """Spark keys a session by user_id and session_id and believes the
+    user_id it is sent. A tenant with "user_id": "off" that lists a Spark
+    server (same address and port, whatever the backend's name) of a
+    tenant that rewrites or enforces user_id lets its callers write that
+    tenant's users into their calls and reach their sessions. Each tenant
+    is valid alone, so only sparkgate sees the two together: it warns at
+    start and in --check-config, naming both tenants and the server, and
+    says nothing when the servers differ."""
+
+    def tenants(self, off_address, port):
+        return [
+            tenant("secure-rw", "alice", backends=[{"name": "spark-a", "address": "127.0.0.1",
+                                                    "port": port}], user_id="rewrite"),
+            tenant("legacy-off", "bob", backends=[{"name": "spark-b", "address": off_address,
+                                                   "port": port}], user_id="off"),
+        ]
+
+    def test_off_tenant_sharing_a_backend_is_warned_about(self):
+        up = H.start_standin()
+        self.addCleanup(up.stop)
+        cfg = inline_config(self.tenants("127.0.0.1", up.port), ["header:x-spark-tenant"])
+        rc, out, err = H.check_config(cfg)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("WARNING: tenant legacy-off (user_id off) shares backend 127.0.0.1:%d "
+                      "with tenant secure-rw (user_id rewrite)" % up.port, out)
+        sg = self.start_sparkgate(cfg)
+        sg.wait_for_log(r"tenant legacy-off \(user_id off\) shares backend 127\.0\.0\.1:%d "
+                        r"with tenant secure-rw \(user_id rewrite\).*give legacy-off Spark "
+                        r"servers of its own" % up.port, timeout=5)
+        # Another spelling of the same IP is the same server; another port is not.
+        rc, out, err = H.check_config(inline_config(
+            [tenant("a", backends=[{"address": "::1", "port": 15002}], user_id="enforce"),
+             tenant("b", backends=[{"address": "0:0::1", "port": 15002}], user_id="off")]))
+        self.assertEqual(rc, 0, err)
+        self.assertIn("WARNING: tenant b (user_id off) shares backend 0:0::1:15002 with "
+                      "tenant a (user_id enforce)", out)
+        rc, out, err = H.check_config(inline_config(
+            [tenant("a", backends=[{"address": "127.0.0.1", "port": 15002}]),
+             tenant("b", backends=[{"address": "127.0.0.1", "port": 15003}], user_id="off")]))
+        self.assertEqual(rc, 0, err)
+        self.assertNotIn("WARNING: tenant", out)
+
+
 class TenantNamedNoneTest(H.SparkgateTestCase):
     """Metrics label calls refused before a tenant was known tenant="none"
     (docs/operations.md). A tenant of that name would merge its series with

@@ -6,7 +6,9 @@ request with what a test says, frame by frame and within flow control;
 clients are RawH2 (hand-made frames, from test_attacks.py), H2Client or
 grpcio. Every wait is bounded; no test asserts a duration.
 
-Found by these tests and fixed: response headers or trailers over 64 KiB
+Found by these tests and fixed: an empty or overlong grpc-status logged
+as 0 or as its first digits; header lists over 144 KiB (within a larger
+max_header_list_bytes) that ended the connection; response headers or trailers over 64 KiB
 (which the upstream leg takes up to 256 KiB) were never sent and the call
 hung; a request header list within a configured max_header_list_bytes
 over 64 KiB was refused by the proxy's own upstream session and answered
@@ -878,6 +880,75 @@ class StatusInResponseHeadersTest(ObservedScriptCase):
         H.wait_until(lambda: len(self.access_records()) >= 3, 5, what="three access-log lines")
         self.assertEqual([r["grpc_status"] for r in self.access_records()], [None] * 3)
         self.assertEqual(self.rpcs_by_status(), {"2": 3.0}, "sparkgate_rpcs_total by grpc_status")
+
+
+def echo_once(api, req, ev):
+    if ev == "end":
+        api.headers(req.sid, RESP)
+        api.data(req.sid, req.body)
+        api.trailers(req.sid, [("grpc-status", "0")])
+
+
+class LargeHeaderBlockTest(ScriptCase):
+    """http2.max_header_list_bytes may be up to 1 MiB ("Largest request
+    header list accepted", configuration.md). Clients (grpcio, python-h2)
+    split a header block into 16 KiB frames, the default frame size: a
+    200 KiB list takes 12 CONTINUATION frames. A list within the limit
+    goes through, by hand and from grpcio, and its connection stays up:
+    nghttp2's CONTINUATION cap follows the limit (it was a flat 8, which
+    ended the connection and gave grpcio UNAVAILABLE, retried for ever)."""
+
+    config_overrides = {"http2": {"max_header_list_bytes": 1048576}}
+
+    def test_header_list_within_the_limit_needing_many_continuations(self):
+        self.start(echo_once)
+        c = self.raw()
+        fields = [("x-big-%02d" % i, chr(97 + i) * 20000) for i in range(10)]  # ~200 KiB
+        sid = c.new_sid()
+        c.send(headers_frames(sid, hpack_block(c.request_headers(PATH, extra=fields)))
+               + data_frames(sid, gframe(b"hi")))
+        s = c.wait_stream(sid, timeout=15)
+        self.assertIsNone(c.goaway, "a %d-byte header list (limit 1 MiB) ended the "
+                          "connection: %r" % (sum(len(k) + len(v) + 32 for k, v in fields),
+                                              c.goaway))
+        self.assertEqual((s.grpc_status, s.reset), (0, None), s)
+        with self.be.lock:
+            got = [[(k, v) for k, v in r.headers if k.startswith("x-big-")]
+                   for r in self.be.requests]
+        self.assertEqual(got, [fields])
+        ch = H.h2c_channel(self.h2c_port)
+        self.addCleanup(ch.close)
+        r = H.call_unary(ch, PATH, b"hi", metadata=fields, timeout=10)
+        self.assertEqual(r.code, grpc.StatusCode.OK, "grpcio, same metadata: %r" % r)
+
+
+class UnparsableStatusTest(ObservedScriptCase):
+    """A backend's empty grpc-status, or one of more than three digits,
+    is UNKNOWN to grpcio; the access log says null for it and
+    sparkgate_rpcs_total counts it as 2 (operations.md), never 0 or the
+    value's first three digits."""
+
+    def test_empty_or_overlong_grpc_status_is_not_logged_as_another_code(self):
+        def script(api, req, ev):
+            if ev == "end":
+                api.headers(req.sid, RESP)
+                api.data(req.sid, gframe(b"reply"))
+                api.trailers(req.sid, [("grpc-status", req.body[5:].decode())])
+        self.start(script)
+        ch = H.h2c_channel(self.h2c_port)
+        self.addCleanup(ch.close)
+        seen = []
+        for value in ("", "1234"):
+            r = H.call_unary(ch, PATH, value.encode(), timeout=5)
+            seen.append(r.code)
+        self.assertEqual(seen, [grpc.StatusCode.UNKNOWN] * 2, seen)
+        H.wait_until(lambda: len(self.access_records()) >= 2, 5, what="two access-log lines")
+        logged = [r["grpc_status"] for r in self.access_records()]
+        self.assertNotIn(0, logged, "a call grpcio saw as UNKNOWN (empty grpc-status) "
+                         "is logged as 0: %r" % logged)
+        self.assertNotIn(123, logged, "grpc-status 1234 is logged as 123: %r" % logged)
+        self.assertNotIn("0", self.rpcs_by_status(),
+                         "sparkgate_rpcs_total counts an empty grpc-status as 0")
 
 
 if __name__ == "__main__":
