@@ -671,6 +671,11 @@ void sg_stream_on_request_end(sg_stream *s) {
                        "the request ended without a complete message");
       return;
     }
+    /* Everything it approved is in req_body, and nothing more can come:
+     * its 7 KiB go back now, not when the response ends, so that calls
+     * waiting on their backend do not hold one each. */
+    sg_sparkmsg_free(s->scanner);
+    s->scanner = NULL;
   }
   if (s->up_state == SG_UPSTREAM_LEG_OPEN || s->up_state == SG_UPSTREAM_LEG_PENDING)
     sg_upstream_resume_request(s);

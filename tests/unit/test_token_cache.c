@@ -5,6 +5,7 @@
 #include "check.h"
 #include "hs256_token.h"
 #include "sparkgate/jwt.h"
+#include "sparkgate/memcache.h"
 #include "sparkgate/token_cache.h"
 
 #include <jansson.h>
@@ -38,11 +39,12 @@ static sg_jwt_verifier *load_verifier(void) {
   return v;
 }
 
-/* A fake verified result; only the cache's handling of it matters here. */
+/* A fake verified result; only the cache's handling of it matters here.
+ * Its strings come from the block cache, as sg_jwt_result_clear expects. */
 static sg_jwt_result fake(const char *identity, int64_t exp) {
   sg_jwt_result r = {0};
-  r.identity = strdup(identity);
-  r.provider = strdup("p");
+  r.identity = sg_memcache_strdup(identity);
+  r.provider = sg_memcache_strdup("p");
   r.exp = exp;
   r.iat = -1;
   r.claims = json_pack("{s:s}", "sub", identity);
