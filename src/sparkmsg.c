@@ -972,7 +972,7 @@ sg_sparkmsg *sg_sparkmsg_new(const sg_sparkmsg_options *opts, char *err,
     return NULL;
   }
 
-  /* One per Spark call, 6 KiB: from the thread's cache, not glibc's slow
+  /* One per Spark call, 7 KiB: from the thread's cache, not glibc's slow
    * path for blocks of this size. */
   sg_sparkmsg *s = sg_memcache_malloc(sizeof *s);
   if (s == NULL) {

@@ -2,7 +2,7 @@
  * come and go with every call: libevent's evbuffer chains (1 KiB and a
  * header, just past glibc's per-thread cache, so each one took glibc's
  * slower path with its bin searches and coalescing) and the per-call
- * Spark message scanner (6 KiB). Blocks up to 16 KiB and a little are
+ * Spark message scanner (7 KiB). Blocks up to 16 KiB and a little are
  * kept in per-thread free lists, at most 2 MiB per thread; larger ones,
  * and whatever is over the bound, go to malloc and free. No locks: a
  * block freed by another thread joins that thread's lists. Under
