@@ -5,12 +5,19 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #if defined(__SANITIZE_ADDRESS__)
 #define SG_MEMCACHE_PASSTHROUGH 1
 #elif defined(__has_feature)
 #if __has_feature(address_sanitizer)
 #define SG_MEMCACHE_PASSTHROUGH 1
 #endif
+#endif
+#if !defined(SG_MEMCACHE_PASSTHROUGH) && !defined(__GLIBC__)
+#define SG_MEMCACHE_PASSTHROUGH 1 /* the class comes from malloc_usable_size */
 #endif
 #ifndef SG_MEMCACHE_PASSTHROUGH
 #define SG_MEMCACHE_PASSTHROUGH 0
@@ -23,16 +30,9 @@
 #define N_CLASSES 258
 #define MAX_CACHED_SIZE ((size_t)CLASS_BYTES * N_CLASSES)
 #define MAX_CACHED_BYTES (2u << 20)
-#define UNCACHED ((unsigned)N_CLASSES)
-
-/* Before each block: its class, padded so the block stays 16-aligned. It
- * shares a cache line with the block's first bytes, which its user has
- * just touched; malloc_usable_size, which this replaces, read the next
- * chunk's header too, and missed the cache on nearly every free. */
-typedef union block_head {
-  unsigned cls; /* UNCACHED: plain malloc and free */
-  max_align_t align;
-} block_head;
+/* Larger blocks are asked for at least this big, so that their usable
+ * size can never be taken for a class. */
+#define MIN_UNCACHED (MAX_CACHED_SIZE + CLASS_BYTES)
 
 typedef struct free_block {
   struct free_block *next;
@@ -50,8 +50,29 @@ static pthread_once_t drain_once = PTHREAD_ONCE_INIT;
 
 static inline size_t class_size(size_t cls) { return (cls + 1) * CLASS_BYTES; }
 
-/* A free block is the pointer malloc returned (its header's place), so
- * memory checkers follow the lists. */
+/* Blocks carry no header: every cached size is a multiple of 64 handed
+ * to malloc as such, and malloc_usable_size gives it back (glibc adds
+ * under 16 bytes; valgrind gives the size asked for). So each block is
+ * the pointer malloc returned, which memory checkers follow, and which
+ * plain free() takes: libevent 2.1.12 frees a string it got from its
+ * allocator with free() (evutil_inet_pton_scope, for a backend address
+ * with a zone). A class in a header before the block saved an L1 miss
+ * per free (malloc_usable_size reads the next chunk too), about 0.2% of
+ * a call, and crashed there. */
+static size_t usable_size(void *p) {
+#ifdef __GLIBC__
+  return malloc_usable_size(p);
+#else
+  (void)p;
+  return MIN_UNCACHED;
+#endif
+}
+
+/* N_CLASSES or more: not a cached size. */
+static size_t block_class(void *p) { return usable_size(p) / CLASS_BYTES - 1; }
+
+static size_t uncached_request(size_t size) { return size < MIN_UNCACHED ? MIN_UNCACHED : size; }
+
 static void drain(thread_cache *c) {
   for (size_t i = 0; i < N_CLASSES; i++) {
     while (c->free[i] != NULL) {
@@ -76,31 +97,19 @@ static void make_key(void) {
     drain_key = (pthread_key_t)-1;
 }
 
-static void *fresh(size_t size, unsigned cls) {
-  if (size > SIZE_MAX - sizeof(block_head))
-    return NULL;
-  block_head *h = malloc(sizeof *h + size);
-  if (h == NULL)
-    return NULL;
-  h->cls = cls;
-  return h + 1;
-}
-
 void *sg_memcache_malloc(size_t size) {
   if (SG_MEMCACHE_PASSTHROUGH)
     return malloc(size);
   if (size > MAX_CACHED_SIZE)
-    return fresh(size, UNCACHED);
+    return malloc(uncached_request(size));
   size_t cls = size == 0 ? 0 : (size - 1) / CLASS_BYTES;
   free_block *b = tc.free[cls];
   if (b != NULL) {
     tc.free[cls] = b->next;
     tc.bytes -= class_size(cls);
-    block_head *h = (block_head *)b;
-    h->cls = (unsigned)cls;
-    return h + 1;
+    return b;
   }
-  return fresh(class_size(cls), (unsigned)cls);
+  return malloc(class_size(cls));
 }
 
 void sg_memcache_free(void *p) {
@@ -108,10 +117,9 @@ void sg_memcache_free(void *p) {
     free(p);
     return;
   }
-  block_head *h = (block_head *)p - 1;
-  size_t cls = h->cls;
+  size_t cls = block_class(p);
   if (cls >= N_CLASSES || tc.bytes + class_size(cls) > MAX_CACHED_BYTES) {
-    free(h);
+    free(p);
     return;
   }
   if (!tc.registered) {
@@ -119,12 +127,12 @@ void sg_memcache_free(void *p) {
      * it exits. Without the key, keep nothing. */
     pthread_once(&drain_once, make_key);
     if (drain_key == (pthread_key_t)-1 || pthread_setspecific(drain_key, &tc) != 0) {
-      free(h);
+      free(p);
       return;
     }
     tc.registered = 1;
   }
-  free_block *b = (free_block *)h;
+  free_block *b = p;
   b->next = tc.free[cls];
   tc.free[cls] = b;
   tc.bytes += class_size(cls);
@@ -152,28 +160,18 @@ char *sg_memcache_strdup(const char *s) {
 void *sg_memcache_realloc(void *p, size_t size) {
   if (SG_MEMCACHE_PASSTHROUGH || p == NULL)
     return p == NULL ? sg_memcache_malloc(size) : realloc(p, size);
-  block_head *h = (block_head *)p - 1;
-  size_t cls = h->cls;
+  size_t cls = block_class(p);
   if (cls >= N_CLASSES) {
-    if (size > MAX_CACHED_SIZE) {
-      if (size > SIZE_MAX - sizeof *h)
-        return NULL;
-      block_head *nh = realloc(h, sizeof *h + size);
-      return nh != NULL ? nh + 1 : NULL;
-    }
+    if (size > MAX_CACHED_SIZE)
+      return realloc(p, uncached_request(size));
   } else if (size > 0 && size <= class_size(cls)) {
     return p;
   }
   void *q = sg_memcache_malloc(size);
   if (q == NULL)
     return NULL;
-  if (cls < N_CLASSES) {
-    size_t old = class_size(cls);
-    memcpy(q, p, old < size ? old : size);
-  } else {
-    /* An uncached block is bigger than any cached one, and size is not. */
-    memcpy(q, p, size);
-  }
+  size_t old = cls >= N_CLASSES ? usable_size(p) : class_size(cls);
+  memcpy(q, p, old < size ? old : size);
   sg_memcache_free(p);
   return q;
 }
