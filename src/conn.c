@@ -723,6 +723,7 @@ static void on_established(sg_conn *c) {
     sg_warn("conn=%llu peer=%s: rejected: the client certificate's "
             "x-forwarded-client-cert would exceed %u bytes (too many names)",
             (unsigned long long)c->id, c->peer, (unsigned)SG_XFCC_MAX_BYTES);
+    count_tls_failure(c, SG_TLS_FAIL_CERT_VERIFY);
     conn_free(c);
     return;
   }
@@ -809,12 +810,24 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
     } else if (e != 0) {
       ERR_error_string_n(e, err, sizeof err);
       long vr = SSL_get_verify_result(c->ssl);
-      if (!c->established && vr != X509_V_OK) {
+      if (!c->established && vr == X509_V_ERR_APPLICATION_VERIFICATION) {
+        sg_info("conn=%llu peer=%s: TLS handshake failed: certificate verify "
+                "failed: client certificate refused: a certificate of its chain is "
+                "over %d bytes (DER)",
+                (unsigned long long)c->id, c->peer, SG_TLS_CLIENT_CERT_MAX_BYTES);
+        count_tls_failure(c, SG_TLS_FAIL_CERT_VERIFY);
+      } else if (!c->established && vr != X509_V_OK) {
         /* Say why the client certificate was refused: expired, revoked
          * and unknown issuer all read "certificate verify failed". */
         sg_info("conn=%llu peer=%s: TLS handshake failed: certificate verify "
                 "failed: client certificate refused: %s",
                 (unsigned long long)c->id, c->peer, X509_verify_cert_error_string(vr));
+        count_tls_failure(c, SG_TLS_FAIL_CERT_VERIFY);
+      } else if (!c->established &&
+                 ERR_GET_REASON(e) == SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE) {
+        sg_info("conn=%llu peer=%s: TLS handshake failed: listener %s requires a "
+                "client certificate and the client sent none",
+                (unsigned long long)c->id, c->peer, c->listener->name);
         count_tls_failure(c, SG_TLS_FAIL_CERT_VERIFY);
       } else if (!c->established &&
                  ERR_GET_REASON(e) == SSL_R_NO_APPLICATION_PROTOCOL) {

@@ -461,6 +461,15 @@ static SSL_TICKET_RETURN ticket_decrypted(SSL *ssl, SSL_SESSION *sess,
   }
 }
 
+
+static int verify_client_cert_size(int ok, X509_STORE_CTX *st) {
+  X509 *cert = X509_STORE_CTX_get_current_cert(st);
+  if (ok && cert != NULL && i2d_X509(cert, NULL) > SG_TLS_CLIENT_CERT_MAX_BYTES) {
+    X509_STORE_CTX_set_error(st, X509_V_ERR_APPLICATION_VERIFICATION);
+    return 0;
+  }
+  return ok;
+}
 SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, const char **key,
                                char *err, size_t errlen) {
   const char *unused_key;
@@ -548,7 +557,7 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, const char **key,
     int mode = SSL_VERIFY_PEER;
     if (l->client_cert_mode == SG_CLIENT_CERT_REQUIRED)
       mode |= SSL_VERIFY_FAIL_IF_NO_PEER_CERT;
-    SSL_CTX_set_verify(ctx, mode, NULL);
+    SSL_CTX_set_verify(ctx, mode, verify_client_cert_size);
   }
   /* Read in every mode, so that a bad file fails the load even where no
    * client certificate is asked for yet. */

@@ -10,6 +10,13 @@
 
 #include "sparkgate/config.h"
 
+/* The largest client certificate (DER) a listener takes, each of the
+ * chain's: real ones are a few KiB. OpenSSL cannot put a session whose
+ * certificate nears 64 KiB in a session ticket and then fails the
+ * handshake with an "internal error"; refused at verification instead,
+ * with a verify result of X509_V_ERR_APPLICATION_VERIFICATION. */
+#define SG_TLS_CLIENT_CERT_MAX_BYTES 32768
+
 /* Builds the server context of a TLS listener. Returns NULL with a message
  * in |err| that names the file at fault, and in |*key| (when |key| is not
  * NULL) the "tls" key that names it ("cert", "key", "client_ca", "crl"),

@@ -974,5 +974,119 @@ class RevokedDuringHandshakeTest(_ResumptionCase):
                             grpc_status(r), err))
 
 
+# ---------------------------------------------------------------------------
+# Refusals of a client certificate say why, and count as
+# certificate_verify_failed (operations.md), never as `protocol`, the bucket
+# of clients that do not speak TLS.
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def tls_failures(port):
+    from test_operations import http_get, parse_prometheus, series
+    status, _, body = http_get(port, "/metrics")
+    assert status == 200, body
+    s = parse_prometheus(body.decode("utf-8"))
+    return {dict(k).get("reason"): v
+            for k, v in series(s, "sparkgate_tls_handshake_failures_total").items()}
+
+
+def client_cert_with_names(directory, names):
+    """A client certificate of the test CA with these DNS SANs."""
+    p = H.pki()
+    with open(p.ca_cert, "rb") as f:
+        ca = x509.load_pem_x509_certificate(f.read())
+    with open(p.ca_key, "rb") as f:
+        ca_key = serialization.load_pem_private_key(f.read(), None)
+    k = ec.generate_private_key(ec.SECP256R1())
+    sans = [x509.UniformResourceIdentifier("spiffe://example.org/ns/a/sa/big")]
+    sans += [x509.DNSName(n) for n in names]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "big")]))
+            .issuer_name(ca.subject).public_key(k.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return H.write_cert_and_key(directory, "big-%d" % len(names), cert, k)
+
+
+class ClientCertificateRefusalTest(H.SparkgateTestCase):
+    """A "required" listener refuses a client that sends no certificate,
+    logging that the listener requires one (OpenSSL's own words were "peer
+    did not return a certificate"). A certificate over 32 KiB is refused
+    while it is verified, logged with the limit: OpenSSL cannot put a
+    session that large into a session ticket, and failed the handshake
+    with an "internal error" counted as `protocol`. One within 32 KiB whose
+    x-forwarded-client-cert element would pass 64 KiB (thousands of names
+    that need quoting) is still refused with the line security.md quotes.
+    All three count as certificate_verify_failed."""
+
+    def start(self):
+        p = H.pki()
+        st = self.standin()
+        lst = H.tls_listener("public", client_certificates="required",
+                             client_ca=p.ca_cert, auth={"methods": ["mtls"]})
+        self.sg = self.start_sparkgate(H.base_config(
+            st.port, workers=1, listeners=[lst],
+            admin={"address": "127.0.0.1", "port": 0}))
+        from test_operations import admin_port
+        self.admin = admin_port(self.sg)
+
+    def attempt(self, expect_line, **ctx_kw):
+        """One handshake and a preface; returns what the server sent back
+        after the handshake (nothing, when it refused the client)."""
+        before = tls_failures(self.admin)
+        mark = self.sg.mark()
+        ctx = H.client_ssl_context(**ctx_kw)
+        raw = socket.create_connection(("127.0.0.1", self.sg.port("public")), timeout=5)
+        got = b""
+        try:
+            s = ctx.wrap_socket(raw, server_hostname="localhost")
+            s.sendall(PREFACE)  # TLS 1.3: the verdict comes after the client's finish
+            got = s.recv(100)
+        except (ssl.SSLError, OSError):
+            pass
+        finally:
+            raw.close()
+        self.assertEqual(got, b"", "the refused client was served")
+        self.sg.wait_for_log(expect_line, timeout=5, since=mark)
+        H.wait_until(lambda: sum(tls_failures(self.admin).values()) > sum(before.values()),
+                     5, what="a handshake failure counted")
+        after = tls_failures(self.admin)
+        moved = {r: after[r] - before.get(r, 0) for r in after if after[r] != before.get(r, 0)}
+        self.assertEqual(moved, {"certificate_verify_failed": 1.0}, moved)
+
+    def test_no_certificate_on_a_required_listener(self):
+        self.start()
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            self.attempt(r"TLS handshake failed: listener public requires a client "
+                         r"certificate and the client sent none", max_version=version)
+
+    def test_certificate_over_32_kib(self):
+        self.start()
+        d = H.tempdir("sg-bigcert-")
+        cert, key = client_cert_with_names(d, ["h%05d.%s" % (i, "d" * 28) for i in range(1900)])
+        self.attempt(r"TLS handshake failed: certificate verify failed: client certificate "
+                     r"refused: a certificate of its chain is over 32768 bytes",
+                     cert=cert, key=key)
+
+    def test_certificate_whose_xfcc_would_pass_64_kib(self):
+        self.start()
+        d = H.tempdir("sg-bigxfcc-")
+        # '"' is quoted and escaped in the element: 3 bytes of DER, 9 of header.
+        cert, key = client_cert_with_names(d, ['"'] * 8000)
+        with open(cert, "rb") as f:
+            der = x509.load_pem_x509_certificate(f.read()).public_bytes(
+                serialization.Encoding.DER)
+        self.assertLess(len(der), 32768)
+        self.attempt(r"rejected: the client certificate's x-forwarded-client-cert would "
+                     r"exceed 65536 bytes", cert=cert, key=key)
+
+
 if __name__ == "__main__":
     H.main()
