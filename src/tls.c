@@ -461,7 +461,9 @@ static SSL_TICKET_RETURN ticket_decrypted(SSL *ssl, SSL_SESSION *sess,
   }
 }
 
-
+/* SG_TLS_CLIENT_CERT_MAX_BYTES, for each certificate of the chain; the
+ * only source of X509_V_ERR_APPLICATION_VERIFICATION, which conn.c logs
+ * as such. */
 static int verify_client_cert_size(int ok, X509_STORE_CTX *st) {
   X509 *cert = X509_STORE_CTX_get_current_cert(st);
   if (ok && cert != NULL && i2d_X509(cert, NULL) > SG_TLS_CLIENT_CERT_MAX_BYTES) {
@@ -470,6 +472,7 @@ static int verify_client_cert_size(int ok, X509_STORE_CTX *st) {
   }
   return ok;
 }
+
 SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, const char **key,
                                char *err, size_t errlen) {
   const char *unused_key;
