@@ -8,6 +8,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "sparkgate/affinity.h"
 #include "sparkgate/jsonload.h"
 #include "sparkgate/tls.h"
 
@@ -367,6 +368,8 @@ static void load_backend(loader *ld, const json_t *obj, const char *path,
     b->name = NULL;
     sg_jsonload_oom(ld, kp);
   }
+  if (b->name != NULL)
+    b->affinity_id = sg_affinity_backend_id(b->name);
 
   b->tls_verify = true;
   json_t *tls = sg_jsonload_object(ld, obj, path, "tls", false);

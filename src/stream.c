@@ -209,6 +209,13 @@ uint64_t sg_monotonic_ms(void) {
   return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
+uint64_t sg_monotonic_coarse_ms(void) {
+  struct timespec ts;
+  if (clock_gettime(CLOCK_MONOTONIC_COARSE, &ts) != 0)
+    return sg_monotonic_ms();
+  return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
 
 
 static void stream_free(sg_stream *s) {
@@ -372,7 +379,7 @@ static bool end_with_late_status(sg_stream *s, sg_grpc_status code, const char *
   s->late_code = code;
   snprintf(s->late_message, sizeof s->late_message, "%s", message);
   s->resp_eof = true;
-  s->last_activity_ms = sg_monotonic_ms(); /* stuck again: reset (check_idle) */
+  s->last_activity_ms = sg_monotonic_coarse_ms(); /* stuck again: reset (check_idle) */
   nghttp2_session_resume_data(s->conn->session, s->id);
   return true;
 }
@@ -462,13 +469,13 @@ static int remember_session(sg_stream *s, const char *user_id,
                             size_t *backend) {
   const sg_route_tenant *t = s->tenant;
   sg_affinity *mem = s->gen->worker->affinity;
-  uint64_t now = sg_monotonic_ms();
+  uint64_t now = sg_monotonic_coarse_ms(); /* for a TTL of minutes */
   uint64_t key = sg_affinity_key(t->name, user_id != NULL ? user_id : "", session_id);
   uint64_t last = sg_affinity_get(mem, key, now);
-  uint64_t picked = sg_affinity_backend_id(t->backends[*backend].name);
+  uint64_t picked = t->backends[*backend].affinity_id;
   if (last != 0 && last != picked) {
     for (size_t b = 0; b < t->n_backends; b++) {
-      if (sg_affinity_backend_id(t->backends[b].name) != last)
+      if (t->backends[b].affinity_id != last)
         continue;
       if (t->backends[b].weight == 0 && (up[b] || !t->failover)) {
         *backend = b; /* draining: keeps its sessions */
@@ -605,7 +612,7 @@ void sg_stream_on_request_data(sg_stream *s, const uint8_t *data, size_t len) {
     return;
   }
   s->req_unacked += len;
-  s->last_activity_ms = sg_monotonic_ms();
+  s->last_activity_ms = sg_monotonic_coarse_ms();
   /* The calls that carry data: AddArtifacts uploads, and plans with local
    * data (createDataFrame sends its rows inside ExecutePlan, AnalyzePlan
    * asks for their schema). Control calls stay free, so that a tenant
@@ -1196,7 +1203,7 @@ ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
   *data_flags |= NGHTTP2_DATA_FLAG_NO_COPY;
   (void)buf;
   s->bytes_out += n;
-  s->last_activity_ms = sg_monotonic_ms();
+  s->last_activity_ms = sg_monotonic_coarse_ms();
   /* The client leg has taken the bytes: the backend may send more. */
   sg_upstream_consumed(s, n);
   return (ssize_t)n;

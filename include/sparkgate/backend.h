@@ -7,6 +7,7 @@
 
 typedef struct sg_backend_config {
   char *name;    /* defaults to "address:port"; used in logs and metrics */
+  uint64_t affinity_id; /* sg_affinity_backend_id(name), set with the name */
   char *address; /* numeric IP or host name */
   uint16_t port;
   uint32_t weight; /* 0: takes no new sessions (drain) */

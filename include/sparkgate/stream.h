@@ -201,6 +201,10 @@ bool sg_stream_up_window_fits(const sg_stream *s, uint32_t window, uint32_t budg
 
 /* CLOCK_MONOTONIC in milliseconds. */
 uint64_t sg_monotonic_ms(void);
+/* The same clock as of the kernel's last tick (a few ms behind, never
+ * ahead), read without the timer: for the activity marks every call sets
+ * several times and only second-long timeouts read. */
+uint64_t sg_monotonic_coarse_ms(void);
 
 const sg_header *sg_header_list_find(const sg_header_list *list,
                                      const char *name, size_t len);
