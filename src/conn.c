@@ -812,8 +812,7 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
       long vr = SSL_get_verify_result(c->ssl);
       if (!c->established && vr == X509_V_ERR_APPLICATION_VERIFICATION) {
         sg_info("conn=%llu peer=%s: TLS handshake failed: certificate verify "
-                "failed: client certificate refused: a certificate of its chain is "
-                "over %d bytes (DER)",
+                "failed: client certificate refused: it is over %d bytes (DER)",
                 (unsigned long long)c->id, c->peer, SG_TLS_CLIENT_CERT_MAX_BYTES);
         count_tls_failure(c, SG_TLS_FAIL_CERT_VERIFY);
       } else if (!c->established && vr != X509_V_OK) {

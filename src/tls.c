@@ -461,12 +461,15 @@ static SSL_TICKET_RETURN ticket_decrypted(SSL *ssl, SSL_SESSION *sess,
   }
 }
 
-/* SG_TLS_CLIENT_CERT_MAX_BYTES, for each certificate of the chain; the
- * only source of X509_V_ERR_APPLICATION_VERIFICATION, which conn.c logs
- * as such. */
+/* SG_TLS_CLIENT_CERT_MAX_BYTES, for the client's own certificate only: a
+ * session ticket holds it, never its chain, so a large CA or intermediate
+ * (name constraints for many domains) is no reason to refuse. The only
+ * source of X509_V_ERR_APPLICATION_VERIFICATION, which conn.c logs as
+ * such. */
 static int verify_client_cert_size(int ok, X509_STORE_CTX *st) {
   X509 *cert = X509_STORE_CTX_get_current_cert(st);
-  if (ok && cert != NULL && i2d_X509(cert, NULL) > SG_TLS_CLIENT_CERT_MAX_BYTES) {
+  if (ok && X509_STORE_CTX_get_error_depth(st) == 0 && cert != NULL &&
+      i2d_X509(cert, NULL) > SG_TLS_CLIENT_CERT_MAX_BYTES) {
     X509_STORE_CTX_set_error(st, X509_V_ERR_APPLICATION_VERIFICATION);
     return 0;
   }

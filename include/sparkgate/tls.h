@@ -10,8 +10,8 @@
 
 #include "sparkgate/config.h"
 
-/* The largest client certificate (DER) a listener takes, each of the
- * chain's: real ones are a few KiB. OpenSSL cannot put a session whose
+/* The largest client certificate (DER) a listener takes (the client's
+ * own; its chain is not held to it): real ones are a few KiB. OpenSSL cannot put a session whose
  * certificate nears 64 KiB in a session ticket and then fails the
  * handshake with an "internal error"; refused at verification instead,
  * with a verify result of X509_V_ERR_APPLICATION_VERIFICATION. */

@@ -25,6 +25,7 @@ import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 import harness as H  # noqa: E402
+import grpc  # noqa: E402
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
@@ -1072,7 +1073,7 @@ class ClientCertificateRefusalTest(H.SparkgateTestCase):
         d = H.tempdir("sg-bigcert-")
         cert, key = client_cert_with_names(d, ["h%05d.%s" % (i, "d" * 28) for i in range(1900)])
         self.attempt(r"TLS handshake failed: certificate verify failed: client certificate "
-                     r"refused: a certificate of its chain is over 32768 bytes",
+                     r"refused: it is over 32768 bytes",
                      cert=cert, key=key)
 
     def test_certificate_whose_xfcc_would_pass_64_kib(self):
@@ -1086,6 +1087,82 @@ class ClientCertificateRefusalTest(H.SparkgateTestCase):
         self.assertLess(len(der), 32768)
         self.attempt(r"rejected: the client certificate's x-forwarded-client-cert would "
                      r"exceed 65536 bytes", cert=cert, key=key)
+
+
+SPIFFE_SMALL = "spiffe://example.org/ns/review/sa/small"
+
+
+def constrained_ca_and_client(directory):
+    """A client CA restricted by name constraints to 1300 DNS domains and
+    the SPIFFE_SMALL trust domain example.org (about 39 KiB of DER: an
+    enterprise CA scoped to its teams' domains), and a small (< 1 KiB)
+    client certificate it issued for a SPIFFE_SMALL id. Returns (ca_file,
+    client_cert_file, client_key_file, ca_der_bytes, client_der_bytes)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "review constrained CA")])
+    permitted = [x509.DNSName("team-%04d.corp.example.com" % i) for i in range(1300)]
+    permitted.append(x509.UniformResourceIdentifier("example.org"))
+    ca = (x509.CertificateBuilder()
+          .subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
+                                       False, False), critical=True)
+          .add_extension(x509.NameConstraints(permitted_subtrees=permitted,
+                                              excluded_subtrees=None), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                         critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "small")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(SPIFFE_SMALL)]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    ca_file, _ = H.write_cert_and_key(directory, "constrained-ca", ca, ca_key)
+    cert_file, key_file = H.write_cert_and_key(directory, "small-client", leaf, key)
+    return (ca_file, cert_file, key_file, ca.public_bytes(serialization.Encoding.DER),
+            leaf.public_bytes(serialization.Encoding.DER))
+
+
+class LargeClientCaTest(H.SparkgateTestCase):
+    """The 32 KiB limit is the client's own certificate's: a session
+    ticket holds that certificate, never its chain. A small client
+    certificate issued by a trusted client CA of more than 32 KiB (here a
+    CA scoped by name constraints to 1,300 team domains) authenticates as
+    any other; the check once ran over the whole verified chain and
+    refused every client of such a CA."""
+
+    def test_small_client_certificate_of_a_large_ca_authenticates(self):
+        d = H.tempdir("sg-bigca-")
+        ca_file, cert, key, ca_der, leaf_der = constrained_ca_and_client(d)
+        self.assertGreater(len(ca_der), 32768)
+        self.assertLess(len(leaf_der), 2048)
+        up = self.standin()
+        lst = H.tls_listener("public", client_certificates="required", client_ca=ca_file,
+                             auth={"methods": ["mtls"]})
+        sg = self.start_sparkgate(H.base_config(up.port, workers=1, listeners=[lst]))
+        ch = H.tls_channel(sg.port("public"), client_cert=cert, client_key=key)
+        self.addCleanup(ch.close)
+        r = H.call_unary(ch, "AnalyzePlan", b"x", [("x-test-case", "big-ca")], timeout=5)
+        self.assertEqual(r.code, grpc.StatusCode.OK,
+                         "a %d-byte client certificate of a %d-byte client CA was refused: "
+                         "%r" % (len(leaf_der), len(ca_der), r))
+        calls = [c for c in up.calls() if c.header("x-test-case") == "big-ca"]
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(calls[0].header("x-sparkgate-identity"), SPIFFE_SMALL)
 
 
 if __name__ == "__main__":
