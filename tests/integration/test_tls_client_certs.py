@@ -46,7 +46,7 @@ def _now():
 
 
 class Ca:
-    def __init__(self, directory, name, cn, issuer=None, path_len=None):
+    def __init__(self, directory, name, cn, issuer=None, path_len=None, extensions=()):
         self.dir, self.name = directory, name
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -69,6 +69,8 @@ class Ca:
         if issuer is not None:
             b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 issuer.key.public_key()), critical=False)
+        for ext, crit in extensions:
+            b = b.add_extension(ext, critical=crit)
         self.cert = b.sign(signer.key, hashes.SHA256())
         self.cert_file = self._write(name + ".pem", self.cert.public_bytes(
             serialization.Encoding.PEM))
@@ -1092,51 +1094,6 @@ class ClientCertificateRefusalTest(H.SparkgateTestCase):
 SPIFFE_SMALL = "spiffe://example.org/ns/review/sa/small"
 
 
-def constrained_ca_and_client(directory):
-    """A client CA restricted by name constraints to 1300 DNS domains and
-    the SPIFFE_SMALL trust domain example.org (about 39 KiB of DER: an
-    enterprise CA scoped to its teams' domains), and a small (< 1 KiB)
-    client certificate it issued for a SPIFFE_SMALL id. Returns (ca_file,
-    client_cert_file, client_key_file, ca_der_bytes, client_der_bytes)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "review constrained CA")])
-    permitted = [x509.DNSName("team-%04d.corp.example.com" % i) for i in range(1300)]
-    permitted.append(x509.UniformResourceIdentifier("example.org"))
-    ca = (x509.CertificateBuilder()
-          .subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(days=1))
-          .not_valid_after(now + datetime.timedelta(days=30))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
-                                       False, False), critical=True)
-          .add_extension(x509.NameConstraints(permitted_subtrees=permitted,
-                                              excluded_subtrees=None), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                         critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "small")]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(SPIFFE_SMALL)]),
-                           critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    ca_file, _ = H.write_cert_and_key(directory, "constrained-ca", ca, ca_key)
-    cert_file, key_file = H.write_cert_and_key(directory, "small-client", leaf, key)
-    return (ca_file, cert_file, key_file, ca.public_bytes(serialization.Encoding.DER),
-            leaf.public_bytes(serialization.Encoding.DER))
-
-
 class LargeClientCaTest(H.SparkgateTestCase):
     """The 32 KiB limit is the client's own certificate's: a session
     ticket holds that certificate, never its chain. A small client
@@ -1147,7 +1104,16 @@ class LargeClientCaTest(H.SparkgateTestCase):
 
     def test_small_client_certificate_of_a_large_ca_authenticates(self):
         d = H.tempdir("sg-bigca-")
-        ca_file, cert, key, ca_der, leaf_der = constrained_ca_and_client(d)
+        # Name constraints for 1,300 team domains: about 39 KiB of DER.
+        permitted = [x509.DNSName("team-%04d.corp.example.com" % i) for i in range(1300)]
+        permitted.append(x509.UniformResourceIdentifier("example.org"))
+        ca = Ca(d, "constrained-ca", "constrained CA", extensions=[
+            (x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=None), True)])
+        cert, key, leaf = ca.issue("small-client", cn="small",
+                                   sans=[x509.UniformResourceIdentifier(SPIFFE_SMALL)])
+        ca_file = ca.cert_file
+        ca_der = ca.cert.public_bytes(serialization.Encoding.DER)
+        leaf_der = leaf.public_bytes(serialization.Encoding.DER)
         self.assertGreater(len(ca_der), 32768)
         self.assertLess(len(leaf_der), 2048)
         up = self.standin()
