@@ -216,8 +216,6 @@ uint64_t sg_monotonic_coarse_ms(void) {
   return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-
-
 static void stream_free(sg_stream *s) {
   if (s->deadline != NULL)
     event_free(s->deadline);

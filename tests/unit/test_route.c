@@ -1020,6 +1020,50 @@ static void test_methods(void) {
   CHECK(sg_spark_method_name(SG_SPARK_N_METHODS) == NULL);
 }
 
+/* An "off" tenant is matched with a rewrite/enforce tenant listing the same
+ * server: the same port and the same address as written (host names in any
+ * case) or as the same numeric IP (any IPv6 spelling). Off tenants are not
+ * matched with each other, nor with a server on another port. */
+static void test_off_tenant_shares_backend(void) {
+  static const char text[] =
+      "{\"tenant_selectors\": [\"header:x-t\"], \"tenants\": ["
+      " {\"name\": \"rw\", \"allow\": {\"identities\": [\"a\"]},"
+      "  \"backends\": [{\"address\": \"::1\", \"port\": 15002},"
+      "                 {\"address\": \"Spark.Example\", \"port\": 15002}]},"
+      " {\"name\": \"off-ip\", \"user_id\": \"off\", \"allow\": {\"identities\": [\"b\"]},"
+      "  \"backends\": [{\"address\": \"0:0::1\", \"port\": 15002}]},"
+      " {\"name\": \"off-host\", \"user_id\": \"off\", \"allow\": {\"identities\": [\"c\"]},"
+      "  \"backends\": [{\"address\": \"spark.example\", \"port\": 15002}]},"
+      " {\"name\": \"off-port\", \"user_id\": \"off\", \"allow\": {\"identities\": [\"d\"]},"
+      "  \"backends\": [{\"address\": \"::1\", \"port\": 15003}]},"
+      " {\"name\": \"off-twin\", \"user_id\": \"off\", \"allow\": {\"identities\": [\"e\"]},"
+      "  \"backends\": [{\"address\": \"::1\", \"port\": 15003}]}]}";
+  reports r = {0};
+  sg_route_table *t = load_text(text, &r);
+  CHECK(t != NULL);
+  if (t == NULL) {
+    reports_dump(&r);
+    reports_clear(&r);
+    return;
+  }
+  const sg_backend_config *shared = NULL;
+  const sg_route_tenant *o =
+      sg_route_tenant_off_shares_backend(t->tenants, t->n_tenants, &t->tenants[1], &shared);
+  CHECK(o == &t->tenants[0] && shared == &t->tenants[1].backends[0]);
+  shared = NULL;
+  o = sg_route_tenant_off_shares_backend(t->tenants, t->n_tenants, &t->tenants[2], &shared);
+  CHECK(o == &t->tenants[0] && shared == &t->tenants[2].backends[0]);
+  CHECK(sg_route_tenant_off_shares_backend(t->tenants, t->n_tenants, &t->tenants[3],
+                                           &shared) == NULL);
+  CHECK(sg_route_tenant_off_shares_backend(t->tenants, t->n_tenants, &t->tenants[4],
+                                           &shared) == NULL);
+  /* Only an off tenant is asked about. */
+  CHECK(sg_route_tenant_off_shares_backend(t->tenants, t->n_tenants, &t->tenants[0],
+                                           &shared) == NULL);
+  sg_route_table_unref(t);
+  reports_clear(&r);
+}
+
 /* ---- rendezvous ---------------------------------------------------------- */
 
 #define N_SESSIONS 10000
@@ -1295,6 +1339,7 @@ int main(void) {
   test_backend_address();
   test_selection();
   test_methods();
+  test_off_tenant_shares_backend();
   test_spread_and_stability();
   test_weights();
   test_membership_changes();
