@@ -15,6 +15,7 @@
 
 #include <event2/buffer.h>
 #include <event2/bufferevent_ssl.h>
+#include <event2/bufferevent_struct.h>
 #include <openssl/err.h>
 #include <openssl/x509.h>
 
@@ -522,20 +523,27 @@ static bool conn_flush(sg_conn *c) {
   if (c->session == NULL || c->freeing)
     return false;
   struct evbuffer *out = bufferevent_get_output(c->bev);
-  if (sg_h2io_release_data(&c->io))
-    resume_held_data(c);
-  int rv = sg_h2io_flush(&c->io, c->session);
+  int rv, rounds = 0;
+  do {
+    if (sg_h2io_release_data(&c->io))
+      resume_held_data(c);
+    rv = sg_h2io_flush(&c->io, c->session);
+  } while (rv == 0 && sg_h2io_flush_again(&c->io) && ++rounds < SG_H2IO_FLUSH_ROUNDS);
+  if (rv == 0 && rounds == SG_H2IO_FLUSH_ROUNDS)
+    sg_conn_schedule_send(c); /* the rest in the next loop turn: other connections go first */
   if (rv != 0) {
     sg_conn_close_now(c, nghttp2_strerror(rv));
     return true;
   }
-  if (!nghttp2_session_want_read(c->session) &&
-      !nghttp2_session_want_write(c->session)) {
+  bool want_write = nghttp2_session_want_write(c->session);
+  if (!want_write && !nghttp2_session_want_read(c->session))
     c->closing = true;
-    if (evbuffer_get_length(out) == 0) {
-      conn_free(c);
-      return true;
-    }
+  /* A closing connection goes once its last bytes are written; when the
+   * flush wrote them itself (write-through), the bufferevent has nothing
+   * to write and will not call on_write to say so. */
+  if (c->closing && !want_write && evbuffer_get_length(out) == 0) {
+    conn_free(c);
+    return true;
   }
   return false;
 }
@@ -555,6 +563,15 @@ void sg_conn_schedule_send(sg_conn *c) {
     c->send_scheduled = true;
     event_active(c->send_ev, EV_WRITE, 0);
   }
+}
+
+/* TLS records the socket's last read brought (the listener reads ahead,
+ * several records per read) but libevent left in OpenSSL: it reads one
+ * record per wakeup, and the socket will not wake it for bytes already
+ * read. Its read event, run by hand, takes the next. */
+static void read_buffered_records(sg_conn *c) {
+  if (c->ssl != NULL && !c->closing && SSL_has_pending(c->ssl))
+    event_active(&c->bev->ev_read, EV_READ, 1);
 }
 
 static void on_read(struct bufferevent *bev, void *arg) {
@@ -606,7 +623,8 @@ static void on_read(struct bufferevent *bev, void *arg) {
     }
     evbuffer_drain(in, total);
   }
-  conn_flush(c);
+  if (!conn_flush(c))
+    read_buffered_records(c);
 }
 
 static void on_write(struct bufferevent *bev, void *arg) {
@@ -768,7 +786,10 @@ static void on_established(sg_conn *c) {
            c->peer, c->ssl != NULL ? SSL_get_version(c->ssl) : "h2c");
   if (c->worker->draining)
     sg_conn_start_drain(c);
-  conn_flush(c);
+  /* The client's first frames may have come with its last handshake
+   * message, in the same read. */
+  if (!conn_flush(c))
+    read_buffered_records(c);
 }
 
 /* A client gone before its TLS handshake ended: |sock_err| its socket's
@@ -1046,6 +1067,8 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
   c->io.high_water = SG_CONN_OUTPUT_HIGH_WATER;
   c->io.copy_payload = c->ssl != NULL;
   c->io.stage = c->worker->h2_stage;
+  c->io.write_fd = fd;
+  c->io.write_through = c->ssl == NULL;
   bufferevent_setcb(c->bev, on_read, on_write, on_event, c);
   bufferevent_setwatermark(c->bev, EV_WRITE, SG_CONN_OUTPUT_LOW_WATER, 0);
   /* libevent reads and writes 16 KiB per syscall by default: at bulk rates

@@ -16,8 +16,10 @@ ssize_t sg_h2io_send(nghttp2_session *session, const uint8_t *data,
   (void)session;
   (void)flags;
   sg_h2io *io = user;
-  if (queued(io) >= io->high_water)
+  if (queued(io) >= io->high_water) {
+    io->stopped = true;
     return NGHTTP2_ERR_WOULDBLOCK;
+  }
   if (evbuffer_add(dest(io), data, length) != 0)
     return NGHTTP2_ERR_CALLBACK_FAILURE;
   return (ssize_t)length;
@@ -38,6 +40,7 @@ bool sg_h2io_hold_data(sg_h2io *io) {
   if (queued(io) < io->high_water)
     return false;
   io->data_held = true;
+  io->stopped = true;
   return true;
 }
 
@@ -93,6 +96,10 @@ int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
   return 0;
 }
 
+bool sg_h2io_flush_again(const sg_h2io *io) {
+  return io->stopped && queued(io) < io->high_water;
+}
+
 size_t sg_h2io_data_max(const sg_h2io *io, size_t length) {
   return io->copy_payload && length > SG_H2IO_TLS_DATA_MAX ? SG_H2IO_TLS_DATA_MAX : length;
 }
@@ -105,9 +112,15 @@ int sg_h2io_flush(sg_h2io *io, nghttp2_session *session) {
   /* A stage holding bytes belongs to a flush further up the stack: write
    * straight to the output then. */
   io->staging = io->stage != NULL && evbuffer_get_length(io->stage) == 0;
+  io->stopped = false;
   int rv = nghttp2_session_send(session);
   if (io->staging) {
     io->staging = false;
+    /* A failed write leaves the bytes staged: the bufferevent meets the
+     * error on its own write and reports it. */
+    if (io->write_through && evbuffer_get_length(io->out) == 0 &&
+        evbuffer_get_length(io->stage) > 0)
+      (void)evbuffer_write(io->stage, io->write_fd);
     if (evbuffer_add_buffer(io->out, io->stage) != 0) {
       /* The stage is shared: it must be left empty whatever happens. */
       evbuffer_drain(io->stage, evbuffer_get_length(io->stage));

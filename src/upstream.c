@@ -516,9 +516,14 @@ static void upstream_flush(sg_upstream *up) {
   if (up->session == NULL || up->freeing)
     return;
   struct evbuffer *out = bufferevent_get_output(up->bev);
-  if (sg_h2io_release_data(&up->io))
-    resume_held_data(up);
-  int rv = sg_h2io_flush(&up->io, up->session);
+  int rv, rounds = 0;
+  do {
+    if (sg_h2io_release_data(&up->io))
+      resume_held_data(up);
+    rv = sg_h2io_flush(&up->io, up->session);
+  } while (rv == 0 && sg_h2io_flush_again(&up->io) && ++rounds < SG_H2IO_FLUSH_ROUNDS);
+  if (rv == 0 && rounds == SG_H2IO_FLUSH_ROUNDS)
+    schedule_send(up); /* the rest in the next loop turn: other connections go first */
   if (rv != 0) {
     upstream_free(up, nghttp2_strerror(rv));
     return;
@@ -738,8 +743,8 @@ static void on_connected(sg_upstream *up) {
    * a bound, nothing else ends the connection while it holds a stream,
    * and a cancelled call's RST_STREAM waits behind the full output for
    * ever, keeping the call, the connection and its generation. libevent's
-   * write timeout runs only while output waits; h2c writes through the
-   * bufferevent too (only its reads bypass it). */
+   * write timeout runs only while output waits; for h2c, what the socket
+   * does not take at once waits in the bufferevent, under that timeout. */
   uint32_t stall = pool_config(up->pool)->write_stall_timeout_ms;
   struct timeval wtv = {stall / 1000, (suseconds_t)(stall % 1000) * 1000};
   bufferevent_set_timeouts(up->bev, NULL, &wtv);
@@ -752,6 +757,8 @@ static void on_connected(sg_upstream *up) {
     }
     bufferevent_disable(up->bev, EV_READ);
     event_add(up->read_ev, NULL);
+    up->io.write_fd = bufferevent_getfd(up->bev);
+    up->io.write_through = true;
   }
   up->state = SG_UPSTREAM_READY;
   sg_debug("upstream %s conn=%llu: connected%s", up->pool->backend->name,

@@ -7,7 +7,9 @@
  * is resumed once the output has drained. A DATA frame is never held
  * between its data provider and its send: its payload would sit at the
  * head of the other leg's buffer, counted as sent, where cancelling,
- * discarding or trimming that buffer would take it away. */
+ * discarding or trimming that buffer would take it away. On cleartext
+ * sockets a flush writes to the socket itself while the output is empty;
+ * the output holds only what the socket did not take. */
 #ifndef SPARKGATE_H2IO_H
 #define SPARKGATE_H2IO_H
 
@@ -34,6 +36,15 @@ typedef struct sg_h2io {
    * so a worker's connections share one; NULL writes to |out| directly. */
   struct evbuffer *stage;
   bool staging; /* inside sg_h2io_flush, writing to |stage| */
+  /* Cleartext sockets only: a flush that finds |out| empty writes the
+   * stage to |write_fd| itself, and only what the socket does not take
+   * goes to |out|. The bufferevent would write it an event loop turn
+   * later, after asking epoll for write interest and dropping it again:
+   * two epoll_ctl calls and a wakeup per write. */
+  bool write_through;
+  int write_fd;
+  /* The last flush stopped at the high-water mark (frames or DATA held). */
+  bool stopped;
   /* A data provider deferred because the output was full: its session's
    * owner resumes the streams it marked when the output drains. */
   bool data_held;
@@ -72,5 +83,14 @@ size_t sg_h2io_data_max(const sg_h2io *io, size_t length);
  * then gathered into one: the calls answered in one event loop iteration
  * reach the peer in one record and one write(), not one per chain. */
 int sg_h2io_flush(sg_h2io *io, nghttp2_session *session);
+
+/* After sg_h2io_flush: whether it stopped at the high-water mark and its
+ * own write has since made room. Nothing else would wake the session
+ * then (the bufferevent calls back only when output it holds drains):
+ * the owner resumes what it held and flushes again. */
+bool sg_h2io_flush_again(const sg_h2io *io);
+/* Flushes in a row before a connection yields to the others: four
+ * high-water marks' worth. */
+#define SG_H2IO_FLUSH_ROUNDS 4
 
 #endif

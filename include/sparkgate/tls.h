@@ -17,6 +17,10 @@
  * with a verify result of X509_V_ERR_APPLICATION_VERIFICATION. */
 #define SG_TLS_CLIENT_CERT_MAX_BYTES 32768
 
+/* How much a listener's TLS connection reads per read(): four full
+ * records. The buffer exists only while it holds bytes. */
+#define SG_TLS_READ_AHEAD_BYTES (64 * 1024)
+
 /* Builds the server context of a TLS listener. Returns NULL with a message
  * in |err| that names the file at fault, and in |*key| (when |key| is not
  * NULL) the "tls" key that names it ("cert", "key", "client_ca", "crl"),

@@ -27,6 +27,9 @@ import threading
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 import harness as H  # noqa: E402
 import grpc  # noqa: E402
+import h2.config  # noqa: E402
+import h2.connection  # noqa: E402
+import h2.events  # noqa: E402
 
 SERVICE = H.SERVICE
 MIB = H.MIB
@@ -516,6 +519,127 @@ class ShutdownTest(H.SparkgateTestCase):
         self.assertEqual(H.call_unary(ch, "Config", b"x").code, grpc.StatusCode.OK)
         self.assertEqual(sg.stop(), 0, sg.log_text())
         self.assertFalse(H.port_is_open(sg.port("public")))
+
+
+class TlsRecordsReadTogetherTest(H.SparkgateTestCase):
+    """A TLS listener reads several records per read(): records that arrive
+    together must all be served at once, none left waiting in the TLS
+    layer for bytes that will not come."""
+
+    def setUp(self):
+        super().setUp()
+        self.up = self.standin()
+        self.sg = self.start_sparkgate(H.base_config(self.up.port, workers=1))
+        self.port = self.sg.port("public")
+
+    def connect(self):
+        """A handshake done except for sending the client's last flight,
+        which is left in the returned outgoing buffer."""
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        self.addCleanup(sock.close)
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = H.client_ssl_context().wrap_bio(inc, out, server_hostname="localhost")
+        for _ in range(50):
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if out.pending:
+                    sock.sendall(out.read())
+                data = sock.recv(65536)
+                self.assertTrue(data, "the server closed the connection in the handshake")
+                inc.write(data)
+        else:
+            self.fail("TLS handshake did not finish")
+        self.assertEqual(tls.selected_alpn_protocol(), "h2")
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+        tls.write(conn.data_to_send())
+        return sock, inc, out, tls, conn
+
+    def queue_calls(self, tls, conn, n, tag):
+        """Each frame of |n| Config calls written as a TLS record of its
+        own; returns {stream id: payload}."""
+        calls = {}
+        for i in range(n):
+            sid = conn.get_next_available_stream_id()
+            payload = b"%s-%d-" % (tag, i) + bytes(range(64))
+            conn.send_headers(sid, [(":method", "POST"), (":scheme", "https"),
+                                    (":path", SERVICE + "Config"),
+                                    (":authority", "localhost:%d" % self.port),
+                                    ("content-type", "application/grpc"), ("te", "trailers")])
+            tls.write(conn.data_to_send())
+            conn.send_data(sid, H.grpc_frame(payload), end_stream=True)
+            tls.write(conn.data_to_send())
+            calls[sid] = payload
+        return calls
+
+    def serve(self, sock, inc, out, tls, conn, calls):
+        """Reads until every call in |calls| has ended; returns, per stream,
+        (response data, trailers)."""
+        data, trailers, ended = {}, {}, set()
+        sock.settimeout(10)
+        for _ in range(1000):
+            if ended >= set(calls):
+                break
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                self.fail("calls %s not answered within 10 s (answered: %s): records "
+                          "left unread in the proxy's TLS buffer" %
+                          (sorted(set(calls) - ended), sorted(ended)))
+            self.assertTrue(chunk, "the server closed the connection")
+            inc.write(chunk)
+            plain = b""
+            while True:
+                try:
+                    plain += tls.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+            for ev in conn.receive_data(plain):
+                sid = getattr(ev, "stream_id", None)
+                if isinstance(ev, h2.events.DataReceived):
+                    data[sid] = data.get(sid, b"") + ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                elif isinstance(ev, h2.events.TrailersReceived):
+                    trailers[sid] = dict(ev.headers)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    ended.add(sid)
+                elif isinstance(ev, h2.events.StreamReset):
+                    self.fail("stream %d reset: %r" % (sid, ev))
+            pending = conn.data_to_send()
+            if pending:
+                tls.write(pending)
+            if out.pending:
+                sock.sendall(out.read())
+        self.assertEqual(ended, set(calls))
+        return data, trailers
+
+    def check(self, calls, data, trailers):
+        for sid, payload in calls.items():
+            self.assertEqual(trailers.get(sid, {}).get("grpc-status"), "0", (sid, trailers.get(sid)))
+            self.assertIn(payload, data.get(sid, b""), sid)
+
+    def test_calls_sent_with_the_last_handshake_message_are_answered(self):
+        """The client's Finished, the HTTP/2 preface and the frames of five
+        calls, each in a record of its own, in one TCP send: every call is
+        answered without the client sending anything more."""
+        sock, inc, out, tls, conn = self.connect()
+        calls = self.queue_calls(tls, conn, 5, b"first")
+        sock.sendall(out.read())
+        self.check(calls, *self.serve(sock, inc, out, tls, conn, calls))
+
+    def test_many_records_in_one_send_are_all_answered(self):
+        """On an established connection, 40 calls (80 records, more than one
+        read's worth) sent in one TCP send are all answered, and so is a
+        second such batch."""
+        sock, inc, out, tls, conn = self.connect()
+        sock.sendall(out.read())
+        for batch in (b"a", b"b"):
+            calls = self.queue_calls(tls, conn, 40, batch)
+            sock.sendall(out.read())
+            self.check(calls, *self.serve(sock, inc, out, tls, conn, calls))
 
 
 class InsecureListenerTest(H.SparkgateTestCase):

@@ -2,9 +2,14 @@
  * frame and its header are one piece of one chain, and full frames fill
  * TLS records exactly; on cleartext the payload's chains change hands;
  * the high-water mark makes nghttp2 wait; a kept copy of the payload is
- * exact; a flush through a stage reaches the output in one append. */
+ * exact; a flush through a stage reaches the output in one append; on
+ * cleartext a flush writes to the socket itself when the output is empty,
+ * and says when it must run again. */
+#include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <event2/buffer.h>
 
@@ -195,9 +200,112 @@ static void test_flush_through_stage(void) {
   evbuffer_free(io.out);
 }
 
+/* Reads what the peer of a write-through socket got so far. */
+static size_t drain_socket(int fd, uint8_t *to, size_t room) {
+  size_t got = 0;
+  for (;;) {
+    ssize_t n = read(fd, to + got, room - got);
+    if (n <= 0)
+      return got;
+    got += (size_t)n;
+  }
+}
+
+static void check_pings(const uint8_t *b, int pings) {
+  CHECK(memcmp(b, NGHTTP2_CLIENT_MAGIC, 24) == 0);
+  for (int i = 0; i < pings; i++) {
+    const uint8_t *f = b + 24 + 9 + 17 * i;
+    CHECK(f[3] == NGHTTP2_PING && f[9] == (uint8_t)i);
+  }
+}
+
+static void test_write_through(void) {
+  enum { PINGS = 6 };
+  const size_t total = 24 + 9 + 17 * PINGS;
+  int sv[2];
+  CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+  CHECK(fcntl(sv[0], F_SETFL, O_NONBLOCK) == 0 && fcntl(sv[1], F_SETFL, O_NONBLOCK) == 0);
+  uint8_t got[4096];
+
+  /* An empty output: the frames go to the socket, not to the output. */
+  sg_h2io io = {.out = evbuffer_new(), .high_water = 1u << 20, .stage = evbuffer_new(),
+                .write_through = true, .write_fd = sv[0]};
+  nghttp2_session *session = client_with_pings(&io, PINGS);
+  CHECK(sg_h2io_flush(&io, session) == 0);
+  CHECK(!sg_h2io_flush_again(&io));
+  CHECK(evbuffer_get_length(io.out) == 0 && evbuffer_get_length(io.stage) == 0);
+  CHECK(drain_socket(sv[1], got, sizeof got) == total);
+  check_pings(got, PINGS);
+  nghttp2_session_del(session);
+
+  /* Stopped at the high-water mark, then the write made room: the flush
+   * must run again (nothing else would wake the session); run as its
+   * owners do, it sends everything, in order. */
+  io.high_water = 30;
+  session = client_with_pings(&io, PINGS);
+  int flushes = 0;
+  do {
+    CHECK(sg_h2io_flush(&io, session) == 0);
+    flushes++;
+  } while (sg_h2io_flush_again(&io) && flushes < 100);
+  CHECK(flushes > 1);
+  CHECK(!nghttp2_session_want_write(session));
+  CHECK(evbuffer_get_length(io.out) == 0);
+  CHECK(drain_socket(sv[1], got, sizeof got) == total);
+  check_pings(got, PINGS);
+  nghttp2_session_del(session);
+
+  /* Bytes already waiting in the output go first: the frames join them
+   * there, and the socket gets nothing out of order. */
+  io.high_water = 1u << 20;
+  evbuffer_add(io.out, "early", 5);
+  session = client_with_pings(&io, PINGS);
+  CHECK(sg_h2io_flush(&io, session) == 0);
+  CHECK(evbuffer_get_length(io.out) == 5 + total);
+  CHECK(drain_socket(sv[1], got, sizeof got) == 0);
+  uint8_t *b = evbuffer_pullup(io.out, -1);
+  CHECK(memcmp(b, "early", 5) == 0);
+  check_pings(b + 5, PINGS);
+  nghttp2_session_del(session);
+  evbuffer_drain(io.out, evbuffer_get_length(io.out));
+
+  /* A socket that takes part: the rest goes to the output, in order. */
+  uint8_t filler[4096];
+  memset(filler, 'f', sizeof filler);
+  size_t queued_before = 0;
+  for (int i = 0; i < 100000; i++) {
+    ssize_t n = write(sv[0], filler, sizeof filler);
+    if (n <= 0)
+      break;
+    queued_before += (size_t)n;
+  }
+  CHECK(queued_before > 0);
+  session = client_with_pings(&io, PINGS);
+  CHECK(sg_h2io_flush(&io, session) == 0);
+  CHECK(evbuffer_get_length(io.out) == total); /* the socket was full */
+  CHECK(evbuffer_get_length(io.stage) == 0);
+  check_pings(evbuffer_pullup(io.out, -1), PINGS);
+  nghttp2_session_del(session);
+
+  /* A write that fails leaves the bytes to the output, whose owner meets
+   * the error on its own write. */
+  evbuffer_drain(io.out, evbuffer_get_length(io.out));
+  close(sv[1]);
+  close(sv[0]);
+  io.write_fd = sv[0];
+  session = client_with_pings(&io, PINGS);
+  CHECK(sg_h2io_flush(&io, session) == 0);
+  CHECK(evbuffer_get_length(io.out) == total);
+  nghttp2_session_del(session);
+
+  evbuffer_free(io.stage);
+  evbuffer_free(io.out);
+}
+
 int main(void) {
   test_tls_frames_fill_records();
   test_cleartext_moves_chains();
   test_flush_through_stage();
+  test_write_through();
   return check_report("h2io");
 }
