@@ -105,7 +105,11 @@ void *sg_memcache_malloc(size_t size) {
   size_t cls = size == 0 ? 0 : (size - 1) / CLASS_BYTES;
   free_block *b = tc.free[cls];
   if (b != NULL) {
+    /* The next block of the class is the next call's: its line is
+     * fetched now, not missed then (a block freed a while ago is cold). */
     tc.free[cls] = b->next;
+    if (b->next != NULL)
+      __builtin_prefetch(b->next, 1);
     tc.bytes -= class_size(cls);
     return b;
   }

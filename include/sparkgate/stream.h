@@ -90,7 +90,7 @@ struct sg_stream {
   const struct sg_backend_config *backend;
 
   struct sg_generation *gen; /* held: the worker's generation it started on */
-  sg_runtime *rt; /* gen's runtime (ref) */
+  sg_runtime *rt; /* gen's runtime (borrowed: gen is held) */
 
   /* Who is calling, once authenticated (owned copies, sg_memcache blocks:
    * the connection and the token cache entry may go first). */
