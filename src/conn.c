@@ -1068,7 +1068,8 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
   c->io.copy_payload = c->ssl != NULL;
   c->io.stage = c->worker->h2_stage;
   c->io.write_fd = fd;
-  c->io.write_through = c->ssl == NULL;
+  c->io.write_tls = c->ssl; /* used once established: flushes need a session */
+  c->io.write_through = true;
   bufferevent_setcb(c->bev, on_read, on_write, on_event, c);
   bufferevent_setwatermark(c->bev, EV_WRITE, SG_CONN_OUTPUT_LOW_WATER, 0);
   /* libevent reads and writes 16 KiB per syscall by default: at bulk rates

@@ -2,6 +2,8 @@
 
 #include <string.h>
 
+#include <openssl/err.h>
+
 static struct evbuffer *dest(const sg_h2io *io) {
   return io->staging ? io->stage : io->out;
 }
@@ -108,6 +110,35 @@ size_t sg_h2io_data_max(const sg_h2io *io, size_t length) {
 #define RECORD_MAX 16384
 _Static_assert(SG_H2IO_TLS_DATA_MAX + 9 == RECORD_MAX, "a DATA frame fills one record");
 
+/* Writes the stage to the socket, draining what went out. A failed or
+ * short write leaves the rest staged, to go to the output: the
+ * bufferevent meets an error on its own write and reports it. On TLS only
+ * output of up to one record (a flush of small calls' frames) is written
+ * here: more is DATA in bulk, which libevent writes chain by chain, cutting
+ * full records across frames. A record that could not be written stays
+ * at the head of the stage and so becomes the head of the output:
+ * OpenSSL holds what it encrypted of it and takes the retry libevent
+ * makes with the same bytes (libevent lets the buffer move,
+ * SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, and offers at least as many). */
+static void write_through(sg_h2io *io) {
+  if (io->write_tls == NULL) {
+    (void)evbuffer_write(io->stage, io->write_fd);
+    return;
+  }
+  size_t n = evbuffer_get_length(io->stage);
+  if (n > RECORD_MAX)
+    return;
+  uint8_t *p = evbuffer_pullup(io->stage, -1);
+  if (p == NULL)
+    return;
+  ERR_clear_error();
+  int r = SSL_write(io->write_tls, p, (int)n);
+  if (r > 0)
+    evbuffer_drain(io->stage, (size_t)r);
+  else
+    ERR_clear_error(); /* libevent's own write gets the same result */
+}
+
 int sg_h2io_flush(sg_h2io *io, nghttp2_session *session) {
   /* A stage holding bytes belongs to a flush further up the stack: write
    * straight to the output then. */
@@ -116,11 +147,9 @@ int sg_h2io_flush(sg_h2io *io, nghttp2_session *session) {
   int rv = nghttp2_session_send(session);
   if (io->staging) {
     io->staging = false;
-    /* A failed write leaves the bytes staged: the bufferevent meets the
-     * error on its own write and reports it. */
     if (io->write_through && evbuffer_get_length(io->out) == 0 &&
         evbuffer_get_length(io->stage) > 0)
-      (void)evbuffer_write(io->stage, io->write_fd);
+      write_through(io);
     if (evbuffer_add_buffer(io->out, io->stage) != 0) {
       /* The stage is shared: it must be left empty whatever happens. */
       evbuffer_drain(io->stage, evbuffer_get_length(io->stage));

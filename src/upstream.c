@@ -757,9 +757,10 @@ static void on_connected(sg_upstream *up) {
     }
     bufferevent_disable(up->bev, EV_READ);
     event_add(up->read_ev, NULL);
-    up->io.write_fd = bufferevent_getfd(up->bev);
-    up->io.write_through = true;
   }
+  up->io.write_fd = bufferevent_getfd(up->bev);
+  up->io.write_tls = up->ssl;
+  up->io.write_through = true;
   up->state = SG_UPSTREAM_READY;
   sg_debug("upstream %s conn=%llu: connected%s", up->pool->backend->name,
            (unsigned long long)up->id, up->ssl != NULL ? " (TLS)" : " (h2c)");

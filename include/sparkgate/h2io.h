@@ -7,9 +7,9 @@
  * is resumed once the output has drained. A DATA frame is never held
  * between its data provider and its send: its payload would sit at the
  * head of the other leg's buffer, counted as sent, where cancelling,
- * discarding or trimming that buffer would take it away. On cleartext
- * sockets a flush writes to the socket itself while the output is empty;
- * the output holds only what the socket did not take. */
+ * discarding or trimming that buffer would take it away. A flush writes
+ * to the socket (or TLS) itself while the output is empty; the output
+ * holds only what the socket did not take. */
 #ifndef SPARKGATE_H2IO_H
 #define SPARKGATE_H2IO_H
 
@@ -19,6 +19,7 @@
 
 #include <event2/buffer.h>
 #include <nghttp2/nghttp2.h>
+#include <openssl/ssl.h>
 
 /* What the callbacks need; the session's user data must point at a struct
  * whose first member is this. */
@@ -36,13 +37,14 @@ typedef struct sg_h2io {
    * so a worker's connections share one; NULL writes to |out| directly. */
   struct evbuffer *stage;
   bool staging; /* inside sg_h2io_flush, writing to |stage| */
-  /* Cleartext sockets only: a flush that finds |out| empty writes the
-   * stage to |write_fd| itself, and only what the socket does not take
-   * goes to |out|. The bufferevent would write it an event loop turn
+  /* A flush that finds |out| empty writes the stage itself: to
+   * |write_fd| on cleartext, with SSL_write on |write_tls| when it is one
+   * record's worth or less, and only what is not written goes to |out|. The bufferevent would write it an event loop turn
    * later, after asking epoll for write interest and dropping it again:
    * two epoll_ctl calls and a wakeup per write. */
   bool write_through;
   int write_fd;
+  SSL *write_tls;
   /* The last flush stopped at the high-water mark (frames or DATA held). */
   bool stopped;
   /* A data provider deferred because the output was full: its session's

@@ -23,6 +23,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 import harness as H  # noqa: E402
@@ -30,6 +31,7 @@ import grpc  # noqa: E402
 import h2.config  # noqa: E402
 import h2.connection  # noqa: E402
 import h2.events  # noqa: E402
+import h2.settings  # noqa: E402
 
 SERVICE = H.SERVICE
 MIB = H.MIB
@@ -640,6 +642,35 @@ class TlsRecordsReadTogetherTest(H.SparkgateTestCase):
             calls = self.queue_calls(tls, conn, 40, batch)
             sock.sendall(out.read())
             self.check(calls, *self.serve(sock, inc, out, tls, conn, calls))
+
+
+class TlsClientThatStopsReadingTest(H.SparkgateTestCase):
+    """A TLS client that stops reading a stream of small messages: the
+    proxy writes what the socket takes (a record it could not finish is
+    finished later, from the same bytes) and the rest waits; once the
+    client reads again the stream arrives whole, byte for byte."""
+
+    def test_small_messages_to_a_paused_reader_arrive_byte_exact(self):
+        up = self.standin()
+        sg = self.start_sparkgate(H.base_config(up.port, workers=1))
+        c = H.H2Client(sg.port("public"), timeout=60)
+        self.addCleanup(c.close)
+        # A small receive buffer and a large stream window: the proxy's
+        # socket fills while the client sleeps, not its flow control.
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        c.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16 * MIB})
+        c._flush()
+        total, chunk, seed = 4 * MIB, 1000, 7
+        md = H.standin_md("stream", bytes=total, chunk=chunk, seed=seed)
+        sid = c.start(c.grpc_headers(SERVICE + "ExecutePlan", extra=list(md)),
+                      H.grpc_frame(b"paused"))
+        time.sleep(2.0)
+        r = c.wait(sid)
+        self.assertEqual(r.trailer("grpc-status"), "0", r)
+        self.assertEqual(sum(len(m) for m in H.grpc_unframe(r.data)), total)
+        h = hashlib.sha256(b"".join(H.grpc_unframe(r.data)))
+        self.assertEqual(h.hexdigest(), H.stream_sha256(seed, total, chunk))
+        self.assertEqual(r.trailer("x-standin-sha256"), h.hexdigest())
 
 
 class InsecureListenerTest(H.SparkgateTestCase):
