@@ -506,7 +506,8 @@ static nghttp2_session_callbacks *server_callbacks(void) {
 /* ---- I/O ---------------------------------------------------------------- */
 
 /* Streams whose responses waited for the output to drain go on. */
-static void resume_held_data(sg_conn *c) {
+static void resume_held_data(void *arg) {
+  sg_conn *c = arg;
   for (sg_list *n = c->streams.next; n != &c->streams; n = n->next) {
     sg_stream *s = SG_CONTAINER_OF(n, sg_stream, conn_link);
     if (s->resp_held) {
@@ -523,14 +524,10 @@ static bool conn_flush(sg_conn *c) {
   if (c->session == NULL || c->freeing)
     return false;
   struct evbuffer *out = bufferevent_get_output(c->bev);
-  int rv, rounds = 0;
-  do {
-    if (sg_h2io_release_data(&c->io))
-      resume_held_data(c);
-    rv = sg_h2io_flush(&c->io, c->session);
-  } while (rv == 0 && sg_h2io_flush_again(&c->io) && ++rounds < SG_H2IO_FLUSH_ROUNDS);
-  if (rv == 0 && rounds == SG_H2IO_FLUSH_ROUNDS)
-    sg_conn_schedule_send(c); /* the rest in the next loop turn: other connections go first */
+  bool more;
+  int rv = sg_h2io_flush_rounds(&c->io, c->session, resume_held_data, c, &more);
+  if (rv == 0 && more)
+    sg_conn_schedule_send(c);
   if (rv != 0) {
     sg_conn_close_now(c, nghttp2_strerror(rv));
     return true;

@@ -102,6 +102,22 @@ bool sg_h2io_flush_again(const sg_h2io *io) {
   return io->stopped && queued(io) < io->high_water;
 }
 
+#define FLUSH_ROUNDS 4
+
+int sg_h2io_flush_rounds(sg_h2io *io, nghttp2_session *session,
+                         void (*resume)(void *owner), void *owner, bool *more) {
+  int rv;
+  int rounds = 0;
+  *more = false;
+  do {
+    if (sg_h2io_release_data(io))
+      resume(owner);
+    rv = sg_h2io_flush(io, session);
+  } while (rv == 0 && sg_h2io_flush_again(io) && ++rounds < FLUSH_ROUNDS);
+  *more = rv == 0 && rounds == FLUSH_ROUNDS;
+  return rv;
+}
+
 size_t sg_h2io_data_max(const sg_h2io *io, size_t length) {
   return io->copy_payload && length > SG_H2IO_TLS_DATA_MAX ? SG_H2IO_TLS_DATA_MAX : length;
 }

@@ -502,7 +502,8 @@ static void client_callbacks_init(void) {
 /* ---- I/O ---------------------------------------------------------------- */
 
 /* Streams whose requests waited for the output to drain go on. */
-static void resume_held_data(sg_upstream *up) {
+static void resume_held_data(void *arg) {
+  sg_upstream *up = arg;
   for (sg_list *n = up->streams.next; n != &up->streams; n = n->next) {
     sg_stream *s = SG_CONTAINER_OF(n, sg_stream, up_link);
     if (s->req_held) {
@@ -516,14 +517,10 @@ static void upstream_flush(sg_upstream *up) {
   if (up->session == NULL || up->freeing)
     return;
   struct evbuffer *out = bufferevent_get_output(up->bev);
-  int rv, rounds = 0;
-  do {
-    if (sg_h2io_release_data(&up->io))
-      resume_held_data(up);
-    rv = sg_h2io_flush(&up->io, up->session);
-  } while (rv == 0 && sg_h2io_flush_again(&up->io) && ++rounds < SG_H2IO_FLUSH_ROUNDS);
-  if (rv == 0 && rounds == SG_H2IO_FLUSH_ROUNDS)
-    schedule_send(up); /* the rest in the next loop turn: other connections go first */
+  bool more;
+  int rv = sg_h2io_flush_rounds(&up->io, up->session, resume_held_data, up, &more);
+  if (rv == 0 && more)
+    schedule_send(up);
   if (rv != 0) {
     upstream_free(up, nghttp2_strerror(rv));
     return;

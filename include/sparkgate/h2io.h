@@ -91,8 +91,13 @@ int sg_h2io_flush(sg_h2io *io, nghttp2_session *session);
  * then (the bufferevent calls back only when output it holds drains):
  * the owner resumes what it held and flushes again. */
 bool sg_h2io_flush_again(const sg_h2io *io);
-/* Flushes in a row before a connection yields to the others: four
- * high-water marks' worth. */
-#define SG_H2IO_FLUSH_ROUNDS 4
+/* What the owner of a session does to flush it: resumes the streams
+ * sg_h2io_hold_data held, through |resume| (when the output has room
+ * again), flushes, and again while sg_h2io_flush_again says so, up to
+ * four times (four high-water marks' worth). Returns nghttp2's result;
+ * sets |*more| when it stopped with more to write and room for it: the
+ * owner schedules another flush, so that its other connections go first. */
+int sg_h2io_flush_rounds(sg_h2io *io, nghttp2_session *session,
+                         void (*resume)(void *owner), void *owner, bool *more);
 
 #endif

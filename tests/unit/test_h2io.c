@@ -200,6 +200,8 @@ static void test_flush_through_stage(void) {
   evbuffer_free(io.out);
 }
 
+static void count_resume(void *owner) { (*(int *)owner)++; }
+
 /* Reads what the peer of a write-through socket got so far. */
 static size_t drain_socket(int fd, uint8_t *to, size_t room) {
   size_t got = 0;
@@ -253,6 +255,24 @@ static void test_write_through(void) {
   CHECK(evbuffer_get_length(io.out) == 0);
   CHECK(drain_socket(sv[1], got, sizeof got) == total);
   check_pings(got, PINGS);
+  nghttp2_session_del(session);
+
+  /* The owners' loop: four flushes at most, then |more| asks for another
+   * turn; the held streams are offered a resume before each flush. */
+  enum { MANY = 10 };
+  session = client_with_pings(&io, MANY);
+  bool more = false;
+  int resumes = 0;
+  io.data_held = true; /* as if a data provider had been held */
+  CHECK(sg_h2io_flush_rounds(&io, session, count_resume, &resumes, &more) == 0);
+  CHECK(more);        /* 4 rounds of about 30 bytes: frames left */
+  CHECK(resumes == 1); /* the mark taken once, then cleared */
+  CHECK(!io.data_held);
+  for (int i = 0; i < 10 && more; i++)
+    CHECK(sg_h2io_flush_rounds(&io, session, count_resume, &resumes, &more) == 0);
+  CHECK(!more && !nghttp2_session_want_write(session));
+  CHECK(drain_socket(sv[1], got, sizeof got) == 24 + 9 + 17 * MANY);
+  check_pings(got, MANY);
   nghttp2_session_del(session);
 
   /* Bytes already waiting in the output go first: the frames join them
