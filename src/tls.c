@@ -610,6 +610,10 @@ SSL_CTX *sg_tls_client_ctx_new(const sg_backend_config *b, const char **key,
   SSL_CTX *ctx = ctx_new(TLS_client_method(), err, errlen);
   if (ctx == NULL)
     return NULL;
+  /* Several records per read(), as on listeners: Spark's results come
+   * this way. upstream.c takes the records a read left. */
+  SSL_CTX_set_read_ahead(ctx, 1);
+  SSL_CTX_set_default_read_buffer_len(ctx, SG_TLS_READ_AHEAD_BYTES);
   /* 0 is success here. */
   if (SSL_CTX_set_alpn_protos(ctx, sg_alpn_h2, sizeof sg_alpn_h2) != 0) {
     set_ctx_error(err, errlen, "cannot offer ALPN h2");

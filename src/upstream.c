@@ -13,6 +13,7 @@
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/bufferevent_ssl.h>
+#include <event2/bufferevent_struct.h>
 #include <event2/dns.h>
 #include <nghttp2/nghttp2.h>
 #include <openssl/err.h>
@@ -582,6 +583,12 @@ static void on_read(struct bufferevent *bev, void *arg) {
     }
     evbuffer_drain(in, total);
   }
+  /* TLS records the last read brought beyond the one libevent took (the
+   * context reads ahead): its read event, run by hand, takes the next; the
+   * socket will not wake it for them. Before the flush, which may free
+   * the connection (and with it the activation). */
+  if (up->ssl != NULL && SSL_has_pending(up->ssl))
+    event_active(&up->bev->ev_read, EV_READ, 1);
   upstream_flush(up);
 }
 

@@ -17,8 +17,8 @@
  * with a verify result of X509_V_ERR_APPLICATION_VERIFICATION. */
 #define SG_TLS_CLIENT_CERT_MAX_BYTES 32768
 
-/* How much a listener's TLS connection reads per read(): four full
- * records. The buffer exists only while it holds bytes. */
+/* How much a TLS connection (client or backend) reads per read(): four
+ * full records. The buffer exists only while it holds bytes. */
 #define SG_TLS_READ_AHEAD_BYTES (64 * 1024)
 
 /* Builds the server context of a TLS listener. Returns NULL with a message

@@ -19,6 +19,10 @@ import harness as H  # noqa: E402
 from test_backend_faults import unary  # noqa: E402
 from threaded_server import ResettingServer  # noqa: E402
 import grpc  # noqa: E402
+import h2.config  # noqa: E402
+import h2.connection  # noqa: E402
+import h2.events  # noqa: E402
+import h2.exceptions  # noqa: E402
 from raw_backend import RawBackend  # noqa: E402
 
 
@@ -278,6 +282,130 @@ class UpstreamTlsDiagnosticsTest(H.SparkgateTestCase):
 
 # ---------------------------------------------------------------------------
 # What the log says when an established TLS backend connection breaks
+
+class RecordPerFrameTlsBackend:
+    """An h2 backend behind TLS (python ssl over memory BIOs) that puts
+    every frame in a TLS record of its own and sends what each step made
+    in one TCP send: its SETTINGS with the session tickets that follow the
+    handshake, and each answer's HEADERS, DATA and trailers together. One
+    connection at a time; every call is echoed with grpc-status 0."""
+
+    def __init__(self):
+        p = H.pki()
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(p.server_cert, p.server_key)
+        self.ctx.set_alpn_protocols(["h2"])
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.closed = threading.Event()
+        self.answered = 0
+        self.thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.closed.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+    def _accept_loop(self):
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                self._serve(conn)
+            except (OSError, ssl.SSLError, h2.exceptions.ProtocolError):
+                pass
+            finally:
+                conn.close()
+
+    def _recv(self, conn, inc):
+        while not self.closed.is_set():
+            try:
+                data = conn.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                return False
+            inc.write(data)
+            return True
+        return False
+
+    def _serve(self, conn):
+        conn.settimeout(0.2)
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.ctx.wrap_bio(inc, out, server_side=True)
+        for _ in range(100):
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if out.pending:
+                    conn.sendall(out.read())
+                if not self._recv(conn, inc):
+                    return
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        h2c.initiate_connection()
+        tls.write(h2c.data_to_send())
+        conn.sendall(out.read())  # the tickets and the SETTINGS, in one send
+        bodies = {}
+        while self._recv(conn, inc):
+            plain = b""
+            while True:
+                try:
+                    plain += tls.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    return
+            for ev in h2c.receive_data(plain):
+                if isinstance(ev, h2.events.RequestReceived):
+                    bodies[ev.stream_id] = b""
+                elif isinstance(ev, h2.events.DataReceived):
+                    bodies[ev.stream_id] = bodies.get(ev.stream_id, b"") + ev.data
+                    h2c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    sid = ev.stream_id
+                    tls.write(h2c.data_to_send())
+                    h2c.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+                    tls.write(h2c.data_to_send())
+                    h2c.send_data(sid, bodies.pop(sid, b""))
+                    tls.write(h2c.data_to_send())
+                    h2c.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+                    self.answered += 1
+            pending = h2c.data_to_send()
+            if pending:
+                tls.write(pending)
+            if out.pending:
+                conn.sendall(out.read())
+
+
+class RecordsReadTogetherFromATlsBackendTest(H.SparkgateTestCase):
+    def test_records_arriving_together_from_a_tls_backend_are_all_read(self):
+        """A TLS backend reads ahead several records per read(): a backend
+        whose SETTINGS come with its session tickets, and whose answers
+        come as three records in one TCP send, has every call answered,
+        none left waiting in the TLS layer for bytes that will not come."""
+        be = RecordPerFrameTlsBackend()
+        self.addCleanup(be.close)
+        p = H.pki()
+        cfg = H.base_config(be.port, workers=1, backend_tls={"ca": p.ca_cert, "sni": "localhost"})
+        sg = self.start_sparkgate(cfg)
+        ch = H.tls_channel(sg.port("public"))
+        self.addCleanup(ch.close)
+        for i in range(20):
+            payload = b"call %d " % i + bytes(range(200))
+            r = H.call_unary(ch, "Config", payload, timeout=10)
+            self.assertEqual(r.code, grpc.StatusCode.OK, (i, r))
+            self.assertIn(payload, r.response, i)  # the request message, echoed
+        self.assertEqual(be.answered, 20)
+
 
 class TlsConnectionBreaksMidCall(H.SparkgateTestCase):
     def test_established_tls_connection_closing_is_not_called_a_handshake_failure(self):
