@@ -854,8 +854,21 @@ def target_table(res):
             m = res.median(ours, scen, "mbps")
             d = res.median(BASELINE, scen, "mbps")
             if m is not None and d:
-                add("%s MB/s vs direct" % scen, "%.0f%%%s" % (100 * m / d, cores(ours, scen)),
-                    "≥ 90%", m / d >= 0.9)
+                # `direct` is the ceiling only when it ran at least as fast
+                # as every TLS peer: its single transfers swing by tens of
+                # percent from run to run, and a slow one reads as "met".
+                faster = [(p, v) for p, v in ((p, res.median(p, scen, "mbps"))
+                                              for p in res.order if p != BASELINE)
+                          if v is not None and v > d]
+                value = "%.0f%%%s" % (100 * m / d, cores(ours, scen))
+                if faster:
+                    p, v = max(faster, key=lambda pv: pv[1])
+                    add("%s MB/s vs direct" % scen,
+                        "%s; no verdict: direct (%.0f MB/s) ran below %s (%.0f), "
+                        "so it was no ceiling in this run" % (value, d, p, v),
+                        "≥ 90%", None)
+                else:
+                    add("%s MB/s vs direct" % scen, value, "≥ 90%", m / d >= 0.9)
         for key, what in (("kib_per_conn_settings", "idle TLS h2 conn"),
                           ("kib_per_conn_call", "idle TLS h2 conn after 1 call")):
             m = res.median(ours, "idle", key)
