@@ -102,13 +102,14 @@ bool sg_h2io_flush_again(const sg_h2io *io) {
   return io->stopped && queued(io) < io->high_water;
 }
 
+/* A connection's flushes in a row before it lets the worker's other
+ * connections go: four high-water marks' worth of output. */
 #define FLUSH_ROUNDS 4
 
 int sg_h2io_flush_rounds(sg_h2io *io, nghttp2_session *session,
                          void (*resume)(void *owner), void *owner, bool *more) {
   int rv;
   int rounds = 0;
-  *more = false;
   do {
     if (sg_h2io_release_data(io))
       resume(owner);

@@ -486,9 +486,10 @@ SSL_CTX *sg_tls_server_ctx_new(const sg_listener_config *l, const char **key,
   if (ctx == NULL)
     return NULL;
   /* Several records per read(): an upload arrives in 16 KiB records, and
-   * one read for each record's header and another for its body is four
-   * syscalls per 16 KiB. The buffer goes back between reads
-   * (SSL_MODE_RELEASE_BUFFERS); conn.c takes the records a read left. */
+   * without it OpenSSL reads each record's 5-byte header, then its body,
+   * and libevent waits for the socket again between records. The buffer
+   * goes back between reads (SSL_MODE_RELEASE_BUFFERS); conn.c takes the
+   * records a read left. */
   SSL_CTX_set_read_ahead(ctx, 1);
   SSL_CTX_set_default_read_buffer_len(ctx, SG_TLS_READ_AHEAD_BYTES);
   if (SSL_CTX_use_certificate_chain_file(ctx, l->tls_cert_file) != 1) {

@@ -39,9 +39,10 @@ typedef struct sg_h2io {
   bool staging; /* inside sg_h2io_flush, writing to |stage| */
   /* A flush that finds |out| empty writes the stage itself: to
    * |write_fd| on cleartext, with SSL_write on |write_tls| when it is one
-   * record's worth or less, and only what is not written goes to |out|. The bufferevent would write it an event loop turn
-   * later, after asking epoll for write interest and dropping it again:
-   * two epoll_ctl calls and a wakeup per write. */
+   * record's worth or less, and only what is not written goes to |out|.
+   * The bufferevent would write it an event loop turn later, after asking
+   * epoll for write interest and dropping it again: two epoll_ctl calls
+   * and a wakeup per write. */
   bool write_through;
   int write_fd;
   SSL *write_tls;
@@ -91,6 +92,7 @@ int sg_h2io_flush(sg_h2io *io, nghttp2_session *session);
  * then (the bufferevent calls back only when output it holds drains):
  * the owner resumes what it held and flushes again. */
 bool sg_h2io_flush_again(const sg_h2io *io);
+
 /* What the owner of a session does to flush it: resumes the streams
  * sg_h2io_hold_data held, through |resume| (when the output has room
  * again), flushes, and again while sg_h2io_flush_again says so, up to
