@@ -541,18 +541,14 @@ class TlsRecordsReadTogetherTest(H.SparkgateTestCase):
         self.addCleanup(sock.close)
         inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls = H.client_ssl_context().wrap_bio(inc, out, server_hostname="localhost")
-        for _ in range(50):
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                if out.pending:
-                    sock.sendall(out.read())
-                data = sock.recv(65536)
-                self.assertTrue(data, "the server closed the connection in the handshake")
-                inc.write(data)
-        else:
-            self.fail("TLS handshake did not finish")
+
+        def receive():
+            data = sock.recv(65536)
+            inc.write(data)
+            return bool(data)
+
+        self.assertTrue(H.bio_handshake(tls, out, sock.sendall, receive),
+                        "TLS handshake did not finish")
         self.assertEqual(tls.selected_alpn_protocol(), "h2")
         conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))

@@ -341,15 +341,8 @@ class RecordPerFrameTlsBackend:
         conn.settimeout(0.2)
         inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls = self.ctx.wrap_bio(inc, out, server_side=True)
-        for _ in range(100):
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                if out.pending:
-                    conn.sendall(out.read())
-                if not self._recv(conn, inc):
-                    return
+        if not H.bio_handshake(tls, out, conn.sendall, lambda: self._recv(conn, inc)):
+            return
         h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         h2c.initiate_connection()
         tls.write(h2c.data_to_send())

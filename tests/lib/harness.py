@@ -726,6 +726,25 @@ def grpc_unframe(data):
     return out
 
 
+def bio_handshake(tls, out, send, receive, rounds=100):
+    """Drives the TLS handshake of |tls| (an ssl.SSLObject over memory
+    BIOs, |out| its outgoing one): what it writes goes out with send(bytes)
+    while it waits, and receive() feeds its incoming BIO (False: the peer
+    is gone). Returns whether the handshake finished. What its last step
+    wrote stays in |out|, unsent, for the caller to send with what follows
+    (the tests that need records arriving together)."""
+    for _ in range(rounds):
+        try:
+            tls.do_handshake()
+            return True
+        except ssl.SSLWantReadError:
+            if out.pending:
+                send(out.read())
+            if not receive():
+                return False
+    return False
+
+
 def client_ssl_context(alpn=("h2",), root=None, cert=None, key=None,
                        min_version=None, max_version=None, seclevel0=False):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
