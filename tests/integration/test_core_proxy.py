@@ -589,12 +589,7 @@ class TlsRecordsReadTogetherTest(H.SparkgateTestCase):
                           (sorted(set(calls) - ended), sorted(ended)))
             self.assertTrue(chunk, "the server closed the connection")
             inc.write(chunk)
-            plain = b""
-            while True:
-                try:
-                    plain += tls.read(65536)
-                except ssl.SSLWantReadError:
-                    break
+            plain, _ = H.bio_read_all(tls)
             for ev in conn.receive_data(plain):
                 sid = getattr(ev, "stream_id", None)
                 if isinstance(ev, h2.events.DataReceived):

@@ -349,14 +349,9 @@ class RecordPerFrameTlsBackend:
         conn.sendall(out.read())  # the tickets and the SETTINGS, in one send
         bodies = {}
         while self._recv(conn, inc):
-            plain = b""
-            while True:
-                try:
-                    plain += tls.read(65536)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLZeroReturnError:
-                    return
+            plain, closed = H.bio_read_all(tls)
+            if closed:
+                return
             for ev in h2c.receive_data(plain):
                 if isinstance(ev, h2.events.RequestReceived):
                     bodies[ev.stream_id] = b""

@@ -745,6 +745,20 @@ def bio_handshake(tls, out, send, receive, rounds=100):
     return False
 
 
+def bio_read_all(tls):
+    """All the plaintext |tls| (an ssl.SSLObject over memory BIOs) can give
+    from what its incoming BIO holds, and whether the peer closed the TLS
+    session (close_notify)."""
+    plain = b""
+    while True:
+        try:
+            plain += tls.read(65536)
+        except ssl.SSLWantReadError:
+            return plain, False
+        except ssl.SSLZeroReturnError:
+            return plain, True
+
+
 def client_ssl_context(alpn=("h2",), root=None, cert=None, key=None,
                        min_version=None, max_version=None, seclevel0=False):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
