@@ -283,47 +283,29 @@ class UpstreamTlsDiagnosticsTest(H.SparkgateTestCase):
 # ---------------------------------------------------------------------------
 # What the log says when an established TLS backend connection breaks
 
-class RecordPerFrameTlsBackend:
+class RecordPerFrameTlsBackend(RawBackend):
     """An h2 backend behind TLS (python ssl over memory BIOs) that puts
     every frame in a TLS record of its own and sends what each step made
     in one TCP send: its SETTINGS with the session tickets that follow the
-    handshake, and each answer's HEADERS, DATA and trailers together. One
-    connection at a time; every call is echoed with grpc-status 0."""
+    handshake, and each answer's HEADERS, DATA and trailers together. Every
+    call is echoed with grpc-status 0 (RawBackend's accept loop, its own
+    serving)."""
 
     def __init__(self):
         p = H.pki()
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(p.server_cert, p.server_key)
         self.ctx.set_alpn_protocols(["h2"])
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.closed = threading.Event()
         self.answered = 0
-        self.thread = threading.Thread(target=self._accept_loop, daemon=True)
-        self.thread.start()
+        super().__init__(["ok"])
 
-    def close(self):
-        self.closed.set()
-        self.thread.join(timeout=5)
-        self.sock.close()
-
-    def _accept_loop(self):
-        while not self.closed.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            try:
-                self._serve(conn)
-            except (OSError, ssl.SSLError, h2.exceptions.ProtocolError):
-                pass
-            finally:
-                conn.close()
+    def _serve(self, sock, index, behaviour):
+        try:
+            self._serve_tls(sock)
+        except (OSError, ssl.SSLError, h2.exceptions.ProtocolError):
+            pass
+        finally:
+            sock.close()
 
     def _recv(self, conn, inc):
         while not self.closed.is_set():
@@ -337,7 +319,7 @@ class RecordPerFrameTlsBackend:
             return True
         return False
 
-    def _serve(self, conn):
+    def _serve_tls(self, conn):
         conn.settimeout(0.2)
         inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls = self.ctx.wrap_bio(inc, out, server_side=True)
@@ -366,7 +348,8 @@ class RecordPerFrameTlsBackend:
                     h2c.send_data(sid, bodies.pop(sid, b""))
                     tls.write(h2c.data_to_send())
                     h2c.send_headers(sid, [("grpc-status", "0")], end_stream=True)
-                    self.answered += 1
+                    with self.lock:
+                        self.answered += 1
             pending = h2c.data_to_send()
             if pending:
                 tls.write(pending)
