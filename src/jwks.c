@@ -74,6 +74,7 @@ void sg_jwk_clear(sg_jwk *k) {
     OPENSSL_cleanse(k->material, k->material_len);
     free(k->material);
   }
+  EVP_PKEY_free(k->pkey);
   memset(k, 0, sizeof *k);
 }
 
@@ -279,6 +280,12 @@ static int pkey_to_jwk(EVP_PKEY *pk, const struct alg_info *ai, sg_jwk *out,
   memcpy(pem, data, (size_t)n);
   pem[n] = '\0';
   BIO_free(b);
+  if (EVP_PKEY_up_ref(pk) != 1) {
+    free(pem);
+    snprintf(err, errlen, "out of memory");
+    return -1;
+  }
+  out->pkey = pk;
   out->material = pem;
   out->material_len = (size_t)n;
   out->sig_len = sig_len;

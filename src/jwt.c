@@ -1444,7 +1444,8 @@ static bool fetchable_alg(const struct provider *p, const char *alg) {
   return p->alg_mask == 0 || (p->alg_mask & SG_JWK_ALG_BIT(a)) != 0;
 }
 
-/* Runs libjwt on exactly the bytes we checked, with the key we chose. */
+/* HMAC tokens of typ JWT: libjwt on exactly the bytes we checked, with
+ * the key we chose. */
 static bool libjwt_signature_ok(const sg_jwk *k, const char *token,
                                 size_t len) {
   char *copy = malloc(len + 1);
@@ -1483,35 +1484,35 @@ static const EVP_MD *alg_md(int jwt_alg) {
   }
 }
 
-/* The same check as libjwt's, made with OpenSSL, for tokens libjwt 1.10
- * refuses before their signature only because their typ is not "JWT"
- * (RFC 9068 access tokens: "at+jwt"). `input` is header.payload as sent;
- * `sig` the decoded signature, whose length already fits the key. */
-static bool openssl_signature_ok(const sg_jwk *k, const char *input,
-                                 size_t input_len, const unsigned char *sig,
-                                 size_t sig_len) {
-  const EVP_MD *md = alg_md(k->jwt_alg);
-  if (md == NULL || sig_len != k->sig_len || k->material_len > INT_MAX)
+/* An HMAC token libjwt 1.10 refuses before its signature only because its
+ * typ is not "JWT" (RFC 9068 access tokens: "at+jwt"): the same check as
+ * libjwt's, made with OpenSSL. `sig` is decoded and fits the key. */
+static bool hmac_signature_ok(const sg_jwk *k, const EVP_MD *md,
+                              const char *input, size_t input_len,
+                              const unsigned char *sig, size_t sig_len) {
+  if (k->material_len > INT_MAX)
     return false;
-  bool ok = false;
-  if (k->is_hmac) {
-    unsigned char mac[EVP_MAX_MD_SIZE];
-    unsigned int mac_len = 0;
-    ok = HMAC(md, k->material, (int)k->material_len,
-              (const unsigned char *)input, input_len, mac, &mac_len) != NULL &&
-         mac_len == sig_len && CRYPTO_memcmp(mac, sig, sig_len) == 0;
-    OPENSSL_cleanse(mac, sizeof mac);
-    ERR_clear_error();
-    return ok;
-  }
-  BIO *b = BIO_new_mem_buf(k->material, (int)k->material_len);
-  EVP_PKEY *pk = b != NULL ? PEM_read_bio_PUBKEY(b, NULL, sg_tls_no_passphrase_cb, NULL) : NULL;
-  BIO_free(b);
-  EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  unsigned int mac_len = 0;
+  bool ok = HMAC(md, k->material, (int)k->material_len,
+                 (const unsigned char *)input, input_len, mac, &mac_len) !=
+                NULL &&
+            mac_len == sig_len && CRYPTO_memcmp(mac, sig, sig_len) == 0;
+  OPENSSL_cleanse(mac, sizeof mac);
+  return ok;
+}
+
+/* RSA and EC tokens are checked with OpenSSL against the key parsed at
+ * load, never by libjwt: libjwt 1.10 parses the PEM again for every
+ * token, 350 us of OpenSSL 3's decoder that any forged token would cost
+ * us. `input` is header.payload as sent; `sig` decoded, fitting the key. */
+static bool pkey_signature_ok(const sg_jwk *k, const EVP_MD *md,
+                              const char *input, size_t input_len,
+                              const unsigned char *sig, size_t sig_len) {
   unsigned char *der = NULL;
   const unsigned char *vsig = sig;
   size_t vlen = sig_len;
-  if (pk != NULL && EVP_PKEY_get_base_id(pk) == EVP_PKEY_EC) {
+  if (EVP_PKEY_get_base_id(k->pkey) == EVP_PKEY_EC) {
     /* JWS carries r || s (RFC 7518 §3.4); OpenSSL verifies DER. */
     size_t half = sig_len / 2;
     ECDSA_SIG *es = ECDSA_SIG_new();
@@ -1528,13 +1529,31 @@ static bool openssl_signature_ok(const sg_jwk *k, const char *input,
     vsig = der;
     vlen = der_len > 0 ? (size_t)der_len : 0;
   }
-  ok = pk != NULL && ctx != NULL && vsig != NULL && vlen > 0 &&
-       EVP_DigestVerifyInit(ctx, NULL, md, NULL, pk) == 1 &&
-       EVP_DigestVerify(ctx, vsig, vlen, (const unsigned char *)input,
-                        input_len) == 1;
+  EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+  bool ok = ctx != NULL && vsig != NULL && vlen > 0 &&
+            EVP_DigestVerifyInit(ctx, NULL, md, NULL, k->pkey) == 1 &&
+            EVP_DigestVerify(ctx, vsig, vlen, (const unsigned char *)input,
+                             input_len) == 1;
   OPENSSL_free(der);
   EVP_MD_CTX_free(ctx);
-  EVP_PKEY_free(pk);
+  return ok;
+}
+
+/* `sig` is the decoded signature, whose length already fits the key. */
+static bool signature_ok(const sg_jwk *k, bool typ_is_jwt, const char *token,
+                         size_t len, size_t input_len,
+                         const unsigned char *sig, size_t sig_len) {
+  if (k->is_hmac && typ_is_jwt)
+    return libjwt_signature_ok(k, token, len);
+  const EVP_MD *md = alg_md(k->jwt_alg);
+  if (md == NULL || sig_len != k->sig_len)
+    return false;
+  bool ok = k->pkey != NULL
+                ? pkey_signature_ok(k, md, token, input_len, sig, sig_len)
+                : k->is_hmac &&
+                      hmac_signature_ok(k, md, token, input_len, sig, sig_len);
+  /* A failed verification leaves OpenSSL's reasons queued on this worker
+   * thread, where they would be taken for the cause of its next TLS error. */
   ERR_clear_error();
   return ok;
 }
@@ -1719,11 +1738,9 @@ int sg_jwt_verify(const sg_jwt_verifier *v, const char *token, size_t len,
     goto done;
   }
   /* buf held the payload since; the signature is decoded again. */
-  if (!(typ_is_jwt ? libjwt_signature_ok(key, token, len)
-                   : sg_b64url_decode(d2 + 1, slen, buf) == sig_n &&
-                         openssl_signature_ok(key, token,
-                                              (size_t)(d2 - token), buf,
-                                              (size_t)sig_n))) {
+  if (!(sg_b64url_decode(d2 + 1, slen, buf) == sig_n &&
+        signature_ok(key, typ_is_jwt, token, len, (size_t)(d2 - token), buf,
+                     (size_t)sig_n))) {
     reason = SG_JWT_BAD_SIGNATURE;
     detail = "signature does not verify";
     /* A provider's only key has no kid, so it was tried for this token's

@@ -1,7 +1,7 @@
 /* Key material for JWT verification: PEM public keys, HMAC secret files and
- * JWKS files, each turned into the exact bytes libjwt 1.10 wants (a
- * "PUBLIC KEY" PEM for RSA/EC, the raw secret for HMAC) and pinned to one
- * algorithm. Also the strict base64url decoder the verifier uses, because
+ * JWKS files, each pinned to one algorithm and held as what verifies it:
+ * an RSA/EC key parsed once (with its "PUBLIC KEY" PEM, by which reloads
+ * compare keys), or the raw HMAC secret libjwt 1.10 takes. Also the strict base64url decoder the verifier uses, because
  * libjwt's own decoder accepts padding, garbage and non-canonical input.
  *
  * Everything here runs at load time except sg_b64url_decode. Nothing here
@@ -10,6 +10,7 @@
 #define SPARKGATE_JWKS_H
 
 #include <jansson.h>
+#include <openssl/types.h>
 #include <stddef.h>
 
 /* Largest file we read as a PEM key or HMAC secret, and as a JWKS. */
@@ -25,8 +26,11 @@ typedef struct sg_jwk {
   int jwt_alg;             /* the same as libjwt's jwt_alg_t */
   int is_hmac;             /* material is a secret, not a PEM */
   unsigned char *material; /* owned; PEM text (NUL-terminated) or secret */
-  size_t material_len;     /* bytes handed to jwt_decode (PEM without NUL) */
+  size_t material_len;     /* PEM without its NUL, or the secret */
   size_t sig_len;          /* exact raw signature length for this key */
+  /* Owned; the public key parsed once, at load (NULL for HMAC): parsing
+   * the PEM is 350 us of OpenSSL 3's decoder, verifying with it 25-100. */
+  EVP_PKEY *pkey;
 } sg_jwk;
 
 /* Same shape as sg_jwt_report_fn: receives one complete error message. */

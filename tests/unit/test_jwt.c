@@ -851,6 +851,76 @@ static void test_tampering(const sg_jwt_verifier *v) {
   free(p);
 }
 
+/* EC signatures are r || s, turned into DER for OpenSSL by sparkgate
+ * itself (libjwt no longer sees RSA and EC tokens): every rearrangement
+ * of a good signature, and the degenerate ones, must fail. */
+static void test_ec_signature_forms(const sg_jwt_verifier *v) {
+  char *h = hdr("ES256", "e1");
+  char *p = claims(CORP, NULL);
+  char *tok = mint(&S_EC256, h, p);
+  sg_jwt_result r;
+  CHECK_REASON(verify_tok(v, tok, &r), SG_JWT_OK);
+  sg_jwt_result_clear(&r);
+  unsigned char sig[64];
+  const char *sb = strrchr(tok, '.') + 1;
+  CHECK(sg_b64url_decode(sb, strlen(sb), sig) == 64);
+  unsigned char forms[4][64];
+  memcpy(forms[0], sig + 32, 32); /* s || r */
+  memcpy(forms[0] + 32, sig, 32);
+  memset(forms[1], 0, 64);        /* r = s = 0 */
+  memset(forms[2], 0xff, 64);     /* both above the group order */
+  memcpy(forms[3], sig, 32);      /* r || r */
+  memcpy(forms[3] + 32, sig, 32);
+  for (size_t i = 0; i < 4; i++) {
+    char *b = b64url(forms[i], 64);
+    char *t = replace_part(tok, 2, b);
+    CHECK_REASON(verify_tok(v, t, &r), SG_JWT_BAD_SIGNATURE);
+    sg_jwt_result_clear(&r);
+    free(t);
+    free(b);
+  }
+  /* The same signature over another payload. */
+  char *p2 = claims(CORP, ",\"x\":1");
+  char *p2b = b64url((const unsigned char *)p2, strlen(p2));
+  char *t2 = replace_part(tok, 1, p2b);
+  CHECK_REASON(verify_tok(v, t2, &r), SG_JWT_BAD_SIGNATURE);
+  free(t2);
+  free(p2b);
+  free(p2);
+  free(tok);
+  free(p);
+  free(h);
+}
+
+/* RSA and EC keys are parsed once, when loaded; HMAC secrets stay bytes. */
+static void test_keys_parsed_at_load(void) {
+  char err[256];
+  sg_jwk k;
+  CHECK(sg_jwk_from_pem_file(FIX "/rsa1.pub.pem", "RS256", &k, err,
+                             sizeof err) == 0);
+  CHECK(k.pkey != NULL && EVP_PKEY_get_base_id(k.pkey) == EVP_PKEY_RSA);
+  sg_jwk_clear(&k);
+  CHECK(k.pkey == NULL);
+  /* A certificate's key. */
+  CHECK(sg_jwk_from_pem_file(FIX "/ec256.crt", "ES256", &k, err, sizeof err) ==
+        0);
+  CHECK(k.pkey != NULL && EVP_PKEY_get_base_id(k.pkey) == EVP_PKEY_EC);
+  sg_jwk_clear(&k);
+  CHECK(sg_jwk_from_secret_file(FIX "/hmac.key", "HS256", &k, err,
+                                sizeof err) == 0);
+  CHECK(k.pkey == NULL && k.is_hmac);
+  sg_jwk_clear(&k);
+  /* A JWK built from its numbers. */
+  json_t *jwk = json_pack(
+      "{s:s, s:s, s:s, s:s}", "kty", "EC", "crv", "P-256", "x",
+      "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y",
+      "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0");
+  CHECK(jwk != NULL && sg_jwk_from_json(jwk, &k, err, sizeof err) == 0);
+  CHECK(k.pkey != NULL && EVP_PKEY_get_base_id(k.pkey) == EVP_PKEY_EC);
+  sg_jwk_clear(&k);
+  json_decref(jwk);
+}
+
 static void test_duplicates(const sg_jwt_verifier *v) {
   CHECK_REASON(tryf(v, &S_RSA1, hdr("RS256", "r1"),
                     fmt("{\"iss\":\"" CORP "\",\"sub\":\"a\",\"sub\":\"b\","
@@ -2000,6 +2070,7 @@ int main(void) {
   test_issuer_audience(v);
   test_alg_attacks(v);
   test_tampering(v);
+  test_ec_signature_forms(v);
   test_access_token_typ(v);
   test_duplicates(v);
   test_oversized(v);
@@ -2008,6 +2079,7 @@ int main(void) {
   sg_jwt_verifier_unref(v);
 
   test_load_errors();
+  test_keys_parsed_at_load();
   test_jwks_errors();
   test_other_algs();
   test_generation();
