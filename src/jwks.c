@@ -1,8 +1,9 @@
-/* Key loading for the JWT verifier. Every key ends up as bytes libjwt 1.10
- * can take (it only knows PEM text and raw HMAC secrets), pinned to the one
+/* Key loading for the JWT verifier. Every key ends up pinned to the one
  * algorithm it may verify, with the raw signature length that algorithm
- * produces so the verifier can refuse odd signatures before libjwt sees
- * them. */
+ * produces so the verifier can refuse odd signatures before checking
+ * them: an RSA or EC key parsed once (and its PEM text, one block, by
+ * which a reload tells a key it already has), or a raw HMAC secret as
+ * libjwt 1.10 takes it. */
 #include "sparkgate/jwks.h"
 
 #include "sparkgate/jsonload.h"
@@ -260,8 +261,8 @@ static int pkey_to_jwk(EVP_PKEY *pk, const struct alg_info *ai, sg_jwk *out,
   size_t sig_len = 0;
   if (check_pkey(pk, ai, &sig_len, err, errlen) != 0)
     return -1;
-  /* Re-encode: libjwt reads the first PUBLIC KEY block, so hand it exactly
-   * one, whatever the input file held around it. */
+  /* Re-encode: the same key compares equal (sg_jwk_equal) whatever the
+   * input file held around it, or however a JWKS spelled it. */
   BIO *b = BIO_new(BIO_s_mem());
   char *data = NULL;
   long n;

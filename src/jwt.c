@@ -1,4 +1,5 @@
-/* JWT verification around libjwt 1.10's signature check. See jwt.h for
+/* JWT verification: everything around the signature check (libjwt 1.10
+ * for HMAC, OpenSSL with the parsed key for RSA and EC). See jwt.h for
  * why each step exists; the short version is that libjwt trusts the token
  * for everything but the signature bytes, so we decide everything else. */
 #include "sparkgate/jwt.h"

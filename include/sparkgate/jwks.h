@@ -1,8 +1,9 @@
 /* Key material for JWT verification: PEM public keys, HMAC secret files and
  * JWKS files, each pinned to one algorithm and held as what verifies it:
  * an RSA/EC key parsed once (with its "PUBLIC KEY" PEM, by which reloads
- * compare keys), or the raw HMAC secret libjwt 1.10 takes. Also the strict base64url decoder the verifier uses, because
- * libjwt's own decoder accepts padding, garbage and non-canonical input.
+ * compare keys), or the raw HMAC secret libjwt 1.10 takes. Also the strict
+ * base64url decoder the verifier uses, because libjwt's own decoder
+ * accepts padding, garbage and non-canonical input.
  *
  * Everything here runs at load time except sg_b64url_decode. Nothing here
  * logs key bytes. */
