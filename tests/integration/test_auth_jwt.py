@@ -13,8 +13,10 @@ signature; unknown kid; duplicate claims; tokens over max_token_bytes and
 1 MiB / 16 MiB tokens against the header-list cap (the process survives);
 two authorization fields; authorization in request trailers; no token and
 non-Bearer schemes; spoofed identity headers stripped and underscore
-aliases refused; the verified-token cache; key rotation by SIGHUP during
-an active stream, and a broken key file on SIGHUP keeping the old keys.
+aliases refused; the verified-token cache; fresh RS256 and ES256 tokens
+(PEM and JWKS keys, each parsed once at load) verified by both workers at
+once, forged ones in between; key rotation by SIGHUP during an active
+stream, and a broken key file on SIGHUP keeping the old keys.
 
 Every denial is checked three ways: grpc-status 16 with the generic
 message, a `rejected: unauthenticated: <reason>` log line naming the
@@ -354,6 +356,82 @@ class JwtTest(AuthCase):
         tok = mint(idp.jwks_a, "RS256", claims(ISS_JWKS), kid="k-ec")
         self.assert_denied(self.ch, bearer(tok), "jwt_invalid: bad_alg")
         self.assert_upstream_only(ok + [self.control()])
+
+    def worker_of_channel(self, ch):
+        """The worker carrying |ch|'s connection: a denied call's log line
+        names the connection, whose id is n * 256 + the worker's index."""
+        tag = self.tag()
+        path = SERVICE + "WhichWorker_" + re.sub(r"\W", "_", tag)
+        mark = self.sg.mark()
+        r = H.call_unary(ch, path, b"", [("x-test-case", tag)])
+        self.assertEqual(r.code, grpc.StatusCode.UNAUTHENTICATED, r)
+        m = self.sg.wait_for_log(r"conn=(\d+) .*path=%s: rejected: unauthenticated" %
+                                 re.escape(path), timeout=5, since=mark)
+        return int(m.group(1)) % 256
+
+    def test_fresh_tokens_on_both_workers_at_once(self):
+        # RSA and EC keys are parsed once, at load, and shared by the
+        # workers: both verify with them at the same time, every token new
+        # (no verified-token cache hit), keys from PEM files and from a
+        # JWKS, with forged tokens in between.
+        idp = self.idp
+        channels = {0: [], 1: []}
+        for _ in range(40):  # bounded: until each worker holds 3 connections
+            if min(len(c) for c in channels.values()) >= 3:
+                break
+            ch = H.tls_channel(self.port)
+            self.addCleanup(ch.close)
+            channels[self.worker_of_channel(ch)].append(ch)
+        self.assertGreaterEqual(min(len(c) for c in channels.values()), 3,
+                                "connections did not reach both workers")
+        kinds = (
+            (lambda sub: idp.rs256(sub), "corp-rsa"),
+            (lambda sub: idp.es256(sub), "corp-ec"),
+            (lambda sub: mint(idp.jwks_a, "RS256", claims(ISS_JWKS, sub), kid="k-a"),
+             "corp-jwks"),
+            (lambda sub: mint(idp.jwks_ec, "ES256", claims(ISS_JWKS, sub), kid="k-ec"),
+             "corp-jwks"),
+        )
+        forged = (
+            mint(idp.jwks_b, "RS256", claims(ISS_JWKS, "forged"), kid="k-a"),
+            mint(new_ec(), "ES256", claims(ISS_EC, "forged"), kid="ec-1"),
+        )
+        jobs = []
+        for w, chs in channels.items():
+            for i, ch in enumerate(chs[:3]):
+                calls = []
+                for n in range(12):
+                    sub = "w%d-c%d-n%d" % (w, i, n)
+                    make, provider = kinds[n % len(kinds)]
+                    calls.append((sub, provider, make(sub)))
+                jobs.append((ch, calls))
+        results = []
+        lock = threading.Lock()
+
+        def run(ch, calls):
+            for n, (sub, provider, tok) in enumerate(calls):
+                tag = "fresh-" + sub
+                r = H.call_unary(ch, "AnalyzePlan", tag.encode(),
+                                 bearer(tok) + [("x-test-case", tag)])
+                bad = H.call_unary(ch, "AnalyzePlan", b"forged",
+                                   bearer(forged[n % 2]) + [("x-test-case", "forged-" + sub)])
+                with lock:
+                    results.append((sub, provider, tag, r, bad))
+
+        threads = [threading.Thread(target=run, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(len(results), 6 * 12, "calls did not finish")
+        for sub, provider, tag, r, bad in results:
+            self.assertEqual(r.code, grpc.StatusCode.OK, (sub, r))
+            self.assertEqual(r.response, tag.encode(), sub)
+            self.assert_identity(self.record_for(tag), sub, "jwt", provider)
+            self.assertEqual(bad.code, grpc.StatusCode.UNAUTHENTICATED, (sub, bad))
+        self.assertEqual([c for c in self.up.calls()
+                          if (c.header("x-test-case") or "").startswith("forged-")], [])
+        self.assertTrue(self.sg.alive())
 
     # -- claims ------------------------------------------------------------------
     def test_time_claims(self):
