@@ -9,17 +9,14 @@
 #include "sparkgate/keyfetch.h"
 #include "sparkgate/memcache.h"
 #include "sparkgate/route.h"
-#include "sparkgate/tls.h"
 
 #include <jwt.h>
 #include <limits.h>
-#include <openssl/bio.h>
 #include <openssl/crypto.h>
 #include <openssl/ec.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
-#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <pthread.h>
 #include <stdarg.h>
