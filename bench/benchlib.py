@@ -855,8 +855,8 @@ def target_table(res):
             d = res.median(BASELINE, scen, "mbps")
             if m is not None and d:
                 # `direct` is the ceiling only when it ran at least as fast
-                # as every TLS peer: its single transfers swing by tens of
-                # percent from run to run, and a slow one reads as "met".
+                # as every TLS peer; a slow one (its file read from the disk
+                # before bench/run warmed the page cache) read as "met".
                 faster = [(p, v) for p, v in ((p, res.median(p, scen, "mbps"))
                                               for p in res.order if p != BASELINE)
                           if v is not None and v > d]

@@ -175,9 +175,8 @@ class Tables(BenchCase):
                                 "printed ceiling below the measured ratio:\n" + text)
 
     def test_bulk_target_has_no_verdict_when_direct_ran_below_a_tls_peer(self):
-        """`direct`'s single transfers swing by tens of percent: a run
-        where direct's download is slower than a proxy doing TLS (614 MB/s
-        against 1150) is no ceiling, and the target row must not read
+        """A run where direct's download is slower than a proxy doing TLS
+        (614 MB/s against 1150: its file read from the disk) is no ceiling, and the target row must not read
         "met" at 187%; with direct the fastest, the verdict stands."""
         rows = [{"peer": "direct", "scenario": "download", "run": 1, "ok": True, "mbps": 614.0},
                 {"peer": "sparkgate", "scenario": "download", "run": 1, "ok": True,
