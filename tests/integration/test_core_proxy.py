@@ -663,6 +663,28 @@ class TlsClientThatStopsReadingTest(H.SparkgateTestCase):
         self.assertEqual(h.hexdigest(), H.stream_sha256(seed, total, chunk))
         self.assertEqual(r.trailer("x-standin-sha256"), h.hexdigest())
 
+    def test_stream_through_a_window_smaller_than_a_record_arrives_byte_exact(self):
+        """A stream window of 7,001 bytes cuts every DATA frame short of the
+        16 KiB buffer chains the proxy lays a TLS response out in: it sends
+        part of a chain, then the rest with its header in front, and the
+        stream of 64 KiB messages arrives whole, byte for byte."""
+        up = self.standin()
+        sg = self.start_sparkgate(H.base_config(up.port, workers=1))
+        c = H.H2Client(sg.port("public"), timeout=60)
+        self.addCleanup(c.close)
+        c.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 7001})
+        c._flush()
+        total, chunk, seed = 3 * MIB + 17, 65536 - 5, 9
+        md = H.standin_md("stream", bytes=total, chunk=chunk, seed=seed)
+        sid = c.start(c.grpc_headers(SERVICE + "ExecutePlan", extra=list(md)),
+                      H.grpc_frame(b"narrow"))
+        r = c.wait(sid)
+        self.assertEqual(r.trailer("grpc-status"), "0", r)
+        messages = H.grpc_unframe(r.data)
+        self.assertEqual(sum(len(m) for m in messages), total)
+        h = hashlib.sha256(b"".join(messages))
+        self.assertEqual(h.hexdigest(), H.stream_sha256(seed, total, chunk))
+
 
 class InsecureListenerTest(H.SparkgateTestCase):
     def test_h2c_listener_works_and_is_logged_insecure(self):
