@@ -61,7 +61,12 @@ _Static_assert(SG_H2IO_TLS_DATA_MAX + 9 == RECORD_MAX, "a DATA frame fills one r
  * with its header (libevent rounds the chain and its header up to a power
  * of two), whose space then holds a frame that fits one record. */
 #define LAID_OUT_REQUEST (RECORD_MAX - 256)
-#define LAID_OUT_MIN 4096
+/* Smaller pieces are appended as they come, and smaller frames copied. A
+ * chain moves to the output with the whole of its 16 KiB allocation: at
+ * half full or more, output held for a client that does not read costs at
+ * most twice its bytes, as the output's own chains could; a small reply is
+ * cheaper copied next to its HEADERS than moved in a chain of its own. */
+#define LAID_OUT_MIN 8192
 
 int sg_h2io_add_payload(const sg_h2io *io, struct evbuffer *buf, size_t *room,
                         const uint8_t *data, size_t len) {
@@ -69,9 +74,6 @@ int sg_h2io_add_payload(const sg_h2io *io, struct evbuffer *buf, size_t *room,
     return evbuffer_add(buf, data, len);
   if (evbuffer_get_length(buf) == 0) {
     *room = 0; /* its chains went out: the next bytes start a frame */
-    /* A small reply (most calls) is cheaper copied next to its HEADERS,
-     * in the chain the copy path fills, than moved in a chain of its own
-     * that the flush would then gather with them. */
     if (len < LAID_OUT_MIN)
       return evbuffer_add(buf, data, len);
   }
@@ -147,8 +149,9 @@ int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
   if (keep != NULL && length > 0 && copy_prefix(keep, payload, length) != 0)
     return NGHTTP2_ERR_CALLBACK_FAILURE;
   size_t padlen = frame->data.padlen;
-  /* Below LAID_OUT_MIN the bytes may not be laid out (a small reply), and
-   * trying would cost evbuffer_prepend a chain: copied, they cost less. */
+  /* Below LAID_OUT_MIN the bytes may not be laid out (a small reply:
+   * trying would cost evbuffer_prepend a chain), or would hold a mostly
+   * empty chain in the output: they are copied. */
   if (io->copy_payload && padlen == 0 && length >= LAID_OUT_MIN && io->scratch != NULL &&
       move_laid_out(out, payload, framehd, length))
     return 0;

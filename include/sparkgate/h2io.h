@@ -83,7 +83,9 @@ int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
  * provider sends from. With |io->copy_payload| (TLS) they go into chains
  * that each hold one frame's payload, at most SG_H2IO_TLS_DATA_MAX bytes,
  * behind room for its header, so that sg_h2io_send_data moves the chain
- * to the output instead of copying the bytes. |*room| is what the last
+ * to the output instead of copying the bytes (a piece under 8 KiB onto
+ * an empty |buf|, such as a small reply, is appended as it comes, and
+ * frames under 8 KiB are copied). |*room| is what the last
  * chain of |buf| still takes, kept by the caller with |buf| (0 at first).
  * Returns 0 or -1 (out of memory; |buf| may hold part of the bytes). */
 int sg_h2io_add_payload(const sg_h2io *io, struct evbuffer *buf, size_t *room,

@@ -158,8 +158,8 @@ static void test_tls_laid_out_payload_moves(void) {
   static uint8_t src[600000];
   pattern_fill(src, sizeof src, 11);
   static const size_t pieces[] = {100,  16384, 16384, 7,     40000, 3000, 16393,
-                                  1,    70000, 5000,  16320, 16321, 9,    4095,
-                                  4096, 32768, 65536, 123,   200000};
+                                  1,    70000, 5000,  16320, 16321, 9,    8191,
+                                  8192, 32768, 65536, 123,   200000};
   size_t fed = 0, sent = 0, room = 0;
   int moved = 0, frames = 0;
   for (size_t i = 0; i < sizeof pieces / sizeof pieces[0]; i++) {
@@ -206,14 +206,24 @@ static void test_tls_laid_out_payload_moves(void) {
       break;
   }
   CHECK(got == fed);
-  /* A small reply onto an empty buffer is appended as it comes. */
+  /* A small reply onto an empty buffer is appended as it comes, and a
+   * frame under 8 KiB is copied: a chain moved with it would hold 16 KiB
+   * in the output for its few bytes. */
   room = 0;
   CHECK(sg_h2io_add_payload(&io, payload, &room, src, 80) == 0);
   CHECK(room == 0 && evbuffer_get_length(payload) == 80);
   CHECK(send_next(&io, payload, 16384, &moved) == 80);
+  CHECK(sg_h2io_add_payload(&io, payload, &room, src, 8191) == 0);
+  CHECK(room == 0);
+  int before = moved;
+  CHECK(send_next(&io, payload, 16384, &moved) == 8191 && moved == before);
+  CHECK(sg_h2io_add_payload(&io, payload, &room, src, 8192) == 0);
+  CHECK(room > 0);
+  CHECK(send_next(&io, payload, 16384, &moved) == 8192 && moved == before + 1);
   evbuffer_drain(io.out, evbuffer_get_length(io.out));
   /* Cleartext appends as it comes: its send moves chains anyway. */
   sg_h2io plain = {.out = io.out, .high_water = 1u << 30, .copy_payload = false};
+  room = 0;
   CHECK(sg_h2io_add_payload(&plain, payload, &room, src, 30000) == 0);
   CHECK(room == 0 && evbuffer_get_length(payload) == 30000);
   CHECK(sg_h2io_next_payload(&plain, payload, 30000, 16384) == 16384);
