@@ -552,11 +552,14 @@ async def idle_main(args):
     await asyncio.sleep(args.settle)
     after_call = rss_kib(args.pid)
 
-    # Then some connections work for a while (their HPACK tables fill, and
-    # whatever a proxy keeps per connection after calls): what a gateway's
-    # idle connections cost once their notebooks have run queries.
+    # Then some connections work for a while: what a gateway's idle
+    # connections cost once their notebooks have run queries. One call at
+    # a time per connection, as many connections at once as in the 1-call
+    # phase: the process-wide caches (free lists, pools), which the 1-call
+    # phase already grew for that many calls in flight, have no reason to
+    # grow again and be counted per connection.
     busy = conns[:min(args.busy_conns, len(conns))]
-    batches = [[token] * 10 for _ in range(max(args.busy_calls // 10, 1))]
+    batches = [[token] for _ in range(max(args.busy_calls, 1))]
 
     async def work(c):
         nonlocal calls_ok
@@ -591,7 +594,7 @@ async def idle_main(args):
     r = {"peer": args.peer, "scenario": "idle", "run": args.run, "conns": n,
          "open_s": open_s, "rss_before_kib": before, "rss_settings_kib": after_settings,
          "rss_call_kib": after_call, "rss_busy_kib": after_busy, "busy_conns": len(busy),
-         "busy_calls": 10 * len(batches), "calls_ok": calls_ok, "alive": alive}
+         "busy_calls": len(batches), "calls_ok": calls_ok, "alive": alive}
     notes = []
     if errors:
         notes.append("%d of %d connections failed (%s)" % (len(errors), args.conns, errors[0]))
@@ -1077,7 +1080,7 @@ def main():
     p.add_argument("--busy-conns", type=int, default=100,
                    help="connections that then make --busy-calls more calls")
     p.add_argument("--busy-calls", type=int, default=100,
-                   help="in batches of 10 concurrent calls")
+                   help="one after the other on each connection")
     p.add_argument("--token", required=True)
     p.add_argument("--body", required=True)
     p.set_defaults(fn=cmd_idle)
