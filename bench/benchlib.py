@@ -538,17 +538,17 @@ async def idle_main(args):
 
     calls_ok, call_errors = 0, []
 
-    async def call(c):
+    async def calls(c, batches, timeout):
         nonlocal calls_ok
         async with sem:
             try:
-                n, bad = await run_calls(c, args.port, [[token]], body, 30)
+                n, bad = await run_calls(c, args.port, batches, body, timeout)
                 calls_ok += n
                 call_errors.extend(bad)
             except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
                 call_errors.append(type(e).__name__)
 
-    await asyncio.gather(*(call(c) for c in conns))
+    await asyncio.gather(*(calls(c, [[token]], 30) for c in conns))
     await asyncio.sleep(args.settle)
     after_call = rss_kib(args.pid)
 
@@ -560,18 +560,7 @@ async def idle_main(args):
     # grow again and be counted per connection.
     busy = conns[:min(args.busy_conns, len(conns))]
     batches = [[token] for _ in range(max(args.busy_calls, 1))]
-
-    async def work(c):
-        nonlocal calls_ok
-        async with sem:
-            try:
-                n, bad = await run_calls(c, args.port, batches, body, 60)
-                calls_ok += n
-                call_errors.extend(bad)
-            except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
-                call_errors.append(type(e).__name__)
-
-    await asyncio.gather(*(work(c) for c in busy))
+    await asyncio.gather(*(calls(c, batches, 60) for c in busy))
     await asyncio.sleep(args.settle)
     after_busy = rss_kib(args.pid)
     # Still open? A proxy that dropped idle connections would look cheap.
