@@ -1063,7 +1063,6 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
   c->io.out = bufferevent_get_output(c->bev);
   c->io.high_water = SG_CONN_OUTPUT_HIGH_WATER;
   c->io.copy_payload = c->ssl != NULL;
-  c->io.scratch = c->ssl != NULL ? c->worker->h2_scratch : NULL;
   c->io.stage = c->worker->h2_stage;
   c->io.write_fd = fd;
   c->io.write_tls = c->ssl; /* used once established: flushes need a session */

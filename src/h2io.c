@@ -53,95 +53,6 @@ bool sg_h2io_release_data(sg_h2io *io) {
   return true;
 }
 
-/* TLS's largest record payload. */
-#define RECORD_MAX 16384
-_Static_assert(SG_H2IO_TLS_DATA_MAX + 9 == RECORD_MAX, "a DATA frame fills one record");
-
-/* What sg_h2io_add_payload asks libevent for: a chain allocated as 16 KiB
- * with its header (libevent rounds the chain and its header up to a power
- * of two), whose space then holds a frame that fits one record. */
-#define LAID_OUT_REQUEST (RECORD_MAX - 256)
-/* Smaller pieces are appended as they come, and smaller frames copied. A
- * chain moves to the output with the whole of its 16 KiB allocation: at
- * half full or more, output held for a client that does not read costs at
- * most twice its bytes, as the output's own chains could; a small reply is
- * cheaper copied next to its HEADERS than moved in a chain of its own. */
-#define LAID_OUT_MIN 8192
-
-int sg_h2io_add_payload(const sg_h2io *io, struct evbuffer *buf, size_t *room,
-                        const uint8_t *data, size_t len) {
-  if (!io->copy_payload || io->scratch == NULL)
-    return evbuffer_add(buf, data, len);
-  if (evbuffer_get_length(buf) == 0) {
-    *room = 0; /* its chains went out: the next bytes start a frame */
-    if (len < LAID_OUT_MIN)
-      return evbuffer_add(buf, data, len);
-  }
-  while (len > 0) {
-    if (*room > 0) {
-      /* Fits the last chain's space: libevent appends there. */
-      size_t n = len < *room ? len : *room;
-      if (evbuffer_add(buf, data, n) != 0)
-        return -1;
-      *room -= n;
-      data += n;
-      len -= n;
-      continue;
-    }
-    struct evbuffer_iovec v;
-    if (evbuffer_reserve_space(io->scratch, LAID_OUT_REQUEST, &v, 1) != 1)
-      return -1;
-    size_t cap = (v.iov_len < RECORD_MAX ? v.iov_len : RECORD_MAX) - 9;
-    size_t n = len < cap ? len : cap;
-    memcpy((uint8_t *)v.iov_base + 9, data, n);
-    v.iov_len = 9 + n;
-    /* The chain then starts 9 bytes in: evbuffer_prepend writes a frame
-     * header there without moving anything. */
-    if (evbuffer_commit_space(io->scratch, &v, 1) != 0 ||
-        evbuffer_drain(io->scratch, 9) != 0 || evbuffer_add_buffer(buf, io->scratch) != 0) {
-      evbuffer_drain(io->scratch, evbuffer_get_length(io->scratch));
-      return -1;
-    }
-    *room = cap - n;
-    data += n;
-    len -= n;
-  }
-  return 0;
-}
-
-size_t sg_h2io_next_payload(const sg_h2io *io, struct evbuffer *buf, size_t avail,
-                            size_t length) {
-  length = sg_h2io_data_max(io, length);
-  size_t n = avail < length ? avail : length;
-  if (n >= LAID_OUT_MIN && io->scratch != NULL) {
-    struct evbuffer_iovec v;
-    if (evbuffer_peek(buf, -1, NULL, &v, 1) >= 1 && v.iov_len < n)
-      n = v.iov_len;
-  }
-  return n;
-}
-
-/* The zero-copy step on TLS: when |length| is the whole first chain of
- * |payload|, the frame header goes into the room before it and the chain
- * moves to |out|. Returns false, with |payload| as it was, when the bytes
- * are not laid out so (the caller copies them). */
-static bool move_laid_out(struct evbuffer *out, struct evbuffer *payload,
-                          const uint8_t *framehd, size_t length) {
-  struct evbuffer_iovec v;
-  if (evbuffer_peek(payload, -1, NULL, &v, 1) < 1 || v.iov_len != length ||
-      evbuffer_prepend(payload, framehd, 9) != 0)
-    return false;
-  if (evbuffer_peek(payload, -1, NULL, &v, 1) < 1 || v.iov_len != 9 + length) {
-    /* No room before it: the header went to a chain of its own. */
-    evbuffer_drain(payload, 9);
-    return false;
-  }
-  if (evbuffer_remove_buffer(payload, out, 9 + length) == (int)(9 + length))
-    return true;
-  evbuffer_drain(payload, 9); /* nothing moved (out of memory) */
-  return false;
-}
-
 int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
                       const uint8_t *framehd, size_t length,
                       struct evbuffer *payload, struct evbuffer *keep) {
@@ -149,12 +60,6 @@ int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
   if (keep != NULL && length > 0 && copy_prefix(keep, payload, length) != 0)
     return NGHTTP2_ERR_CALLBACK_FAILURE;
   size_t padlen = frame->data.padlen;
-  /* Below LAID_OUT_MIN the bytes may not be laid out (a small reply:
-   * trying would cost evbuffer_prepend a chain), or would hold a mostly
-   * empty chain in the output: they are copied. */
-  if (io->copy_payload && padlen == 0 && length >= LAID_OUT_MIN && io->scratch != NULL &&
-      move_laid_out(out, payload, framehd, length))
-    return 0;
   if (io->copy_payload) {
     /* The whole frame in one piece of one chain: with frames of
      * SG_H2IO_TLS_DATA_MAX, every chain then holds whole records. */
@@ -217,6 +122,10 @@ int sg_h2io_flush_rounds(sg_h2io *io, nghttp2_session *session,
 size_t sg_h2io_data_max(const sg_h2io *io, size_t length) {
   return io->copy_payload && length > SG_H2IO_TLS_DATA_MAX ? SG_H2IO_TLS_DATA_MAX : length;
 }
+
+/* TLS's largest record payload. */
+#define RECORD_MAX 16384
+_Static_assert(SG_H2IO_TLS_DATA_MAX + 9 == RECORD_MAX, "a DATA frame fills one record");
 
 /* Writes the stage to the socket, draining what went out. A failed or
  * short write leaves the rest staged, to go to the output: the

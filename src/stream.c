@@ -371,7 +371,6 @@ static bool end_with_late_status(sg_stream *s, sg_grpc_status code, const char *
     }
     evbuffer_free(s->resp_body);
     s->resp_body = kept;
-    s->resp_body_room = 0; /* its last chain is a copy, laid out for nothing */
     /* The dropped bytes were counted against the backend's windows. */
     sg_upstream_consumed(s, held - keep);
   }
@@ -947,7 +946,7 @@ void sg_stream_on_response_data(sg_stream *s, const uint8_t *data, size_t len) {
     sg_upstream_consumed(s, len);
     return;
   }
-  if (sg_h2io_add_payload(&s->conn->io, s->resp_body, &s->resp_body_room, data, len) != 0) {
+  if (evbuffer_add(s->resp_body, data, len) != 0) {
     sg_upstream_consumed(s, len);
     sg_stream_fail(s, SG_GRPC_INTERNAL, "sparkgate: out of memory");
     return;
@@ -1152,7 +1151,8 @@ ssize_t sg_stream_read_request_body(nghttp2_session *session, int32_t id,
     s->req_held = true; /* upstream.c resumes it */
     return NGHTTP2_ERR_DEFERRED;
   }
-  size_t n = sg_h2io_next_payload(user, s->req_body, avail, length);
+  length = sg_h2io_data_max(user, length);
+  size_t n = avail < length ? avail : length;
   /* The client's END_STREAM is often already here: a unary call's body
    * then goes upstream as one DATA frame, not one plus an empty one. */
   if (n == avail && s->req_eof)
@@ -1196,7 +1196,8 @@ ssize_t sg_stream_read_response_body(nghttp2_session *session, int32_t id,
     s->resp_held = true; /* conn.c resumes it */
     return NGHTTP2_ERR_DEFERRED;
   }
-  size_t n = sg_h2io_next_payload(user, s->resp_body, avail, length);
+  length = sg_h2io_data_max(user, length);
+  size_t n = avail < length ? avail : length;
   /* send_data (conn.c) moves the bytes without copying them. */
   *data_flags |= NGHTTP2_DATA_FLAG_NO_COPY;
   (void)buf;

@@ -539,15 +539,12 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
   w->clients = sg_clientcount_process();
   w->h2mem = sg_h2mem_new();
   w->h2_stage = evbuffer_new();
-  w->h2_scratch = evbuffer_new();
   if (w->affinity == NULL || w->clients == NULL || w->h2mem == NULL ||
-      w->h2_stage == NULL || w->h2_scratch == NULL) {
+      w->h2_stage == NULL) {
     sg_affinity_free(w->affinity);
     sg_h2mem_free(w->h2mem);
     if (w->h2_stage != NULL)
       evbuffer_free(w->h2_stage);
-    if (w->h2_scratch != NULL)
-      evbuffer_free(w->h2_scratch);
     free(w->read_buf);
     free(w);
     snprintf(err, errlen, "out of memory");
@@ -697,7 +694,6 @@ void sg_worker_free(sg_worker *w) {
   free(w->read_buf);
   sg_affinity_free(w->affinity);
   evbuffer_free(w->h2_stage);
-  evbuffer_free(w->h2_scratch);
   /* Last: every nghttp2 session and header buffer of this worker is gone. */
   sg_h2mem_free(w->h2mem);
   free(w);

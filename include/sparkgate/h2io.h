@@ -1,9 +1,7 @@
 /* Writing an nghttp2 session's frames into a libevent output buffer.
- * Frames are serialized by nghttp2; DATA payloads are moved from the other
- * leg's buffer into the output by reference (evbuffer chains), not copied:
- * on cleartext always, on TLS when sg_h2io_add_payload laid them out with
- * room for their frame header (libevent makes one TLS record of each
- * chain, so a frame's header and payload must share one). A high-water mark on the output holds
+ * Frames are serialized by nghttp2; on cleartext connections DATA payloads
+ * are moved from the other leg's buffer into the output by reference
+ * (evbuffer chains), not copied. A high-water mark on the output holds
  * back a slow peer: other frames wait in nghttp2 (NGHTTP2_ERR_WOULDBLOCK),
  * DATA waits in its data provider, which defers (sg_h2io_hold_data) and
  * is resumed once the output has drained. A DATA frame is never held
@@ -29,14 +27,10 @@ typedef struct sg_h2io {
   struct evbuffer *out;
   size_t high_water;
   /* For TLS, where libevent makes one TLS record (and one write) per
-   * chain of the output: a frame's header and payload must share a chain.
-   * Payloads laid out by sg_h2io_add_payload move with their chain, the
-   * header written into the room before them; others are copied in. */
+   * chain of the output: DATA payloads are copied in instead of moving
+   * their chains, so that frame headers and payloads share chains, and
+   * each flush leaves small output in a single chain. */
   bool copy_payload;
-  /* Where sg_h2io_add_payload makes its chains; empty between calls, so
-   * a worker's sessions share one. NULL: payloads are appended as they
-   * come. */
-  struct evbuffer *scratch;
   /* Where sg_h2io_flush has nghttp2 write, before moving it all to |out|
    * in one step: every append to a bufferevent's output runs its
    * callbacks, and a call makes a dozen frames. Empty between flushes,
@@ -78,25 +72,6 @@ ssize_t sg_h2io_send(nghttp2_session *session, const uint8_t *data,
 int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
                       const uint8_t *framehd, size_t length,
                       struct evbuffer *payload, struct evbuffer *keep);
-
-/* Appends |len| bytes of DATA payload to |buf|, which this output's data
- * provider sends from. With |io->copy_payload| (TLS) they go into chains
- * that each hold one frame's payload, at most SG_H2IO_TLS_DATA_MAX bytes,
- * behind room for its header, so that sg_h2io_send_data moves the chain
- * to the output instead of copying the bytes (a piece under 8 KiB onto
- * an empty |buf|, such as a small reply, is appended as it comes, and
- * frames under 8 KiB are copied). |*room| is what the last
- * chain of |buf| still takes, kept by the caller with |buf| (0 at first).
- * Returns 0 or -1 (out of memory; |buf| may hold part of the bytes). */
-int sg_h2io_add_payload(const sg_h2io *io, struct evbuffer *buf, size_t *room,
-                        const uint8_t *data, size_t len);
-
-/* The payload to send in the next DATA frame from |buf|, which holds
- * |avail| bytes, of the |length| nghttp2 allows: on TLS, no more than the
- * first chain holds, so that a chain laid out by sg_h2io_add_payload goes
- * as one frame. */
-size_t sg_h2io_next_payload(const sg_h2io *io, struct evbuffer *buf, size_t avail,
-                            size_t length);
 
 /* The most DATA payload to put in one frame: |length| (what nghttp2
  * allows), but on TLS no more than SG_H2IO_TLS_DATA_MAX, so that a frame

@@ -139,7 +139,6 @@ struct sg_stream {
   /* Bytes received on one leg and not yet taken by the other. */
   struct evbuffer *req_body;
   struct evbuffer *resp_body;
-  size_t resp_body_room; /* sg_h2io_add_payload's |room| for resp_body */
   /* Request bytes already sent upstream, kept until the backend answers:
    * a stream the backend refused unprocessed (REFUSED_STREAM, or above
    * the last stream id of its GOAWAY) is sent once more on another

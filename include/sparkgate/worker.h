@@ -82,7 +82,6 @@ struct sg_worker {
   struct sg_affinity *affinity; /* where this worker sent each session */
   struct sg_h2mem *h2mem;       /* nghttp2's allocations on this thread */
   struct evbuffer *h2_stage;    /* sg_h2io.stage of every session here */
-  struct evbuffer *h2_scratch;  /* sg_h2io.scratch of its TLS client connections */
   struct sg_clientcount *clients; /* connections per client address: the process table */
   /* The header field nghttp2 just refused, between its error message and
    * the stream's reset (one nghttp2_session_mem_recv on this thread): the

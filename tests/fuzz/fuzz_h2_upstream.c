@@ -26,8 +26,8 @@
  * with sg_worker_free.
  *
  * Half the inputs (an input-chosen bit) mark the client connection as TLS
- * connections are marked for output (sg_h2io.copy_payload and scratch), so
- * the TLS framing path is checked too without a TLS handshake per input.
+ * connections are marked for output (sg_h2io.copy_payload), so the TLS
+ * framing path is checked too without a TLS handshake per input.
  *
  * Properties, besides ASan/UBSan/LeakSanitizer: no file descriptor
  * outlives the input; sparkgate's first bytes on each side are HTTP/2 (the
@@ -594,15 +594,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   int client_fd;
   sg_worker *w = fuzz_worker_with_client(runtime, "fuzz_h2_upstream", &client_fd);
   /* Half the inputs: the client connection writes as a TLS one does
-   * (payloads laid out in chains with room for their frame header and
-   * moved, or copied, DATA frames cut to fill 16 KiB records, each flush
+   * (payloads copied, DATA frames cut to fill 16 KiB records, each flush
    * gathered into one chain), so that framing is held to the body
    * property below too. */
   h = h * 6364136223846793005ull + 1442695040888963407ull;
-  if ((h >> 37) & 1) {
+  if ((h >> 37) & 1)
     fuzz_only_conn(w)->io.copy_payload = true;
-    fuzz_only_conn(w)->io.scratch = w->h2_scratch;
-  }
 
   client cl;
   client_start(&cl, false);

@@ -664,10 +664,11 @@ class TlsClientThatStopsReadingTest(H.SparkgateTestCase):
         self.assertEqual(r.trailer("x-standin-sha256"), h.hexdigest())
 
     def test_stream_through_a_window_smaller_than_a_record_arrives_byte_exact(self):
-        """A stream window of 7,001 bytes cuts every DATA frame short of the
-        16 KiB buffer chains the proxy lays a TLS response out in: it sends
-        part of a chain, then the rest with its header in front, and the
-        stream of 64 KiB messages arrives whole, byte for byte."""
+        """A stream window of 7,001 bytes cuts every DATA frame to a TLS
+        client short of a record (16,375 bytes of payload): the proxy sends
+        each backend frame's bytes in pieces, each with its own header in
+        the same record, and the stream of 64 KiB messages arrives whole,
+        byte for byte."""
         up = self.standin()
         sg = self.start_sparkgate(H.base_config(up.port, workers=1))
         c = H.H2Client(sg.port("public"), timeout=60)

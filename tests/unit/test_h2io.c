@@ -1,7 +1,6 @@
 /* Writing frames into the output buffer: on TLS (copy_payload) a DATA
  * frame and its header are one piece of one chain, and full frames fill
- * TLS records exactly; payloads laid out for TLS move with their chains;
- * on cleartext the payload's chains change hands;
+ * TLS records exactly; on cleartext the payload's chains change hands;
  * the high-water mark makes nghttp2 wait; a kept copy of the payload is
  * exact; a flush through a stage reaches the output in one append; on
  * cleartext a flush writes to the socket itself when the output is empty,
@@ -117,118 +116,6 @@ static void test_cleartext_moves_chains(void) {
   evbuffer_remove(io.out, out, sizeof out);
   CHECK(payload_ok(out + 9, 16384, 3, 0));
   evbuffer_free(payload);
-  evbuffer_free(io.out);
-}
-
-/* Sends one DATA frame of what the data provider would choose out of
- * |allowed|; checks the frame went out whole in one chain of |out|, and
- * that a frame of a full laid-out chain moved (its payload at the address
- * it had in |payload|). Returns the payload length. */
-static size_t send_next(sg_h2io *io, struct evbuffer *payload, size_t allowed,
-                        int *moved) {
-  size_t n = sg_h2io_next_payload(io, payload, evbuffer_get_length(payload), allowed);
-  if (n == 0)
-    return 0;
-  struct evbuffer_iovec head;
-  CHECK(evbuffer_peek(payload, -1, NULL, &head, 1) >= 1);
-  nghttp2_frame frame;
-  memset(&frame, 0, sizeof frame);
-  uint8_t hd[9] = {(uint8_t)(n >> 16), (uint8_t)(n >> 8), (uint8_t)n, 0, 0, 0, 0, 0, 1};
-  size_t before = evbuffer_get_length(io->out);
-  CHECK(sg_h2io_send_data(io, &frame, hd, n, payload, NULL) == 0);
-  CHECK(evbuffer_get_length(io->out) == before + 9 + n);
-  struct evbuffer_ptr at;
-  CHECK(evbuffer_ptr_set(io->out, &at, before, EVBUFFER_PTR_SET) == 0);
-  struct evbuffer_iovec v;
-  CHECK(evbuffer_peek(io->out, 9 + n, &at, &v, 1) == 1); /* one chain */
-  CHECK(v.iov_len >= 9 + n && memcmp(v.iov_base, hd, 9) == 0);
-  if ((const uint8_t *)v.iov_base + 9 == (const uint8_t *)head.iov_base)
-    (*moved)++;
-  return n;
-}
-
-/* The backend's bytes come in pieces of every size; on TLS they are laid
- * out so that most frames move with their chain instead of being copied,
- * each frame stays within one TLS record, and every byte arrives once, in
- * order, however the frames are cut (a small window cuts them short). */
-static void test_tls_laid_out_payload_moves(void) {
-  sg_h2io io = {.out = evbuffer_new(), .high_water = 1u << 30, .copy_payload = true,
-                .scratch = evbuffer_new()};
-  struct evbuffer *payload = evbuffer_new();
-  static uint8_t src[600000];
-  pattern_fill(src, sizeof src, 11);
-  static const size_t pieces[] = {100,  16384, 16384, 7,     40000, 3000, 16393,
-                                  1,    70000, 5000,  16320, 16321, 9,    8191,
-                                  8192, 32768, 65536, 123,   200000};
-  size_t fed = 0, sent = 0, room = 0;
-  int moved = 0, frames = 0;
-  for (size_t i = 0; i < sizeof pieces / sizeof pieces[0]; i++) {
-    size_t k = pieces[i];
-    CHECK(fed + k <= sizeof src);
-    CHECK(sg_h2io_add_payload(&io, payload, &room, src + fed, k) == 0);
-    CHECK(evbuffer_get_length(io.scratch) == 0);
-    fed += k;
-    /* Every third piece the client leg takes all it can (draining the
-     * buffer, so the next piece starts a frame); every fifth, its window
-     * allows only 5,000 bytes. */
-    if (i % 3 == 2 || i % 5 == 4) {
-      size_t allowed = i % 5 == 4 ? 5000 : 16384;
-      size_t n;
-      while ((n = send_next(&io, payload, allowed, &moved)) > 0) {
-        CHECK(n <= SG_H2IO_TLS_DATA_MAX);
-        sent += n;
-        frames++;
-        if (i % 5 == 4)
-          break;
-      }
-    }
-  }
-  size_t n;
-  while ((n = send_next(&io, payload, 16384, &moved)) > 0) {
-    sent += n;
-    frames++;
-  }
-  CHECK(sent == fed && evbuffer_get_length(payload) == 0);
-  /* Most of the bytes went in frames that moved. */
-  CHECK(moved > 0 && moved >= frames * 2 / 3);
-  /* Read the frames back: headers and payload bytes in order. */
-  size_t got = 0;
-  while (evbuffer_get_length(io.out) > 0) {
-    uint8_t hd[9];
-    CHECK(evbuffer_remove(io.out, hd, 9) == 9);
-    size_t len = (size_t)hd[0] << 16 | (size_t)hd[1] << 8 | hd[2];
-    CHECK(len > 0 && len <= SG_H2IO_TLS_DATA_MAX && got + len <= fed);
-    uint8_t buf[SG_H2IO_TLS_DATA_MAX];
-    CHECK(evbuffer_remove(io.out, buf, len) == (int)len);
-    CHECK(memcmp(buf, src + got, len) == 0);
-    got += len;
-    if (got > fed)
-      break;
-  }
-  CHECK(got == fed);
-  /* A small reply onto an empty buffer is appended as it comes, and a
-   * frame under 8 KiB is copied: a chain moved with it would hold 16 KiB
-   * in the output for its few bytes. */
-  room = 0;
-  CHECK(sg_h2io_add_payload(&io, payload, &room, src, 80) == 0);
-  CHECK(room == 0 && evbuffer_get_length(payload) == 80);
-  CHECK(send_next(&io, payload, 16384, &moved) == 80);
-  CHECK(sg_h2io_add_payload(&io, payload, &room, src, 8191) == 0);
-  CHECK(room == 0);
-  int before = moved;
-  CHECK(send_next(&io, payload, 16384, &moved) == 8191 && moved == before);
-  CHECK(sg_h2io_add_payload(&io, payload, &room, src, 8192) == 0);
-  CHECK(room > 0);
-  CHECK(send_next(&io, payload, 16384, &moved) == 8192 && moved == before + 1);
-  evbuffer_drain(io.out, evbuffer_get_length(io.out));
-  /* Cleartext appends as it comes: its send moves chains anyway. */
-  sg_h2io plain = {.out = io.out, .high_water = 1u << 30, .copy_payload = false};
-  room = 0;
-  CHECK(sg_h2io_add_payload(&plain, payload, &room, src, 30000) == 0);
-  CHECK(room == 0 && evbuffer_get_length(payload) == 30000);
-  CHECK(sg_h2io_next_payload(&plain, payload, 30000, 16384) == 16384);
-  evbuffer_free(payload);
-  evbuffer_free(io.scratch);
   evbuffer_free(io.out);
 }
 
@@ -438,7 +325,6 @@ static void test_write_through(void) {
 int main(void) {
   test_tls_frames_fill_records();
   test_cleartext_moves_chains();
-  test_tls_laid_out_payload_moves();
   test_flush_through_stage();
   test_write_through();
   return check_report("h2io");
