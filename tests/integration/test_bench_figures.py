@@ -176,8 +176,9 @@ class Tables(BenchCase):
 
     def test_bulk_target_has_no_verdict_when_direct_ran_below_a_tls_peer(self):
         """A run where direct's download is slower than a proxy doing TLS
-        (614 MB/s against 1150: its file read from the disk) is no ceiling, and the target row must not read
-        "met" at 187%; with direct the fastest, the verdict stands."""
+        (614 MB/s against 1150: its file read from the disk) is no ceiling,
+        and the target row must not read "met" at 187%; with direct the
+        fastest, the verdict stands."""
         rows = [{"peer": "direct", "scenario": "download", "run": 1, "ok": True, "mbps": 614.0},
                 {"peer": "sparkgate", "scenario": "download", "run": 1, "ok": True,
                  "mbps": 1150.0},
@@ -194,6 +195,31 @@ class Tables(BenchCase):
                 if l.startswith("| download MB/s vs direct")]
         self.assertIn("83%", line[0])
         self.assertIn("**not met**", line[0])
+
+    def test_idle_cost_after_100_calls_has_its_column_and_target_row(self):
+        """The idle scenario's third figure (connections that have worked)
+        shows in the main table and is held against the best peer's, here
+        HAProxy's 21.6 KiB, not nginx's, which is the best only with no
+        call."""
+        rows = []
+        for peer, settings, call, busy in (("sparkgate", 29.9, 32.2, 33.4),
+                                           ("nginx", 15.2, 20.4, 29.1),
+                                           ("haproxy", 21.5, 21.5, 21.6)):
+            rows.append({"peer": peer, "scenario": "idle", "run": 1, "ok": True,
+                         "kib_per_conn_settings": settings, "kib_per_conn_call": call,
+                         "kib_per_conn_busy": busy})
+        text = self.table(rows)
+        self.assertIn("idle KiB/conn, 100 calls", text)
+        line = [l for l in text.splitlines()
+                if l.startswith("| idle TLS h2 conn after 100 calls RSS vs best peer")]
+        self.assertEqual(len(line), 1, text)
+        self.assertIn("(haproxy)", line[0])
+        self.assertIn("33.4 vs 21.6 KiB", line[0])
+        self.assertIn("**not met**", line[0])
+        rows[0]["kib_per_conn_busy"] = 21.0
+        line = [l for l in self.table(rows).splitlines()
+                if l.startswith("| idle TLS h2 conn after 100 calls RSS vs best peer")]
+        self.assertRegex(line[0], r"\|\s*met\s*\|$")
 
 
 if __name__ == "__main__":

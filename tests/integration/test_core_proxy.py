@@ -685,6 +685,7 @@ class TlsClientThatStopsReadingTest(H.SparkgateTestCase):
         self.assertEqual(sum(len(m) for m in messages), total)
         h = hashlib.sha256(b"".join(messages))
         self.assertEqual(h.hexdigest(), H.stream_sha256(seed, total, chunk))
+        self.assertEqual(r.trailer("x-standin-sha256"), h.hexdigest())
 
 
 class InsecureListenerTest(H.SparkgateTestCase):
