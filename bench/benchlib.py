@@ -1065,7 +1065,7 @@ def main():
     p.add_argument("--conns", type=int, default=2000)
     p.add_argument("--parallel", type=int, default=50,
                    help="handshakes (and calls) in flight at once")
-    p.add_argument("--settle", type=float, default=1.0)
+    p.add_argument("--settle", type=float, default=2.0)
     p.add_argument("--busy-conns", type=int, default=100,
                    help="connections that then make --busy-calls more calls")
     p.add_argument("--busy-calls", type=int, default=100,

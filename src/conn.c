@@ -57,6 +57,7 @@ static void set_timer_ms(sg_conn *c, uint32_t ms) {
   struct timeval tv = {ms / 1000, (suseconds_t)(ms % 1000) * 1000};
   evtimer_add(c->timer, &tv);
   c->idle_timer_set = false;
+  c->trim_pending = false;
 }
 
 /* The first cause wins: a GOAWAY the abuse budget asked for is sent, and
@@ -69,8 +70,30 @@ static void set_close_reason(sg_conn *c, const char *reason, const char *detail)
   c->close_detail = detail;
 }
 
+/* A connection quiet this long gives back the pages its session left
+ * touched (sg_h2mem_session_trim): soon enough that a gateway's idle
+ * connections cost less, late enough that a notebook's connection between
+ * two calls seldom pays the trim (an madvise, and page faults when the
+ * next call comes). */
+#define SG_CONN_TRIM_AFTER_MS 1000
+
 static void set_idle_timer(sg_conn *c) {
-  set_timer_ms(c, c->rt->config->idle_timeout_ms);
+  uint32_t idle_ms = c->rt->config->idle_timeout_ms;
+  bool trim = idle_ms > SG_CONN_TRIM_AFTER_MS;
+  set_timer_ms(c, trim ? SG_CONN_TRIM_AFTER_MS : idle_ms);
+  c->idle_timer_set = true;
+  c->trim_pending = trim;
+}
+
+static void trim_idle(sg_conn *c) {
+  bool output_idle = !nghttp2_session_want_write(c->session) &&
+                     evbuffer_get_length(bufferevent_get_output(c->bev)) == 0;
+  sg_h2mem_session_trim(c->h2mem, output_idle);
+  sg_debug("conn=%llu peer=%s: idle for %u ms: spare session memory given back%s",
+           (unsigned long long)c->id, c->peer, (unsigned)SG_CONN_TRIM_AFTER_MS,
+           output_idle ? "" : " (frame buffer kept: output pending)");
+  uint32_t idle_ms = c->rt->config->idle_timeout_ms;
+  set_timer_ms(c, idle_ms - SG_CONN_TRIM_AFTER_MS);
   c->idle_timer_set = true;
 }
 
@@ -80,6 +103,7 @@ void sg_conn_stream_opened(sg_conn *c) {
   if (c->idle_timer_set) {
     evtimer_del(c->timer);
     c->idle_timer_set = false;
+    c->trim_pending = false;
   }
 }
 
@@ -636,8 +660,9 @@ static void on_write(struct bufferevent *bev, void *arg) {
 
 static int start_session(sg_conn *c) {
   const sg_config *cfg = c->rt->config;
+  c->h2mem = sg_h2mem_session_new(c->worker->h2mem);
   nghttp2_option *opt;
-  if (nghttp2_option_new(&opt) != 0)
+  if (c->h2mem == NULL || nghttp2_option_new(&opt) != 0)
     return -1;
   /* Window credit goes back to the client only when the upstream has taken
    * the bytes: that is the whole of our memory bound. */
@@ -655,7 +680,8 @@ static int start_session(sg_conn *c) {
   nghttp2_option_set_stream_reset_rate_limit(opt, 1000, 33);
   nghttp2_option_set_max_continuations(opt, cfg->max_header_list_bytes / 16384 + 8);
   int rv = nghttp2_session_server_new3(&c->session, server_callbacks(), c, opt,
-                                       sg_h2mem_nghttp2(c->worker->h2mem));
+                                       sg_h2mem_session_nghttp2(c->h2mem));
+  sg_h2mem_session_created(c->h2mem);
   nghttp2_option_del(opt);
   if (rv != 0)
     return -1;
@@ -906,6 +932,10 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
     conn_free(c);
     return;
   }
+  if (c->trim_pending) {
+    trim_idle(c);
+    return;
+  }
   if (c->draining && !c->goaway_sent) {
     c->goaway_sent = true;
     nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
@@ -1149,6 +1179,7 @@ static void conn_free(sg_conn *c) {
   sg_list_unlink(&c->worker_link);
   if (c->session != NULL)
     nghttp2_session_del(c->session);
+  sg_h2mem_session_release(c->h2mem);
   bufferevent_free(c->bev); /* frees c->ssl too */
   free(c->cert_identity);
   free(c->xfcc);

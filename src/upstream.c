@@ -79,6 +79,7 @@ struct sg_upstream {
   struct bufferevent *bev;
   SSL *ssl; /* owned by bev */
   nghttp2_session *session;
+  sg_h2mem_session *h2mem; /* the session's view of the worker's allocator */
   struct event *send_ev;
   bool send_scheduled; /* send_ev is active */
   struct event *timer; /* connect deadline, then idle deadline */
@@ -684,8 +685,9 @@ static int start_session(sg_upstream *up) {
   pthread_once(&client_cbs_once, client_callbacks_init);
   if (client_cbs == NULL)
     return -1;
+  up->h2mem = sg_h2mem_session_new(up->pool->worker->h2mem);
   nghttp2_option *opt;
-  if (nghttp2_option_new(&opt) != 0)
+  if (up->h2mem == NULL || nghttp2_option_new(&opt) != 0)
     return -1;
   nghttp2_option_set_no_auto_window_update(opt, 1);
   /* Until the backend's SETTINGS say how many streams it takes, one: a
@@ -704,7 +706,8 @@ static int start_session(sg_upstream *up) {
   nghttp2_option_set_max_send_header_block_length(
       opt, (size_t)cfg->max_header_list_bytes + SG_XFCC_MAX_BYTES + 16 * 1024);
   int rv = nghttp2_session_client_new3(&up->session, client_cbs, up, opt,
-                                       sg_h2mem_nghttp2(up->pool->worker->h2mem));
+                                       sg_h2mem_session_nghttp2(up->h2mem));
+  sg_h2mem_session_created(up->h2mem);
   nghttp2_option_del(opt);
   if (rv != 0)
     return -1;
@@ -1037,6 +1040,7 @@ static void upstream_free(sg_upstream *up, const char *reason) {
   pool->n_conns--;
   if (up->session != NULL)
     nghttp2_session_del(up->session);
+  sg_h2mem_session_release(up->h2mem);
   if (up->read_ev != NULL)
     event_free(up->read_ev);
   bufferevent_free(up->bev);

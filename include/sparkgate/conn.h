@@ -15,6 +15,7 @@
 #include "sparkgate/clientcount.h"
 #include "sparkgate/config.h"
 #include "sparkgate/h2io.h"
+#include "sparkgate/h2mem.h"
 #include "sparkgate/list.h"
 #include "sparkgate/types.h"
 
@@ -43,6 +44,8 @@ struct sg_conn {
   int32_t hdr_stream_id;
   struct event *timer;   /* handshake, idle and drain deadlines */
   bool idle_timer_set;   /* |timer| is the idle deadline (no stream open) */
+  bool trim_pending;     /* ... and first the trim of the session's memory */
+  sg_h2mem_session *h2mem; /* the session's view of the worker's allocator */
 
   /* The client certificate, verified by TLS, read once per connection. */
   bool has_cert;

@@ -688,6 +688,39 @@ class TlsClientThatStopsReadingTest(H.SparkgateTestCase):
         self.assertEqual(r.trailer("x-standin-sha256"), h.hexdigest())
 
 
+class IdleConnectionTrimTest(H.SparkgateTestCase):
+    """A connection with no call for a second gives its session's spare
+    memory back: the pages of its stream table and frame buffer. What
+    stays in the session (HPACK tables, windows, settings) must come
+    through: calls before and after each trim arrive intact."""
+
+    def test_calls_after_each_idle_trim_arrive_intact(self):
+        up = self.standin()
+        sg = self.start_sparkgate(H.base_config(up.port, log_level="debug"))
+        rng = random.Random(7)
+        # Indexed by the client's HPACK encoder: later calls send it as an
+        # index into the table sparkgate's session keeps.
+        note = ("x-note", "n" * 3000)
+        with H.H2Client(sg.port("public")) as c:
+            for rnd in range(3):
+                mark = sg.mark()
+                # The stand-in answers with the request's payload.
+                payload = rng.randbytes(20000 + rnd)
+                r = c.request(SERVICE + "Config", body=H.grpc_frame(payload), extra=[note])
+                self.assertEqual((r.status, r.trailer("grpc-status")), (200, "0"), r)
+                self.assertEqual(H.grpc_unframe(r.data), [payload])
+                req = b"plan %d" % rnd
+                r = c.request(SERVICE + "ExecutePlan", body=H.grpc_frame(req),
+                              extra=[note] + H.standin_md(count=5))
+                self.assertEqual((r.status, r.trailer("grpc-status")), (200, "0"), r)
+                self.assertEqual(H.grpc_unframe(r.data),
+                                 [i.to_bytes(4, "big") + req for i in range(5)])
+                sg.wait_for_log(r"conn=\d+ peer=\S+: idle for 1000 ms: spare session "
+                                r"memory given back$", since=mark, timeout=10)
+            self.assertFalse(c.closed)
+        self.assertEqual(len(up.calls()), 6)
+
+
 class InsecureListenerTest(H.SparkgateTestCase):
     def test_h2c_listener_works_and_is_logged_insecure(self):
         up = self.standin()
