@@ -204,6 +204,12 @@ def parse_h2load(text):
         for k, v in zip(("total", "started", "done", "succeeded", "failed", "errored",
                          "timeout"), m.groups()):
             r[k] = int(v)
+    # What TLS the peer negotiated with h2load: every TLS peer must show
+    # the same, or the comparison is of ciphers and protocol versions.
+    proto = re.search(r"^TLS Protocol: (\S+)", text, re.M)
+    cipher = re.search(r"^Cipher: (\S+)", text, re.M)
+    if proto and cipher:
+        r["tls"] = "%s %s" % (proto.group(1), cipher.group(1))
     m = re.search(r"traffic: .*?\((\d+)\) total, .*?\((\d+)\) headers.*?, .*?\((\d+)\) data", text)
     if m:
         r["data_bytes"] = int(m.group(3))
@@ -533,6 +539,11 @@ async def idle_main(args):
     t0 = time.monotonic()
     await asyncio.gather(*(one() for _ in range(args.conns)))
     open_s = time.monotonic() - t0
+    tls = None
+    if conns:
+        so = conns[0].w.get_extra_info("ssl_object")
+        if so is not None:
+            tls = "%s %s" % (so.version(), so.cipher()[0])
     await asyncio.sleep(args.settle)
     after_settings = rss_kib(args.pid)
 
@@ -584,6 +595,8 @@ async def idle_main(args):
          "open_s": open_s, "rss_before_kib": before, "rss_settings_kib": after_settings,
          "rss_call_kib": after_call, "rss_busy_kib": after_busy, "busy_conns": len(busy),
          "busy_calls": len(batches), "calls_ok": calls_ok, "alive": alive}
+    if tls:
+        r["tls"] = tls
     notes = []
     if errors:
         notes.append("%d of %d connections failed (%s)" % (len(errors), args.conns, errors[0]))
@@ -993,9 +1006,27 @@ def callgrind_table(res):
             ""] + md_table(["front end", "calls A", "calls B", "Ir A", "Ir B", "Ir per call"], t)
 
 
+def tls_lines(res):
+    """What each peer negotiated (h2load's TLS runs, the idle client's
+    connections), and a warning when the TLS peers differ."""
+    seen = {}
+    for r in res.rows:
+        if r.get("tls"):
+            seen.setdefault(r["peer"], set()).add(r["tls"])
+    if not seen:
+        return []
+    cells = ["%s %s" % (p, " / ".join(sorted(seen[p]))) for p in res.order if p in seen]
+    out = ["", "TLS negotiated: " + "; ".join(cells) + "."]
+    kinds = {t for p, ts in seen.items() if p not in BASELINES for t in ts}
+    if len(kinds) > 1:
+        out.append("**Warning: the proxies did not all negotiate the same TLS version and "
+                   "cipher: figures that involve TLS compare unlike work.**")
+    return out
+
+
 def cmd_table(args):
     res = Results(load(args.results))
-    out = main_tables(res) + cores_table(res) + target_table(res) + auth_table(res) + scaling_table(res) + \
+    out = tls_lines(res) + main_tables(res) + cores_table(res) + target_table(res) + auth_table(res) + scaling_table(res) + \
         callgrind_table(res)
     notes = ["- %s / %s / run %s: %s" % (r["peer"], r["scenario"], r.get("run", "?"), r["note"])
              for r in res.rows if r.get("note")]

@@ -221,6 +221,26 @@ class Tables(BenchCase):
                 if l.startswith("| idle TLS h2 conn after 100 calls RSS vs best peer")]
         self.assertRegex(line[0], r"\|\s*met\s*\|$")
 
+    def test_tls_each_peer_negotiated_is_shown_and_a_mismatch_flagged(self):
+        """What TLS each peer negotiated comes from h2load's output; a proxy
+        that negotiated another version or cipher than the others (nginx
+        1.22 offers TLS 1.3 only when told) gets a warning, the baselines
+        do not."""
+        r = self.result(UNARY_OUT)
+        self.assertEqual(r["tls"], "TLSv1.3 TLS_AES_128_GCM_SHA256")
+        rows = [dict(r, peer="sparkgate"),
+                dict(r, peer="direct-tls", tls="TLSv1.3 TLS_AES_256_GCM_SHA384"),
+                dict(r, peer="nginx")]
+        text = self.table(rows)
+        self.assertIn("TLS negotiated: sparkgate TLSv1.3 TLS_AES_128_GCM_SHA256; "
+                      "direct-tls TLSv1.3 TLS_AES_256_GCM_SHA384; "
+                      "nginx TLSv1.3 TLS_AES_128_GCM_SHA256.", text)
+        self.assertNotIn("Warning", text)
+        rows[2]["tls"] = "TLSv1.2 ECDHE-ECDSA-AES128-GCM-SHA256"
+        text = self.table(rows)
+        self.assertIn("nginx TLSv1.2 ECDHE-ECDSA-AES128-GCM-SHA256", text)
+        self.assertIn("did not all negotiate the same TLS", text)
+
 
 if __name__ == "__main__":
     harness.main()
