@@ -188,9 +188,12 @@ static size_t page_size(void) {
   return page;
 }
 
+/* Mappings start on a page, so on 4 KiB whatever the page size; the
+ * worker's blocks seldom do. A constant: this runs on every free. */
+#define MAP_ALIGN_MASK ((uintptr_t)4095)
+
 static sg_h2mem_map *find_map(sg_h2mem_session *s, const void *p) {
-  /* Mappings start on a page; the worker's blocks seldom do. */
-  if (((uintptr_t)p & (page_size() - 1)) != 0)
+  if (((uintptr_t)p & MAP_ALIGN_MASK) != 0 || p == NULL)
     return NULL;
   for (size_t i = 0; i < SG_H2MEM_SESSION_MAPS; i++)
     if (s->maps[i].p == p)
@@ -198,24 +201,25 @@ static sg_h2mem_map *find_map(sg_h2mem_session *s, const void *p) {
   return NULL;
 }
 
-static void *session_take(sg_h2mem_session *s, size_t size, bool zeroed) {
-  if (s->creating && size >= page_size()) {
-    for (size_t i = 0; i < SG_H2MEM_SESSION_MAPS; i++) {
-      sg_h2mem_map *mp = &s->maps[i];
-      if (mp->p != NULL)
-        continue;
-      size_t len = (size + page_size() - 1) & ~(page_size() - 1);
-      void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (p == MAP_FAILED)
-        break; /* out of mappings (vm.max_map_count): the heap serves */
-      *mp = (sg_h2mem_map){.p = p, .size = size, .len = len, .scratch = !zeroed};
-      return p;
-    }
+/* A block of a page or more, while the session is being created, on a
+ * mapping of its own; NULL: the heap serves (smaller, slots taken, or out
+ * of mappings: vm.max_map_count). Off the path of every call. */
+__attribute__((noinline, cold)) static void *map_block(sg_h2mem_session *s, size_t size,
+                                                       bool zeroed) {
+  if (size < page_size())
+    return NULL;
+  for (size_t i = 0; i < SG_H2MEM_SESSION_MAPS; i++) {
+    sg_h2mem_map *mp = &s->maps[i];
+    if (mp->p != NULL)
+      continue;
+    size_t len = (size + page_size() - 1) & ~(page_size() - 1);
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+      return NULL;
+    *mp = (sg_h2mem_map){.p = p, .size = size, .len = len, .scratch = !zeroed};
+    return p;
   }
-  void *p = take(s->worker, size);
-  if (p != NULL && zeroed)
-    memset(p, 0, size);
-  return p;
+  return NULL;
 }
 
 static void session_give(sg_h2mem_session *s, void *p) {
@@ -228,11 +232,29 @@ static void session_give(sg_h2mem_session *s, void *p) {
   *mp = (sg_h2mem_map){0};
 }
 
+static void *session_take(sg_h2mem_session *s, size_t size, bool zeroed) {
+  void *p = s->creating ? map_block(s, size, zeroed) : NULL;
+  if (p != NULL)
+    return p; /* fresh mappings are zero */
+  p = take(s->worker, size);
+  if (p != NULL && zeroed)
+    memset(p, 0, size);
+  return p;
+}
+
 static void *session_malloc(size_t size, void *user) { return session_take(user, size, false); }
 
+/* Off the path of every free: a page-aligned block. */
+__attribute__((noinline, cold)) static void session_give_aligned(sg_h2mem_session *s, void *p) {
+  session_give(s, p);
+}
+
 static void session_free(void *p, void *user) {
-  if (p != NULL)
-    session_give(user, p);
+  sg_h2mem_session *s = user;
+  if (((uintptr_t)p & MAP_ALIGN_MASK) != 0)
+    give(s->worker, p);
+  else if (p != NULL) /* nghttp2 frees NULL often */
+    session_give_aligned(s, p);
 }
 
 static void *session_calloc(size_t n, size_t size, void *user) {
