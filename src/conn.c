@@ -70,17 +70,12 @@ static void set_close_reason(sg_conn *c, const char *reason, const char *detail)
   c->close_detail = detail;
 }
 
-/* A connection quiet this long gives back the pages its session left
- * touched (sg_h2mem_session_trim): soon enough that a gateway's idle
- * connections cost less, late enough that a notebook's connection between
- * two calls seldom pays the trim (an madvise, and page faults when the
- * next call comes). */
-#define SG_CONN_TRIM_AFTER_MS 1000
-
+/* The idle deadline comes in two steps: first the trim of the session's
+ * memory (SG_H2MEM_TRIM_AFTER_MS), then the rest of idle_timeout_ms. */
 static void set_idle_timer(sg_conn *c) {
   uint32_t idle_ms = c->rt->config->idle_timeout_ms;
-  bool trim = idle_ms > SG_CONN_TRIM_AFTER_MS;
-  set_timer_ms(c, trim ? SG_CONN_TRIM_AFTER_MS : idle_ms);
+  bool trim = idle_ms > SG_H2MEM_TRIM_AFTER_MS;
+  set_timer_ms(c, trim ? SG_H2MEM_TRIM_AFTER_MS : idle_ms);
   c->idle_timer_set = true;
   c->trim_pending = trim;
 }
@@ -90,10 +85,10 @@ static void trim_idle(sg_conn *c) {
                      evbuffer_get_length(bufferevent_get_output(c->bev)) == 0;
   sg_h2mem_session_trim(c->h2mem, output_idle);
   sg_debug("conn=%llu peer=%s: idle for %u ms: spare session memory given back%s",
-           (unsigned long long)c->id, c->peer, (unsigned)SG_CONN_TRIM_AFTER_MS,
+           (unsigned long long)c->id, c->peer, (unsigned)SG_H2MEM_TRIM_AFTER_MS,
            output_idle ? "" : " (frame buffer kept: output pending)");
   uint32_t idle_ms = c->rt->config->idle_timeout_ms;
-  set_timer_ms(c, idle_ms - SG_CONN_TRIM_AFTER_MS);
+  set_timer_ms(c, idle_ms - SG_H2MEM_TRIM_AFTER_MS);
   c->idle_timer_set = true;
 }
 

@@ -83,6 +83,7 @@ struct sg_upstream {
   struct event *send_ev;
   bool send_scheduled; /* send_ev is active */
   struct event *timer; /* connect deadline, then idle deadline */
+  bool trim_pending;   /* ... whose first step is the trim (set_idle_deadline) */
   struct event *read_ev; /* h2c: reads the socket directly (see worker.h) */
   sg_list streams;     /* OPEN legs */
   sg_list pending;     /* PENDING legs, submitted once connected */
@@ -165,6 +166,7 @@ static void on_probe(evutil_socket_t fd, short what, void *arg) {
 static void set_timer_ms(sg_upstream *up, uint32_t ms) {
   struct timeval tv = {ms / 1000, (suseconds_t)(ms % 1000) * 1000};
   evtimer_add(up->timer, &tv);
+  up->trim_pending = false;
 }
 
 /* A new call's window on the backend leg: a share of its client
@@ -185,6 +187,17 @@ static const sg_config *pool_config(const sg_upstream_pool *pool) {
   return pool->cfg;
 }
 
+/* The idle deadline, in two steps as a client connection's (conn.c): the
+ * trim of the session's memory, then the rest of upstream.idle_timeout_ms.
+ * A pool keeps a connection to each backend of each tenant it served for
+ * that long. */
+static void set_idle_deadline(sg_upstream *up) {
+  uint32_t idle_ms = pool_config(up->pool)->upstream_idle_timeout_ms;
+  bool trim = idle_ms > SG_H2MEM_TRIM_AFTER_MS;
+  set_timer_ms(up, trim ? SG_H2MEM_TRIM_AFTER_MS : idle_ms);
+  up->trim_pending = trim;
+}
+
 /* Its last stream gone: a connection that has proved itself (the
  * backend's SETTINGS came) waits for the next call until the idle
  * deadline; one that has not keeps its connect deadline, or a backend
@@ -192,7 +205,7 @@ static const sg_config *pool_config(const sg_upstream_pool *pool) {
  * timeout instead of failing them at the connect timeout. */
 static void idle_or_connect_deadline(sg_upstream *up) {
   if (up->got_settings)
-    set_timer_ms(up, pool_config(up->pool)->upstream_idle_timeout_ms);
+    set_idle_deadline(up);
 }
 
 /* ---- nghttp2 client callbacks ------------------------------------------- */
@@ -268,7 +281,7 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
       count_connect(up->pool, true);
       pool_mark_up(up->pool);
       if (up->n_streams == 0)
-        set_timer_ms(up, pool_config(up->pool)->upstream_idle_timeout_ms);
+        set_idle_deadline(up);
     }
     if (!(frame->hd.flags & NGHTTP2_FLAG_ACK) && up->state != SG_UPSTREAM_GOAWAY &&
         nghttp2_session_get_remote_settings(
@@ -892,8 +905,17 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
     upstream_free(up, reason);
     return;
   }
-  if (up->n_streams == 0)
-    upstream_free(up, "idle");
+  if (up->n_streams != 0)
+    return;
+  if (up->trim_pending) {
+    sg_h2mem_session_trim(up->h2mem, !nghttp2_session_want_write(up->session) &&
+                                         evbuffer_get_length(bufferevent_get_output(up->bev)) == 0);
+    sg_debug("upstream %s conn=%llu: idle for %u ms: spare session memory given back",
+             up->pool->backend->name, (unsigned long long)up->id, SG_H2MEM_TRIM_AFTER_MS);
+    set_timer_ms(up, pool_config(up->pool)->upstream_idle_timeout_ms - SG_H2MEM_TRIM_AFTER_MS);
+    return;
+  }
+  upstream_free(up, "idle");
 }
 
 /* ---- pool --------------------------------------------------------------- */

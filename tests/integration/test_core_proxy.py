@@ -690,9 +690,10 @@ class TlsClientThatStopsReadingTest(H.SparkgateTestCase):
 
 class IdleConnectionTrimTest(H.SparkgateTestCase):
     """A connection with no call for a second gives its session's spare
-    memory back: the pages of its stream table and frame buffer. What
-    stays in the session (HPACK tables, windows, settings) must come
-    through: calls before and after each trim arrive intact."""
+    memory back: the pages of its stream table and frame buffer; so does
+    the pooled backend connection. What stays in the sessions (HPACK
+    tables, windows, settings) must come through: calls before and after
+    each trim arrive intact, on the same two connections."""
 
     def test_calls_after_each_idle_trim_arrive_intact(self):
         up = self.standin()
@@ -717,8 +718,13 @@ class IdleConnectionTrimTest(H.SparkgateTestCase):
                                  [i.to_bytes(4, "big") + req for i in range(5)])
                 sg.wait_for_log(r"conn=\d+ peer=\S+: idle for 1000 ms: spare session "
                                 r"memory given back$", since=mark, timeout=10)
+                sg.wait_for_log(r"upstream spark-1 conn=\d+: idle for 1000 ms: spare "
+                                r"session memory given back$", since=mark, timeout=10)
             self.assertFalse(c.closed)
-        self.assertEqual(len(up.calls()), 6)
+        calls = up.calls()
+        self.assertEqual(len(calls), 6)
+        # One backend connection, trimmed three times, carried them all.
+        self.assertEqual(len({rec.peer for rec in calls}), 1, calls)
 
 
 class InsecureListenerTest(H.SparkgateTestCase):
