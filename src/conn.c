@@ -71,11 +71,11 @@ static void set_close_reason(sg_conn *c, const char *reason, const char *detail)
 }
 
 /* The idle deadline comes in two steps: first the trim of the session's
- * memory (SG_H2MEM_TRIM_AFTER_MS), then the rest of idle_timeout_ms. */
+ * memory (idle_trim_ms), then the rest of idle_timeout_ms. */
 static void set_idle_timer(sg_conn *c) {
-  uint32_t idle_ms = c->rt->config->idle_timeout_ms;
-  bool trim = idle_ms > SG_H2MEM_TRIM_AFTER_MS;
-  set_timer_ms(c, trim ? SG_H2MEM_TRIM_AFTER_MS : idle_ms);
+  uint32_t idle_ms = c->rt->config->idle_timeout_ms, trim_ms = c->rt->config->idle_trim_ms;
+  bool trim = trim_ms > 0 && idle_ms > trim_ms;
+  set_timer_ms(c, trim ? trim_ms : idle_ms);
   c->idle_timer_set = true;
   c->trim_pending = trim;
 }
@@ -84,11 +84,11 @@ static void trim_idle(sg_conn *c) {
   bool output_idle = !nghttp2_session_want_write(c->session) &&
                      evbuffer_get_length(bufferevent_get_output(c->bev)) == 0;
   sg_h2mem_session_trim(c->h2mem, output_idle);
+  uint32_t idle_ms = c->rt->config->idle_timeout_ms, trim_ms = c->rt->config->idle_trim_ms;
   sg_debug("conn=%llu peer=%s: idle for %u ms: spare session memory given back%s",
-           (unsigned long long)c->id, c->peer, (unsigned)SG_H2MEM_TRIM_AFTER_MS,
+           (unsigned long long)c->id, c->peer, trim_ms,
            output_idle ? "" : " (frame buffer kept: output pending)");
-  uint32_t idle_ms = c->rt->config->idle_timeout_ms;
-  set_timer_ms(c, idle_ms - SG_H2MEM_TRIM_AFTER_MS);
+  set_timer_ms(c, idle_ms - trim_ms);
   c->idle_timer_set = true;
 }
 

@@ -188,13 +188,15 @@ static const sg_config *pool_config(const sg_upstream_pool *pool) {
 }
 
 /* The idle deadline, in two steps as a client connection's (conn.c): the
- * trim of the session's memory, then the rest of upstream.idle_timeout_ms.
+ * trim of the session's memory (idle_trim_ms), then the rest of
+ * upstream.idle_timeout_ms.
  * A pool keeps a connection to each backend of each tenant it served for
  * that long. */
 static void set_idle_deadline(sg_upstream *up) {
-  uint32_t idle_ms = pool_config(up->pool)->upstream_idle_timeout_ms;
-  bool trim = idle_ms > SG_H2MEM_TRIM_AFTER_MS;
-  set_timer_ms(up, trim ? SG_H2MEM_TRIM_AFTER_MS : idle_ms);
+  const sg_config *cfg = pool_config(up->pool);
+  uint32_t idle_ms = cfg->upstream_idle_timeout_ms, trim_ms = cfg->idle_trim_ms;
+  bool trim = trim_ms > 0 && idle_ms > trim_ms;
+  set_timer_ms(up, trim ? trim_ms : idle_ms);
   up->trim_pending = trim;
 }
 
@@ -910,9 +912,10 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
   if (up->trim_pending) {
     sg_h2mem_session_trim(up->h2mem, !nghttp2_session_want_write(up->session) &&
                                          evbuffer_get_length(bufferevent_get_output(up->bev)) == 0);
+    const sg_config *cfg = pool_config(up->pool);
     sg_debug("upstream %s conn=%llu: idle for %u ms: spare session memory given back",
-             up->pool->backend->name, (unsigned long long)up->id, SG_H2MEM_TRIM_AFTER_MS);
-    set_timer_ms(up, pool_config(up->pool)->upstream_idle_timeout_ms - SG_H2MEM_TRIM_AFTER_MS);
+             up->pool->backend->name, (unsigned long long)up->id, cfg->idle_trim_ms);
+    set_timer_ms(up, cfg->upstream_idle_timeout_ms - cfg->idle_trim_ms);
     return;
   }
   upstream_free(up, "idle");

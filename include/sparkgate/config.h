@@ -66,6 +66,9 @@ typedef struct sg_config {
   uint32_t drain_timeout_ms;         /* SIGTERM: in-flight streams get this long */
   uint32_t tls_handshake_timeout_ms;
   uint32_t idle_timeout_ms;          /* client connection with no streams */
+  /* A connection, client or backend, with no streams for this long gives
+   * back its session's spare pages (sg_h2mem_session_trim); 0: never. */
+  uint32_t idle_trim_ms;
   uint32_t max_grpc_timeout_ms;      /* longer grpc-timeout values are clamped */
   uint32_t write_stall_timeout_ms;   /* a peer that reads nothing for this long */
   uint32_t stream_idle_timeout_ms;   /* a call with no bytes either way */

@@ -66,12 +66,6 @@ void sg_h2mem_session_created(sg_h2mem_session *s);
 /* After nghttp2_session_del; NULL is a no-op. */
 void sg_h2mem_session_release(sg_h2mem_session *s);
 
-/* How long a session's owner waits, with no stream open, before it trims
- * the session: soon enough that idle connections cost less, late enough
- * that a notebook's connection between two calls seldom pays a trim (an
- * madvise, and page faults when the next call comes). */
-#define SG_H2MEM_TRIM_AFTER_MS 1000u
-
 /* Gives the kernel back the pages of the session's mappings that hold
  * nothing: those all zero (an empty stream table) and, when
  * |output_idle| (nghttp2 wants to write nothing: no frame in progress),

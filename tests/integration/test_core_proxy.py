@@ -689,7 +689,7 @@ class TlsClientThatStopsReadingTest(H.SparkgateTestCase):
 
 
 class IdleConnectionTrimTest(H.SparkgateTestCase):
-    """A connection with no call for a second gives its session's spare
+    """A connection with no call for idle_trim_ms (here a second) gives its session's spare
     memory back: the pages of its stream table and frame buffer; so does
     the pooled backend connection. What stays in the sessions (HPACK
     tables, windows, settings) must come through: calls before and after
@@ -697,7 +697,8 @@ class IdleConnectionTrimTest(H.SparkgateTestCase):
 
     def test_calls_after_each_idle_trim_arrive_intact(self):
         up = self.standin()
-        sg = self.start_sparkgate(H.base_config(up.port, log_level="debug"))
+        sg = self.start_sparkgate(H.base_config(up.port, log_level="debug",
+                                                idle_trim_ms=1000))
         rng = random.Random(7)
         # Indexed by the client's HPACK encoder: later calls send it as an
         # index into the table sparkgate's session keeps.
