@@ -46,6 +46,7 @@ struct sg_h2mem {
   size_t cached_bytes;
   sg_h2mem_session *views; /* every view made, for sg_h2mem_free */
   sg_h2mem_session *spare_views;
+  size_t page; /* the system's page size */
 };
 
 static inline size_t class_size(unsigned cls) { return (size_t)(cls + 1) * CLASS_BYTES; }
@@ -143,6 +144,8 @@ sg_h2mem *sg_h2mem_new(void) {
   sg_h2mem *m = calloc(1, sizeof *m);
   if (m == NULL)
     return NULL;
+  long page = sysconf(_SC_PAGESIZE);
+  m->page = page > 0 ? (size_t)page : 4096;
   m->mem = (nghttp2_mem){.mem_user_data = m,
                          .malloc = mem_malloc,
                          .free = mem_free,
@@ -179,15 +182,6 @@ size_t sg_h2mem_cached_bytes(const sg_h2mem *m) { return m != NULL ? m->cached_b
 
 /* ---- one session's blocks ------------------------------------------------ */
 
-static size_t page_size(void) {
-  static size_t page;
-  if (page == 0) {
-    long v = sysconf(_SC_PAGESIZE);
-    page = v > 0 ? (size_t)v : 4096;
-  }
-  return page;
-}
-
 /* Mappings start on a page, so on 4 KiB whatever the page size; the
  * worker's blocks seldom do. A constant: this runs on every free. */
 #define MAP_ALIGN_MASK ((uintptr_t)4095)
@@ -206,13 +200,14 @@ static sg_h2mem_map *find_map(sg_h2mem_session *s, const void *p) {
  * of mappings: vm.max_map_count). Off the path of every call. */
 __attribute__((noinline, cold)) static void *map_block(sg_h2mem_session *s, size_t size,
                                                        bool zeroed) {
-  if (size < page_size())
+  size_t page = s->worker->page;
+  if (size < page)
     return NULL;
   for (size_t i = 0; i < SG_H2MEM_SESSION_MAPS; i++) {
     sg_h2mem_map *mp = &s->maps[i];
     if (mp->p != NULL)
       continue;
-    size_t len = (size + page_size() - 1) & ~(page_size() - 1);
+    size_t len = (size + page - 1) & ~(page - 1);
     void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
       return NULL;
@@ -332,7 +327,7 @@ static bool page_is_zero(const uint8_t *p, size_t len) {
 }
 
 void sg_h2mem_session_trim(sg_h2mem_session *s, bool output_idle) {
-  size_t page = page_size();
+  size_t page = s->worker->page;
   for (size_t i = 0; i < SG_H2MEM_SESSION_MAPS; i++) {
     sg_h2mem_map *mp = &s->maps[i];
     if (mp->p == NULL)
