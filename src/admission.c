@@ -343,7 +343,7 @@ static bool admit_limits(sg_stream *s) {
   /* The call's configuration, which chose its tenant: the connection's
    * may be older, with other tenants or none of this one. */
   sg_tenant_state *st = sg_generation_tenant_state(s->gen, s->tenant->index);
-  const char *limit = sg_tenant_state_admit(st, s->method, sg_monotonic_ms());
+  const char *limit = sg_tenant_state_admit(st, s->method, sg_worker_now_us(s->gen->worker) / 1000u);
   if (limit != NULL) {
     char why[192];
     sg_tenant_limit_reason(s->tenant, limit, why, sizeof why);
@@ -413,7 +413,7 @@ bool sg_admit(sg_stream *s) {
       sg_stream_fail(s, SG_GRPC_RESOURCE_EXHAUSTED, "sparkgate: out of memory");
       return false;
     }
-    s->deadline_at_ms = sg_monotonic_ms() + ms;
+    s->deadline_at_ms = sg_worker_now_us(s->gen->worker) / 1000u + ms;
     struct timeval when = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
     evtimer_add(s->deadline, &when);
   }

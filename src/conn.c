@@ -568,8 +568,11 @@ static void on_send_ev(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
   sg_conn *c = arg;
+  sg_worker *w = c->worker;
+  uint64_t held = sg_worker_clock_hold(w);
   c->send_scheduled = false;
   conn_flush(c);
+  sg_worker_clock_release(w, held);
 }
 
 /* Called several times per call: event_active takes the base's lock, a
@@ -590,9 +593,17 @@ static void read_buffered_records(sg_conn *c) {
     event_active(&c->bev->ev_read, EV_READ, 1);
 }
 
+static void read_input(sg_conn *c, struct evbuffer *in);
+
 static void on_read(struct bufferevent *bev, void *arg) {
   sg_conn *c = arg;
-  struct evbuffer *in = bufferevent_get_input(bev);
+  sg_worker *w = c->worker;
+  uint64_t held = sg_worker_clock_hold(w);
+  read_input(c, bufferevent_get_input(bev));
+  sg_worker_clock_release(w, held); /* c may be gone */
+}
+
+static void read_input(sg_conn *c, struct evbuffer *in) {
   /* A closing connection reads nothing more: after a fatal error nghttp2
    * stopped in the middle of a frame, and the same bytes fed again would
    * be parsed out of step (a SETTINGS flood read as DATA on stream 0). */

@@ -116,12 +116,26 @@ void *sg_memcache_malloc(size_t size) {
   return malloc(class_size(cls));
 }
 
+static void keep(void *p, size_t cls);
+
 void sg_memcache_free(void *p) {
   if (SG_MEMCACHE_PASSTHROUGH || p == NULL) {
     free(p);
     return;
   }
-  size_t cls = block_class(p);
+  keep(p, block_class(p));
+}
+
+void sg_memcache_free_sized(void *p, size_t size) {
+  if (SG_MEMCACHE_PASSTHROUGH || p == NULL || size > MAX_CACHED_SIZE) {
+    free(p);
+    return;
+  }
+  keep(p, size == 0 ? 0 : (size - 1) / CLASS_BYTES);
+}
+
+/* Onto the free list of class |cls| (N_CLASSES or more: to malloc). */
+static void keep(void *p, size_t cls) {
   if (cls >= N_CLASSES || tc.bytes + class_size(cls) > MAX_CACHED_BYTES) {
     free(p);
     return;

@@ -1003,7 +1003,7 @@ void sg_sparkmsg_free(sg_sparkmsg *s) {
     return;
   sg_memcache_free(s->hold);
   free_first_user_id(s);
-  sg_memcache_free(s);
+  sg_memcache_free_sized(s, sizeof *s);
 }
 
 sg_sparkmsg_reason sg_sparkmsg_feed(sg_sparkmsg *s, const uint8_t *data,

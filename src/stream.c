@@ -153,12 +153,6 @@ void sg_stream_index_request(sg_stream *s) {
 
 /* ---- lifecycle ---------------------------------------------------------- */
 
-static uint64_t monotonic_us(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
-
 sg_stream *sg_stream_new(sg_conn *conn, int32_t id) {
   /* Streams come and go with every call, and are past glibc's per-thread
    * cache in size. */
@@ -178,7 +172,7 @@ sg_stream *sg_stream_new(sg_conn *conn, int32_t id) {
       evbuffer_free(s->req_body);
     if (s->resp_body != NULL)
       evbuffer_free(s->resp_body);
-    sg_memcache_free(s);
+    sg_memcache_free_sized(s, sizeof *s);
     return NULL;
   }
   s->conn = conn;
@@ -194,7 +188,7 @@ sg_stream *sg_stream_new(sg_conn *conn, int32_t id) {
    * count per call is two locked instructions for nothing. */
   s->rt = s->gen->rt;
   s->grpc_status = -1;
-  s->started_us = monotonic_us();
+  s->started_us = sg_worker_now_us(conn->worker);
   s->last_activity_ms = s->started_us / 1000u;
   if (s->gen->metrics != NULL)
     sg_metrics_stream_opened(s->gen->metrics);
@@ -203,6 +197,12 @@ sg_stream *sg_stream_new(sg_conn *conn, int32_t id) {
   conn->n_streams++;
   sg_conn_stream_opened(conn);
   return s;
+}
+
+uint64_t sg_monotonic_us(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
 uint64_t sg_monotonic_ms(void) {
@@ -240,7 +240,7 @@ static void stream_free(sg_stream *s) {
   sg_generation *gen = s->gen;
   if (gen->metrics != NULL)
     sg_metrics_stream_closed(gen->metrics);
-  sg_memcache_free(s);
+  sg_memcache_free_sized(s, sizeof *s);
   sg_generation_release(gen);
 }
 
@@ -769,7 +769,8 @@ void sg_stream_check_idle(sg_stream *s, uint64_t now_ms) {
 static void report_call(sg_stream *s, const sg_conn *c, uint32_t error_code) {
   if (s->grpc_status < 0 && error_code == NGHTTP2_CANCEL)
     s->grpc_status = SG_GRPC_CANCELLED;
-  double ms = (double)(monotonic_us() - s->started_us) / 1000.0;
+  uint64_t now_us = sg_worker_now_us(s->gen->worker);
+  double ms = now_us > s->started_us ? (double)(now_us - s->started_us) / 1000.0 : 0.0;
   const sg_header *path = request_path(s);
   nghttp2_vec p = path != NULL ? header_value(path) : (nghttp2_vec){(uint8_t *)"", 0};
   if (s->gen->metrics != NULL)

@@ -561,8 +561,11 @@ static void on_send_ev(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
   sg_upstream *up = arg;
+  sg_worker *w = up->pool->worker;
+  uint64_t held = sg_worker_clock_hold(w);
   up->send_scheduled = false;
   upstream_flush(up);
+  sg_worker_clock_release(w, held);
 }
 
 static void schedule_send(sg_upstream *up) {
@@ -572,9 +575,17 @@ static void schedule_send(sg_upstream *up) {
   }
 }
 
+static void read_input(sg_upstream *up, struct evbuffer *in);
+
 static void on_read(struct bufferevent *bev, void *arg) {
   sg_upstream *up = arg;
-  struct evbuffer *in = bufferevent_get_input(bev);
+  sg_worker *w = up->pool->worker;
+  uint64_t held = sg_worker_clock_hold(w);
+  read_input(up, bufferevent_get_input(bev));
+  sg_worker_clock_release(w, held); /* up may be gone */
+}
+
+static void read_input(sg_upstream *up, struct evbuffer *in) {
   if (up->session == NULL)
     return; /* not connected yet: on_connected reads what came early */
   for (;;) {
@@ -614,9 +625,18 @@ static void on_write(struct bufferevent *bev, void *arg) {
 }
 
 /* h2c only: large reads straight into nghttp2 (bufferevent's are 4 KiB). */
+static void read_socket(sg_upstream *up, evutil_socket_t fd);
+
 static void on_socket_readable(evutil_socket_t fd, short what, void *arg) {
   (void)what;
   sg_upstream *up = arg;
+  sg_worker *w = up->pool->worker;
+  uint64_t held = sg_worker_clock_hold(w);
+  read_socket(up, fd);
+  sg_worker_clock_release(w, held); /* up may be gone */
+}
+
+static void read_socket(sg_upstream *up, evutil_socket_t fd) {
   sg_worker *w = up->pool->worker;
   /* A few reads per wakeup keep one busy backend from starving the loop. */
   for (int i = 0; i < 4; i++) {

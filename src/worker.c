@@ -488,6 +488,19 @@ static void on_drain(evutil_socket_t fd, short what, void *arg) {
 
 /* ---- socket reads -------------------------------------------------------- */
 
+uint64_t sg_worker_clock_hold(sg_worker *w) {
+  uint64_t held = w->clock_us;
+  if (held == 0)
+    w->clock_us = sg_monotonic_us();
+  return held;
+}
+
+void sg_worker_clock_release(sg_worker *w, uint64_t held) { w->clock_us = held; }
+
+uint64_t sg_worker_now_us(const sg_worker *w) {
+  return w->clock_us != 0 ? w->clock_us : sg_monotonic_us();
+}
+
 #define SG_WORKER_READ_BUF_BYTES (256 * 1024)
 
 ssize_t sg_worker_read_socket(sg_worker *w, int fd, const uint8_t **data) {

@@ -21,6 +21,10 @@ void *sg_memcache_realloc(void *p, size_t size);
 char *sg_memcache_strdup(const char *s);
 /* Only for blocks from these functions. */
 void sg_memcache_free(void *p);
+/* The same for a block asked for with exactly |size| bytes (malloc or
+ * calloc, never realloc): the class comes from the size, not from the
+ * allocator's chunk header, which a block gone cold misses in the cache. */
+void sg_memcache_free_sized(void *p, size_t size);
 
 /* Bytes kept in this thread's lists (tests). */
 size_t sg_memcache_cached_bytes(void);

@@ -199,8 +199,9 @@ void sg_stream_set_up_window(sg_stream *s, uint32_t window);
  * windows staying within |budget| (false once the client is gone). */
 bool sg_stream_up_window_fits(const sg_stream *s, uint32_t window, uint32_t budget);
 
-/* CLOCK_MONOTONIC in milliseconds. */
+/* CLOCK_MONOTONIC in milliseconds, and in microseconds. */
 uint64_t sg_monotonic_ms(void);
+uint64_t sg_monotonic_us(void);
 /* The same clock as of the kernel's last tick (a few ms behind, never
  * ahead), read without the timer: for the activity marks every call sets
  * several times and only second-long timeouts read. */

@@ -85,6 +85,37 @@ static void *other_thread(void *arg) {
   return kept;
 }
 
+/* A block freed with its size lands in the class the allocation came
+ * from, as sg_memcache_free would put it, whatever that size. */
+static void test_free_sized(void) {
+  static const size_t sizes[] = {0, 1, 64, 65, 1648, 7000, 16512, 16513, 70000};
+  for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+    size_t n = sizes[i];
+    uint8_t *a = sg_memcache_calloc(1, n);
+    CHECK(a != NULL);
+    if (n > 0)
+      a[n - 1] = 0x5a; /* the whole block is usable */
+    size_t before = sg_memcache_cached_bytes();
+    sg_memcache_free_sized(a, n);
+    if (PASSTHROUGH)
+      continue;
+    if (n > 16512) {
+      CHECK(sg_memcache_cached_bytes() == before); /* to malloc */
+      continue;
+    }
+    CHECK(sg_memcache_cached_bytes() > before);
+    uint8_t *b = sg_memcache_malloc(n);
+    CHECK(b == a);
+    sg_memcache_free(b); /* the same class either way */
+    uint8_t *c = sg_memcache_malloc(n);
+    CHECK(c == a);
+    sg_memcache_free_sized(c, n);
+  }
+  sg_memcache_free_sized(NULL, 10);
+  sg_memcache_release();
+  CHECK(sg_memcache_cached_bytes() == 0);
+}
+
 static void test_threads(void) {
   void *block = sg_memcache_malloc(4000);
   CHECK(block != NULL);
@@ -100,6 +131,7 @@ static void test_threads(void) {
 
 int main(void) {
   test_blocks();
+  test_free_sized();
   test_threads();
   return check_report("memcache");
 }
