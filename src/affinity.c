@@ -47,23 +47,74 @@ void sg_affinity_free(sg_affinity *a) {
 
 static uint64_t nonzero(uint64_t h) { return h != 0 ? h : 1; }
 
+/* What is hashed: the three strings with their NULs, which keep
+ * ("ab","c") and ("a","bc") apart. */
+static size_t key_text_len(const char *tenant, const char *user_id, const char *session_id,
+                           size_t lens[3]) {
+  lens[0] = strlen(tenant);
+  lens[1] = strlen(user_id);
+  lens[2] = strlen(session_id);
+  return lens[0] + lens[1] + lens[2] + 3;
+}
+
+static void key_text(char *buf, const char *tenant, const char *user_id,
+                     const char *session_id, const size_t lens[3]) {
+  memcpy(buf, tenant, lens[0] + 1);
+  memcpy(buf + lens[0] + 1, user_id, lens[1] + 1);
+  memcpy(buf + lens[0] + lens[1] + 2, session_id, lens[2] + 1);
+}
+
 uint64_t sg_affinity_key(const char *tenant, const char *user_id,
                          const char *session_id) {
-  /* NUL separators keep ("ab","c") and ("a","bc") apart. */
-  size_t lt = strlen(tenant), lu = strlen(user_id), ls = strlen(session_id);
+  size_t lens[3];
   char small[512];
-  size_t n = lt + lu + ls + 3;
+  size_t n = key_text_len(tenant, user_id, session_id, lens);
   char *buf = n <= sizeof small ? small : malloc(n);
   if (buf == NULL)
     return 1;
-  memcpy(buf, tenant, lt + 1);
-  memcpy(buf + lt + 1, user_id, lu + 1);
-  memcpy(buf + lt + lu + 2, session_id, ls + 1);
+  key_text(buf, tenant, user_id, session_id, lens);
   uint64_t h = sg_siphash24(affinity_key, buf, n);
   if (buf != small)
     free(buf);
   return nonzero(h);
 }
+
+/* Longer texts are not remembered (session ids are UUIDs). */
+#define MEMO_MAX_TEXT 256u
+
+struct sg_affinity_memo {
+  uint64_t key;
+  size_t len, cap;
+  char text[];
+};
+
+uint64_t sg_affinity_key_memo(sg_affinity_memo **memo, const char *tenant,
+                              const char *user_id, const char *session_id) {
+  size_t lens[3];
+  char buf[MEMO_MAX_TEXT];
+  size_t n = key_text_len(tenant, user_id, session_id, lens);
+  if (n > sizeof buf)
+    return sg_affinity_key(tenant, user_id, session_id);
+  key_text(buf, tenant, user_id, session_id, lens);
+  sg_affinity_memo *m = *memo;
+  if (m != NULL && m->len == n && memcmp(m->text, buf, n) == 0)
+    return m->key;
+  uint64_t key = nonzero(sg_siphash24(affinity_key, buf, n));
+  if (m == NULL || m->cap < n) {
+    sg_affinity_memo *bigger = malloc(sizeof *bigger + n);
+    if (bigger == NULL)
+      return key; /* the old memo stays, for what it names */
+    free(m);
+    m = *memo = bigger;
+    m->cap = n;
+  }
+  m->key = key;
+  m->len = n;
+  memcpy(m->text, buf, n);
+  return key;
+}
+
+void sg_affinity_memo_free(sg_affinity_memo *memo) { free(memo); }
 
 uint64_t sg_affinity_backend_id(const char *backend_name) {
   return nonzero(sg_siphash24(affinity_key, backend_name, strlen(backend_name)));

@@ -19,6 +19,7 @@
 #include <openssl/err.h>
 #include <openssl/x509.h>
 
+#include "sparkgate/affinity.h"
 #include "sparkgate/h2io.h"
 #include "sparkgate/h2mem.h"
 #include "sparkgate/identity.h"
@@ -84,6 +85,8 @@ static void trim_idle(sg_conn *c) {
   bool output_idle = !nghttp2_session_want_write(c->session) &&
                      evbuffer_get_length(bufferevent_get_output(c->bev)) == 0;
   sg_h2mem_session_trim(c->h2mem, output_idle);
+  sg_affinity_memo_free(c->affinity_memo); /* the next call hashes again */
+  c->affinity_memo = NULL;
   uint32_t idle_ms = c->rt->config->idle_timeout_ms, trim_ms = c->rt->config->idle_trim_ms;
   sg_debug("conn=%llu peer=%s: idle for %u ms: spare session memory given back%s",
            (unsigned long long)c->id, c->peer, trim_ms,
@@ -575,8 +578,8 @@ static void on_send_ev(evutil_socket_t fd, short what, void *arg) {
   sg_worker_clock_release(w, held);
 }
 
-/* Called several times per call: event_active takes the base's lock, a
- * flag does not. */
+/* Called several times per call: a flag is cheaper than event_active's
+ * walk through the base's queues. */
 void sg_conn_schedule_send(sg_conn *c) {
   if (c != NULL && !c->freeing && !c->send_scheduled) {
     c->send_scheduled = true;
@@ -1186,6 +1189,7 @@ static void conn_free(sg_conn *c) {
   if (c->session != NULL)
     nghttp2_session_del(c->session);
   sg_h2mem_session_release(c->h2mem);
+  sg_affinity_memo_free(c->affinity_memo);
   bufferevent_free(c->bev); /* frees c->ssl too */
   free(c->cert_identity);
   free(c->xfcc);

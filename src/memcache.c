@@ -134,6 +134,11 @@ void sg_memcache_free_sized(void *p, size_t size) {
   keep(p, size == 0 ? 0 : (size - 1) / CLASS_BYTES);
 }
 
+void sg_memcache_free_str(char *s) {
+  if (s != NULL)
+    sg_memcache_free_sized(s, strlen(s) + 1); /* a string cut short: a smaller class, still safe */
+}
+
 /* Onto the free list of class |cls| (N_CLASSES or more: to malloc). */
 static void keep(void *p, size_t cls) {
   if (cls >= N_CLASSES || tc.bytes + class_size(cls) > MAX_CACHED_BYTES) {

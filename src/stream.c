@@ -229,9 +229,9 @@ static void stream_free(sg_stream *s) {
   evbuffer_free(s->resp_body);
   if (s->req_replay != NULL)
     evbuffer_free(s->req_replay);
-  sg_memcache_free(s->identity); /* all three from sg_memcache_strdup */
-  sg_memcache_free(s->identity_provider);
-  sg_memcache_free(s->xfcc);
+  sg_memcache_free_str(s->identity); /* all three from sg_memcache_strdup */
+  sg_memcache_free_str(s->identity_provider);
+  sg_memcache_free_str(s->xfcc);
   free(s->upstream_authorization);
   if (s->scanner != NULL)
     sg_sparkmsg_free(s->scanner);
@@ -469,7 +469,10 @@ static int remember_session(sg_stream *s, const char *user_id,
   const sg_route_tenant *t = s->tenant;
   sg_affinity *mem = s->gen->worker->affinity;
   uint64_t now = sg_monotonic_coarse_ms(); /* for a TTL of minutes */
-  uint64_t key = sg_affinity_key(t->name, user_id != NULL ? user_id : "", session_id);
+  const char *user = user_id != NULL ? user_id : "";
+  uint64_t key = s->conn != NULL
+                     ? sg_affinity_key_memo(&s->conn->affinity_memo, t->name, user, session_id)
+                     : sg_affinity_key(t->name, user, session_id);
   uint64_t last = sg_affinity_get(mem, key, now);
   uint64_t picked = t->backends[*backend].affinity_id;
   if (last != 0 && last != picked) {

@@ -10,6 +10,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 
 #include <event2/thread.h>
@@ -370,10 +371,7 @@ void sg_generation_release(sg_generation *g) {
   generation_maybe_free(g);
 }
 
-static void on_reload(evutil_socket_t fd, short what, void *arg) {
-  (void)fd;
-  (void)what;
-  sg_worker *w = arg;
+static void take_reload(sg_worker *w) {
   pthread_mutex_lock(&w->reload_lock);
   sg_runtime *rt = w->reload_rt;
   w->reload_rt = NULL;
@@ -404,13 +402,21 @@ static void on_reload(evutil_socket_t fd, short what, void *arg) {
   }
 }
 
+/* Any thread. The counter only wakes the loop: what to do is in
+ * drain_requested and reload_rt. */
+static void wake(sg_worker *w) {
+  uint64_t one = 1;
+  ssize_t rv = write(w->wake_fd, &one, sizeof one);
+  (void)rv; /* EAGAIN: the counter is far from zero already, a wake is due */
+}
+
 void sg_worker_post_runtime(sg_worker *w, sg_runtime *rt) {
   pthread_mutex_lock(&w->reload_lock);
   if (w->reload_rt != NULL)
     sg_runtime_unref(w->reload_rt);
   w->reload_rt = sg_runtime_ref(rt);
   pthread_mutex_unlock(&w->reload_lock);
-  event_active(w->reload_ev, 0, 0);
+  wake(w);
 }
 
 static void on_reap(evutil_socket_t fd, short what, void *arg) {
@@ -459,10 +465,7 @@ static void on_drain_timeout(evutil_socket_t fd, short what, void *arg) {
   finish_if_drained(w);
 }
 
-static void on_drain(evutil_socket_t fd, short what, void *arg) {
-  (void)fd;
-  (void)what;
-  sg_worker *w = arg;
+static void start_drain(sg_worker *w) {
   if (w->draining)
     return;
   w->draining = true;
@@ -484,6 +487,17 @@ static void on_drain(evutil_socket_t fd, short what, void *arg) {
     n = next;
   }
   finish_if_drained(w);
+}
+
+static void on_wake(evutil_socket_t fd, short what, void *arg) {
+  (void)what;
+  sg_worker *w = arg;
+  uint64_t n;
+  ssize_t rv = read(fd, &n, sizeof n);
+  (void)rv; /* EAGAIN: another wake took the count; the requests are read below */
+  take_reload(w);
+  if (__atomic_exchange_n(&w->drain_requested, false, __ATOMIC_ACQ_REL))
+    start_drain(w);
 }
 
 /* ---- socket reads -------------------------------------------------------- */
@@ -541,6 +555,7 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
     return NULL;
   }
   w->index = index;
+  w->wake_fd = -1;
   w->read_buf_size = SG_WORKER_READ_BUF_BYTES;
   w->read_buf = malloc(w->read_buf_size);
   if (w->read_buf == NULL) {
@@ -568,8 +583,8 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
   pthread_mutex_init(&w->reload_lock, NULL);
   struct event_config *ecfg = event_config_new();
   if (ecfg != NULL) {
-    /* Only this thread touches the base, except event_active from the main
-     * thread, which the pthreads lock makes safe. */
+    /* Only this thread touches the base: other threads write to wake_fd. */
+    event_config_set_flag(ecfg, EVENT_BASE_FLAG_NOLOCK);
     w->base = event_base_new_with_config(ecfg);
     event_config_free(ecfg);
   }
@@ -583,13 +598,17 @@ sg_worker *sg_worker_new(unsigned index, sg_runtime *rt, uint16_t *ports,
     /* No resolv.conf (a minimal container): numeric backends still work. */
     w->dns = evdns_base_new(w->base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
   }
-  w->drain_ev = event_new(w->base, -1, 0, on_drain, w);
+  w->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (w->wake_fd < 0) {
+    snprintf(err, errlen, "eventfd: %s", strerror(errno));
+    goto fail;
+  }
+  w->wake_ev = event_new(w->base, w->wake_fd, EV_READ | EV_PERSIST, on_wake, w);
   w->drain_timer = evtimer_new(w->base, on_drain_timeout, w);
-  w->reload_ev = event_new(w->base, -1, 0, on_reload, w);
   w->sweep_timer = event_new(w->base, -1, EV_PERSIST, on_sweep, w);
   w->reap_ev = event_new(w->base, -1, 0, on_reap, w);
-  if (w->drain_ev == NULL || w->drain_timer == NULL || w->reload_ev == NULL ||
-      w->sweep_timer == NULL || w->reap_ev == NULL) {
+  if (w->wake_ev == NULL || w->drain_timer == NULL || w->sweep_timer == NULL ||
+      w->reap_ev == NULL || event_add(w->wake_ev, NULL) != 0) {
     snprintf(err, errlen, "out of memory");
     goto fail;
   }
@@ -660,7 +679,10 @@ int sg_worker_start(sg_worker *w) {
   return 0;
 }
 
-void sg_worker_request_drain(sg_worker *w) { event_active(w->drain_ev, 0, 0); }
+void sg_worker_request_drain(sg_worker *w) {
+  __atomic_store_n(&w->drain_requested, true, __ATOMIC_RELEASE);
+  wake(w);
+}
 
 void sg_worker_join(sg_worker *w) {
   if (w->thread_started) {
@@ -687,12 +709,12 @@ void sg_worker_free(sg_worker *w) {
   }
   free(w->listeners);
   free(w->listener_ctxs);
-  if (w->drain_ev != NULL)
-    event_free(w->drain_ev);
+  if (w->wake_ev != NULL)
+    event_free(w->wake_ev);
+  if (w->wake_fd >= 0)
+    close(w->wake_fd);
   if (w->drain_timer != NULL)
     event_free(w->drain_timer);
-  if (w->reload_ev != NULL)
-    event_free(w->reload_ev);
   if (w->sweep_timer != NULL)
     event_free(w->sweep_timer);
   if (w->reap_ev != NULL)

@@ -23,6 +23,15 @@ void sg_affinity_free(sg_affinity *a);
 /* The key of a session: tenant, user and session id, hashed. */
 uint64_t sg_affinity_key(const char *tenant, const char *user_id,
                          const char *session_id);
+/* The same key, remembered with |*memo| (a connection's: a client sends
+ * its session's calls on one connection) and computed again only for
+ * another tenant, user or session: the keyed hash was 1.2% of a unary
+ * call's instructions. |*memo| starts NULL; sg_affinity_memo_free. */
+typedef struct sg_affinity_memo sg_affinity_memo;
+uint64_t sg_affinity_key_memo(sg_affinity_memo **memo, const char *tenant,
+                              const char *user_id, const char *session_id);
+void sg_affinity_memo_free(sg_affinity_memo *memo);
+
 /* A backend's identity for the memory: its name, hashed (names survive a
  * reload that reorders backends; indexes do not). */
 uint64_t sg_affinity_backend_id(const char *backend_name);

@@ -46,6 +46,7 @@ struct sg_conn {
   bool idle_timer_set;   /* |timer| is the idle deadline (no stream open) */
   bool trim_pending;     /* ... and first the trim of the session's memory */
   sg_h2mem_session *h2mem; /* the session's view of the worker's allocator */
+  struct sg_affinity_memo *affinity_memo; /* its last session's key; NULL */
 
   /* The client certificate, verified by TLS, read once per connection. */
   bool has_cert;

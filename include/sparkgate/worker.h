@@ -99,8 +99,13 @@ struct sg_worker {
   void (*on_exit)(void *arg);
   void *on_exit_arg;
 
-  struct event *drain_ev;    /* activated from the main thread */
-  struct event *reload_ev;   /* activated from the main thread */
+  /* The main thread's requests (a drain, a new configuration) arrive
+   * through this eventfd: the loop's base has no lock (libevent takes a
+   * base's lock on every event_add, event_del and event_active, several
+   * times a call), so no other thread may touch its events. */
+  int wake_fd;
+  struct event *wake_ev;
+  bool drain_requested;      /* atomic: set by the main thread */
   pthread_mutex_t reload_lock;
   sg_runtime *reload_rt;     /* handed over under reload_lock */
   struct event *drain_timer; /* drain deadline */

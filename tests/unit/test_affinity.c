@@ -1,4 +1,7 @@
-/* Session memory: remembers, forgets after the TTL, stays bounded. */
+/* Session memory: remembers, forgets after the TTL, stays bounded; a
+ * connection's remembered key is always the key of what it is asked. */
+#include <string.h>
+
 #include "check.h"
 #include "sparkgate/affinity.h"
 
@@ -38,8 +41,37 @@ static void test_bounded(void) {
   sg_affinity_free(a);
 }
 
+static void test_memo(void) {
+  char long_session[400];
+  memset(long_session, 'x', sizeof long_session - 1);
+  long_session[sizeof long_session - 1] = '\0';
+  char mid_session[120];
+  memset(mid_session, 'm', sizeof mid_session - 1);
+  mid_session[sizeof mid_session - 1] = '\0';
+  /* Repeats, a change of each part, the parts' boundary moved, a longer
+   * text (a bigger memo), one too long to remember, and back. */
+  const char *asks[][3] = {
+      {"acme", "alice", "s-1"}, {"acme", "alice", "s-1"}, {"acme", "alice", "s-2"},
+      {"acme", "bob", "s-2"},   {"beta", "bob", "s-2"},   {"bet", "abob", "s-2"},
+      {"beta", "", "s-2"},      {"acme", "alice", mid_session},
+      {"acme", "alice", "s-1"}, {"acme", "alice", long_session},
+      {"acme", "alice", long_session}, {"acme", "alice", "s-1"},
+  };
+  sg_affinity_memo *memo = NULL;
+  for (size_t i = 0; i < sizeof asks / sizeof asks[0]; i++) {
+    uint64_t want = sg_affinity_key(asks[i][0], asks[i][1], asks[i][2]);
+    CHECK(want != 0);
+    CHECK(sg_affinity_key_memo(&memo, asks[i][0], asks[i][1], asks[i][2]) == want);
+    CHECK(memo != NULL);
+  }
+  CHECK(sg_affinity_key("bet", "abob", "s-2") != sg_affinity_key("beta", "bob", "s-2"));
+  sg_affinity_memo_free(memo);
+  sg_affinity_memo_free(NULL);
+}
+
 int main(void) {
   test_remember_and_forget();
   test_bounded();
+  test_memo();
   return check_report("affinity");
 }

@@ -112,6 +112,25 @@ static void test_free_sized(void) {
     sg_memcache_free_sized(c, n);
   }
   sg_memcache_free_sized(NULL, 10);
+  /* Strings: by their length; one cut short lands in a smaller class,
+   * where its block is more than big enough. */
+  char text[70];
+  memset(text, 's', sizeof text - 1);
+  text[sizeof text - 1] = '\0'; /* 70 bytes: the second class */
+  char *str = sg_memcache_strdup(text);
+  CHECK(str != NULL);
+  sg_memcache_free_str(str);
+  void *again = sg_memcache_malloc(70);
+  CHECK(PASSTHROUGH || again == (void *)str);
+  sg_memcache_free(again);
+  char *cut = sg_memcache_strdup(text);
+  CHECK(cut != NULL);
+  cut[3] = '\0';
+  sg_memcache_free_str(cut); /* the first class */
+  uint8_t *small = sg_memcache_malloc(4);
+  CHECK(PASSTHROUGH || small == (uint8_t *)cut);
+  sg_memcache_free(small);
+  sg_memcache_free_str(NULL);
   sg_memcache_release();
   CHECK(sg_memcache_cached_bytes() == 0);
 }
