@@ -500,7 +500,7 @@ static void on_wake(evutil_socket_t fd, short what, void *arg) {
     start_drain(w);
 }
 
-/* ---- socket reads -------------------------------------------------------- */
+/* ---- clock --------------------------------------------------------------- */
 
 uint64_t sg_worker_clock_hold(sg_worker *w) {
   uint64_t held = w->clock_us;
@@ -514,6 +514,8 @@ void sg_worker_clock_release(sg_worker *w, uint64_t held) { w->clock_us = held; 
 uint64_t sg_worker_now_us(const sg_worker *w) {
   return w->clock_us != 0 ? w->clock_us : sg_monotonic_us();
 }
+
+/* ---- socket reads -------------------------------------------------------- */
 
 #define SG_WORKER_READ_BUF_BYTES (256 * 1024)
 
