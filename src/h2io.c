@@ -9,8 +9,7 @@ static struct evbuffer *dest(const sg_h2io *io) {
 }
 
 static size_t queued(const sg_h2io *io) {
-  size_t n = evbuffer_get_length(io->out);
-  return io->staging ? n + evbuffer_get_length(io->stage) : n;
+  return io->staging ? io->out_at_flush + io->staged : evbuffer_get_length(io->out);
 }
 
 ssize_t sg_h2io_send(nghttp2_session *session, const uint8_t *data,
@@ -24,6 +23,8 @@ ssize_t sg_h2io_send(nghttp2_session *session, const uint8_t *data,
   }
   if (evbuffer_add(dest(io), data, length) != 0)
     return NGHTTP2_ERR_CALLBACK_FAILURE;
+  if (io->staging)
+    io->staged += length;
   return (ssize_t)length;
 }
 
@@ -60,10 +61,12 @@ int sg_h2io_send_data(sg_h2io *io, const nghttp2_frame *frame,
   if (keep != NULL && length > 0 && copy_prefix(keep, payload, length) != 0)
     return NGHTTP2_ERR_CALLBACK_FAILURE;
   size_t padlen = frame->data.padlen;
+  size_t total = 9 + (padlen > 0 ? 1 : 0) + length + (padlen > 1 ? padlen - 1 : 0);
+  if (io->staging)
+    io->staged += total; /* on failure the session is done for anyway */
   if (io->copy_payload) {
     /* The whole frame in one piece of one chain: with frames of
      * SG_H2IO_TLS_DATA_MAX, every chain then holds whole records. */
-    size_t total = 9 + (padlen > 0 ? 1 : 0) + length + (padlen > 1 ? padlen - 1 : 0);
     struct evbuffer_iovec v;
     if (evbuffer_reserve_space(out, (ev_ssize_t)total, &v, 1) != 1)
       return NGHTTP2_ERR_CALLBACK_FAILURE;
@@ -160,6 +163,10 @@ int sg_h2io_flush(sg_h2io *io, nghttp2_session *session) {
   /* A stage holding bytes belongs to a flush further up the stack: write
    * straight to the output then. */
   io->staging = io->stage != NULL && evbuffer_get_length(io->stage) == 0;
+  if (io->staging) {
+    io->out_at_flush = evbuffer_get_length(io->out);
+    io->staged = 0;
+  }
   io->stopped = false;
   int rv = nghttp2_session_send(session);
   if (io->staging) {

@@ -37,6 +37,12 @@ typedef struct sg_h2io {
    * so a worker's connections share one; NULL writes to |out| directly. */
   struct evbuffer *stage;
   bool staging; /* inside sg_h2io_flush, writing to |stage| */
+  /* While staging: |out|'s length when the flush began (nothing else
+   * writes to it meanwhile) and what the flush has put in |stage|, so
+   * that the high-water check of every frame reads two fields instead
+   * of calling into libevent twice. */
+  size_t out_at_flush;
+  size_t staged;
   /* A flush that finds |out| empty writes the stage itself: to
    * |write_fd| on cleartext, with SSL_write on |write_tls| when it is one
    * record's worth or less, and only what is not written goes to |out|.

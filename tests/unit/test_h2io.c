@@ -196,6 +196,23 @@ static void test_flush_through_stage(void) {
   CHECK(nghttp2_session_want_write(session));
   nghttp2_session_del(session);
 
+  /* What the output held before the flush counts too: at the mark
+   * already, nothing is staged. */
+  evbuffer_drain(io.out, evbuffer_get_length(io.out));
+  evbuffer_add(io.out, "0123456789012345678901234567890123456789", 40);
+  session = client_with_pings(&io, PINGS);
+  CHECK(sg_h2io_flush(&io, session) == 0);
+  CHECK(evbuffer_get_length(io.out) == 40);
+  CHECK(evbuffer_get_length(io.stage) == 0);
+  CHECK(io.stopped && nghttp2_session_want_write(session));
+  /* Below the mark, the flush goes on until what it staged reaches it. */
+  evbuffer_drain(io.out, 25);
+  CHECK(sg_h2io_flush(&io, session) == 0);
+  size_t sent = evbuffer_get_length(io.out) - 15;
+  CHECK(sent > 0 && sent < total);
+  CHECK(evbuffer_get_length(io.stage) == 0);
+  nghttp2_session_del(session);
+
   evbuffer_free(io.stage);
   evbuffer_free(io.out);
 }
