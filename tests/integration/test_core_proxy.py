@@ -27,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 import harness as H  # noqa: E402
+import spark_proto  # noqa: E402
 import grpc  # noqa: E402
 import h2.config  # noqa: E402
 import h2.connection  # noqa: E402
@@ -703,6 +704,7 @@ class IdleConnectionTrimTest(H.SparkgateTestCase):
         # Indexed by the client's HPACK encoder: later calls send it as an
         # index into the table sparkgate's session keeps.
         note = ("x-note", "n" * 3000)
+        sessions = ["00112233-4455-6677-8899-aabbccddee%02d" % i for i in range(3)]
         with H.H2Client(sg.port("public")) as c:
             for rnd in range(3):
                 mark = sg.mark()
@@ -717,13 +719,21 @@ class IdleConnectionTrimTest(H.SparkgateTestCase):
                 self.assertEqual((r.status, r.trailer("grpc-status")), (200, "0"), r)
                 self.assertEqual(H.grpc_unframe(r.data),
                                  [i.to_bytes(4, "big") + req for i in range(5)])
+                # Calls naming Spark sessions, one after the other and back:
+                # the connection remembers its last session's affinity key,
+                # and gives it up at each trim.
+                for sid in sessions[rnd:] + sessions[:rnd]:
+                    msg = spark_proto.request(b"s%d" % rnd, session_id=sid)
+                    r = c.request(SERVICE + "Config", body=H.grpc_frame(msg))
+                    self.assertEqual((r.status, r.trailer("grpc-status")), (200, "0"), r)
+                    self.assertEqual(H.grpc_unframe(r.data), [msg])
                 sg.wait_for_log(r"conn=\d+ peer=\S+: idle for 1000 ms: spare session "
                                 r"memory given back$", since=mark, timeout=10)
                 sg.wait_for_log(r"upstream spark-1 conn=\d+: idle for 1000 ms: spare "
                                 r"session memory given back$", since=mark, timeout=10)
             self.assertFalse(c.closed)
         calls = up.calls()
-        self.assertEqual(len(calls), 6)
+        self.assertEqual(len(calls), 15)
         # One backend connection, trimmed three times, carried them all.
         self.assertEqual(len({rec.peer for rec in calls}), 1, calls)
 
