@@ -737,6 +737,19 @@ class IdleConnectionTrimTest(H.SparkgateTestCase):
         # One backend connection, trimmed three times, carried them all.
         self.assertEqual(len({rec.peer for rec in calls}), 1, calls)
 
+    def test_zero_never_trims_and_the_idle_timeout_still_closes(self):
+        up = self.standin()
+        sg = self.start_sparkgate(H.base_config(up.port, log_level="debug", idle_trim_ms=0,
+                                                idle_timeout_ms=1500))
+        mark = sg.mark()
+        with H.H2Client(sg.port("public")) as c:
+            r = c.request(SERVICE + "Config", body=H.grpc_frame(b"once"))
+            self.assertEqual((r.status, r.trailer("grpc-status")), (200, "0"), r)
+            self.assertEqual(H.grpc_unframe(r.data), [b"once"])
+            sg.wait_for_log(r"conn=\d+ peer=\S+: idle for 1500 ms, closing", since=mark,
+                            timeout=10)
+        self.assertIsNone(sg.find_log(r"spare session memory given back", since=mark))
+
 
 class InsecureListenerTest(H.SparkgateTestCase):
     def test_h2c_listener_works_and_is_logged_insecure(self):

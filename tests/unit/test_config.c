@@ -39,6 +39,7 @@ static void test_minimal_h2c(void) {
     CHECK(strcmp(cfg->allowed_path_prefixes[0],
                  "/spark.connect.SparkConnectService/") == 0);
     CHECK(cfg->stream_window_bytes == 1u << 20);
+    CHECK(cfg->idle_trim_ms == 10000); /* docs/configuration.md */
     CHECK(strcmp(cfg->base_dir, "/etc/sparkgate") == 0);
     sg_config_unref(cfg);
   }
@@ -187,6 +188,36 @@ static void test_v4_mapped_listener_address(void) {
   sg_config_errors_clear(&errs);
 }
 
+/* idle_trim_ms: 0 (never) is a value, above a day is refused by name. */
+static void test_idle_trim_ms(void) {
+  static const char fmt[] =
+      "{\"idle_trim_ms\":%s,\"listeners\":[{\"port\":0,\"insecure\":true,\"auth\":\"none\"}],"
+      "\"tenants\":[{\"name\":\"t\",\"allow\":{\"any_identity\":true},"
+      "\"backends\":[{\"address\":\"127.0.0.1\",\"port\":15002}]}]}";
+  static const struct {
+    const char *value;
+    int rv;
+    uint32_t want;
+  } cases[] = {{"0", 0, 0}, {"1000", 0, 1000}, {"86400000", 0, 86400000},
+               {"86400001", -1, 0}, {"-1", -1, 0}, {"\"10s\"", -1, 0}};
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    char json[512];
+    snprintf(json, sizeof json, fmt, cases[i].value);
+    sg_config *cfg;
+    sg_config_errors errs = {0};
+    CHECK(load(json, &cfg, &errs) == cases[i].rv);
+    if (cases[i].rv == 0) {
+      CHECK(cfg != NULL && cfg->idle_trim_ms == cases[i].want);
+    } else {
+      CHECK(cfg == NULL);
+      CHECK(find_error(&errs, "idle_trim_ms") != NULL);
+    }
+    if (cfg != NULL)
+      sg_config_unref(cfg);
+    sg_config_errors_clear(&errs);
+  }
+}
+
 int main(void) {
   test_minimal_h2c();
   test_tls_listener();
@@ -198,5 +229,6 @@ int main(void) {
   test_auth_defaults_are_safe();
   test_refcount();
   test_v4_mapped_listener_address();
+  test_idle_trim_ms();
   return check_report("config");
 }
