@@ -21,6 +21,7 @@
 #include "sparkgate/log.h"
 #include "sparkgate/metrics.h"
 #include "sparkgate/accept_backoff.h"
+#include "sparkgate/netaddr.h"
 
 /* Scrapes and probes are small and local: keep what a stuck or hostile
  * client can hold small too. evhttp's timeout restarts with every byte,
@@ -74,20 +75,6 @@ static void report_at(sg_config_report_fn report, void *ctx, const char *base,
   report(ctx, path, msg);
 }
 
-static bool numeric_address(const char *s) {
-  unsigned char buf[sizeof(struct in6_addr)];
-  return inet_pton(AF_INET, s, buf) == 1 || inet_pton(AF_INET6, s, buf) == 1;
-}
-
-/* "::ffff:a.b.c.d": true, with a.b.c.d in |v4|. Refused: the admin socket
- * is dual-stack, so it is a.b.c.d, and the overlap check with the client
- * listeners would have to know that. One spelling per address is simpler. */
-static bool v4_mapped(const char *s, char *v4, size_t v4_size) {
-  struct in6_addr a6;
-  if (inet_pton(AF_INET6, s, &a6) != 1 || !IN6_IS_ADDR_V4MAPPED(&a6))
-    return false;
-  return inet_ntop(AF_INET, &a6.s6_addr[12], v4, (socklen_t)v4_size) != NULL;
-}
 
 int sg_admin_config_parse(const json_t *value, const char *json_path, sg_admin_config *out,
                           sg_config_report_fn report, void *ctx) {
@@ -108,14 +95,17 @@ int sg_admin_config_parse(const json_t *value, const char *json_path, sg_admin_c
   json_object_foreach((json_t *)value, key, v) {
     if (strcmp(key, "address") == 0) {
       if (!json_is_string(v) || strlen(json_string_value(v)) != json_string_length(v) ||
-          !numeric_address(json_string_value(v))) {
+          !sg_netaddr_is_numeric(json_string_value(v))) {
         report_at(report, ctx, json_path, key,
                   "must be a numeric IPv4 or IPv6 address such as \"127.0.0.1\" or \"::1\"");
         errors++;
         continue;
       }
       char v4[INET_ADDRSTRLEN], msg[160];
-      if (v4_mapped(json_string_value(v), v4, sizeof v4)) {
+      /* "::ffff:a.b.c.d" is refused: the admin socket is dual-stack, so it
+       * is a.b.c.d, and the overlap check with the client listeners would
+       * have to know that. One spelling per address is simpler. */
+      if (sg_netaddr_v4_mapped(json_string_value(v), v4, sizeof v4)) {
         snprintf(msg, sizeof msg, "'%s' is an IPv4-mapped IPv6 address: write it as the "
                  "IPv4 address %s", json_string_value(v), v4);
         report_at(report, ctx, json_path, key, msg);

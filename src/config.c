@@ -13,6 +13,7 @@
 
 #include "sparkgate/jsonload.h"
 #include "sparkgate/jwt.h"
+#include "sparkgate/netaddr.h"
 #include "sparkgate/tls.h"
 
 /* Defaults carry their unit in the name, as the keys do. */
@@ -108,19 +109,6 @@ static uint32_t get_u32(loader *ld, const json_t *obj, const char *path,
   return (uint32_t)sg_jsonload_uint(&ld->j, obj, path, key, min, max, dflt);
 }
 
-static bool is_numeric_address(const char *addr) {
-  unsigned char buf[sizeof(struct in6_addr)];
-  return inet_pton(AF_INET, addr, buf) == 1 || inet_pton(AF_INET6, addr, buf) == 1;
-}
-
-/* "::ffff:a.b.c.d": true, with a.b.c.d in |v4|. Listeners are bound
- * IPv6-only (IPV6_V6ONLY), where such an address cannot be bound at all. */
-static bool is_v4_mapped(const char *addr, char *v4, size_t v4_size) {
-  struct in6_addr a6;
-  if (inet_pton(AF_INET6, addr, &a6) != 1 || !IN6_IS_ADDR_V4MAPPED(&a6))
-    return false;
-  return inet_ntop(AF_INET, &a6.s6_addr[12], v4, (socklen_t)v4_size) != NULL;
-}
 
 /* ---- sections ----------------------------------------------------------- */
 
@@ -209,9 +197,9 @@ static void load_listener(loader *ld, json_t *obj, const char *path,
   sg_jsonload_key_path(kp, sizeof kp, path, "address");
   l->address = sg_jsonload_strdup(&ld->j, kp, addr != NULL ? addr : "127.0.0.1");
   char v4[INET_ADDRSTRLEN];
-  if (l->address != NULL && !is_numeric_address(l->address))
+  if (l->address != NULL && !sg_netaddr_is_numeric(l->address))
     LOAD_ERR(ld, kp, "'%s' is not a numeric IPv4 or IPv6 address", l->address);
-  else if (l->address != NULL && is_v4_mapped(l->address, v4, sizeof v4))
+  else if (l->address != NULL && sg_netaddr_v4_mapped(l->address, v4, sizeof v4))
     LOAD_ERR(ld, kp, "'%s' is an IPv4-mapped IPv6 address, which an IPv6-only listener "
              "cannot bind: write it as the IPv4 address %s", l->address, v4);
   sg_jsonload_key_path(kp, sizeof kp, path, "port");

@@ -25,6 +25,7 @@
 #include "sparkgate/identity.h"
 #include "sparkgate/log.h"
 #include "sparkgate/metrics.h"
+#include "sparkgate/netaddr.h"
 #include "sparkgate/observe.h"
 #include "sparkgate/stream.h"
 #include "sparkgate/tls.h"
@@ -52,7 +53,6 @@
 
 static void conn_free(sg_conn *c);
 static bool conn_flush(sg_conn *c);
-static void format_peer(const struct sockaddr *addr, char *out, size_t outlen);
 
 static void set_timer_ms(sg_conn *c, uint32_t ms) {
   struct timeval tv = {ms / 1000, (suseconds_t)(ms % 1000) * 1000};
@@ -968,24 +968,6 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
 
 /* ---- lifecycle ---------------------------------------------------------- */
 
-static void format_peer(const struct sockaddr *addr, char *out, size_t outlen) {
-  char host[INET6_ADDRSTRLEN] = "?";
-  unsigned port = 0;
-  if (addr->sa_family == AF_INET) {
-    const struct sockaddr_in *in = (const struct sockaddr_in *)(const void *)addr;
-    inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
-    port = ntohs(in->sin_port);
-    snprintf(out, outlen, "%s:%u", host, port);
-  } else if (addr->sa_family == AF_INET6) {
-    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)(const void *)addr;
-    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
-    port = ntohs(in6->sin6_port);
-    snprintf(out, outlen, "[%s]:%u", host, port);
-  } else {
-    snprintf(out, outlen, "unknown");
-  }
-}
-
 /* Client connections open in the process, every worker's: max_connections
  * is one total, whichever worker the kernel hands a connection to (shares
  * per worker refused connections on a busy worker while another had room,
@@ -1013,7 +995,7 @@ static void release_conn_slot(void) {
 static void refuse_at_accept(sg_generation *gen, const sg_listener_config *l, int fd,
                              const struct sockaddr *addr, bool per_client, uint32_t cap) {
   char peer[64];
-  format_peer(addr, peer, sizeof peer);
+  sg_netaddr_format(addr, peer, sizeof peer);
   sg_warn("listener %s: refused connection from %s: %s (%u) reached", l->name, peer,
           per_client ? "max_connections_per_client" : "max_connections", cap);
   /* Counted before the close: a client that sees its connection closed
@@ -1058,7 +1040,7 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
   c->listener = l;
   c->listener_index = listener_index;
   c->id = ++w->next_conn_id * 256 + w->index;
-  format_peer(addr, c->peer, sizeof c->peer);
+  sg_netaddr_format(addr, c->peer, sizeof c->peer);
   sg_list_init(&c->streams);
 
   int one = 1;

@@ -35,6 +35,7 @@
 #include "sg_build_config.h"
 #include "sparkgate/jsonload.h"
 #include "sparkgate/log.h"
+#include "sparkgate/netaddr.h"
 #include "sparkgate/tls.h"
 
 #define MAX_HEADERS_BYTES (64 * 1024)
@@ -397,11 +398,6 @@ static void on_request_done(struct evhttp_request *req, void *arg) {
   event_active(f->done_ev, EV_TIMEOUT, 0);
 }
 
-static bool host_is_ip(const char *host) {
-  unsigned char buf[16];
-  return inet_pton(AF_INET, host, buf) == 1 || inet_pton(AF_INET6, host, buf) == 1;
-}
-
 static int request_start(struct fetcher *f, const char *url, char *err,
                          size_t errlen) {
   response_clear(&f->res);
@@ -454,7 +450,7 @@ static int request_start(struct fetcher *f, const char *url, char *err,
   /* Which name the certificate must carry: the URL's host. SNI only for
    * names (RFC 6066 forbids IP literals there). */
   int ok = 1;
-  if (host_is_ip(host)) {
+  if (sg_netaddr_is_numeric(host)) {
     ok = X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), host);
   } else {
     ok = SSL_set_tlsext_host_name(ssl, host) == 1 && SSL_set1_host(ssl, host) == 1;
