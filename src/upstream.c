@@ -24,6 +24,7 @@
 #include "sparkgate/list.h"
 #include "sparkgate/log.h"
 #include "sparkgate/metrics.h"
+#include "sparkgate/netaddr.h"
 #include "sparkgate/stream.h"
 #include "sparkgate/tls.h"
 #include "sparkgate/worker.h"
@@ -96,10 +97,25 @@ struct sg_upstream {
   /* The stream of the header block being received (see conn.h). */
   sg_stream *hdr_stream;
   int32_t hdr_stream_id;
+  /* Connecting: a host name may resolve to several addresses of the one
+   * server (IPv4 and IPv6, say); each is tried in turn until one takes
+   * the TCP connection, all within upstream_connect_timeout_ms. */
+  struct evdns_getaddrinfo_request *resolving;
+  struct evutil_addrinfo *addrs; /* evutil_freeaddrinfo */
+  struct evutil_addrinfo *addr;  /* the one being tried */
+  unsigned addr_index, n_addrs;
+  char addr_text[SG_NETADDR_TEXT_MAX]; /* |addr|, for the log */
+  char tried[160];                     /* earlier addresses' failures */
+  /* A connect that failed before a socket could report it (no address,
+   * or none would take a socket): reported from the timer, so that
+   * callers of upstream_new never see the connection freed under them. */
+  char connect_error[300];
 };
 
 static void upstream_free(sg_upstream *up, const char *reason);
 static void upstream_flush(sg_upstream *up);
+static void connect_next(sg_upstream *up, const char *why);
+static void attempt_failure(const sg_upstream *up, const char *why, char *out, size_t outlen);
 static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err, size_t errlen);
 static void schedule_send(sg_upstream *up);
 static void leg_closed(sg_upstream *up, sg_stream *s, uint32_t error_code,
@@ -815,10 +831,30 @@ static void on_connected(sg_upstream *up) {
   on_read(up->bev, up);
 }
 
+/* The TCP connection of the attempt never came up (refused, unreachable):
+ * as against a server that answered and then failed TLS or HTTP/2. */
+static bool tcp_never_connected(const sg_upstream *up) {
+  if (up->state != SG_UPSTREAM_CONNECTING)
+    return false;
+  struct sockaddr_storage peer;
+  socklen_t peer_len = sizeof peer;
+  evutil_socket_t sock = bufferevent_getfd(up->bev);
+  return sock < 0 || getpeername(sock, (struct sockaddr *)&peer, &peer_len) != 0;
+}
+
 static void on_event(struct bufferevent *bev, short events, void *arg) {
   sg_upstream *up = arg;
   if (events & BEV_EVENT_CONNECTED) {
     on_connected(up);
+    return;
+  }
+  /* libevent restores the socket's error for a deferred callback; read it
+   * before any other call can change it. */
+  int sock_err = EVUTIL_SOCKET_ERROR();
+  if ((events & BEV_EVENT_ERROR) && up->addr != NULL && up->addr->ai_next != NULL &&
+      tcp_never_connected(up)) {
+    connect_next(up, sock_err != 0 ? evutil_socket_error_to_string(sock_err)
+                                   : "connection failed");
     return;
   }
   char reason[300];
@@ -835,12 +871,8 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
              up->got_settings || up->ssl != NULL ? "the backend closed the connection"
                                                  : SG_UPSTREAM_CLOSED_BEFORE_SETTINGS);
   } else {
-    int dns_err = bufferevent_socket_get_dns_error(bev);
     unsigned long tls_err = up->ssl != NULL ? bufferevent_get_openssl_error(bev) : 0;
-    if (dns_err != 0) {
-      snprintf(reason, sizeof reason, "cannot resolve %s: %s",
-               up->pool->backend->address, evutil_gai_strerror(dns_err));
-    } else if (tls_err != 0 && up->got_settings) {
+    if (tls_err != 0 && up->got_settings) {
       /* Past the handshake (its SETTINGS came: with TLS 1.3 a backend may
        * refuse our certificate only after our side finished): a backend
        * going away without close_notify (a restart) reads as an OpenSSL
@@ -888,9 +920,9 @@ static void on_event(struct bufferevent *bev, short events, void *arg) {
                dates[0] != '\0' ? " (our client certificate " : "", dates,
                dates[0] != '\0' ? ")" : "");
     } else {
-      int err = EVUTIL_SOCKET_ERROR();
-      snprintf(reason, sizeof reason, "%s",
-               err != 0 ? evutil_socket_error_to_string(err) : "connection failed");
+      attempt_failure(up, sock_err != 0 ? evutil_socket_error_to_string(sock_err)
+                                        : "connection failed",
+                      reason, sizeof reason);
     }
   }
   /* Only a connect that fails (up to the backend's SETTINGS) says the
@@ -905,6 +937,11 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
   sg_upstream *up = arg;
+  if (up->connect_error[0] != '\0') {
+    connect_failed(up, up->connect_error);
+    upstream_free(up, up->connect_error);
+    return;
+  }
   if (up->state == SG_UPSTREAM_CONNECTING || !up->got_settings) {
     const char *stage = "connected, but no HTTP/2 SETTINGS from the backend within";
     if (up->state == SG_UPSTREAM_CONNECTING) {
@@ -919,9 +956,13 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
       stage = tcp_up ? "TCP connected, but the TLS handshake was not finished within"
                     : "connect timed out after";
     }
-    char reason[128];
-    snprintf(reason, sizeof reason, "%s %u ms", stage,
-             pool_config(up->pool)->upstream_connect_timeout_ms);
+    char reason[300];
+    int n = snprintf(reason, sizeof reason, "%s %u ms", stage,
+                     pool_config(up->pool)->upstream_connect_timeout_ms);
+    if (up->n_addrs > 1 && n > 0 && (size_t)n < sizeof reason)
+      snprintf(reason + n, sizeof reason - (size_t)n, " (at %s, address %u of %u of %s%s%s)",
+               up->addr_text, up->addr_index, up->n_addrs, up->pool->backend->address,
+               up->tried[0] != '\0' ? "; before it: " : "", up->tried);
     count_connect(up->pool, false);
     pool_mark_down(up->pool, reason);
     upstream_free(up, reason);
@@ -943,30 +984,19 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
 
 /* ---- pool --------------------------------------------------------------- */
 
-static bool is_ip_literal(const char *s) {
-  unsigned char buf[sizeof(struct in6_addr)];
-  return inet_pton(AF_INET, s, buf) == 1 || inet_pton(AF_INET6, s, buf) == 1;
-}
-
-static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err,
-                                 size_t errlen) {
+/* The transport of one connect attempt: a socket bufferevent, with TLS
+ * when the backend has it. A failed attempt's transport is freed and the
+ * next address gets a new one: an SSL that met a failed connect cannot be
+ * used again. */
+static int transport_new(sg_upstream *up) {
+  sg_upstream_pool *pool = up->pool;
   sg_worker *w = pool->worker;
   const sg_backend_config *b = pool->backend;
-  sg_upstream *up = calloc(1, sizeof *up);
-  if (up == NULL) {
-    snprintf(err, errlen, "out of memory");
-    return NULL;
-  }
-  up->pool = pool;
-  up->id = ++pool->next_id;
-  up->state = SG_UPSTREAM_CONNECTING;
-  sg_list_init(&up->streams);
-  sg_list_init(&up->pending);
   const int opts = BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS;
   if (pool->tls_ctx != NULL) {
     up->ssl = SSL_new(pool->tls_ctx);
     if (up->ssl == NULL)
-      goto fail;
+      return -1;
     const char *name = b->tls_sni != NULL ? b->tls_sni : b->address;
     /* "spark.internal." is the same name as "spark.internal", but OpenSSL
      * matches the certificate's names byte for byte, and SNI goes without
@@ -986,12 +1016,12 @@ static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err,
       undotted[zone - name] = '\0';
       name = undotted;
     }
-    if (!is_ip_literal(name))
+    if (!sg_netaddr_is_numeric(name))
       SSL_set_tlsext_host_name(up->ssl, name);
     if (b->tls_verify) {
       /* The certificate must name the backend: a CA-signed certificate for
        * some other host is not good enough. */
-      if (is_ip_literal(name))
+      if (sg_netaddr_is_numeric(name))
         X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(up->ssl), name);
       else
         SSL_set1_host(up->ssl, name);
@@ -1001,21 +1031,14 @@ static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err,
     if (up->bev == NULL) {
       SSL_free(up->ssl);
       up->ssl = NULL;
-      goto fail;
+      return -1;
     }
   } else {
     up->bev = bufferevent_socket_new(w->base, -1, opts);
     if (up->bev == NULL)
-      goto fail;
+      return -1;
   }
-  up->send_ev = event_new(w->base, -1, 0, on_send_ev, up);
-  up->timer = evtimer_new(w->base, on_timer, up);
-  if (up->send_ev == NULL || up->timer == NULL)
-    goto fail;
   up->io.out = bufferevent_get_output(up->bev);
-  up->io.high_water = SG_UPSTREAM_OUTPUT_HIGH_WATER;
-  up->io.copy_payload = up->ssl != NULL;
-  up->io.stage = w->h2_stage;
   bufferevent_setcb(up->bev, on_read, on_write, on_event, up);
   bufferevent_setwatermark(up->bev, EV_WRITE, SG_UPSTREAM_OUTPUT_LOW_WATER, 0);
   /* libevent reads and writes 16 KiB per syscall by default: at bulk rates
@@ -1023,41 +1046,138 @@ static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err,
   bufferevent_set_max_single_read(up->bev, SG_IO_CHUNK_BYTES);
   bufferevent_set_max_single_write(up->bev, SG_IO_CHUNK_BYTES);
   bufferevent_enable(up->bev, EV_READ | EV_WRITE);
-  sg_list_push_back(&pool->conns, &up->pool_link);
-  pool->n_conns++;
-  set_timer_ms(up, pool_config(pool)->upstream_connect_timeout_ms);
-  /* Resolution (for host names) and connect are asynchronous; a numeric
-   * address never touches DNS. */
-  if (bufferevent_socket_connect_hostname(up->bev, w->dns, AF_UNSPEC,
-                                          b->address, b->port) != 0) {
-    /* The error event has not been delivered: report it here. */
-    sg_list_unlink(&up->pool_link);
-    pool->n_conns--;
-    snprintf(err, errlen, "cannot start connecting: %s",
-             evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
-    event_free(up->send_ev);
-    event_free(up->timer);
-    bufferevent_free(up->bev);
+  return 0;
+}
+
+/* Fails the connection from its timer, outside the caller's stack. */
+static void fail_soon(sg_upstream *up, const char *reason) {
+  snprintf(up->connect_error, sizeof up->connect_error, "%s", reason);
+  event_active(up->timer, EV_TIMEOUT, 1);
+}
+
+/* The reason a connect failed at the address being tried, with the
+ * addresses tried before it when there were several. */
+static void attempt_failure(const sg_upstream *up, const char *why, char *out, size_t outlen) {
+  if (up->n_addrs > 1)
+    snprintf(out, outlen, "%s: %s (address %u of %u of %s%s%s)", up->addr_text, why,
+             up->addr_index, up->n_addrs, up->pool->backend->address,
+             up->tried[0] != '\0' ? "; before it: " : "", up->tried);
+  else
+    snprintf(out, outlen, "%s", why);
+}
+
+/* Adds the address being tried, and why it failed, to the list of the
+ * attempt's earlier addresses (cut short when long). */
+static void note_tried(sg_upstream *up, const char *why) {
+  size_t used = strlen(up->tried);
+  if (used + 1 < sizeof up->tried)
+    snprintf(up->tried + used, sizeof up->tried - used, "%s%s: %s", used > 0 ? ", " : "",
+             up->addr_text, why);
+}
+
+/* Starts the attempt at up->addr, or the addresses after it when one
+ * cannot even start (a family this host lacks). |why|: why the previous
+ * attempt failed (NULL at the first). */
+static void connect_next(sg_upstream *up, const char *why) {
+  if (why != NULL) {
+    note_tried(up, why);
+    sg_info("upstream %s conn=%llu: %s: %s; trying the backend's next address",
+            up->pool->backend->name, (unsigned long long)up->id, up->addr_text, why);
+    up->addr = up->addr->ai_next;
+    bufferevent_free(up->bev); /* and the SSL with it */
+    up->bev = NULL;
+    up->ssl = NULL;
+    if (transport_new(up) != 0) {
+      fail_soon(up, "out of memory");
+      return;
+    }
+  }
+  for (; up->addr != NULL; up->addr = up->addr->ai_next) {
+    up->addr_index++;
+    sg_netaddr_format(up->addr->ai_addr, up->addr_text, sizeof up->addr_text);
+    if (bufferevent_socket_connect(up->bev, up->addr->ai_addr, (int)up->addr->ai_addrlen) == 0) {
+      /* Calls are small writes that must not wait for an ACK (Nagle). */
+      int one = 1;
+      evutil_socket_t fd = bufferevent_getfd(up->bev);
+      if (fd >= 0)
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      return;
+    }
+    const char *err = evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR());
+    if (up->addr->ai_next == NULL) {
+      char reason[300];
+      attempt_failure(up, err, reason, sizeof reason);
+      fail_soon(up, reason);
+      return;
+    }
+    note_tried(up, err);
+  }
+}
+
+static void on_resolved(int result, struct evutil_addrinfo *addrs, void *arg) {
+  if (result == EVUTIL_EAI_CANCEL)
+    return; /* the connection is being freed */
+  sg_upstream *up = arg;
+  up->resolving = NULL;
+  if (result != 0 || addrs == NULL) {
+    char reason[300];
+    snprintf(reason, sizeof reason, "cannot resolve %s: %s", up->pool->backend->address,
+             result != 0 ? evutil_gai_strerror(result) : "no address");
+    if (addrs != NULL)
+      evutil_freeaddrinfo(addrs);
+    fail_soon(up, reason);
+    return;
+  }
+  up->addrs = up->addr = addrs;
+  for (const struct evutil_addrinfo *a = addrs; a != NULL; a = a->ai_next)
+    up->n_addrs++;
+  connect_next(up, NULL);
+}
+
+static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err,
+                                 size_t errlen) {
+  sg_worker *w = pool->worker;
+  const sg_backend_config *b = pool->backend;
+  sg_upstream *up = calloc(1, sizeof *up);
+  if (up == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return NULL;
+  }
+  up->pool = pool;
+  up->id = ++pool->next_id;
+  up->state = SG_UPSTREAM_CONNECTING;
+  sg_list_init(&up->streams);
+  sg_list_init(&up->pending);
+  up->send_ev = event_new(w->base, -1, 0, on_send_ev, up);
+  up->timer = evtimer_new(w->base, on_timer, up);
+  if (up->send_ev == NULL || up->timer == NULL || transport_new(up) != 0) {
+    snprintf(err, errlen, "out of memory");
+    if (up->send_ev != NULL)
+      event_free(up->send_ev);
+    if (up->timer != NULL)
+      event_free(up->timer);
     free(up);
     return NULL;
   }
-  {
-    evutil_socket_t fd = bufferevent_getfd(up->bev);
-    int one = 1;
-    if (fd >= 0)
-      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  }
+  up->io.high_water = SG_UPSTREAM_OUTPUT_HIGH_WATER;
+  up->io.copy_payload = up->ssl != NULL;
+  up->io.stage = w->h2_stage;
+  sg_list_push_back(&pool->conns, &up->pool_link);
+  pool->n_conns++;
+  set_timer_ms(up, pool_config(pool)->upstream_connect_timeout_ms);
+  /* A numeric address or one from the hosts file is answered at once (the
+   * callback runs before this returns); a host name is resolved (DNS)
+   * for every connection, so a changed record is followed. */
+  char port[8];
+  snprintf(port, sizeof port, "%u", (unsigned)b->port);
+  struct evutil_addrinfo hints = {.ai_family = AF_UNSPEC,
+                                  .ai_socktype = SOCK_STREAM,
+                                  .ai_protocol = IPPROTO_TCP};
+  if (w->dns == NULL)
+    fail_soon(up, "no DNS resolver (out of memory)");
+  else
+    up->resolving = evdns_getaddrinfo(w->dns, b->address, port, &hints, on_resolved, up);
   return up;
-fail:
-  snprintf(err, errlen, "out of memory");
-  if (up->send_ev != NULL)
-    event_free(up->send_ev);
-  if (up->timer != NULL)
-    event_free(up->timer);
-  if (up->bev != NULL)
-    bufferevent_free(up->bev);
-  free(up);
-  return NULL;
 }
 
 static void upstream_free(sg_upstream *up, const char *reason) {
@@ -1088,6 +1208,10 @@ static void upstream_free(sg_upstream *up, const char *reason) {
   sg_h2mem_session_release(up->h2mem);
   if (up->read_ev != NULL)
     event_free(up->read_ev);
+  if (up->resolving != NULL)
+    evdns_getaddrinfo_cancel(up->resolving);
+  if (up->addrs != NULL)
+    evutil_freeaddrinfo(up->addrs);
   bufferevent_free(up->bev);
   event_free(up->send_ev);
   event_free(up->timer);

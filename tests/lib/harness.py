@@ -281,6 +281,28 @@ def h2c_listener(name, address="127.0.0.1", port=0, auth="none"):
             "auth": auth}
 
 
+def resolver_wrap(resolv_conf):
+    """An argv prefix that runs the rest in a mount namespace of its own
+    whose /etc/resolv.conf is |resolv_conf| (the test's DNS server), and
+    execs it: the PID stays the child's. Needs root; see
+    mount_namespace_available()."""
+    return ["unshare", "--mount", "--", "sh", "-c",
+            'mount --bind "$0" /etc/resolv.conf && exec "$@"', resolv_conf]
+
+
+def mount_namespace_available():
+    """Whether resolver_wrap can work here (root, unshare, mount)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    try:
+        r = subprocess.run(["unshare", "--mount", "--", "sh", "-c",
+                            "mount --bind /etc/hostname /etc/resolv.conf"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
 def write_config(config, directory=None, name="sparkgate.json"):
     """Writes a dict (as JSON) or a str (verbatim) and returns the path."""
     directory = directory or tempdir("sg-conf-")
@@ -362,11 +384,12 @@ class Sparkgate:
     `listener NAME listening on ADDR:PORT (...)` line for every configured
     listener and for `sparkgate ... ready`."""
 
-    def __init__(self, config, args=(), env=None, config_dir=None):
+    def __init__(self, config, args=(), env=None, config_dir=None, wrap=()):
         self.config = config
         self.config_path = write_config(config, config_dir)
         self.args = list(args)
         self.env = env
+        self.wrap = list(wrap)   # argv prefix that execs the rest (resolver_wrap)
         self.proc = None
         self.lines = []          # stderr lines, as they came
         self.stdout_lines = []
@@ -383,7 +406,7 @@ class Sparkgate:
             raise AssertionError("sparkgate binary not found or not executable: %s "
                                  "(set SPARKGATE_BIN)" % binary)
         self.proc = subprocess.Popen(
-            _argv(["-c", self.config_path] + self.args), stdin=subprocess.DEVNULL,
+            self.wrap + _argv(["-c", self.config_path] + self.args), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_child_env(self.env))
         with _lock:
             _live_procs.add(self.proc)

@@ -1,0 +1,196 @@
+#!/usr/bin/python3
+"""Backends by host name through a real DNS exchange: sparkgate runs in a
+mount namespace whose /etc/resolv.conf names the test's DNS server
+(tests/lib/dns_server.py), so its resolver asks over UDP, as it does in a
+Kubernetes pod, instead of answering from /etc/hosts. routing.md: a host
+name is resolved for every new connection; its addresses are tried in
+turn until one takes the TCP connection; a name that does not resolve
+fails the call with UNAVAILABLE and says why. Backend connections to a
+resolved name carry calls without Nagle's delay (TCP_NODELAY), as numeric
+ones do. Needs root (a mount namespace); skipped otherwise. Every wait is
+bounded."""
+
+import ctypes
+import os
+import socket
+import sys
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import harness as H  # noqa: E402
+from dns_server import DnsServer  # noqa: E402
+import grpc  # noqa: E402
+
+OK = grpc.StatusCode.OK
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+SYS_pidfd_open, SYS_pidfd_getfd = 434, 438
+
+
+def backend_socket_options(pid, backend_port):
+    """TCP_NODELAY of each of |pid|'s sockets connected to |backend_port|,
+    read through copies of its descriptors (pidfd_getfd); None when this
+    kernel or sandbox does not allow that."""
+    inodes = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == backend_port:
+                    inodes.add(cols[9])
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(SYS_pidfd_open, pid, 0)
+    if pidfd < 0:
+        return None
+    found = []
+    try:
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            try:
+                target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+            except OSError:
+                continue
+            if not (target.startswith("socket:[") and target[8:-1] in inodes):
+                continue
+            mine = libc.syscall(SYS_pidfd_getfd, pidfd, int(fd), 0)
+            if mine < 0:
+                return None
+            s = socket.socket(fileno=mine)
+            try:
+                found.append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            finally:
+                s.close()
+    finally:
+        os.close(pidfd)
+    return found
+
+
+class BackendByHostNameTest(H.SparkgateTestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        if not H.mount_namespace_available():
+            raise unittest.SkipTest("needs root and a mount namespace (unshare --mount)")
+        cls.dns = DnsServer().start()
+        cls.resolv_conf = cls.dns.resolv_conf(H.tempdir("sg-dns-"))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.dns.stop()
+
+    def start(self, address, port, **upstream):
+        upstream.setdefault("connect_timeout_ms", 5000)
+        cfg = H.base_config(port, backend_address=address, workers=1, upstream=upstream)
+        sg = self.start_sparkgate(cfg, wrap=H.resolver_wrap(self.resolv_conf))
+        ch = H.tls_channel(sg.port("public"))
+        self.addCleanup(ch.close)
+        return sg, ch
+
+    def call(self, ch, body=b"d"):
+        return H.call_unary(ch, "Config", body, timeout=15)
+
+    def test_resolved_name_carries_calls_without_nagle(self):
+        up = self.standin()
+        self.dns.set("one.sg.test", a=["127.0.0.1"])
+        sg, ch = self.start("one.sg.test", up.port)
+        r = self.call(ch, b"one")
+        self.assertEqual((r.code, r.response), (OK, b"one"), r)
+        self.assertGreaterEqual(self.dns.asked("one.sg.test"), 1,
+                                "the name was not asked of the DNS server")
+        opts = backend_socket_options(sg.pid, up.port)
+        if opts is None:
+            self.skipTest("pidfd_getfd is not available here")
+        self.assertEqual(len(opts), 1, opts)
+        self.assertEqual(opts, [1], "TCP_NODELAY is off on the backend connection")
+
+    def test_next_address_after_a_refusal(self):
+        # 127.0.0.2 is this host too, but nothing listens there on the port.
+        up = self.standin()
+        self.dns.set("two.sg.test", a=["127.0.0.2", "127.0.0.1"])
+        sg, ch = self.start("two.sg.test", up.port)
+        r = self.call(ch, b"two")
+        self.assertEqual((r.code, r.response), (OK, b"two"), r)
+        sg.wait_for_log(r"upstream spark-1 conn=1: 127\.0\.0\.2:%d: Connection refused; "
+                        r"trying the backend's next address" % up.port)
+        self.assertNotIn(" is down", sg.log_text())
+        # The next calls ride the connection that was made.
+        for i in range(3):
+            r = self.call(ch, b"again %d" % i)
+            self.assertEqual(r.code, OK, r)
+        self.assertEqual(len(up.calls()), 4)
+
+    def test_tls_backend_at_its_second_address(self):
+        # The failed attempt's TLS state is not reused: the second address
+        # gets a fresh handshake, checked against the certificate's name.
+        up = self.standin(tls=True)
+        self.dns.set("tls.sg.test", a=["127.0.0.2", "127.0.0.1"])
+        cfg = H.base_config(up.port, backend_address="tls.sg.test", workers=1,
+                            backend_tls={"ca": H.pki().ca_cert, "sni": "localhost"},
+                            upstream={"connect_timeout_ms": 5000})
+        sg = self.start_sparkgate(cfg, wrap=H.resolver_wrap(self.resolv_conf))
+        ch = H.tls_channel(sg.port("public"))
+        self.addCleanup(ch.close)
+        r = self.call(ch, b"tls")
+        self.assertEqual((r.code, r.response), (OK, b"tls"), r)
+        sg.wait_for_log(r"127\.0\.0\.2:%d: Connection refused; trying the backend's next "
+                        r"address" % up.port)
+
+    def test_ipv6_address_after_an_ipv4_refusal(self):
+        try:
+            up = self.standin(host="::1")
+        except Exception as e:  # no IPv6 loopback here
+            self.skipTest("no ::1: %s" % e)
+        self.dns.set("dual.sg.test", a=["127.0.0.2"], aaaa=["::1"])
+        sg, ch = self.start("dual.sg.test", up.port)
+        r = self.call(ch, b"dual")
+        self.assertEqual((r.code, r.response), (OK, b"dual"), r)
+        self.assertEqual(len(up.calls()), 1)
+
+    def test_every_address_refused(self):
+        port = H.free_port()
+        self.dns.set("dead.sg.test", a=["127.0.0.2", "127.0.0.3"])
+        sg, ch = self.start("dead.sg.test", port)
+        r = self.call(ch)
+        self.assertEqual(r.code, UNAVAILABLE, r)
+        sg.wait_for_log(
+            r"backend spark-1 of tenant default is down: 127\.0\.0\.3:%d: Connection refused "
+            r"\(address 2 of 2 of dead\.sg\.test; before it: 127\.0\.0\.2:%d: Connection "
+            r"refused\)" % (port, port))
+
+    def test_name_that_does_not_resolve(self):
+        port = H.free_port()
+        sg, ch = self.start("nx.sg.test", port)
+        r = self.call(ch)
+        self.assertEqual(r.code, UNAVAILABLE, r)
+        sg.wait_for_log(r"backend spark-1 of tenant default is down: cannot resolve "
+                        r"nx\.sg\.test: ")
+        self.assertGreaterEqual(self.dns.asked("nx.sg.test"), 1)
+
+    def test_changed_record_is_followed_by_the_next_connection(self):
+        first = self.standin()
+        # A second server on the same port at another loopback address.
+        try:
+            second = self.standin_at("127.0.0.2", first.port)
+        except OSError as e:
+            self.skipTest("cannot bind 127.0.0.2:%d: %s" % (first.port, e))
+        self.dns.set("move.sg.test", a=["127.0.0.1"])
+        sg, ch = self.start("move.sg.test", first.port, idle_timeout_ms=300)
+        r = self.call(ch, b"before")
+        self.assertEqual(r.code, OK, r)
+        self.dns.set("move.sg.test", a=["127.0.0.2"])
+        # The pooled connection closes once idle; the next one asks again.
+        H.wait_until(lambda: H.established_connections_to(first.port) == 0, 10,
+                     what="the idle backend connection closed")
+        r = self.call(ch, b"after")
+        self.assertEqual(r.code, OK, r)
+        self.assertEqual(len(first.calls()), 1)
+        self.assertEqual(len(second.calls()), 1)
+
+    def standin_at(self, host, port):
+        s = H.StandIn(host=host, port=port).start()
+        self.addCleanup(s.stop, 0.2)
+        return s
+
+
+if __name__ == "__main__":
+    H.main()
