@@ -10,6 +10,7 @@
 
 #include "sparkgate/affinity.h"
 #include "sparkgate/jsonload.h"
+#include "sparkgate/netaddr.h"
 #include "sparkgate/tls.h"
 
 /* Sorted (key, tenant) pairs: tenant names and hosts are looked up on every
@@ -78,16 +79,33 @@ const char *sg_route_tenant_missing_companions(const sg_route_tenant *t, char *b
   return buf;
 }
 
+/* One spelling of the server an address names, for comparing two: an
+ * IPv4-mapped IPv6 address ("::ffff:10.0.0.5") is its IPv4 address, and a
+ * host name's trailing dot goes ("spark.internal." is "spark.internal"). */
+static const char *address_key(const char *address, char *buf, size_t buflen) {
+  if (sg_netaddr_v4_mapped(address, buf, buflen))
+    return buf;
+  size_t n = strlen(address);
+  if (n > 1 && address[n - 1] == '.' && n - 1 < buflen && !sg_netaddr_is_numeric(address)) {
+    memcpy(buf, address, n - 1);
+    buf[n - 1] = '\0';
+    return buf;
+  }
+  return address;
+}
+
 static bool same_backend_address(const sg_backend_config *a, const sg_backend_config *b) {
   if (a->port != b->port)
     return false;
+  char abuf[256], bbuf[256];
+  const char *ka = address_key(a->address, abuf, sizeof abuf);
+  const char *kb = address_key(b->address, bbuf, sizeof bbuf);
   unsigned char na[16], nb[16];
   int fam[] = {AF_INET, AF_INET6};
   for (size_t i = 0; i < 2; i++)
-    if (inet_pton(fam[i], a->address, na) == 1)
-      return inet_pton(fam[i], b->address, nb) == 1 &&
-             memcmp(na, nb, fam[i] == AF_INET ? 4 : 16) == 0;
-  return strcasecmp(a->address, b->address) == 0;
+    if (inet_pton(fam[i], ka, na) == 1)
+      return inet_pton(fam[i], kb, nb) == 1 && memcmp(na, nb, fam[i] == AF_INET ? 4 : 16) == 0;
+  return strcasecmp(ka, kb) == 0;
 }
 
 const sg_route_tenant *sg_route_tenant_off_shares_backend(const sg_route_tenant *tenants,

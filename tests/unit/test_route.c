@@ -1022,8 +1022,9 @@ static void test_methods(void) {
 
 /* An "off" tenant is matched with a rewrite/enforce tenant listing the same
  * server: the same port and the same address as written (host names in any
- * case) or as the same numeric IP (any IPv6 spelling). Off tenants are not
- * matched with each other, nor with a server on another port. */
+ * case, with or without the trailing dot) or as the same numeric IP (any
+ * IPv6 spelling, and an IPv4 address as IPv4-mapped IPv6). Off tenants are
+ * not matched with each other, nor with a server on another port. */
 static void test_off_tenant_shares_backend(void) {
   static const char text[] =
       "{\"tenant_selectors\": [\"header:x-t\"], \"tenants\": ["
@@ -1037,7 +1038,16 @@ static void test_off_tenant_shares_backend(void) {
       " {\"name\": \"off-port\", \"user_id\": \"off\", \"allow\": {\"identities\": [\"d\"]},"
       "  \"backends\": [{\"address\": \"::1\", \"port\": 15003}]},"
       " {\"name\": \"off-twin\", \"user_id\": \"off\", \"allow\": {\"identities\": [\"e\"]},"
-      "  \"backends\": [{\"address\": \"::1\", \"port\": 15003}]}]}";
+      "  \"backends\": [{\"address\": \"::1\", \"port\": 15003}]},"
+      " {\"name\": \"rw4\", \"allow\": {\"identities\": [\"f\"]},"
+      "  \"backends\": [{\"address\": \"10.0.0.5\", \"port\": 15004}]},"
+      " {\"name\": \"off-mapped\", \"user_id\": \"off\", \"allow\": {\"identities\": [\"g\"]},"
+      "  \"backends\": [{\"address\": \"::ffff:10.0.0.5\", \"port\": 15004}]},"
+      " {\"name\": \"off-dot\", \"user_id\": \"off\", \"allow\": {\"identities\": [\"h\"]},"
+      "  \"backends\": [{\"address\": \"SPARK.example.\", \"port\": 15002}]},"
+      " {\"name\": \"off-other\", \"user_id\": \"off\", \"allow\": {\"identities\": [\"i\"]},"
+      "  \"backends\": [{\"address\": \"::ffff:10.0.0.6\", \"port\": 15004},"
+      "                 {\"address\": \"spark.example.org.\", \"port\": 15002}]}]}";
   reports r = {0};
   sg_route_table *t = load_text(text, &r);
   CHECK(t != NULL);
@@ -1056,6 +1066,14 @@ static void test_off_tenant_shares_backend(void) {
   CHECK(sg_route_tenant_off_shares_backend(t->tenants, t->n_tenants, &t->tenants[3],
                                            &shared) == NULL);
   CHECK(sg_route_tenant_off_shares_backend(t->tenants, t->n_tenants, &t->tenants[4],
+                                           &shared) == NULL);
+  shared = NULL;
+  o = sg_route_tenant_off_shares_backend(t->tenants, t->n_tenants, &t->tenants[6], &shared);
+  CHECK(o == &t->tenants[5] && shared == &t->tenants[6].backends[0]);
+  shared = NULL;
+  o = sg_route_tenant_off_shares_backend(t->tenants, t->n_tenants, &t->tenants[7], &shared);
+  CHECK(o == &t->tenants[0] && shared == &t->tenants[7].backends[0]);
+  CHECK(sg_route_tenant_off_shares_backend(t->tenants, t->n_tenants, &t->tenants[8],
                                            &shared) == NULL);
   /* Only an off tenant is asked about. */
   CHECK(sg_route_tenant_off_shares_backend(t->tenants, t->n_tenants, &t->tenants[0],
