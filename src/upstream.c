@@ -955,6 +955,16 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
                     getpeername(sock, (struct sockaddr *)&peer, &peer_len) == 0;
       stage = tcp_up ? "TCP connected, but the TLS handshake was not finished within"
                     : "connect timed out after";
+      /* A cluster DNS that does not answer is the commonest case of a
+       * connect that never started: say so, not "timed out". */
+      if (up->resolving != NULL) {
+        char reason[300];
+        snprintf(reason, sizeof reason, "cannot resolve %s: no answer from DNS within %u ms",
+                 up->pool->backend->address, pool_config(up->pool)->upstream_connect_timeout_ms);
+        connect_failed(up, reason);
+        upstream_free(up, reason);
+        return;
+      }
     }
     char reason[300];
     int n = snprintf(reason, sizeof reason, "%s %u ms", stage,

@@ -166,6 +166,16 @@ class BackendByHostNameTest(H.SparkgateTestCase):
                         r"nx\.sg\.test: ")
         self.assertGreaterEqual(self.dns.asked("nx.sg.test"), 1)
 
+    def test_dns_server_that_does_not_answer(self):
+        port = H.free_port()
+        self.dns.ignore("mute.sg.test")
+        sg, ch = self.start("mute.sg.test", port, connect_timeout_ms=1000)
+        r = self.call(ch)
+        self.assertEqual(r.code, UNAVAILABLE, r)
+        sg.wait_for_log(r"backend spark-1 of tenant default is down: cannot resolve "
+                        r"mute\.sg\.test: no answer from DNS within 1000 ms")
+        self.assertGreaterEqual(self.dns.asked("mute.sg.test"), 1)
+
     def test_changed_record_is_followed_by_the_next_connection(self):
         first = self.standin()
         # A second server on the same port at another loopback address.

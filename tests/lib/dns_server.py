@@ -56,6 +56,12 @@ class DnsServer:
         with self._lock:
             self.records[name.lower().rstrip(".")] = {"A": list(a), "AAAA": list(aaaa)}
 
+    def ignore(self, name):
+        """Questions about |name| get no answer at all (a DNS server that
+        is down or cut off)."""
+        with self._lock:
+            self.records[name.lower().rstrip(".")] = None
+
     def asked(self, name):
         """How many questions named |name| (any type, any case)."""
         name = name.lower().rstrip(".")
@@ -80,7 +86,8 @@ class DnsServer:
                 reply = self._answer(msg)
             except (ValueError, IndexError, struct.error):
                 continue
-            self._sock.sendto(reply, peer)
+            if reply is not None:
+                self._sock.sendto(reply, peer)
 
     def _answer(self, msg):
         qid, flags, qdcount = struct.unpack("!HHH", msg[:6])
@@ -91,7 +98,10 @@ class DnsServer:
         question = msg[12:off + 4]
         with self._lock:
             self.questions.append((name, qtype))
+            known = name.lower().rstrip(".") in self.records
             entry = self.records.get(name.lower().rstrip("."))
+        if known and entry is None:
+            return None
         answers = []
         if entry is not None:
             key = {TYPE_A: "A", TYPE_AAAA: "AAAA"}.get(qtype)
