@@ -30,6 +30,7 @@
  * call; a connection idle longer than that, a gateway's usual one, does
  * once per idle period. */
 #define SG_DEFAULT_IDLE_TRIM_MS 10000
+#define SG_DEFAULT_TCP_KEEPALIVE_MS 60000
 #define SG_DEFAULT_MAX_GRPC_TIMEOUT_MS (24u * 3600u * 1000u)
 #define SG_DEFAULT_WRITE_STALL_TIMEOUT_MS 60000
 /* An hour: room for a query that computes for many minutes before its
@@ -380,6 +381,7 @@ static void load_root(loader *ld, json_t *root) {
       "workers", "log_level", "drain_timeout_ms", "idle_timeout_ms", "idle_trim_ms",
       "tls_handshake_timeout_ms", "max_grpc_timeout_ms", "write_stall_timeout_ms",
       "stream_idle_timeout_ms", "max_connections", "max_connections_per_client",
+      "tcp_keepalive_ms",
       "http2", "upstream", "allowed_path_prefixes",
       "listeners", "tenants", "tenant_selectors", "routing_table", "auth",
       "identity_headers", "admin", "access_log", NULL};
@@ -425,6 +427,8 @@ static void load_root(loader *ld, json_t *root) {
                                  SG_DEFAULT_MAX_CONNECTIONS);
   cfg->max_connections_per_client =
       get_u32(ld, root, "", "max_connections_per_client", 0, 10000000, 0);
+  cfg->tcp_keepalive_ms = get_u32(ld, root, "", "tcp_keepalive_ms", 0, 7200000,
+                                  SG_DEFAULT_TCP_KEEPALIVE_MS);
   cfg->tls_handshake_timeout_ms =
       get_u32(ld, root, "", "tls_handshake_timeout_ms", 100, 600000,
               SG_DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS);

@@ -10,7 +10,6 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <sys/socket.h>
 
 #include <event2/buffer.h>
@@ -28,6 +27,7 @@
 #include "sparkgate/netaddr.h"
 #include "sparkgate/observe.h"
 #include "sparkgate/stream.h"
+#include "sparkgate/tcpopt.h"
 #include "sparkgate/tls.h"
 #include "sparkgate/worker.h"
 
@@ -1043,8 +1043,7 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
   sg_netaddr_format(addr, c->peer, sizeof c->peer);
   sg_list_init(&c->streams);
 
-  int one = 1;
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  sg_tcpopt_apply(fd, rt->config->tcp_keepalive_ms);
 
   const int bev_opts = BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS;
   if (l->insecure) {

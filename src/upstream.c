@@ -8,7 +8,6 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -26,6 +25,7 @@
 #include "sparkgate/metrics.h"
 #include "sparkgate/netaddr.h"
 #include "sparkgate/stream.h"
+#include "sparkgate/tcpopt.h"
 #include "sparkgate/tls.h"
 #include "sparkgate/worker.h"
 
@@ -1106,11 +1106,9 @@ static void connect_next(sg_upstream *up, const char *why) {
     up->addr_index++;
     sg_netaddr_format(up->addr->ai_addr, up->addr_text, sizeof up->addr_text);
     if (bufferevent_socket_connect(up->bev, up->addr->ai_addr, (int)up->addr->ai_addrlen) == 0) {
-      /* Calls are small writes that must not wait for an ACK (Nagle). */
-      int one = 1;
       evutil_socket_t fd = bufferevent_getfd(up->bev);
       if (fd >= 0)
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        sg_tcpopt_apply(fd, pool_config(up->pool)->tcp_keepalive_ms);
       return;
     }
     const char *err = evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR());

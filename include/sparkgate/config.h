@@ -74,6 +74,7 @@ typedef struct sg_config {
   uint32_t stream_idle_timeout_ms;   /* a call with no bytes either way */
   uint32_t max_connections;          /* client connections, all workers; 0: no cap */
   uint32_t max_connections_per_client; /* per client address; 0: no cap */
+  uint32_t tcp_keepalive_ms;         /* client and backend sockets; 0: off */
 
   /* upstream */
   uint32_t upstream_connect_timeout_ms;

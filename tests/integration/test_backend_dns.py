@@ -10,9 +10,7 @@ resolved name carry calls without Nagle's delay (TCP_NODELAY), as numeric
 ones do. Needs root (a mount namespace); skipped otherwise. Every wait is
 bounded."""
 
-import ctypes
 import os
-import socket
 import sys
 import unittest
 
@@ -23,46 +21,6 @@ import grpc  # noqa: E402
 
 OK = grpc.StatusCode.OK
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
-
-SYS_pidfd_open, SYS_pidfd_getfd = 434, 438
-
-
-def backend_socket_options(pid, backend_port):
-    """TCP_NODELAY of each of |pid|'s sockets connected to |backend_port|,
-    read through copies of its descriptors (pidfd_getfd); None when this
-    kernel or sandbox does not allow that."""
-    inodes = set()
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(path) as f:
-            next(f)
-            for line in f:
-                cols = line.split()
-                if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == backend_port:
-                    inodes.add(cols[9])
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = libc.syscall(SYS_pidfd_open, pid, 0)
-    if pidfd < 0:
-        return None
-    found = []
-    try:
-        for fd in os.listdir("/proc/%d/fd" % pid):
-            try:
-                target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
-            except OSError:
-                continue
-            if not (target.startswith("socket:[") and target[8:-1] in inodes):
-                continue
-            mine = libc.syscall(SYS_pidfd_getfd, pidfd, int(fd), 0)
-            if mine < 0:
-                return None
-            s = socket.socket(fileno=mine)
-            try:
-                found.append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-            finally:
-                s.close()
-    finally:
-        os.close(pidfd)
-    return found
 
 
 class BackendByHostNameTest(H.SparkgateTestCase):
@@ -89,7 +47,7 @@ class BackendByHostNameTest(H.SparkgateTestCase):
     def call(self, ch, body=b"d"):
         return H.call_unary(ch, "Config", body, timeout=15)
 
-    def test_resolved_name_carries_calls_without_nagle(self):
+    def test_resolved_name_carries_calls_without_nagle_with_keepalive(self):
         up = self.standin()
         self.dns.set("one.sg.test", a=["127.0.0.1"])
         sg, ch = self.start("one.sg.test", up.port)
@@ -97,11 +55,12 @@ class BackendByHostNameTest(H.SparkgateTestCase):
         self.assertEqual((r.code, r.response), (OK, b"one"), r)
         self.assertGreaterEqual(self.dns.asked("one.sg.test"), 1,
                                 "the name was not asked of the DNS server")
-        opts = backend_socket_options(sg.pid, up.port)
+        opts = H.tcp_socket_options(sg.pid, up.port)
         if opts is None:
             self.skipTest("pidfd_getfd is not available here")
         self.assertEqual(len(opts), 1, opts)
-        self.assertEqual(opts, [1], "TCP_NODELAY is off on the backend connection")
+        self.assertEqual(opts[0]["nodelay"], 1, "TCP_NODELAY is off on the backend connection")
+        self.assertEqual(opts[0]["keepalive"], 1, opts)
 
     def test_next_address_after_a_refusal(self):
         # 127.0.0.2 is this host too, but nothing listens there on the port.

@@ -3,7 +3,9 @@
 of pooled connections, backends by host name and over IPv6. Each test
 states what docs/ promise. Every wait is bounded."""
 
+import json
 import os
+import signal
 import socket
 import ssl
 import sys
@@ -182,6 +184,76 @@ class BackendNamesAndFamilies(H.SparkgateTestCase):
         except Exception as e:  # no IPv6 loopback here
             self.skipTest("no ::1: %s" % e)
         self._works(up, "::1", None)
+
+
+class TcpKeepaliveTest(H.SparkgateTestCase):
+    """configuration.md, tcp_keepalive_ms: client and backend connections
+    get TCP keepalive (idle time in whole seconds, rounded up; probes every
+    third of it; three of them) and TCP_NODELAY; 0 turns keepalive off; a
+    reload applies to the connections made after it."""
+
+    def options(self, sg, standin):
+        client = H.tcp_socket_options(sg.pid, sg.port("public"), side="local")
+        backend = H.tcp_socket_options(sg.pid, standin.port)
+        if client is None or backend is None:
+            self.skipTest("pidfd_getfd is not available here")
+        return client, backend
+
+    def call(self, sg):
+        ch = H.tls_channel(sg.port("public"))
+        self.addCleanup(ch.close)
+        r = H.call_unary(ch, "Config", b"k", timeout=10)
+        self.assertEqual(r.code, OK, r)
+        return ch
+
+    def test_keepalive_on_both_sides(self):
+        up = self.standin()
+        cfg = H.base_config(up.port, workers=1, tcp_keepalive_ms=1500)
+        sg = self.start_sparkgate(cfg)
+        self.call(sg)
+        client, backend = self.options(sg, up)
+        want = {"nodelay": 1, "keepalive": 1, "keepidle": 2, "keepintvl": 1, "keepcnt": 3}
+        self.assertEqual(client, [want])
+        self.assertEqual(backend, [want])
+
+    def test_default_zero_and_reload(self):
+        up = self.standin()
+        cfg = H.base_config(up.port, workers=1, upstream={"idle_timeout_ms": 200})
+        sg = self.start_sparkgate(cfg)
+        ch = self.call(sg)
+        client, backend = self.options(sg, up)
+        self.assertEqual([(o["keepalive"], o["keepidle"], o["keepintvl"], o["keepcnt"])
+                          for o in client + backend], [(1, 60, 20, 3)] * 2)
+        # Off after a reload: for connections made after it.
+        ch.close()
+        H.wait_until(lambda: H.established_connections_to(up.port) == 0, 10,
+                     what="the idle backend connection closed")
+        cfg["tcp_keepalive_ms"] = 0
+        with open(sg.config_path, "w") as f:
+            json.dump(cfg, f)
+        mark = sg.mark()
+        sg.send_signal(signal.SIGHUP)
+        sg.wait_for_log(r"reload done", since=mark)
+        seen = []
+
+        def new_connections_have_no_keepalive():
+            # The worker takes the new configuration up on its own loop:
+            # a connection accepted just before that still has the old.
+            c = H.tls_channel(sg.port("public"))
+            try:
+                r = H.call_unary(c, "Config", b"k", timeout=10)
+                self.assertEqual(r.code, OK, r)
+                client, backend = self.options(sg, up)
+            finally:
+                c.close()
+            seen.append((client, backend))
+            return any(o["keepalive"] == 0 for o in client) and \
+                [(o["nodelay"], o["keepalive"]) for o in backend] == [(1, 0)]
+
+        H.wait_until(new_connections_have_no_keepalive, 10,
+                     what="connections after the reload without keepalive")
+        client, _ = seen[-1]
+        self.assertTrue(all(o["nodelay"] == 1 for o in client), client)
 
 
 if __name__ == "__main__":

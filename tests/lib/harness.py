@@ -33,6 +33,7 @@ Main API
 """
 
 import atexit
+import ctypes
 import json
 import os
 import re
@@ -279,6 +280,59 @@ def tls_listener(name, address="127.0.0.1", port=0, auth="none", **tls_extra):
 def h2c_listener(name, address="127.0.0.1", port=0, auth="none"):
     return {"name": name, "address": address, "port": port, "insecure": True,
             "auth": auth}
+
+
+_SYS_pidfd_open, _SYS_pidfd_getfd = 434, 438
+
+
+def tcp_socket_options(pid, port, side="remote"):
+    """The TCP options of |pid|'s established sockets whose remote port
+    (side="remote": its connections to a server on |port|) or local port
+    (side="local": connections it accepted on |port|) is |port|, read
+    through copies of its descriptors (pidfd_getfd): a list of dicts with
+    nodelay, keepalive, keepidle, keepintvl, keepcnt. None when this
+    kernel or sandbox does not allow the copy."""
+    col = 2 if side == "remote" else 1
+    inodes = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if cols[3] == "01" and int(cols[col].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(cols[9])
+        except OSError:
+            pass
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(_SYS_pidfd_open, pid, 0)
+    if pidfd < 0:
+        return None
+    found = []
+    try:
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            try:
+                target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+            except OSError:
+                continue
+            if not (target.startswith("socket:[") and target[8:-1] in inodes):
+                continue
+            mine = libc.syscall(_SYS_pidfd_getfd, pidfd, int(fd), 0)
+            if mine < 0:
+                return None
+            s = socket.socket(fileno=mine)
+            try:
+                found.append({
+                    "nodelay": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                    "keepalive": s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    "keepidle": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    "keepintvl": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                    "keepcnt": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)})
+            finally:
+                s.close()
+    finally:
+        os.close(pidfd)
+    return found
 
 
 def resolver_wrap(resolv_conf):

@@ -218,6 +218,40 @@ static void test_idle_trim_ms(void) {
   }
 }
 
+/* tcp_keepalive_ms: 60 s by default, 0 (off) to 2 h; above, or not a
+ * number, is refused by name. */
+static void test_tcp_keepalive_ms(void) {
+  static const char fmt[] =
+      "{%s\"listeners\":[{\"port\":0,\"insecure\":true,\"auth\":\"none\"}],"
+      "\"tenants\":[{\"name\":\"t\",\"allow\":{\"any_identity\":true},"
+      "\"backends\":[{\"address\":\"127.0.0.1\",\"port\":15002}]}]}";
+  static const struct {
+    const char *value;
+    int rv;
+    uint32_t want;
+  } cases[] = {{NULL, 0, 60000},     {"0", 0, 0},      {"1", 0, 1},
+               {"7200000", 0, 7200000}, {"7200001", -1, 0}, {"-1", -1, 0},
+               {"true", -1, 0}};
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    char member[64] = "", json[512];
+    if (cases[i].value != NULL)
+      snprintf(member, sizeof member, "\"tcp_keepalive_ms\":%s,", cases[i].value);
+    snprintf(json, sizeof json, fmt, member);
+    sg_config *cfg;
+    sg_config_errors errs = {0};
+    CHECK(load(json, &cfg, &errs) == cases[i].rv);
+    if (cases[i].rv == 0) {
+      CHECK(cfg != NULL && cfg->tcp_keepalive_ms == cases[i].want);
+    } else {
+      CHECK(cfg == NULL);
+      CHECK(find_error(&errs, "tcp_keepalive_ms") != NULL);
+    }
+    if (cfg != NULL)
+      sg_config_unref(cfg);
+    sg_config_errors_clear(&errs);
+  }
+}
+
 int main(void) {
   test_minimal_h2c();
   test_tls_listener();
@@ -230,5 +264,6 @@ int main(void) {
   test_refcount();
   test_v4_mapped_listener_address();
   test_idle_trim_ms();
+  test_tcp_keepalive_ms();
   return check_report("config");
 }
