@@ -1181,10 +1181,20 @@ static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err,
   struct evutil_addrinfo hints = {.ai_family = AF_UNSPEC,
                                   .ai_socktype = SOCK_STREAM,
                                   .ai_protocol = IPPROTO_TCP};
-  if (w->dns == NULL)
+  const char *name = b->address;
+  struct evdns_base *dns = w->dns;
+  char absolute[256];
+  size_t len = strlen(name);
+  if (len > 1 && name[len - 1] == '.' && len - 1 < sizeof absolute) {
+    memcpy(absolute, name, len - 1);
+    absolute[len - 1] = '\0';
+    name = absolute;
+    dns = sg_worker_dns_absolute(w);
+  }
+  if (dns == NULL)
     fail_soon(up, "no DNS resolver (out of memory)");
   else
-    up->resolving = evdns_getaddrinfo(w->dns, b->address, port, &hints, on_resolved, up);
+    up->resolving = evdns_getaddrinfo(dns, name, port, &hints, on_resolved, up);
   return up;
 }
 

@@ -515,6 +515,20 @@ uint64_t sg_worker_now_us(const sg_worker *w) {
   return w->clock_us != 0 ? w->clock_us : sg_monotonic_us();
 }
 
+/* ---- resolvers ----------------------------------------------------------- */
+
+struct evdns_base *sg_worker_dns_absolute(sg_worker *w) {
+  if (w->dns_absolute == NULL) {
+    w->dns_absolute = evdns_base_new(w->base, EVDNS_BASE_INITIALIZE_NAMESERVERS |
+                                                  EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+    if (w->dns_absolute == NULL)
+      w->dns_absolute = evdns_base_new(w->base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+    if (w->dns_absolute != NULL)
+      evdns_base_search_clear(w->dns_absolute);
+  }
+  return w->dns_absolute;
+}
+
 /* ---- socket reads -------------------------------------------------------- */
 
 #define SG_WORKER_READ_BUF_BYTES (256 * 1024)
@@ -726,6 +740,8 @@ void sg_worker_free(sg_worker *w) {
   pthread_mutex_destroy(&w->reload_lock);
   if (w->dns != NULL)
     evdns_base_free(w->dns, 1);
+  if (w->dns_absolute != NULL)
+    evdns_base_free(w->dns_absolute, 1);
   if (w->base != NULL)
     event_base_free(w->base);
   free(w->read_buf);

@@ -66,6 +66,7 @@ struct sg_worker {
   bool exited; /* atomic: set by the thread when its loop has ended */
   struct event_base *base;
   struct evdns_base *dns;
+  struct evdns_base *dns_absolute; /* sg_worker_dns_absolute; NULL until used */
   sg_generation *current; /* new connections start here */
   sg_list retired;        /* older generations with connections left */
 
@@ -152,6 +153,14 @@ uint64_t sg_worker_clock_hold(sg_worker *w);
 void sg_worker_clock_release(sg_worker *w, uint64_t held);
 /* The held reading, or else the clock (CLOCK_MONOTONIC, microseconds). */
 uint64_t sg_worker_now_us(const sg_worker *w);
+
+/* The resolver for a name written with a trailing dot, an absolute name:
+ * asked as written, never completed with resolv.conf's search domains.
+ * libevent's resolver ignores the dot and tries those first (a pod's
+ * ndots:5 makes that every name of fewer than five dots), so a record
+ * under a search domain would win over the name the operator wrote. Made
+ * on first use; NULL when it cannot be. */
+struct evdns_base *sg_worker_dns_absolute(sg_worker *w);
 
 /* Reads from cleartext socket |fd| into the worker's scratch buffer.
  * Returns the number of bytes (> 0) with *data pointing at them, 0 at end

@@ -36,10 +36,10 @@ class BackendByHostNameTest(H.SparkgateTestCase):
     def tearDownClass(cls):
         cls.dns.stop()
 
-    def start(self, address, port, **upstream):
+    def start(self, address, port, resolv_conf=None, **upstream):
         upstream.setdefault("connect_timeout_ms", 5000)
         cfg = H.base_config(port, backend_address=address, workers=1, upstream=upstream)
-        sg = self.start_sparkgate(cfg, wrap=H.resolver_wrap(self.resolv_conf))
+        sg = self.start_sparkgate(cfg, wrap=H.resolver_wrap(resolv_conf or self.resolv_conf))
         ch = H.tls_channel(sg.port("public"))
         self.addCleanup(ch.close)
         return sg, ch
@@ -134,6 +134,28 @@ class BackendByHostNameTest(H.SparkgateTestCase):
         sg.wait_for_log(r"backend spark-1 of tenant default is down: cannot resolve "
                         r"mute\.sg\.test: no answer from DNS within 1000 ms")
         self.assertGreaterEqual(self.dns.asked("mute.sg.test"), 1)
+
+    def test_search_domains_complete_short_names_but_not_absolute_ones(self):
+        # As in a pod: search domains and ndots:5. A short name is completed
+        # with them; a name with a trailing dot is absolute and asked as
+        # written, even where a record under a search domain would answer.
+        up = self.standin()
+        conf = self.dns.resolv_conf(H.tempdir("sg-dns-search-"), search=["acme.test", "test"],
+                                    ndots=5)
+        self.dns.set("short.acme.test", a=["127.0.0.1"])
+        sg, ch = self.start("short", up.port, resolv_conf=conf)
+        r = self.call(ch, b"short")
+        self.assertEqual((r.code, r.response), (OK, b"short"), r)
+        self.assertGreaterEqual(self.dns.asked("short.acme.test"), 1)
+
+        self.dns.set("abs.sg.test", a=["127.0.0.1"])
+        self.dns.set("abs.sg.test.acme.test", a=["127.0.0.2"])  # nothing listens there
+        sg, ch = self.start("abs.sg.test.", up.port, resolv_conf=conf)
+        r = self.call(ch, b"abs")
+        self.assertEqual((r.code, r.response), (OK, b"abs"), r)
+        self.assertEqual(self.dns.asked("abs.sg.test.acme.test"), 0)
+        self.assertEqual(self.dns.asked("abs.sg.test.test"), 0)
+        self.assertGreaterEqual(self.dns.asked("abs.sg.test"), 1)
 
     def test_changed_record_is_followed_by_the_next_connection(self):
         first = self.standin()

@@ -68,10 +68,17 @@ class DnsServer:
         with self._lock:
             return sum(1 for q, _ in self.questions if q.lower().rstrip(".") == name)
 
-    def resolv_conf(self, directory):
+    def resolv_conf(self, directory, search=(), ndots=None):
+        """Writes DIRECTORY/resolv.conf naming this server; |search| and
+        |ndots| as a Kubernetes pod's ("search ns.svc.cluster.local ...",
+        "options ndots:5")."""
         path = os.path.join(directory, "resolv.conf")
         with open(path, "w") as f:
-            f.write("nameserver 127.0.0.1:%d\noptions timeout:2 attempts:1\n" % self.port)
+            f.write("nameserver 127.0.0.1:%d\n" % self.port)
+            if search:
+                f.write("search %s\n" % " ".join(search))
+            f.write("options timeout:2 attempts:1%s\n" % (
+                " ndots:%d" % ndots if ndots is not None else ""))
         return path
 
     def _serve(self):
