@@ -104,6 +104,8 @@ struct sg_upstream {
   struct evutil_addrinfo *addrs; /* evutil_freeaddrinfo */
   struct evutil_addrinfo *addr;  /* the one being tried */
   unsigned addr_index, n_addrs;
+  uint64_t connect_deadline_us; /* sg_monotonic_us: the whole connect's */
+  uint32_t attempt_ms;          /* the share of it the current address has */
   char addr_text[SG_NETADDR_TEXT_MAX]; /* |addr|, for the log */
   char tried[160];                     /* earlier addresses' failures */
   /* A connect that failed before a socket could report it (no address,
@@ -942,6 +944,23 @@ static void on_timer(evutil_socket_t fd, short what, void *arg) {
     upstream_free(up, up->connect_error);
     return;
   }
+  if (!up->got_settings && up->connect_deadline_us != 0) {
+    /* An address's share of the connect timeout (arm_attempt_timer). */
+    uint64_t now = sg_monotonic_us();
+    if (now + 1000 < up->connect_deadline_us) {
+      if (up->state == SG_UPSTREAM_CONNECTING && up->resolving == NULL && up->addr != NULL &&
+          up->addr->ai_next != NULL && tcp_never_connected(up)) {
+        char why[64];
+        snprintf(why, sizeof why, "no answer within %u ms", up->attempt_ms);
+        connect_next(up, why);
+        return;
+      }
+      uint64_t left = up->connect_deadline_us - now;
+      struct timeval tv = {(time_t)(left / 1000000), (suseconds_t)(left % 1000000)};
+      evtimer_add(up->timer, &tv);
+      return;
+    }
+  }
   if (up->state == SG_UPSTREAM_CONNECTING || !up->got_settings) {
     const char *stage = "connected, but no HTTP/2 SETTINGS from the backend within";
     if (up->state == SG_UPSTREAM_CONNECTING) {
@@ -1076,6 +1095,20 @@ static void attempt_failure(const sg_upstream *up, const char *why, char *out, s
     snprintf(out, outlen, "%s", why);
 }
 
+/* An address that does not answer (its SYNs dropped: a host down, a
+ * family black-holed) must not use up the whole connect timeout: each
+ * address gets an equal share of what is left, the last all of it. Once
+ * its TCP connection is up, an attempt has until the deadline. */
+static void arm_attempt_timer(sg_upstream *up) {
+  uint64_t now = sg_monotonic_us();
+  uint64_t left = up->connect_deadline_us > now ? up->connect_deadline_us - now : 0;
+  unsigned remaining = up->n_addrs >= up->addr_index ? up->n_addrs - up->addr_index + 1 : 1;
+  uint64_t share_us = left / remaining;
+  up->attempt_ms = (uint32_t)((share_us + 999) / 1000);
+  struct timeval tv = {(time_t)(share_us / 1000000), (suseconds_t)(share_us % 1000000)};
+  evtimer_add(up->timer, &tv);
+}
+
 /* Adds the address being tried, and why it failed, to the list of the
  * attempt's earlier addresses (cut short when long). */
 static void note_tried(sg_upstream *up, const char *why) {
@@ -1109,6 +1142,7 @@ static void connect_next(sg_upstream *up, const char *why) {
       evutil_socket_t fd = bufferevent_getfd(up->bev);
       if (fd >= 0)
         sg_tcpopt_apply(fd, pool_config(up->pool)->tcp_keepalive_ms);
+      arm_attempt_timer(up);
       return;
     }
     const char *err = evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR());
@@ -1173,6 +1207,8 @@ static sg_upstream *upstream_new(sg_upstream_pool *pool, char *err,
   sg_list_push_back(&pool->conns, &up->pool_link);
   pool->n_conns++;
   set_timer_ms(up, pool_config(pool)->upstream_connect_timeout_ms);
+  up->connect_deadline_us =
+      sg_monotonic_us() + (uint64_t)pool_config(pool)->upstream_connect_timeout_ms * 1000;
   /* A numeric address or one from the hosts file is answered at once (the
    * callback runs before this returns); a host name is resolved (DNS)
    * for every connection, so a changed record is followed. */

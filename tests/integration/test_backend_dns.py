@@ -11,6 +11,7 @@ ones do. Needs root (a mount namespace); skipped otherwise. Every wait is
 bounded."""
 
 import os
+import socket
 import sys
 import unittest
 
@@ -93,6 +94,35 @@ class BackendByHostNameTest(H.SparkgateTestCase):
         self.assertEqual((r.code, r.response), (OK, b"tls"), r)
         sg.wait_for_log(r"127\.0\.0\.2:%d: Connection refused; trying the backend's next "
                         r"address" % up.port)
+
+    def test_next_address_after_one_that_does_not_answer(self):
+        # 127.0.0.2 takes no connection: its listener's queue is full, so
+        # the kernel drops the SYNs, as for a host that is down. It gets
+        # its share of the connect timeout (half, of two addresses), then
+        # the next address has the rest.
+        up = self.standin()
+        hole = socket.socket()
+        self.addCleanup(hole.close)
+        hole.bind(("127.0.0.2", up.port))
+        hole.listen(0)
+        filler = socket.create_connection(("127.0.0.2", up.port), timeout=5)
+        self.addCleanup(filler.close)
+        probe = socket.socket()
+        self.addCleanup(probe.close)
+        probe.settimeout(0.5)
+        try:
+            probe.connect(("127.0.0.2", up.port))
+            self.skipTest("a full listen queue does not hold connects here")
+        except (socket.timeout, BlockingIOError):
+            pass
+        self.dns.set("hole.sg.test", a=["127.0.0.2", "127.0.0.1"])
+        sg, ch = self.start("hole.sg.test", up.port, connect_timeout_ms=4000)
+        r = self.call(ch, b"hole")
+        self.assertEqual((r.code, r.response), (OK, b"hole"), r)
+        m = sg.wait_for_log(r"upstream spark-1 conn=1: 127\.0\.0\.2:%d: no answer within (\d+) ms; "
+                            r"trying the backend's next address" % up.port)
+        self.assertTrue(1000 <= int(m.group(1)) <= 2000, m.group(0))
+        self.assertNotIn(" is down", sg.log_text())
 
     def test_ipv6_address_after_an_ipv4_refusal(self):
         try:
