@@ -201,21 +201,28 @@ def port_is_open(port, host="127.0.0.1", timeout=1.0):
         return False
 
 
-def established_connections_to(port):
-    """How many ESTABLISHED TCP connections on this host have remote port
-    |port| (client sides of connections to a local server on |port|)."""
-    n = 0
+def _established(port, side="remote"):
+    """The socket inodes of this host's ESTABLISHED TCP connections whose
+    remote (or local) port is |port|, one per connection side."""
+    col = 2 if side == "remote" else 1
+    inodes = []
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(path) as f:
                 next(f)
                 for line in f:
                     cols = line.split()
-                    if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == port:
-                        n += 1
+                    if cols[3] == "01" and int(cols[col].rsplit(":", 1)[1], 16) == port:
+                        inodes.append(cols[9])
         except OSError:
             pass
-    return n
+    return inodes
+
+
+def established_connections_to(port):
+    """How many ESTABLISHED TCP connections on this host have remote port
+    |port| (client sides of connections to a local server on |port|)."""
+    return len(_established(port))
 
 
 # ---------------------------------------------------------------------------
@@ -292,18 +299,7 @@ def tcp_socket_options(pid, port, side="remote"):
     through copies of its descriptors (pidfd_getfd): a list of dicts with
     nodelay, keepalive, keepidle, keepintvl, keepcnt. None when this
     kernel or sandbox does not allow the copy."""
-    col = 2 if side == "remote" else 1
-    inodes = set()
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as f:
-                next(f)
-                for line in f:
-                    cols = line.split()
-                    if cols[3] == "01" and int(cols[col].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(cols[9])
-        except OSError:
-            pass
+    inodes = set(_established(port, side))
     libc = ctypes.CDLL(None, use_errno=True)
     pidfd = libc.syscall(_SYS_pidfd_open, pid, 0)
     if pidfd < 0:

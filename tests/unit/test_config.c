@@ -1,4 +1,5 @@
 /* Config loader: every error names the file, the JSON path and the fix. */
+#include <stddef.h>
 #include <stdlib.h>
 
 #include "check.h"
@@ -188,29 +189,35 @@ static void test_v4_mapped_listener_address(void) {
   sg_config_errors_clear(&errs);
 }
 
-/* idle_trim_ms: 0 (never) is a value, above a day is refused by name. */
-static void test_idle_trim_ms(void) {
+/* A top-level integer key: each case loads to its value, or is refused
+ * with an error naming the key. A NULL value leaves the key out. */
+typedef struct u32_case {
+  const char *value;
+  int rv;
+  uint32_t want;
+} u32_case;
+
+static void check_u32_key(const char *key, size_t offset, const u32_case *cases, size_t n) {
   static const char fmt[] =
-      "{\"idle_trim_ms\":%s,\"listeners\":[{\"port\":0,\"insecure\":true,\"auth\":\"none\"}],"
+      "{%s\"listeners\":[{\"port\":0,\"insecure\":true,\"auth\":\"none\"}],"
       "\"tenants\":[{\"name\":\"t\",\"allow\":{\"any_identity\":true},"
       "\"backends\":[{\"address\":\"127.0.0.1\",\"port\":15002}]}]}";
-  static const struct {
-    const char *value;
-    int rv;
-    uint32_t want;
-  } cases[] = {{"0", 0, 0}, {"1000", 0, 1000}, {"86400000", 0, 86400000},
-               {"86400001", -1, 0}, {"-1", -1, 0}, {"\"10s\"", -1, 0}};
-  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-    char json[512];
-    snprintf(json, sizeof json, fmt, cases[i].value);
+  for (size_t i = 0; i < n; i++) {
+    char member[96] = "", json[512];
+    if (cases[i].value != NULL)
+      snprintf(member, sizeof member, "\"%s\":%s,", key, cases[i].value);
+    snprintf(json, sizeof json, fmt, member);
     sg_config *cfg;
     sg_config_errors errs = {0};
     CHECK(load(json, &cfg, &errs) == cases[i].rv);
     if (cases[i].rv == 0) {
-      CHECK(cfg != NULL && cfg->idle_trim_ms == cases[i].want);
+      uint32_t got = 0;
+      if (cfg != NULL)
+        memcpy(&got, (const char *)cfg + offset, sizeof got);
+      CHECK(cfg != NULL && got == cases[i].want);
     } else {
       CHECK(cfg == NULL);
-      CHECK(find_error(&errs, "idle_trim_ms") != NULL);
+      CHECK(find_error(&errs, key) != NULL);
     }
     if (cfg != NULL)
       sg_config_unref(cfg);
@@ -218,38 +225,24 @@ static void test_idle_trim_ms(void) {
   }
 }
 
+/* idle_trim_ms: 0 (never) is a value, above a day is refused by name. */
+static void test_idle_trim_ms(void) {
+  static const u32_case cases[] = {{"0", 0, 0},         {"1000", 0, 1000},
+                                   {"86400000", 0, 86400000}, {"86400001", -1, 0},
+                                   {"-1", -1, 0},       {"\"10s\"", -1, 0}};
+  check_u32_key("idle_trim_ms", offsetof(sg_config, idle_trim_ms), cases,
+                sizeof cases / sizeof cases[0]);
+}
+
 /* tcp_keepalive_ms: 60 s by default, 0 (off) to 2 h; above, or not a
  * number, is refused by name. */
 static void test_tcp_keepalive_ms(void) {
-  static const char fmt[] =
-      "{%s\"listeners\":[{\"port\":0,\"insecure\":true,\"auth\":\"none\"}],"
-      "\"tenants\":[{\"name\":\"t\",\"allow\":{\"any_identity\":true},"
-      "\"backends\":[{\"address\":\"127.0.0.1\",\"port\":15002}]}]}";
-  static const struct {
-    const char *value;
-    int rv;
-    uint32_t want;
-  } cases[] = {{NULL, 0, 60000},     {"0", 0, 0},      {"1", 0, 1},
-               {"7200000", 0, 7200000}, {"7200001", -1, 0}, {"-1", -1, 0},
-               {"true", -1, 0}};
-  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-    char member[64] = "", json[512];
-    if (cases[i].value != NULL)
-      snprintf(member, sizeof member, "\"tcp_keepalive_ms\":%s,", cases[i].value);
-    snprintf(json, sizeof json, fmt, member);
-    sg_config *cfg;
-    sg_config_errors errs = {0};
-    CHECK(load(json, &cfg, &errs) == cases[i].rv);
-    if (cases[i].rv == 0) {
-      CHECK(cfg != NULL && cfg->tcp_keepalive_ms == cases[i].want);
-    } else {
-      CHECK(cfg == NULL);
-      CHECK(find_error(&errs, "tcp_keepalive_ms") != NULL);
-    }
-    if (cfg != NULL)
-      sg_config_unref(cfg);
-    sg_config_errors_clear(&errs);
-  }
+  static const u32_case cases[] = {{NULL, 0, 60000},        {"0", 0, 0},
+                                   {"1", 0, 1},             {"7200000", 0, 7200000},
+                                   {"7200001", -1, 0},      {"-1", -1, 0},
+                                   {"true", -1, 0}};
+  check_u32_key("tcp_keepalive_ms", offsetof(sg_config, tcp_keepalive_ms), cases,
+                sizeof cases / sizeof cases[0]);
 }
 
 int main(void) {
