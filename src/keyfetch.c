@@ -57,6 +57,7 @@ struct response {
   char *location;
   char tls_err[192]; /* from certificate verification */
   char net_err[192]; /* from OpenSSL's error queue */
+  int dns_err;       /* the URL's host did not resolve (EVUTIL_EAI_*) */
 };
 
 struct fetcher {
@@ -371,6 +372,10 @@ static void on_request_error(enum evhttp_request_error error, void *arg) {
       last = e;
   if (last != 0)
     ERR_error_string_n(last, f->res.net_err, sizeof f->res.net_err);
+  /* evhttp resolves the host itself and reports a failure as any other
+   * failed connect: a mistyped issuer host must not read as a refusal. */
+  if (bev != NULL)
+    f->res.dns_err = bufferevent_socket_get_dns_error(bev);
 }
 
 static void on_request_done(struct evhttp_request *req, void *arg) {
@@ -530,6 +535,9 @@ static const char *response_problem(const struct fetcher *f, char *why,
   if (r->status == 0) {
     if (r->tls_err[0] != '\0') {
       snprintf(why, n, "TLS: %s", r->tls_err);
+    } else if (r->dns_err != 0) {
+      snprintf(why, n, "cannot resolve the URL's host name: %s",
+               evutil_gai_strerror(r->dns_err));
     } else if (r->have_error) {
       switch (r->error) {
       case EVREQ_HTTP_TIMEOUT:

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Backends by host name through a real DNS exchange: sparkgate runs in a
+"""Host names through a real DNS exchange: sparkgate runs in a
 mount namespace whose /etc/resolv.conf names the test's DNS server
 (tests/lib/dns_server.py), so its resolver asks over UDP, as it does in a
 Kubernetes pod, instead of answering from /etc/hosts. routing.md: a host
@@ -7,7 +7,9 @@ name is resolved for every new connection; its addresses are tried in
 turn until one takes the TCP connection; a name that does not resolve
 fails the call with UNAVAILABLE and says why. Backend connections to a
 resolved name carry calls without Nagle's delay (TCP_NODELAY), as numeric
-ones do. Needs root (a mount namespace); skipped otherwise. Every wait is
+ones do. An identity provider's key URL whose host does not resolve says
+so (security.md, "Identity providers"), not that a connection failed.
+Needs root (a mount namespace); skipped otherwise. Every wait is
 bounded."""
 
 import os
@@ -211,6 +213,33 @@ class BackendByHostNameTest(H.SparkgateTestCase):
         s = H.StandIn(host=host, port=port).start()
         self.addCleanup(s.stop, 0.2)
         return s
+
+
+class IdentityProviderHostNameTest(H.SparkgateTestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        if not H.mount_namespace_available():
+            raise unittest.SkipTest("needs root and a mount namespace (unshare --mount)")
+        cls.dns = DnsServer().start()
+        cls.resolv_conf = cls.dns.resolv_conf(H.tempdir("sg-dns-idp-"))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.dns.stop()
+
+    def test_key_url_whose_host_does_not_resolve(self):
+        url = "https://nx.idp.test:8443/jwks"
+        provider = {"name": "idp", "issuer": "https://nx.idp.test", "audiences": ["a"],
+                    "ca_file": H.pki().ca_cert, "jwks_url": url}
+        up = self.standin()
+        cfg = H.base_config(up.port, workers=1,
+                            listeners=[H.tls_listener("public", auth={"methods": ["jwt"]})],
+                            auth={"jwt_providers": [provider]})
+        sg = self.start_sparkgate(cfg, wrap=H.resolver_wrap(self.resolv_conf))
+        sg.wait_for_log(r"identity provider idp: fetching %s failed: cannot resolve the "
+                        r"URL's host name: .*; no keys yet" % re.escape(url))
+        self.assertGreaterEqual(self.dns.asked("nx.idp.test"), 1)
 
 
 if __name__ == "__main__":
