@@ -994,7 +994,7 @@ static void release_conn_slot(void) {
  * max_connections_per_client) of |cap|, logged and counted. */
 static void refuse_at_accept(sg_generation *gen, const sg_listener_config *l, int fd,
                              const struct sockaddr *addr, bool per_client, uint32_t cap) {
-  char peer[64];
+  char peer[SG_NETADDR_TEXT_MAX];
   sg_netaddr_format(addr, peer, sizeof peer);
   sg_warn("listener %s: refused connection from %s: %s (%u) reached", l->name, peer,
           per_client ? "max_connections_per_client" : "max_connections", cap);

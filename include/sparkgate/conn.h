@@ -17,6 +17,7 @@
 #include "sparkgate/h2io.h"
 #include "sparkgate/h2mem.h"
 #include "sparkgate/list.h"
+#include "sparkgate/netaddr.h"
 #include "sparkgate/types.h"
 
 struct sg_conn {
@@ -28,7 +29,7 @@ struct sg_conn {
   const sg_listener_config *listener;
   size_t listener_index;
   uint64_t id;
-  char peer[64]; /* "addr:port", for logs */
+  char peer[SG_NETADDR_TEXT_MAX]; /* "addr:port", for logs */
   sg_client_key client;  /* counted in worker->clients while open */
   bool client_counted;
 
