@@ -1043,7 +1043,7 @@ void sg_conn_accept(sg_worker *w, size_t listener_index, int fd,
   sg_netaddr_format(addr, c->peer, sizeof c->peer);
   sg_list_init(&c->streams);
 
-  sg_tcpopt_apply(fd, rt->config->tcp_keepalive_ms);
+  sg_tcpopt_apply(fd, rt->config->tcp_keepalive_ms, rt->config->write_stall_timeout_ms);
 
   const int bev_opts = BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS;
   if (l->insecure) {

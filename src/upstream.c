@@ -1141,7 +1141,8 @@ static void connect_next(sg_upstream *up, const char *why) {
     if (bufferevent_socket_connect(up->bev, up->addr->ai_addr, (int)up->addr->ai_addrlen) == 0) {
       evutil_socket_t fd = bufferevent_getfd(up->bev);
       if (fd >= 0)
-        sg_tcpopt_apply(fd, pool_config(up->pool)->tcp_keepalive_ms);
+        sg_tcpopt_apply(fd, pool_config(up->pool)->tcp_keepalive_ms,
+                        pool_config(up->pool)->write_stall_timeout_ms);
       arm_attempt_timer(up);
       return;
     }

@@ -16,8 +16,15 @@
  * computes for minutes, a client gone mid-query) would otherwise hold its
  * stream, and the backend's work, until stream_idle_timeout_ms. The
  * kernel probes; the connection then fails with ETIMEDOUT after about
- * twice |keepalive_ms|. Failures are ignored: the connection works
- * without either. */
-void sg_tcpopt_apply(int fd, uint32_t keepalive_ms);
+ * twice |keepalive_ms|.
+ *
+ * Probes only go out while nothing is unacknowledged: a call written to a
+ * peer already gone would wait for TCP's retransmission limit (about 15
+ * minutes). TCP_USER_TIMEOUT bounds that at the same time the probes
+ * take, but never below |user_timeout_floor_ms|: it also ends a
+ * connection whose peer keeps its window closed, a peer alive but not
+ * reading, which write_stall_timeout_ms (the floor) is there to judge.
+ * Failures are ignored: the connection works without these options. */
+void sg_tcpopt_apply(int fd, uint32_t keepalive_ms, uint32_t user_timeout_floor_ms);
 
 #endif

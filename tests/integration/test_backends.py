@@ -189,8 +189,10 @@ class BackendNamesAndFamilies(H.SparkgateTestCase):
 class TcpKeepaliveTest(H.SparkgateTestCase):
     """configuration.md, tcp_keepalive_ms: client and backend connections
     get TCP keepalive (idle time in whole seconds, rounded up; probes every
-    third of it; three of them) and TCP_NODELAY; 0 turns keepalive off; a
-    reload applies to the connections made after it."""
+    third of it; three of them), TCP_USER_TIMEOUT at the time the probes
+    take but not below write_stall_timeout_ms, and TCP_NODELAY; 0 turns
+    keepalive and the user timeout off; a reload applies to the
+    connections made after it."""
 
     def options(self, sg, standin):
         client = H.tcp_socket_options(sg.pid, sg.port("public"), side="local")
@@ -208,11 +210,23 @@ class TcpKeepaliveTest(H.SparkgateTestCase):
 
     def test_keepalive_on_both_sides(self):
         up = self.standin()
-        cfg = H.base_config(up.port, workers=1, tcp_keepalive_ms=1500)
+        cfg = H.base_config(up.port, workers=1, tcp_keepalive_ms=1500,
+                            write_stall_timeout_ms=3000)
         sg = self.start_sparkgate(cfg)
         self.call(sg)
         client, backend = self.options(sg, up)
-        want = {"nodelay": 1, "keepalive": 1, "keepidle": 2, "keepintvl": 1, "keepcnt": 3}
+        # Probes take 2 + 3 x 1 s: the user timeout is that, raised to the
+        # write stall timeout.
+        want = {"nodelay": 1, "keepalive": 1, "keepidle": 2, "keepintvl": 1, "keepcnt": 3,
+                "user_timeout": 5000}
+        self.assertEqual(client, [want])
+        self.assertEqual(backend, [want])
+        sg.stop()
+        cfg["write_stall_timeout_ms"] = 9000
+        sg = self.start_sparkgate(cfg)
+        self.call(sg)
+        client, backend = self.options(sg, up)
+        want["user_timeout"] = 9000
         self.assertEqual(client, [want])
         self.assertEqual(backend, [want])
 
@@ -222,8 +236,9 @@ class TcpKeepaliveTest(H.SparkgateTestCase):
         sg = self.start_sparkgate(cfg)
         ch = self.call(sg)
         client, backend = self.options(sg, up)
-        self.assertEqual([(o["keepalive"], o["keepidle"], o["keepintvl"], o["keepcnt"])
-                          for o in client + backend], [(1, 60, 20, 3)] * 2)
+        self.assertEqual([(o["keepalive"], o["keepidle"], o["keepintvl"], o["keepcnt"],
+                           o["user_timeout"]) for o in client + backend],
+                         [(1, 60, 20, 3, 120000)] * 2)
         # Off after a reload: for connections made after it.
         ch.close()
         H.wait_until(lambda: H.established_connections_to(up.port) == 0, 10,
@@ -247,8 +262,8 @@ class TcpKeepaliveTest(H.SparkgateTestCase):
             finally:
                 c.close()
             seen.append((client, backend))
-            return any(o["keepalive"] == 0 for o in client) and \
-                [(o["nodelay"], o["keepalive"]) for o in backend] == [(1, 0)]
+            return any(o["keepalive"] == 0 and o["user_timeout"] == 0 for o in client) and \
+                [(o["nodelay"], o["keepalive"], o["user_timeout"]) for o in backend] == [(1, 0, 0)]
 
         H.wait_until(new_connections_have_no_keepalive, 10,
                      what="connections after the reload without keepalive")

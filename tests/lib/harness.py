@@ -297,7 +297,7 @@ def tcp_socket_options(pid, port, side="remote"):
     (side="remote": its connections to a server on |port|) or local port
     (side="local": connections it accepted on |port|) is |port|, read
     through copies of its descriptors (pidfd_getfd): a list of dicts with
-    nodelay, keepalive, keepidle, keepintvl, keepcnt. None when this
+    nodelay, keepalive, keepidle, keepintvl, keepcnt, user_timeout. None when this
     kernel or sandbox does not allow the copy."""
     inodes = set(_established(port, side))
     libc = ctypes.CDLL(None, use_errno=True)
@@ -323,7 +323,8 @@ def tcp_socket_options(pid, port, side="remote"):
                     "keepalive": s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
                     "keepidle": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
                     "keepintvl": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
-                    "keepcnt": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)})
+                    "keepcnt": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                    "user_timeout": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)})
             finally:
                 s.close()
     finally:
