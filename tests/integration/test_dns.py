@@ -27,7 +27,8 @@ OK = grpc.StatusCode.OK
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
-class BackendByHostNameTest(H.SparkgateTestCase):
+class DnsCase(H.SparkgateTestCase):
+    """A DNS server for the class, and a resolv.conf naming it."""
 
     @classmethod
     def setUpClass(cls):
@@ -39,6 +40,9 @@ class BackendByHostNameTest(H.SparkgateTestCase):
     @classmethod
     def tearDownClass(cls):
         cls.dns.stop()
+
+
+class BackendByHostNameTest(DnsCase):
 
     def start(self, address, port, resolv_conf=None, **upstream):
         upstream.setdefault("connect_timeout_ms", 5000)
@@ -215,18 +219,7 @@ class BackendByHostNameTest(H.SparkgateTestCase):
         return s
 
 
-class IdentityProviderHostNameTest(H.SparkgateTestCase):
-
-    @classmethod
-    def setUpClass(cls):
-        if not H.mount_namespace_available():
-            raise unittest.SkipTest("needs root and a mount namespace (unshare --mount)")
-        cls.dns = DnsServer().start()
-        cls.resolv_conf = cls.dns.resolv_conf(H.tempdir("sg-dns-idp-"))
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.dns.stop()
+class IdentityProviderHostNameTest(DnsCase):
 
     def test_key_url_whose_host_does_not_resolve(self):
         url = "https://nx.idp.test:8443/jwks"
